@@ -1,0 +1,1 @@
+"""Experiment layer: configuration, the round loop, results files, checkpoints."""

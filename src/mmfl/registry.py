@@ -1,0 +1,172 @@
+"""One registry for every pluggable component: datasets, models, samplers, aggregators, engines.
+
+Register from user code without editing mmfl::
+
+    import mmfl
+
+    @mmfl.register("dataset", "my_data", options={"size": mmfl.Option(int, 1000, "> 0", ...)})
+    def load_my_data(options, data_dir): ...
+
+Built-in components live in modules that are imported lazily the first time a kind is looked up,
+so importing :mod:`mmfl.registry` (or :mod:`mmfl.core`) never imports torch.
+
+Each entry may declare ``options``: a mapping of option name to :class:`Option`. The config layer
+validates a component's option table against it (unknown keys, types, ranges) and fills defaults.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from mmfl.errors import ConfigError
+
+KINDS = ("dataset", "model", "sampler", "aggregator", "engine")
+
+_BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
+    "dataset": ("mmfl.tasks.datasets",),
+    "model": ("mmfl.tasks.models",),
+    "sampler": ("mmfl.core.allocators",),
+    "aggregator": ("mmfl.core.aggregation",),
+    "engine": ("mmfl.engines",),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a component: its type, default, allowed range and documentation.
+
+    ``check`` is a small rule language: ``"> 0"``, ``">= 0"``, ``"0..1"`` (closed interval),
+    ``"(0..1]"`` (half-open), ``"one of a|b|c"``, or ``""`` for none. ``type`` is one of int, float,
+    str, bool, or ``"table"`` (a TOML table of number -> probability; see :func:`check_value`).
+    """
+
+    type: Any
+    default: Any
+    check: str = ""
+    doc: str = ""
+
+
+@dataclass
+class Entry:
+    name: str
+    obj: Any
+    options: dict[str, Option] = field(default_factory=dict)
+    doc: str = ""
+
+
+_REGISTRY: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+_LOADED: set[str] = set()
+
+
+def register(kind: str, name: str, *, options: dict[str, Option] | None = None, doc: str = ""):
+    """Decorator registering ``obj`` as component ``name`` of ``kind``; returns ``obj`` unchanged.
+
+    Re-registering a name replaces the previous entry (so user code may override a built-in).
+    """
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+    def deco(obj):
+        text = doc or (obj.__doc__ or "").strip().split("\n")[0]
+        _REGISTRY[kind][name] = Entry(name, obj, dict(options or {}), text)
+        return obj
+
+    return deco
+
+
+def _load_builtins(kind: str) -> None:
+    if kind in _LOADED:
+        return
+    _LOADED.add(kind)
+    for mod in _BUILTIN_MODULES[kind]:
+        importlib.import_module(mod)
+
+
+def names(kind: str) -> list[str]:
+    """Sorted names registered for ``kind`` (built-ins included)."""
+    _load_builtins(kind)
+    return sorted(_REGISTRY[kind])
+
+
+def get(kind: str, name: str, *, key: str | None = None) -> Entry:
+    """The entry ``name`` of ``kind``; a :class:`ConfigError` naming ``key`` lists valid names."""
+    _load_builtins(kind)
+    try:
+        return _REGISTRY[kind][name]
+    except KeyError:
+        valid = ", ".join(sorted(_REGISTRY[kind]))
+        raise ConfigError(key or kind, f"unknown {kind}; valid: {valid}", name) from None
+
+
+def _check_rule(key: str, value: Any, rule: str) -> None:
+    if not rule:
+        return
+    rule = rule.strip()
+    if rule.startswith("one of "):
+        allowed = rule[len("one of "):].split("|")
+        if value not in allowed:
+            raise ConfigError(key, f"must be one of {', '.join(allowed)}", value)
+        return
+    for op in (">=", "<=", ">", "<"):
+        if rule.startswith(op):
+            bound = float(rule[len(op):])
+            ok = {">=": value >= bound, "<=": value <= bound, ">": value > bound, "<": value < bound}[op]
+            if not ok:
+                raise ConfigError(key, f"must be {op} {rule[len(op):].strip()}", value)
+            return
+    if ".." in rule:
+        lo_closed = not rule.startswith("(")
+        hi_closed = not rule.endswith(")")
+        lo, hi = (float(x) for x in rule.strip("[]()").split(".."))
+        ok = (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)
+        if not ok:
+            shown = f"{'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+            raise ConfigError(key, f"must lie in {shown}", value)
+        return
+    raise ValueError(f"bad option rule {rule!r}")
+
+
+def check_value(key: str, value: Any, spec: Option) -> Any:
+    """Validate one option value against its spec; returns the (type-normalised) value."""
+    t = spec.type
+    if t is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, "must be a boolean (true or false)", value)
+    elif t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, "must be an integer", value)
+    elif t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, "must be a number", value)
+        value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(key, "must be finite", value)
+    elif t is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, "must be a string", value)
+    elif t == "table":
+        return value  # validated by the owner
+    _check_rule(key, value, spec.check)
+    return value
+
+
+def resolve_options(prefix: str, given: dict[str, Any], specs: dict[str, Option]) -> dict[str, Any]:
+    """Validate ``given`` against ``specs`` (unknown keys are errors) and fill in defaults."""
+    out: dict[str, Any] = {}
+    for k in given:
+        if k not in specs:
+            valid = ", ".join(sorted(specs)) or "none"
+            raise ConfigError(f"{prefix}.{k}", f"unknown option; valid options: {valid}", given[k])
+    for k, spec in specs.items():
+        out[k] = check_value(f"{prefix}.{k}", given[k], spec) if k in given else spec.default
+    return out
+
+
+def describe(kind: str) -> list[tuple[str, str, dict[str, Option]]]:
+    """(name, one-line doc, options) for every component of ``kind`` (for docs and --help)."""
+    return [(n, _REGISTRY[kind][n].doc, _REGISTRY[kind][n].options) for n in names(kind)]
+
+
