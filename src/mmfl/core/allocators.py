@@ -1,0 +1,584 @@
+"""Allocators (client samplers + model assignment): random, round_robin, full, fedfair.
+
+An allocator turns a :class:`~mmfl.types.RoundState` into an :class:`~mmfl.types.Assignment`:
+which processors train which model this round, and with which inclusion probability
+(ALGORITHMS.md sections 1 and 7). Everything here is pure numpy; all randomness comes from the
+``rng`` argument of :meth:`Allocator.allocate`, and no function mutates its inputs.
+
+Notation (ALGORITHMS.md section 1): ``i`` client (N), ``s`` model/task (S), ``b`` processor (P),
+``B_i`` processors of client i (contiguous: ``population.first_processor[i]`` ..
+``first_processor[i] + B_i - 1``), ``m`` budget, ``p_{s|b}`` inclusion probability.
+
+Reusable building blocks (for other allocators):
+
+* :func:`draw` - the independent drawing rule of section 1 from a (P, S) matrix.
+* :func:`eligible_processors` - (P,) mask of processors of available clients holding >= 1 task.
+* :func:`uniform_processor_rates` - q_b = min(1, m / P_eligible) on eligible processors.
+* :func:`draw_fixed` - exactly k eligible processors without replacement, then a model per
+  processor from a conditional (P, S) distribution.
+* :func:`fedfair_distribution` - the alpha-fair model distribution of FedFairMMFL.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmfl.registry import Option, register
+from mmfl.types import Assignment, Population, RoundState
+
+__all__ = [
+    "Allocator",
+    "FairAllocator",
+    "FullAllocator",
+    "RandomAllocator",
+    "RoundRobinAllocator",
+    "draw",
+    "draw_fixed",
+    "eligible_processors",
+    "fedfair_distribution",
+    "round_robin_schedule",
+    "uniform_processor_rates",
+]
+
+_TOL = 1e-9
+
+
+# --------------------------------------------------------------------------------------------
+# Base class
+# --------------------------------------------------------------------------------------------
+
+
+class Allocator:
+    """Base class of every sampler. Constructed as ``cls(options, population, seed)``.
+
+    Attributes:
+        default_aggregator: registry name of the aggregator used when the config says "default".
+        needs_task_losses: when True the runner fills ``RoundState.task_losses`` and
+            ``RoundState.task_accuracies`` (latest test-split values, (S,)) before allocating.
+    """
+
+    default_aggregator: str = "unbiased"
+    needs_task_losses: bool = False
+
+    def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
+        self.options = dict(options or {})
+        self.population = population
+        self.seed = int(seed)
+
+    def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
+        """The assignment of round ``state.round``; every random draw comes from ``rng``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Checkpointable state (numpy arrays only); stateless allocators return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned (no-op for stateless allocators)."""
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing rules (ALGORITHMS.md section 1)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_matrix(probabilities: np.ndarray, population: Population) -> np.ndarray:
+    p = np.asarray(probabilities, dtype=np.float64)
+    shape = (population.num_processors, population.num_tasks)
+    if p.shape != shape:
+        raise ValueError(f"probabilities must have shape (P, S) = {shape}, got {p.shape}")
+    if not np.isfinite(p).all() or (p < -_TOL).any() or (p > 1 + _TOL).any():
+        raise ValueError("probabilities must be finite and lie in [0, 1]")
+    if p.size and (p.sum(axis=1) > 1 + _TOL).any():
+        raise ValueError("each processor's probabilities must sum to at most 1")
+    return np.clip(p, 0.0, 1.0)
+
+
+def draw(
+    probabilities: np.ndarray,
+    population: Population,
+    rng: np.random.Generator,
+    *,
+    note: str = "",
+) -> Assignment:
+    """Draw an assignment with the rule of ALGORITHMS.md section 1.
+
+    Each processor b independently is idle with probability ``1 - sum_s p[b, s]``, else trains
+    model s with probability ``p[b, s]`` (one uniform number per processor, in processor order,
+    so the same generator state gives the same draw). Entries with ``p = 0`` are never drawn.
+
+    Args:
+        probabilities: (P, S) matrix p_{s|b}, entries in [0, 1], row sums <= 1.
+        population: the federation (gives i(b) and B_i).
+        rng: the generator; consumed by exactly P uniform draws.
+        note: copied into ``Assignment.note``.
+
+    Returns:
+        An :class:`Assignment` with one slot per active processor: ``probability = p[b, s]``,
+        ``share = 1 / B_{i(b)}``, ``probabilities`` the input matrix (copied).
+    """
+    p = _check_matrix(probabilities, population)
+    num_p = p.shape[0]
+    u = rng.random(num_p)
+    if p.shape[1] == 0 or num_p == 0:
+        active = np.zeros(num_p, bool)
+        model = np.zeros(num_p, np.int64)
+    else:
+        cs = np.cumsum(p, axis=1)
+        active = u < cs[:, -1]
+        model = np.argmax(u[:, None] < cs, axis=1)
+    b = np.flatnonzero(active)
+    s = model[b]
+    client = population.processor_client[b]
+    return Assignment(
+        processor=b,
+        client=client,
+        task=s,
+        probability=p[b, s],
+        share=1.0 / population.capacity[client],
+        probabilities=p.copy(),
+        note=note,
+    )
+
+
+def draw_fixed(
+    count: int,
+    eligible: np.ndarray,
+    conditional: np.ndarray,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Choose exactly ``count`` eligible processors uniformly without replacement, then a model.
+
+    Every eligible processor is chosen with probability ``min(1, count / P_eligible)``; a chosen
+    processor b then trains model s with probability ``conditional[b, s]`` (rows of eligible
+    processors sum to 1). The marginal inclusion probability of (b, s) is therefore
+    ``min(1, count / P_eligible) * conditional[b, s]``, the same as with :func:`draw`.
+
+    Args:
+        count: k >= 0, capped at P_eligible.
+        eligible: (P,) bool.
+        conditional: (P, S) float, the model distribution of each processor given it is chosen.
+        rng: the generator.
+
+    Returns:
+        (processor (K,), task (K,)) int arrays, processors ascending.
+    """
+    idx = np.flatnonzero(np.asarray(eligible, bool))
+    k = min(int(count), idx.size)
+    chosen = np.sort(rng.choice(idx, size=k, replace=False)) if k else np.zeros(0, np.int64)
+    cond = np.asarray(conditional, np.float64)
+    if k == 0:
+        return chosen.astype(np.int64), np.zeros(0, np.int64)
+    cs = np.cumsum(cond[chosen], axis=1)
+    u = rng.random(k) * cs[:, -1]
+    task = np.minimum(np.argmax(u[:, None] < cs, axis=1), cond.shape[1] - 1)
+    return chosen.astype(np.int64), task.astype(np.int64)
+
+
+def _fixed_assignment(
+    state: RoundState,
+    eligible: np.ndarray,
+    conditional: np.ndarray,
+    probabilities: np.ndarray,
+    slot_probability: np.ndarray,
+    rng: np.random.Generator,
+    note: str,
+) -> Assignment:
+    """Assignment from :func:`draw_fixed` with round(m) processors (requires integer-ish m)."""
+    m = float(state.budget)
+    if abs(m - round(m)) > 1e-9:
+        raise ValueError(
+            f"draw='fixed' needs an integer budget m (got {m}); use draw='independent'"
+        )
+    pop = state.population
+    b, s = draw_fixed(int(round(m)), eligible, conditional, rng)
+    client = pop.processor_client[b]
+    return Assignment(
+        processor=b,
+        client=client,
+        task=s,
+        probability=slot_probability[b, s],
+        share=1.0 / pop.capacity[client],
+        probabilities=probabilities,
+        note=note,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Processor rates
+# --------------------------------------------------------------------------------------------
+
+
+def eligible_processors(state: RoundState) -> np.ndarray:
+    """(P,) bool: processors whose client is available and holds data for at least one task."""
+    client_ok = state.eligible.any(axis=1)
+    return client_ok[state.population.processor_client].copy()
+
+
+def uniform_processor_rates(state: RoundState) -> tuple[np.ndarray, str]:
+    """Uniform processor sampling rates q_b = min(1, m / P_eligible) (ALGORITHMS.md section 7).
+
+    Args:
+        state: the round (budget m, availability, population).
+
+    Returns:
+        (q (P,) float with 0 on ineligible processors, note). The note explains when fewer
+        eligible processors than m exist (each is then used with q_b = 1 and sum_b q_b < m).
+    """
+    eligible = eligible_processors(state)
+    n_el = int(eligible.sum())
+    m = max(0.0, float(state.budget))
+    q = np.zeros(state.population.num_processors)
+    note = ""
+    if n_el == 0:
+        return q, ("no eligible processor this round" if m > 0 else "")
+    rate = min(1.0, m / n_el)
+    q[eligible] = rate
+    if m > n_el + _TOL:
+        note = (
+            f"only {n_el} eligible processors for budget m={m:g}: each used with q=1, "
+            f"expected slots {n_el} < m"
+        )
+    return q, note
+
+
+def _held_uniform(state: RoundState) -> np.ndarray:
+    """(P, S) float: uniform distribution over the held tasks of each processor's client."""
+    pop = state.population
+    held = pop.holds[pop.processor_client].astype(np.float64)
+    cnt = held.sum(axis=1, keepdims=True)
+    return np.divide(held, cnt, out=np.zeros_like(held), where=cnt > 0)
+
+
+_DRAW_OPT = Option(
+    str,
+    "independent",
+    "one of independent|fixed",
+    "independent: every processor is active independently with probability q_b (ALGORITHMS.md "
+    "section 1); fixed: exactly round(m) eligible processors, chosen without replacement "
+    "(needs an integer budget). Inclusion probabilities are the same.",
+)
+
+
+# --------------------------------------------------------------------------------------------
+# random
+# --------------------------------------------------------------------------------------------
+
+
+@register(
+    "sampler",
+    "random",
+    options={
+        "draw": _DRAW_OPT,
+        "probability": Option(
+            str,
+            "true",
+            "one of true|authors",
+            "true: aggregate with the true inclusion probability q_b / |S_i|; authors: report "
+            "p = C / S with C = m / P as the authors' code does (biased when clients hold fewer "
+            "than S tasks or have several processors; compatibility only).",
+        ),
+    },
+    doc="Uniform processor sampling, then a uniform model among the client's held tasks.",
+)
+class RandomAllocator(Allocator):
+    """Uniform random sampling (ALGORITHMS.md section 7, "random").
+
+    Each eligible processor (available client holding >= 1 task) is active with probability
+    q_b = min(1, m / P_eligible); an active processor trains a model chosen uniformly among its
+    client's held tasks S_i, so p_{s|b} = q_b / |S_i| for held s and 0 otherwise.
+
+    Options:
+        draw: "independent" (default; section 1 rule via :func:`draw`) or "fixed" (exactly
+            round(m) processors without replacement; raises ValueError for a fractional m).
+        probability: "true" (default) or "authors". With "authors" every slot reports
+            p = C / S where C = m / P (P all processors), the value the authors' code divides
+            by. That is the true probability only when every client holds all S tasks, has one
+            processor and is available; otherwise unbiased aggregation with it is BIASED (e.g.
+            clients holding one task are up-weighted S-fold). ``Assignment.probabilities`` keeps
+            the true matrix either way.
+    """
+
+    def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
+        q, note = uniform_processor_rates(state)
+        cond = _held_uniform(state)
+        probs = q[:, None] * cond
+        authors = self.options.get("probability", "true") == "authors"
+        if self.options.get("draw", "independent") == "fixed":
+            slot_p = probs
+            a = _fixed_assignment(state, q > 0, cond, probs, slot_p, rng, note)
+        else:
+            a = draw(probs, state.population, rng, note=note)
+        if authors:
+            pop = state.population
+            c = min(1.0, float(state.budget) / max(pop.num_processors, 1))
+            authors_p = c / max(pop.num_tasks, 1)
+            extra = "probability=authors: slot probabilities are C/S (biased; matrix is true)"
+            a = Assignment(
+                processor=a.processor,
+                client=a.client,
+                task=a.task,
+                probability=np.full(a.num_slots, authors_p),
+                share=a.share,
+                probabilities=a.probabilities,
+                note="; ".join(x for x in (a.note, extra) if x),
+            )
+        return a
+
+
+# --------------------------------------------------------------------------------------------
+# round_robin
+# --------------------------------------------------------------------------------------------
+
+
+def round_robin_schedule(population: Population, round: int) -> np.ndarray:
+    """(P,) int: the model each processor trains in round ``round`` under round-robin.
+
+    Client i starts at model floor(i * S / N); its index advances by one every round (mod S):
+    k = (floor(i * S / N) + round) mod S. If client i does not hold model k it moves to its
+    next held model cyclically (k, k+1, ... mod S); call that h_0 and its following held models
+    cyclically h_1, h_2, ... Processor j (0-based within the client) trains h_{j mod |S_i|}, so a
+    client's processors train distinct models while B_i <= |S_i| (ALGORITHMS.md section 7).
+    Processors of clients holding no task get -1.
+    """
+    pop = population
+    n, s_count = pop.num_clients, pop.num_tasks
+    out = np.full(pop.num_processors, -1, np.int64)
+    if n == 0 or s_count == 0:
+        return out
+    holds = pop.holds
+    for i in range(n):
+        held = np.flatnonzero(holds[i])
+        if held.size == 0:
+            continue
+        k = ((i * s_count) // n + int(round)) % s_count
+        start = int(np.searchsorted(held, k))  # first held >= k, wrapping to 0
+        j = np.arange(int(pop.capacity[i]))
+        first = int(pop.first_processor[i])
+        out[first : first + j.size] = held[(start + j) % held.size]
+    return out
+
+
+def _round_robin_frequency(population: Population) -> np.ndarray:
+    """(P, S) float: fraction of rounds (over one period of S rounds) processor b trains s."""
+    s_count = population.num_tasks
+    freq = np.zeros((population.num_processors, s_count))
+    rows = np.arange(population.num_processors)
+    for t in range(s_count):
+        sched = round_robin_schedule(population, t)
+        ok = sched >= 0
+        freq[rows[ok], sched[ok]] += 1.0
+    return freq / max(s_count, 1)
+
+
+@register(
+    "sampler",
+    "round_robin",
+    options={"draw": _DRAW_OPT},
+    doc="Round-robin model rotation; processors sampled uniformly like random.",
+)
+class RoundRobinAllocator(Allocator):
+    """Round-robin model assignment (ALGORITHMS.md section 7, "round_robin").
+
+    The model of each processor follows :func:`round_robin_schedule`; processors are sampled
+    like ``random`` (q_b = min(1, m / P_eligible), independent or fixed draw).
+
+    ``Assignment.probabilities`` holds q_b at each processor's current model (so it sums to
+    min(m, P_eligible)). The slot probability reported for aggregation is the LONG-RUN inclusion
+    frequency q_b * phi_{b,s}, where phi_{b,s} is the fraction of rounds in one period (S rounds)
+    in which processor b is scheduled on model s. phi = 1/|S_i| when the held models are evenly
+    spaced (e.g. the client holds every task or a single one); in general it is computed exactly
+    from the schedule. Unbiased aggregation with it is therefore unbiased only on average over a
+    period of S rounds (with constant q_b), not round by round.
+    """
+
+    def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
+        super().__init__(options, population, seed)
+        self._freq_pop: Population | None = None
+        self._freq = np.zeros((0, 0))
+
+    def _frequency(self, population: Population) -> np.ndarray:
+        if self._freq_pop is not population:
+            self._freq = _round_robin_frequency(population)
+            self._freq_pop = population
+        return self._freq
+
+    def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
+        pop = state.population
+        q, note = uniform_processor_rates(state)
+        sched = round_robin_schedule(pop, state.round)
+        cond = np.zeros((pop.num_processors, pop.num_tasks))
+        ok = sched >= 0
+        cond[np.flatnonzero(ok), sched[ok]] = 1.0
+        probs = q[:, None] * cond
+        slot_p = q[:, None] * self._frequency(pop)
+        if self.options.get("draw", "independent") == "fixed":
+            return _fixed_assignment(state, q > 0, cond, probs, slot_p, rng, note)
+        a = draw(probs, pop, rng, note=note)
+        return Assignment(
+            processor=a.processor,
+            client=a.client,
+            task=a.task,
+            probability=slot_p[a.processor, a.task],
+            share=a.share,
+            probabilities=a.probabilities,
+            note=a.note,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# full
+# --------------------------------------------------------------------------------------------
+
+
+@register("sampler", "full", options={}, doc="Full participation: every eligible pair trains.")
+class FullAllocator(Allocator):
+    """Full participation (ALGORITHMS.md section 7, "full"): the upper-bound baseline.
+
+    One client-level slot (processor = -1, p = 1, share = 1) for every eligible (i, s) pair
+    (client available and holding data for s); the budget is ignored. With the default
+    ``unbiased`` aggregator the coefficient is d_{i,s}, i.e. w_s <- w_s - eta_g sum_i d_{i,s}
+    G_{i,s}. ``Assignment.probabilities`` is the (N, S) eligibility matrix (client rows).
+    """
+
+    def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
+        elig = state.eligible
+        i, s = np.nonzero(elig)
+        order = np.lexsort((i, s))
+        i, s = i[order], s[order]
+        k = i.size
+        return Assignment(
+            processor=np.full(k, -1),
+            client=i,
+            task=s,
+            probability=np.ones(k),
+            share=np.ones(k),
+            probabilities=elig.astype(np.float64),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# fedfair (FedFairMMFL, alpha-fair)
+# --------------------------------------------------------------------------------------------
+
+LOSS_FLOOR = 1e-8
+LOSS_CEIL = 1e8
+
+
+def _sanitize_losses(losses: np.ndarray) -> np.ndarray:
+    """Map losses into [LOSS_FLOOR, LOSS_CEIL]; NaN and +inf count as the ceiling (diverged)."""
+    f = np.asarray(losses, dtype=np.float64)
+    f = np.nan_to_num(f, nan=LOSS_CEIL, posinf=LOSS_CEIL, neginf=LOSS_FLOOR)
+    return np.clip(f, LOSS_FLOOR, LOSS_CEIL)
+
+
+def fedfair_distribution(
+    losses: np.ndarray, alpha: float, weights: np.ndarray | None = None
+) -> np.ndarray:
+    """The alpha-fair model distribution of FedFairMMFL (ALGORITHMS.md section 7).
+
+    pi_s = w_s * f_s^(alpha - 1) / sum_s' w_s' * f_s'^(alpha - 1), computed in log space so large
+    alpha cannot overflow. alpha = 1 gives pi proportional to w; alpha -> infinity puts all mass
+    on the worst (highest-loss) model. Losses are clipped to [1e-8, 1e8]; NaN / +inf count as
+    1e8 (a diverged model is the worst). Models with w_s = 0 get 0.
+
+    Args:
+        losses: (S,) float, current loss f_s of each model.
+        alpha: fairness exponent, >= 0.
+        weights: (S,) float >= 0 (default all ones); at least one must be positive.
+
+    Returns:
+        (S,) float probabilities summing to 1. Example: losses (1, 2), alpha 3, uniform weights
+        -> (1/5, 4/5).
+    """
+    f = _sanitize_losses(losses)
+    w = np.ones_like(f) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != f.shape:
+        raise ValueError(f"weights shape {w.shape} != losses shape {f.shape}")
+    if not np.isfinite(alpha) or alpha < 0:
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if f.size == 0:
+        return f.copy()
+    if (w < 0).any() or not np.isfinite(w).all() or not (w > 0).any():
+        raise ValueError("weights must be finite, >= 0, and not all zero")
+    with np.errstate(divide="ignore"):
+        logit = np.where(w > 0, np.log(w) + (float(alpha) - 1.0) * np.log(f), -np.inf)
+    logit = logit - logit.max()
+    e = np.exp(logit)
+    return e / e.sum()
+
+
+@register(
+    "sampler",
+    "fedfair",
+    options={
+        "alpha": Option(float, 3.0, ">= 0", "alpha-fairness exponent (1 = uniform; large = "
+                        "always the worst model)."),
+        "loss_proxy": Option(str, "loss", "one of loss|error",
+                             "loss: the models' current test loss; error: 100 * (1 - accuracy) "
+                             "as in the authors' code."),
+        "weights": Option(str, "uniform", "one of uniform|data",
+                          "uniform: w_s = 1; data: w_s = model s's share of all samples."),
+        "draw": _DRAW_OPT,
+    },
+    doc="FedFairMMFL: uniform client sampling, alpha-fair model choice, averaging aggregation.",
+)
+class FairAllocator(Allocator):
+    """FedFairMMFL alpha-fair allocation (ALGORITHMS.md section 7).
+
+    Processors are sampled like ``random`` (q_b = min(1, m / P_eligible)); a sampled processor
+    of client i trains held model s with probability
+    pi_{s|i} = w_s f_s^(alpha-1) / sum_{s' in S_i} w_s' f_s'^(alpha-1) (see
+    :func:`fedfair_distribution`), so p_{s|b} = q_b * pi_{s|i(b)}. Before any loss is known
+    (``task_losses``/``task_accuracies`` None) all f_s are equal. Default aggregator: "average"
+    (the data-size-weighted average of the assigned clients' models).
+    """
+
+    default_aggregator = "average"
+    needs_task_losses = True
+
+    def _losses(self, state: RoundState) -> np.ndarray:
+        s_count = state.population.num_tasks
+        if self.options.get("loss_proxy", "loss") == "error":
+            if state.task_accuracies is None:
+                return np.ones(s_count)
+            acc = np.asarray(state.task_accuracies, np.float64)
+            return 100.0 * (1.0 - acc)
+        if state.task_losses is None:
+            return np.ones(s_count)
+        return np.asarray(state.task_losses, np.float64)
+
+    def _weights(self, population: Population) -> np.ndarray:
+        if self.options.get("weights", "uniform") == "data":
+            tot = population.n_samples.sum(axis=0).astype(np.float64)
+            return tot / tot.sum() if tot.sum() > 0 else np.ones(population.num_tasks)
+        return np.ones(population.num_tasks)
+
+    def client_distribution(self, state: RoundState) -> np.ndarray:
+        """(N, S) float: pi_{s|i}, the model distribution of client i's sampled processors.
+
+        Zero for tasks client i does not hold; rows of clients holding nothing are zero.
+        """
+        pop = state.population
+        f = self._losses(state)
+        w = self._weights(pop)
+        # weights of held tasks only; a held task has positive total samples, so w > 0 there.
+        out = np.zeros((pop.num_clients, pop.num_tasks))
+        alpha = float(self.options.get("alpha", 3.0))
+        for i in range(pop.num_clients):
+            held = pop.holds[i]
+            if held.any():
+                out[i, held] = fedfair_distribution(f[held], alpha, w[held])
+        return out
+
+    def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
+        pop = state.population
+        q, note = uniform_processor_rates(state)
+        cond = self.client_distribution(state)[pop.processor_client]
+        probs = q[:, None] * cond
+        if self.options.get("draw", "independent") == "fixed":
+            return _fixed_assignment(state, q > 0, cond, probs, probs, rng, note)
+        return draw(probs, pop, rng, note=note)
+
+
