@@ -1,0 +1,199 @@
+"""The ``mmfl`` command. The only place with logging setup and progress bars.
+
+Exit status: 0 success, 1 run-time failure (e.g. non-finite updates), 2 invalid configuration or
+input (one line on stderr naming the key or the file), 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+from mmfl.errors import ConfigError, ConfigFileError, DataError, MmflError, ResultsError
+
+log = logging.getLogger("mmfl")
+
+INPUT_ERRORS = (ConfigError, ConfigFileError, DataError, ResultsError)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment TOML file (see configs/example.toml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set rounds=5 --set tasks[0].lr=0.1 "
+                        "(repeatable; values are TOML, bare words are strings)")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: the config's data_dir, then $MMFL_DATA)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mmfl", description="Multi-model federated learning: joint client sampling and "
+                                 "model allocation across several models.")
+    parser.add_argument("--version", action="version", version=f"mmfl {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("run", help="run one experiment into a run directory",
+                       description="Run one experiment. Writes config.toml, metrics.csv, "
+                                   "rounds.csv, summary.json and a checkpoint into --out.")
+    _add_config_args(p)
+    p.add_argument("--out", default=None,
+                   help="run directory (default: runs/NAME-YYYYmmdd-HHMMSS)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                   help="progress display: a bar on a terminal, log lines otherwise (default auto)")
+
+    p = sub.add_parser("describe", help="print the federation of a config without training",
+                       description="Build the federation (clients, processors, tasks, samples, "
+                                   "classes, budget) and print it. Trains nothing.")
+    _add_config_args(p)
+
+    p = sub.add_parser("components", help="list datasets, models, samplers, aggregators, engines",
+                       description="List every registered component and its options.")
+    p.add_argument("kind", nargs="?", default=None,
+                   choices=("dataset", "model", "sampler", "aggregator", "engine"))
+    return parser
+
+
+def _version() -> str:
+    from mmfl import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    try:
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "describe":
+            return _cmd_describe(args)
+        if args.command == "components":
+            return _cmd_components(args)
+    except INPUT_ERRORS as e:
+        print(f"mmfl: error: {e}", file=sys.stderr)
+        return 2
+    except MmflError as e:
+        print(f"mmfl: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("mmfl: interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _load(args):
+    from mmfl.experiment.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_run(args) -> int:
+    from mmfl.experiment.runner import run
+
+    cfg = _load(args)
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    mode = args.progress
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "log"
+    callbacks = {"bar": [_BarProgress()], "log": [_LogProgress()], "none": []}[mode]
+    summary = run(cfg, out, resume=args.resume, data_dir=args.data_dir, callbacks=callbacks)
+    tasks = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in summary.get("tasks", {}).items())
+    print(f"done: {out}  mean accuracy {summary.get('mean_accuracy', float('nan')):.4f}  "
+          f"min {summary.get('min_accuracy', float('nan')):.4f}  ({tasks})")
+    return 0
+
+
+def _accuracies(record) -> str:
+    if record.accuracy is None:
+        return ""
+    return " ".join(f"{n}={a:.3f}" for n, a in zip(record.task_names, record.accuracy))
+
+
+class _LogProgress:
+    """Plain log lines (for files, pipes and CI)."""
+
+    def on_start(self, cfg, federation, start_round):
+        pop = federation.population
+        log.info("%s: %d clients, %d processors, budget m=%d, tasks %s, sampler %s, engine %s%s",
+                 cfg.name, pop.num_clients, pop.num_processors, federation.budget,
+                 ",".join(pop.task_names), cfg.sampler.name, cfg.engine,
+                 f", resuming after round {start_round}" if start_round else "")
+        self.t0 = time.perf_counter()
+        self.start = start_round
+
+    def on_round(self, record):
+        done = record.round - self.start
+        eta = (time.perf_counter() - self.t0) / max(done, 1) * (record.rounds - record.round)
+        log.info("round %d/%d  slots %d  %.2fs  ETA %.0fs  %s", record.round, record.rounds,
+                 record.slots, record.seconds, eta, _accuracies(record))
+
+    def on_end(self, summary):
+        pass
+
+
+class _BarProgress:
+    """A rich progress bar: round, per-task accuracy, ETA."""
+
+    def on_start(self, cfg, federation, start_round):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            TextColumn("{task.fields[acc]}"), transient=False,
+        )
+        self.progress.start()
+        self.bar = self.progress.add_task(cfg.name, total=cfg.rounds, completed=start_round, acc="")
+
+    def on_round(self, record):
+        acc = _accuracies(record)
+        if acc:
+            self.progress.update(self.bar, acc=acc)
+        self.progress.update(self.bar, completed=record.round)
+
+    def on_end(self, summary):
+        self.progress.stop()
+
+    def __del__(self):
+        if hasattr(self, "progress"):
+            self.progress.stop()
+
+
+def _cmd_describe(args) -> int:
+    from mmfl.experiment.describe import describe_federation
+    from mmfl.experiment.config import resolve_data_dir
+    from mmfl.experiment.federation import build_federation
+
+    cfg = _load(args)
+    fed = build_federation(cfg, resolve_data_dir(cfg, args.data_dir))
+    print(describe_federation(cfg, fed))
+    return 0
+
+
+def _cmd_components(args) -> int:
+    from mmfl import registry
+
+    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    for kind in kinds:
+        print(f"{kind}s:")
+        for name, doc, options in registry.describe(kind):
+            print(f"  {name:14s} {doc}")
+            for oname, o in options.items():
+                rule = f" [{o.check}]" if o.check else ""
+                print(f"      {oname} = {o.default!r}{rule}  {o.doc}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

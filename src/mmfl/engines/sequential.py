@@ -1,0 +1,67 @@
+"""The ``sequential`` engine: one plain PyTorch SGD loop per (client, task) pair.
+
+Obviously correct on purpose: it is the oracle the faster engines are tested against.
+Batches: in local epoch e of round t, client i shuffles its indices with the e-th permutation
+drawn from ``stream(seed, "shuffle", t, i, s)`` and takes consecutive batches of ``batch_size``
+(the last one may be smaller; ``batch_size >= n_{i,s}`` is full-batch gradient descent).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from mmfl.engines.base import Engine, TrainOutput, check_finite
+from mmfl.registry import register
+from mmfl.rng import stream
+
+
+def local_batches(indices: np.ndarray, epochs: int, batch_size: int, seed: int, round: int,
+                  client: int, task: int):
+    """Yield the index batches of one client's local training (ALGORITHMS.md section 2)."""
+    rng = stream(seed, "shuffle", round, client, task)
+    n = len(indices)
+    for _ in range(epochs):
+        perm = indices[rng.permutation(n)]
+        for a in range(0, n, batch_size):
+            yield perm[a:a + batch_size]
+
+
+@register("engine", "sequential")
+class SequentialEngine(Engine):
+    """Reference engine: trains the active pairs one after the other with plain PyTorch SGD."""
+
+    def train(self, params, clients, tasks, round):
+        updates: dict[int, list[torch.Tensor]] = {}
+        losses = np.zeros(len(clients))
+        steps = np.zeros(len(clients), dtype=np.int64)
+        for k, (i, s) in enumerate(zip(clients.tolist(), tasks.tolist())):
+            td = self.federation.tasks[s]
+            cfg = td.config
+            model = self.models[s]
+            # clone: vector_to_parameters makes the parameters views of the vector it is given
+            vector_to_parameters(params[s].clone(), model.parameters())
+            x, y = self.train_x[s], self.train_y[s]
+            total = 0.0
+            for batch in local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
+                                       self.seed, round, i, s):
+                b = torch.from_numpy(batch)
+                model.zero_grad(set_to_none=True)
+                loss = F.nll_loss(model(x[b]), y[b])
+                loss.backward()
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.sub_(cfg.lr * p.grad)
+                total += float(loss)
+                steps[k] += 1
+            g = params[s] - parameters_to_vector(model.parameters()).detach()
+            check_finite(g, cfg.name, i, round)
+            updates.setdefault(s, []).append(g)
+            losses[k] = total / max(int(steps[k]), 1)
+        return TrainOutput(
+            clients=np.asarray(clients), tasks=np.asarray(tasks),
+            updates={s: torch.stack(g) for s, g in updates.items()},
+            train_loss=losses, steps=steps,
+        )

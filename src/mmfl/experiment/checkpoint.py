@@ -1,0 +1,60 @@
+"""Resumable checkpoints: one safetensors file, written atomically.
+
+Arrays (model parameters, allocator / aggregator state, last losses) are stored as tensors and
+the rest (round, cost totals) as JSON metadata, so loading never unpickles anything. The file is
+written to a temporary name, fsynced and renamed over the previous checkpoint: a kill -9 at any
+moment leaves either the old or the new checkpoint, never a torn one. No RNG state is stored:
+every random stream is derived from (seed, purpose, round, ...) (see :mod:`mmfl.rng`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from mmfl.errors import ResultsError
+
+FORMAT = "mmfl-checkpoint-1"
+
+
+def save(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+    """Atomically write ``arrays`` and JSON-able ``meta`` to ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Read a checkpoint written by :func:`save`; ResultsError if it is not one."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            header = f.metadata() or {}
+        arrays = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ResultsError(f"{path}: unreadable checkpoint ({e})") from None
+    if header.get("format") != FORMAT:
+        raise ResultsError(f"{path}: not an mmfl checkpoint (format {header.get('format')!r})")
+    return arrays, json.loads(header["meta"])
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

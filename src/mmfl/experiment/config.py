@@ -1,0 +1,381 @@
+"""Experiment configuration: TOML in, validated frozen objects out.
+
+Every rule lives in this module. An invalid value raises :class:`~mmfl.errors.ConfigError` naming
+the dotted key (``clients.active_rate``, ``tasks[1].partition.alpha``), the rule and the value
+received; the CLI prints that one line and exits with status 2. The accepted keys and their
+defaults are documented in ``configs/example.toml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping
+
+from mmfl import registry
+from mmfl.errors import ConfigError
+from mmfl.experiment import tomlio
+from mmfl.registry import Option, check_value
+
+# --------------------------------------------------------------------------------------------
+# Frozen config objects
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    """How a task's training set is split over the clients holding it (``[tasks.partition]``)."""
+
+    kind: str = "iid"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """One model to train (``[[tasks]]``): dataset + partition + model + local training."""
+
+    name: str
+    dataset: str
+    model: str
+    lr: float = 0.05
+    local_epochs: int = 1
+    batch_size: int = 32
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    dataset_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    model_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    train_samples: int = 0
+    test_samples: int = 0
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    """The federation (``[clients]``)."""
+
+    count: int = 50
+    active_rate: float = 0.1
+    processors: int | tuple[tuple[int, float], ...] = 1
+    tasks_per_client: int | tuple[tuple[int, float], ...] = 0
+    budget: int = 0
+    availability: float = 1.0
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Client sampling and model allocation (``[sampler]``)."""
+
+    name: str = "random"
+    aggregator: str = "default"
+    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """A whole experiment, validated. Build with :func:`load_config` or :func:`config_from_dict`."""
+
+    name: str
+    seed: int
+    rounds: int
+    engine: str
+    eval_every: int
+    threads: int
+    checkpoint_every: int
+    server_lr: float
+    data_dir: str
+    clients: ClientsConfig
+    sampler: SamplerConfig
+    tasks: tuple[TaskConfig, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (the resolved config, as written to ``config.toml``)."""
+        return _plain(self)
+
+    def replace(self, **overrides: Any) -> "ExperimentConfig":
+        """A re-validated copy with dotted-key overrides, e.g. ``cfg.replace(**{"sampler.name": "full"})``."""
+        raw = self.to_dict()
+        for k, v in overrides.items():
+            _set_dotted(raw, k, v)
+        return config_from_dict(raw)
+
+
+def _plain(x: Any) -> Any:
+    if is_dataclass(x):
+        return {f.name: _plain(getattr(x, f.name)) for f in fields(x)}
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, tuple) and x and all(isinstance(e, tuple) and len(e) == 2 for e in x):
+        return {str(k): v for k, v in x}  # distribution tables
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Schema of the fixed keys: key -> Option(type, default, rule, doc)
+
+TOP = {
+    "name": Option(str, "experiment", "", "Experiment name (used in logs and the summary)."),
+    "seed": Option(int, 0, ">= 0", "Root seed; every random stream derives from it."),
+    "rounds": Option(int, 20, ">= 1", "Number of communication rounds."),
+    "engine": Option(str, "sequential", "", "Local-training engine (registry kind 'engine')."),
+    "eval_every": Option(int, 1, ">= 1", "Evaluate every k rounds (the last round always)."),
+    "threads": Option(int, 1, ">= 1", "torch intra-op threads of the engine process."),
+    "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
+    "data_dir": Option(str, "", "", "Dataset folder ('' = --data-dir, $MMFL_DATA, then defaults)."),
+}
+SERVER = {"lr": Option(float, 1.0, "> 0", "Global (server) learning rate eta_g.")}
+CLIENTS = {
+    "count": Option(int, 50, ">= 1", "Number of clients N."),
+    "active_rate": Option(float, 0.1, "(0..1]", "C: budget m = floor(C * P) updates per round."),
+    "processors": Option("table", 1, "", "B_i: an int, or a table {value = probability}."),
+    "tasks_per_client": Option(
+        "table", 0, "", "Tasks each client holds: 0 = all, an int, or {count = probability}."
+    ),
+    "budget": Option(int, 0, ">= 0", "Explicit budget m (0 = floor(active_rate * P))."),
+    "availability": Option(float, 1.0, "(0..1]", "Probability a client is online in a round."),
+}
+SAMPLER_FIXED = {
+    "name": Option(str, "random", "", "Sampler (registry kind 'sampler')."),
+    "aggregator": Option(str, "default", "", "'default' = the sampler's own, or an aggregator name."),
+}
+TASK = {
+    "name": Option(str, None, "", "Unique task name."),
+    "dataset": Option(str, None, "", "Dataset (registry kind 'dataset')."),
+    "model": Option(str, "mlp", "", "Model (registry kind 'model')."),
+    "lr": Option(float, 0.05, "> 0", "Local SGD learning rate eta_s."),
+    "local_epochs": Option(int, 1, ">= 1", "Local epochs E_s."),
+    "batch_size": Option(int, 32, ">= 1", "Local batch size (>= client size = full batch)."),
+    "train_samples": Option(int, 0, ">= 0", "Use a random subset of the training set (0 = all)."),
+    "test_samples": Option(int, 0, ">= 0", "Use a random subset of the test set (0 = all)."),
+}
+TASK_TABLES = ("partition", "dataset_options", "model_options")
+
+_STR_KEYS = {"name", "engine", "dataset", "model", "kind", "data_dir", "aggregator"}
+_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overrides
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read a TOML experiment, apply ``dotted.key=value`` overrides, validate.
+
+    Raises ConfigFileError (unreadable / malformed file, with line) or ConfigError (invalid value).
+    """
+    raw = tomlio.load(path)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError("--set", "must look like dotted.key=value", item)
+        key, _, text = item.partition("=")
+        _set_dotted(raw, key.strip(), tomlio.parse_value(text.strip()))
+    return config_from_dict(raw)
+
+
+def _split_key(key: str) -> list[str]:
+    parts: list[str] = []
+    for piece in key.split("."):
+        m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", piece)
+        if not m:
+            raise ConfigError("--set", "malformed dotted key", key)
+        parts.append(m.group(1))
+        parts.extend(re.findall(r"\[(\d+)\]", m.group(2)))
+    return parts
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    """Set ``raw[a][b]... = value`` for ``a.b.c``; ``tasks[1].lr``, ``tasks.1.lr`` and
+    ``tasks.NAME.lr`` address tasks by index or by name."""
+    parts = _split_key(key)
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, part, ".".join(parts[: i + 1]))]
+            continue
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        elif not isinstance(nxt, (dict, list)):
+            raise ConfigError(".".join(parts[: i + 1]), "is a value, not a table", nxt)
+        node = nxt
+    last = parts[-1]
+    if isinstance(node, list):
+        raise ConfigError(key, "must address a key inside a task (e.g. tasks[0].lr)", value)
+    if (isinstance(node.get(last), str) or last in _STR_KEYS) and not isinstance(value, str):
+        value = _as_text(value)  # typed by the schema: a string key keeps the text
+    node[last] = value
+
+
+def _as_text(value: Any) -> str:
+    return tomlio._scalar(value).strip('"') if not isinstance(value, str) else value
+
+
+def _list_index(items: list, part: str, key: str) -> int:
+    if part.isdigit():
+        if int(part) >= len(items):
+            raise ConfigError(key, f"index out of range ({len(items)} entries)", int(part))
+        return int(part)
+    for j, item in enumerate(items):
+        if isinstance(item, dict) and item.get("name") == part:
+            return j
+    raise ConfigError(key, "no task with that name", part)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _table(key: str, value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a table", value)
+    return value
+
+
+def _fixed(prefix: str, raw: dict, schema: dict[str, Option], extra: tuple[str, ...] = ()) -> dict:
+    """Validate the keys of ``schema`` in ``raw``; unknown keys (not in schema nor extra) fail."""
+    for k in raw:
+        if k not in schema and k not in extra:
+            valid = ", ".join(sorted([*schema, *extra]))
+            raise ConfigError(f"{prefix}{k}", f"unknown key; valid keys: {valid}", raw[k])
+    out = {}
+    for k, spec in schema.items():
+        if k in raw:
+            out[k] = check_value(f"{prefix}{k}", raw[k], spec)
+        elif spec.default is None:
+            raise ConfigError(f"{prefix}{k}", "is required", None, show_got=False)
+        else:
+            out[k] = spec.default
+    return out
+
+
+def _distribution(key: str, value: Any, *, lo: int, hi: int | None) -> int | tuple:
+    """An int in [lo, hi], or a table {int value = probability} with probabilities summing to 1."""
+    if isinstance(value, bool):
+        raise ConfigError(key, "must be an integer or a table {value = probability}", value)
+    if isinstance(value, int):
+        if value < lo or (hi is not None and value > hi):
+            rng = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise ConfigError(key, f"must be {rng}", value)
+        return value
+    if not isinstance(value, dict) or not value:
+        raise ConfigError(key, "must be an integer or a table {value = probability}", value)
+    items = []
+    for k, p in value.items():
+        try:
+            v = int(k)
+        except ValueError:
+            raise ConfigError(f"{key}.{k}", "table keys must be integers", k) from None
+        if v < max(lo, 1) or (hi is not None and v > hi):
+            raise ConfigError(f"{key}.{k}", f"value must be in {max(lo, 1)}..{hi or 'inf'}", v)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ConfigError(f"{key}.{k}", "probability must be a number in [0, 1]", p)
+        items.append((v, float(p)))
+    total = sum(p for _, p in items)
+    if abs(total - 1.0) > 1e-6:
+        raise ConfigError(key, "probabilities must sum to 1", round(total, 9))
+    return tuple(sorted(items))
+
+
+def _component(kind: str, key: str, name: str) -> registry.Entry:
+    return registry.get(kind, name, key=key)
+
+
+def _task(i: int, raw: Any) -> TaskConfig:
+    prefix = f"tasks[{i}]."
+    raw = _table(f"tasks[{i}]", raw)
+    vals = _fixed(prefix, raw, TASK, TASK_TABLES)
+    if not _KEY_RE.match(vals["name"]):
+        raise ConfigError(prefix + "name", "must be an identifier (letters, digits, _)", vals["name"])
+    ds = _component("dataset", prefix + "dataset", vals["dataset"])
+    mdl = _component("model", prefix + "model", vals["model"])
+    ds_opts = registry.resolve_options(
+        prefix + "dataset_options", _table(prefix + "dataset_options", raw.get("dataset_options", {})), ds.options
+    )
+    md_opts = registry.resolve_options(
+        prefix + "model_options", _table(prefix + "model_options", raw.get("model_options", {})), mdl.options
+    )
+    part_raw = dict(_table(prefix + "partition", raw.get("partition", {})))
+    kind = part_raw.pop("kind", "iid")
+    from mmfl.tasks.partition import PARTITION_OPTIONS
+
+    if kind not in PARTITION_OPTIONS:
+        raise ConfigError(
+            prefix + "partition.kind", f"must be one of {', '.join(sorted(PARTITION_OPTIONS))}", kind
+        )
+    part_opts = registry.resolve_options(prefix + "partition", part_raw, PARTITION_OPTIONS[kind])
+    return TaskConfig(
+        **vals,
+        partition=PartitionConfig(kind, MappingProxyType(part_opts)),
+        dataset_options=MappingProxyType(ds_opts),
+        model_options=MappingProxyType(md_opts),
+    )
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
+    """Validate a nested dict (the TOML document) into an :class:`ExperimentConfig`."""
+    raw = copy.deepcopy(dict(raw))
+    top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server"))
+    _component("engine", "engine", top["engine"])
+
+    server = _fixed("server.", _table("server", raw.get("server", {})), SERVER)
+
+    craw = _table("clients", raw.get("clients", {}))
+    cl = _fixed("clients.", craw, CLIENTS)
+    cl["processors"] = _distribution("clients.processors", cl["processors"], lo=1, hi=None)
+
+    traw = raw.get("tasks")
+    if not isinstance(traw, list) or not traw:
+        raise ConfigError("tasks", "at least one [[tasks]] table is required", traw)
+    tasks = tuple(_task(i, t) for i, t in enumerate(traw))
+    seen: dict[str, int] = {}
+    for i, t in enumerate(tasks):
+        if t.name in seen:
+            raise ConfigError(f"tasks[{i}].name", f"duplicates tasks[{seen[t.name]}].name", t.name)
+        seen[t.name] = i
+    cl["tasks_per_client"] = _distribution(
+        "clients.tasks_per_client", cl["tasks_per_client"], lo=0, hi=len(tasks)
+    )
+    clients = ClientsConfig(**cl)
+
+    sraw = dict(_table("sampler", raw.get("sampler", {})))
+    fixed = {k: sraw.pop(k) for k in list(sraw) if k in SAMPLER_FIXED}
+    sv = _fixed("sampler.", fixed, SAMPLER_FIXED)
+    entry = _component("sampler", "sampler.name", sv["name"])
+    opts = registry.resolve_options("sampler", sraw, entry.options)
+    if sv["aggregator"] != "default":
+        _component("aggregator", "sampler.aggregator", sv["aggregator"])
+    sampler = SamplerConfig(sv["name"], sv["aggregator"], MappingProxyType(opts))
+
+    return ExperimentConfig(
+        **top, server_lr=server["lr"], clients=clients, sampler=sampler, tasks=tasks
+    )
+
+
+def resolve_data_dir(cfg: ExperimentConfig, cli_data_dir: str | None = None) -> Path | None:
+    """The dataset folder: ``--data-dir`` beats the config's ``data_dir`` beats ``$MMFL_DATA``."""
+    for cand in (cli_data_dir, cfg.data_dir, os.environ.get("MMFL_DATA")):
+        if cand:
+            return Path(cand).expanduser()
+    return None
+
+
+def budget_of(clients: ClientsConfig, num_processors: int) -> int:
+    """m = floor(active_rate * P), or the explicit budget; ConfigError if not in 1..P."""
+    if clients.budget:
+        if clients.budget > num_processors:
+            raise ConfigError(
+                "clients.budget", f"must not exceed the number of processors P = {num_processors}",
+                clients.budget,
+            )
+        return clients.budget
+    m = int(clients.active_rate * num_processors + 1e-9)
+    if m < 1:
+        raise ConfigError(
+            "clients.active_rate",
+            f"gives a budget floor(active_rate * P) = 0 with P = {num_processors} processors; "
+            f"raise it to at least {1 / num_processors:.4g}",
+            clients.active_rate,
+        )
+    return m

@@ -1,0 +1,43 @@
+"""Text description of a federation (``mmfl describe``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmfl.experiment.config import ExperimentConfig
+from mmfl.experiment.federation import Federation
+
+
+def _stats(x: np.ndarray) -> str:
+    if len(x) == 0:
+        return "-"
+    return f"min {int(x.min())}, median {int(np.median(x))}, max {int(x.max())}"
+
+
+def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
+    """A multi-line summary: clients, processors, budget, and per task the partition."""
+    pop = fed.population
+    cap_vals, cap_counts = np.unique(pop.capacity, return_counts=True)
+    lines = [
+        f"experiment {cfg.name!r}: seed {cfg.seed}, {cfg.rounds} rounds, engine {cfg.engine}, "
+        f"sampler {cfg.sampler.name}",
+        f"clients N = {pop.num_clients}; processors P = {pop.num_processors} "
+        f"(B_i: {', '.join(f'{v} x{c}' for v, c in zip(cap_vals, cap_counts))}); "
+        f"budget m = {fed.budget} updates per round; availability {cfg.clients.availability:g}",
+        f"tasks per client: "
+        + ", ".join(f"{k}: {c}" for k, c in zip(*np.unique(pop.holds.sum(1), return_counts=True))),
+    ]
+    for s, td in enumerate(fed.tasks):
+        t, ds = td.config, td.dataset
+        n = pop.n_samples[:, s]
+        held = n > 0
+        classes = np.array([len(np.unique(ds.y_train[idx])) for idx in td.client_indices if len(idx)])
+        opts = ", ".join(f"{k}={v}" for k, v in t.partition.options.items())
+        lines += [
+            f"task {s} {t.name}: dataset {t.dataset} ({len(ds.y_train)} train / {len(ds.y_test)} "
+            f"test, {ds.num_classes} classes, input {tuple(ds.input_shape)}), model {t.model}, "
+            f"lr {t.lr:g}, E {t.local_epochs}, batch {t.batch_size}",
+            f"    partition {t.partition.kind}({opts}); held by {int(held.sum())} clients; "
+            f"samples per client {_stats(n[held])}; classes per client {_stats(classes)}",
+        ]
+    return "\n".join(lines)

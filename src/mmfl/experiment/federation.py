@@ -1,0 +1,133 @@
+"""Build the federation of an experiment: processors, task membership, datasets, partitions.
+
+Everything is drawn from streams of the experiment seed, so the same config gives the same
+federation on every machine and in every engine (and a resumed run rebuilds it identically).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmfl import registry
+from mmfl.errors import ConfigError
+from mmfl.experiment.config import ExperimentConfig, TaskConfig, budget_of
+from mmfl.rng import stream
+from mmfl.types import Population
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TaskData:
+    """One task's data as the engines see it.
+
+    Attributes:
+        config: the task's config.
+        dataset: the (possibly subsampled) dataset; arrays are shared, never copied per client.
+        client_indices: length-N list; entry i is the sorted (n_{i,s},) int64 index array of
+            client i into ``dataset.x_train`` (empty when the client does not hold the task).
+    """
+
+    config: TaskConfig
+    dataset: object
+    client_indices: tuple[np.ndarray, ...]
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Population (who holds what, processors), budget m and per-task data."""
+
+    population: Population
+    budget: int
+    tasks: tuple[TaskData, ...]
+
+
+def draw_distribution(spec: int | tuple, size: int, rng: np.random.Generator) -> np.ndarray:
+    """(size,) int draws of a config distribution: an int (constant) or ((value, prob), ...)."""
+    if isinstance(spec, int):
+        return np.full(size, spec, dtype=np.int64)
+    values = np.array([v for v, _ in spec], dtype=np.int64)
+    probs = np.array([p for _, p in spec], dtype=np.float64)
+    return rng.choice(values, size=size, p=probs / probs.sum())
+
+
+def draw_capacity(cfg: ExperimentConfig) -> np.ndarray:
+    """(N,) int B_i drawn from ``clients.processors``."""
+    return draw_distribution(cfg.clients.processors, cfg.clients.count, stream(cfg.seed, "processors"))
+
+
+def membership(cfg: ExperimentConfig) -> np.ndarray:
+    """(N, S) bool: which clients hold data for which tasks (``clients.tasks_per_client``)."""
+    n, s = cfg.clients.count, len(cfg.tasks)
+    spec = cfg.clients.tasks_per_client
+    if spec == 0:
+        return np.ones((n, s), dtype=bool)
+    from mmfl.tasks.partition import task_membership
+
+    spec = spec if isinstance(spec, int) else dict(spec)
+    return task_membership(n, s, spec, stream(cfg.seed, "membership"))
+
+
+_DATASETS: dict[tuple, object] = {}
+
+
+def load_dataset(task: TaskConfig, data_dir: Path | None, seed: int):
+    """Load (and cache in-process) the dataset of ``task``."""
+    key = (task.dataset, tuple(sorted(task.dataset_options.items())), str(data_dir), seed)
+    if key not in _DATASETS:
+        loader = registry.get("dataset", task.dataset).obj
+        _DATASETS[key] = loader(dict(task.dataset_options), data_dir, seed)
+    return _DATASETS[key]
+
+
+def _subsample(ds, task: TaskConfig, s: int, seed: int):
+    """Deterministic random subsets of the train / test splits (``train_samples``, ``test_samples``)."""
+    import dataclasses
+
+    changes = {}
+    rng = stream(seed, "subsample", s)
+    for split, limit in (("train", task.train_samples), ("test", task.test_samples)):
+        x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+        if limit and limit < len(y):
+            idx = np.sort(rng.choice(len(y), size=limit, replace=False))
+            changes[f"x_{split}"], changes[f"y_{split}"] = x[idx], y[idx]
+            if split == "train" and getattr(ds, "groups", None) is not None:
+                changes["groups"] = ds.groups[idx]
+    return dataclasses.replace(ds, **changes) if changes else ds
+
+
+def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Federation:
+    """Draw processors and membership, check the budget, load and partition every task."""
+    from mmfl.tasks.partition import partition
+
+    capacity = draw_capacity(cfg)
+    budget = budget_of(cfg.clients, int(capacity.sum()))
+    member = membership(cfg)
+    n_clients, n_tasks = member.shape
+    n_samples = np.zeros((n_clients, n_tasks), dtype=np.int64)
+    tasks = []
+    for s, task in enumerate(cfg.tasks):
+        ds = _subsample(load_dataset(task, data_dir, cfg.seed), task, s, cfg.seed)
+        holders = np.flatnonzero(member[:, s])
+        try:
+            parts = partition(
+                ds.y_train, holders, task.partition.kind, dict(task.partition.options),
+                ds.num_classes, stream(cfg.seed, "partition", s), groups=ds.groups,
+            )
+        except ValueError as e:
+            raise ConfigError(f"tasks[{s}].partition", str(e), task.partition.kind) from None
+        indices = [np.zeros(0, dtype=np.int64)] * n_clients
+        for i, idx in zip(holders, parts):
+            indices[i] = np.asarray(idx, dtype=np.int64)
+            n_samples[i, s] = len(idx)
+        if n_samples[:, s].sum() == 0:
+            raise ConfigError(f"tasks[{s}]", "no client received any training sample", task.name)
+        tasks.append(TaskData(task, ds, tuple(indices)))
+        log.info("task %s: %s, %d clients hold %d samples", task.name, task.dataset,
+                 int((n_samples[:, s] > 0).sum()), int(n_samples[:, s].sum()))
+    population = Population(n_samples, capacity, tuple(t.name for t in cfg.tasks))
+    return Federation(population, budget, tuple(tasks))

@@ -1,0 +1,168 @@
+"""The run directory: what a run writes and how to read it back.
+
+Layout (the first three are contracts, see DESIGN.md):
+
+- ``config.toml``: the resolved, validated config of the run.
+- ``metrics.csv``: one row per round and task: ``round,task,accuracy,loss,...`` (accuracy and loss
+  are empty in rounds that were not evaluated, see ``eval_every``). Deterministic: the same config
+  and seed give a byte-identical file.
+- ``summary.json``: final (or, while running, latest) ``mean_accuracy``, ``min_accuracy``,
+  fairness statistics, cost totals, and ``tasks`` (name -> ``accuracy``, ``loss``, ...).
+- ``rounds.csv``: one row per round: availability, budget, slots, cost counters, fairness stats.
+- ``federation.json``: the population (processors, samples per client and task, budget).
+- ``timing.csv``: wall-clock seconds per round (the only non-deterministic file).
+- ``checkpoint.safetensors``: the latest resumable state (see :mod:`mmfl.experiment.checkpoint`).
+
+Rows are appended and flushed each round, so a crash loses at most the round in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmfl.errors import ResultsError
+
+METRICS_COLUMNS = (
+    "round", "task", "accuracy", "loss", "clients", "slots", "local_trainings", "local_steps",
+    "train_loss",
+)
+ROUNDS_COLUMNS = (
+    "round", "available", "budget", "expected_slots", "slots", "local_trainings", "local_steps",
+    "forward_passes", "scalar_uploads", "model_uploads", "mean_accuracy", "min_accuracy",
+    "max_min", "variance", "note",
+)
+TIMING_COLUMNS = ("round", "train_seconds", "eval_seconds", "round_seconds")
+TABLES = {"metrics.csv": METRICS_COLUMNS, "rounds.csv": ROUNDS_COLUMNS, "timing.csv": TIMING_COLUMNS}
+
+
+def fmt(x: Any) -> str:
+    """Deterministic CSV text of a value: floats with 6 decimals, None/NaN as empty."""
+    if x is None:
+        return ""
+    if isinstance(x, (float, np.floating)):
+        return "" if np.isnan(x) else f"{float(x):.6f}"
+    if isinstance(x, (np.integer,)):
+        return str(int(x))
+    return str(x)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically replace ``path`` with ``obj`` as indented JSON."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class RunWriter:
+    """Appends rows to the CSV tables of a run directory, flushing every round."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self._files: dict[str, io.TextIOBase] = {}
+
+    def open(self, *, keep_until_round: int | None) -> None:
+        """Open the tables for appending. ``keep_until_round`` (resume): drop rows after it,
+        and any torn last line; ``None``: start the tables afresh."""
+        for name, cols in TABLES.items():
+            path = self.out / name
+            if keep_until_round is None or not path.exists():
+                path.write_text(",".join(cols) + "\n", encoding="utf-8")
+            else:
+                truncate_rows(path, keep_until_round)
+            self._files[name] = open(path, "a", encoding="utf-8", newline="")
+
+    def append(self, name: str, rows: list[dict[str, Any]]) -> None:
+        cols = TABLES[name]
+        f = self._files[name]
+        for row in rows:
+            f.write(",".join(_csv_cell(fmt(row.get(c))) for c in cols) + "\n")
+
+    def flush(self) -> None:
+        for f in self._files.values():
+            f.flush()
+            os.fsync(f.fileno())
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+
+def _csv_cell(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n') else text
+
+
+def truncate_rows(path: Path, last_round: int) -> None:
+    """Keep the header and the complete rows with ``round <= last_round`` (atomic rewrite)."""
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")
+    complete = lines[:-1]  # the part after the last newline is a torn row (or empty)
+    if not complete:
+        raise ResultsError(f"{path}: no header; the run directory is damaged")
+    kept = [complete[0]]
+    for line in complete[1:]:
+        head = line.split(",", 1)[0]
+        if head.isdigit() and int(head) <= last_round:
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@dataclass
+class RunResults:
+    """A finished (or partial) run read back from its directory.
+
+    Attributes:
+        path: the run directory.
+        config: the resolved config (nested dict from config.toml).
+        summary: summary.json.
+        metrics: rows of metrics.csv (strings, as written).
+        rounds: rows of rounds.csv.
+    """
+
+    path: Path
+    config: dict[str, Any]
+    summary: dict[str, Any]
+    metrics: list[dict[str, str]]
+    rounds: list[dict[str, str]]
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.summary.get("tasks", {}))
+
+    def accuracy(self, task: str) -> tuple[np.ndarray, np.ndarray]:
+        """(rounds (R,), accuracy (R,)) of ``task`` over the evaluated rounds."""
+        rows = [r for r in self.metrics if r["task"] == task and r["accuracy"] != ""]
+        return (np.array([int(r["round"]) for r in rows]),
+                np.array([float(r["accuracy"]) for r in rows]))
+
+
+def read_results(path: str | Path) -> RunResults:
+    """Read a run directory written by :func:`mmfl.run`."""
+    from mmfl.experiment import tomlio
+
+    p = Path(path)
+    for f in ("config.toml", "metrics.csv", "summary.json"):
+        if not (p / f).exists():
+            raise ResultsError(f"{p}: not a run directory (missing {f})")
+    return RunResults(
+        path=p,
+        config=tomlio.load(p / "config.toml"),
+        summary=json.loads((p / "summary.json").read_text(encoding="utf-8")),
+        metrics=read_csv(p / "metrics.csv"),
+        rounds=read_csv(p / "rounds.csv") if (p / "rounds.csv").exists() else [],
+    )

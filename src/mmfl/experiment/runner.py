@@ -1,0 +1,316 @@
+"""The round loop: allocate, train, aggregate, evaluate, record, checkpoint.
+
+One loop drives every engine. Per round t (0-based; files count completed rounds, t + 1):
+
+1. ``RoundState`` from the population, budget m, availability mask, latest task losses;
+2. ``allocator.allocate(state, rng=stream(seed, "allocate", t))`` -> Assignment;
+3. ``engine.train`` on the unique active (client, task) pairs -> updates G;
+4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models;
+5. evaluation every ``eval_every`` rounds (and the last), rows appended to the run directory,
+   checkpoint every ``checkpoint_every`` rounds (and the last).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from mmfl import registry
+from mmfl.core.metrics import RoundCost, fairness_stats, round_cost
+from mmfl.errors import ResultsError
+from mmfl.experiment import checkpoint, tomlio
+from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
+from mmfl.experiment.federation import Federation, build_federation
+from mmfl.experiment.results import RunWriter, read_csv, write_json
+from mmfl.rng import stream
+from mmfl.types import RoundState
+
+log = logging.getLogger(__name__)
+
+#: Number of last evaluated rounds averaged for the papers' headline metric (ALGORITHMS.md s. 8).
+FINAL_WINDOW = 20
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class RoundRecord:
+    """What callbacks see after each round."""
+
+    round: int                      # completed rounds (1-based)
+    rounds: int                     # total rounds of the run
+    task_names: tuple[str, ...]
+    accuracy: np.ndarray | None     # (S,) test accuracy, None when not evaluated this round
+    loss: np.ndarray | None         # (S,)
+    slots: int
+    seconds: float
+
+
+class Callback(Protocol):
+    def on_start(self, cfg: ExperimentConfig, federation: Federation, start_round: int) -> None: ...
+    def on_round(self, record: RoundRecord) -> None: ...
+    def on_end(self, summary: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class _State:
+    """Everything a checkpoint holds besides the allocator/aggregator state."""
+
+    round: int = 0
+    params: list = field(default_factory=list)
+    task_losses: np.ndarray | None = None
+    task_accuracies: np.ndarray | None = None
+    cost: RoundCost = field(default_factory=RoundCost)
+    local_steps: int = 0
+    history: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+
+def prepare_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
+    """Create/check the run directory; returns True when a checkpoint will be resumed."""
+    resolved = tomlio.dumps(cfg.to_dict())
+    has_run = (out / "metrics.csv").exists()
+    if has_run and not resume:
+        raise ResultsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if resume and has_run:
+        old = tomlio.load(out / "config.toml") if (out / "config.toml").exists() else {}
+        new = cfg.to_dict()
+        old_cmp = {k: v for k, v in old.items() if k != "rounds"}
+        new_cmp = {k: v for k, v in new.items() if k != "rounds"}
+        if old_cmp != new_cmp:
+            diff = sorted(k for k in set(old_cmp) | set(new_cmp) if old_cmp.get(k) != new_cmp.get(k))
+            raise ResultsError(
+                f"{out}: the config differs from the run's config.toml (in: {', '.join(diff)}); "
+                "resume with the same config (only rounds may change)"
+            )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.toml").write_text(resolved, encoding="utf-8")
+    except OSError as e:
+        raise ResultsError(f"{out}: cannot write the run directory ({e.strerror})") from None
+    return resume and has_run and (out / CHECKPOINT).exists()
+
+
+class Runner:
+    """Runs one experiment into one run directory. Use :func:`run` for the common case."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | Path, *, data_dir: str | None = None,
+                 callbacks: Sequence[Callback] = ()):
+        self.cfg = cfg
+        self.out = Path(out)
+        self.data_dir = resolve_data_dir(cfg, data_dir)
+        self.callbacks = list(callbacks)
+
+    # -- construction ----------------------------------------------------------------------
+    def _build(self) -> None:
+        cfg = self.cfg
+        self.federation = fed = build_federation(cfg, self.data_dir)
+        pop = fed.population
+        entry = registry.get("sampler", cfg.sampler.name, key="sampler.name")
+        self.allocator = entry.obj(dict(cfg.sampler.options), pop, cfg.seed)
+        agg_name = cfg.sampler.aggregator
+        if agg_name == "default":
+            agg_name = self.allocator.default_aggregator
+        agg = registry.get("aggregator", agg_name, key="sampler.aggregator")
+        self.aggregator_name = agg_name
+        self.aggregator = agg.obj(registry.resolve_options("sampler.aggregator", {}, agg.options), pop)
+        eng = registry.get("engine", cfg.engine, key="engine")
+        self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads)
+
+    def _availability(self, t: int) -> np.ndarray:
+        n = self.federation.population.num_clients
+        a = self.cfg.clients.availability
+        if a >= 1.0:
+            return np.ones(n, dtype=bool)
+        return stream(self.cfg.seed, "availability", t).random(n) < a
+
+    # -- checkpoint --------------------------------------------------------------------------
+    def _save(self, st: _State) -> None:
+        arrays = {f"param.{s}": p.numpy() for s, p in enumerate(st.params)}
+        for prefix, obj in (("allocator", self.allocator), ("aggregator", self.aggregator)):
+            for k, v in obj.state_dict().items():
+                arrays[f"{prefix}.{k}"] = np.asarray(v)
+        for name in ("task_losses", "task_accuracies"):
+            v = getattr(st, name)
+            if v is not None:
+                arrays[f"runner.{name}"] = np.asarray(v, np.float64)
+        meta = {"round": st.round, "cost": st.cost.as_dict(), "local_steps": st.local_steps}
+        checkpoint.save(self.out / CHECKPOINT, arrays, meta)
+
+    def _load(self, st: _State) -> None:
+        import torch
+
+        arrays, meta = checkpoint.load(self.out / CHECKPOINT)
+        st.round = int(meta["round"])
+        st.params = [torch.from_numpy(arrays[f"param.{s}"].copy()) for s in range(len(st.params))]
+        for prefix, obj in (("allocator", self.allocator), ("aggregator", self.aggregator)):
+            obj.load_state_dict({k[len(prefix) + 1:]: v for k, v in arrays.items()
+                                 if k.startswith(prefix + ".")})
+        st.task_losses = arrays.get("runner.task_losses")
+        st.task_accuracies = arrays.get("runner.task_accuracies")
+        st.cost = RoundCost(**meta["cost"])
+        st.local_steps = int(meta["local_steps"])
+        names = self.federation.population.task_names
+        acc: dict[int, dict[str, tuple[float, float]]] = {}
+        for row in read_csv(self.out / "metrics.csv"):
+            r = int(row["round"])
+            if r <= st.round and row["accuracy"] != "":
+                acc.setdefault(r, {})[row["task"]] = (float(row["accuracy"]), float(row["loss"]))
+        for r in sorted(acc):
+            if len(acc[r]) == len(names):
+                st.history.append((r, np.array([acc[r][n][0] for n in names]),
+                                   np.array([acc[r][n][1] for n in names])))
+
+    # -- the loop --------------------------------------------------------------------------------
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Run (or continue) the experiment; returns the summary (also in summary.json)."""
+        cfg = self.cfg
+        resuming = prepare_out_dir(cfg, self.out, resume=resume)
+        self._build()
+        fed, pop = self.federation, self.federation.population
+        write_json(self.out / "federation.json", federation_info(fed))
+        st = _State(params=self.engine.init_params())
+        if resuming:
+            self._load(st)
+            log.info("resuming %s after round %d", self.out, st.round)
+        writer = RunWriter(self.out)
+        writer.open(keep_until_round=st.round if resuming else None)
+        for cb in self.callbacks:
+            cb.on_start(cfg, fed, st.round)
+        t0 = time.perf_counter()
+        try:
+            for t in range(st.round, cfg.rounds):
+                self._round(t, st, writer)
+            summary = self._summary(st, status="completed", seconds=time.perf_counter() - t0)
+        finally:
+            writer.close()
+        write_json(self.out / "summary.json", summary)
+        for cb in self.callbacks:
+            cb.on_end(summary)
+        return summary
+
+    def _round(self, t: int, st: _State, writer: RunWriter) -> None:
+        cfg, pop = self.cfg, self.federation.population
+        t_start = time.perf_counter()
+        available = self._availability(t)
+        state = RoundState(t, pop, float(self.federation.budget), available, None,
+                           st.task_losses, st.task_accuracies)
+        assignment = self.allocator.allocate(state, stream(cfg.seed, "allocate", t))
+        clients, tasks = assignment.pairs()
+        out = self.engine.train(st.params, clients, tasks, t)
+        plan = dataclasses.replace(self.aggregator.plan(assignment, state), server_lr=cfg.server_lr)
+        st.params = self.engine.apply(st.params, out, plan)
+        t_train = time.perf_counter()
+
+        last = t + 1 == cfg.rounds
+        acc = loss = None
+        if (t + 1) % cfg.eval_every == 0 or last:
+            acc, loss = self.engine.evaluate(st.params)
+            st.task_accuracies, st.task_losses = acc, loss
+            st.history.append((t + 1, acc, loss))
+        t_eval = time.perf_counter()
+
+        cost = round_cost(assignment)
+        st.cost = st.cost + cost
+        steps = int(out.steps.sum())
+        st.local_steps += steps
+        S = pop.num_tasks
+        slots = assignment.slots_per_task(S)
+        rows = []
+        for s, name in enumerate(pop.task_names):
+            sel = out.tasks == s
+            rows.append({
+                "round": t + 1, "task": name,
+                "accuracy": None if acc is None else acc[s],
+                "loss": None if loss is None else loss[s],
+                "clients": int(sel.sum()), "slots": int(slots[s]),
+                "local_trainings": int(sel.sum()), "local_steps": int(out.steps[sel].sum()),
+                "train_loss": float(out.train_loss[sel].mean()) if sel.any() else None,
+            })
+        writer.append("metrics.csv", rows)
+        fair = fairness_stats(acc) if acc is not None else {}
+        writer.append("rounds.csv", [{
+            "round": t + 1, "available": int(available.sum()), "budget": self.federation.budget,
+            "expected_slots": assignment.expected_slots, "slots": assignment.num_slots,
+            **cost.as_dict(), "local_steps": steps,
+            "mean_accuracy": fair.get("mean"), "min_accuracy": fair.get("min"),
+            "max_min": fair.get("max_min"), "variance": fair.get("variance"),
+            "note": assignment.note,
+        }])
+        t_end = time.perf_counter()
+        writer.append("timing.csv", [{
+            "round": t + 1, "train_seconds": t_train - t_start, "eval_seconds": t_eval - t_train,
+            "round_seconds": t_end - t_start,
+        }])
+        writer.flush()
+        st.round = t + 1
+        if st.round % cfg.checkpoint_every == 0 or last:
+            self._save(st)
+        if acc is not None and not last:
+            write_json(self.out / "summary.json",
+                       self._summary(st, status="running", seconds=None))
+        record = RoundRecord(t + 1, cfg.rounds, pop.task_names, acc, loss,
+                             assignment.num_slots, t_end - t_start)
+        for cb in self.callbacks:
+            cb.on_round(record)
+
+    def _summary(self, st: _State, *, status: str, seconds: float | None) -> dict[str, Any]:
+        pop = self.federation.population
+        cfg = self.cfg
+        summary: dict[str, Any] = {
+            "name": cfg.name, "status": status, "rounds_completed": st.round,
+            "rounds": cfg.rounds, "seed": cfg.seed, "sampler": cfg.sampler.name,
+            "aggregator": self.aggregator_name, "engine": cfg.engine,
+        }
+        if not st.history:
+            return summary
+        last_round, acc, loss = st.history[-1]
+        window = np.array([h[1] for h in st.history[-FINAL_WINDOW:]])
+        fair = fairness_stats(acc)
+        summary.update({
+            "evaluated_round": last_round,
+            "mean_accuracy": fair["mean"], "min_accuracy": fair["min"],
+            "max_min_accuracy": fair["max_min"], "accuracy_variance": fair["variance"],
+            "final_window": len(window),
+            "mean_accuracy_window": float(window.mean(axis=1).mean()),
+            "min_accuracy_window": float(window.mean(axis=0).min()),
+            "tasks": {
+                name: {"accuracy": float(acc[s]), "loss": float(loss[s]),
+                       "accuracy_window": float(window[:, s].mean())}
+                for s, name in enumerate(pop.task_names)
+            },
+            "cost": {**st.cost.as_dict(), "local_steps": st.local_steps},
+            "budget": self.federation.budget, "clients": pop.num_clients,
+            "processors": pop.num_processors,
+        })
+        if seconds is not None:
+            summary["wall_seconds"] = round(seconds, 3)
+        return summary
+
+
+def federation_info(fed: Federation) -> dict[str, Any]:
+    """JSON-able description of the federation (also printed by ``mmfl describe``)."""
+    pop = fed.population
+    return {
+        "clients": pop.num_clients, "processors": pop.num_processors, "budget": fed.budget,
+        "tasks": list(pop.task_names),
+        "capacity": pop.capacity.tolist(),
+        "n_samples": pop.n_samples.tolist(),
+    }
+
+
+def run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False,
+        data_dir: str | None = None, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Run ``cfg`` into the run directory ``out``; returns the summary dict.
+
+    ``resume=True`` continues from the directory's last checkpoint (or starts afresh if there
+    is none); the final metrics equal those of an uninterrupted run.
+    """
+    return Runner(cfg, out, data_dir=data_dir, callbacks=callbacks).run(resume=resume)
