@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from mmfl.core.allocators import RandomAllocator
-from mmfl.core.metrics import RoundCost, clients_per_task, fairness_stats, round_cost, rounds_to_target
+from mmfl.core.metrics import (
+    RoundCost,
+    clients_per_task,
+    fairness_stats,
+    round_cost,
+    rounds_to_target,
+)
 from mmfl.types import Assignment, Population, RoundState
 
 

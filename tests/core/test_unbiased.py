@@ -146,7 +146,8 @@ def test_unbiased_plan_hand_numbers():
 
     pop = Population(np.array([[30, 10], [60, 0], [10, 90]]), np.array([1, 2, 1]), ("a", "b"))
     a = Assignment(processor=[3, 1, 2], client=[2, 1, 1], task=[0, 0, 0],
-                   probability=[0.25, 0.5, 0.5], share=[1, 0.5, 0.5], probabilities=np.zeros((4, 2)))
+                   probability=[0.25, 0.5, 0.5], share=[1, 0.5, 0.5],
+                   probabilities=np.zeros((4, 2)))
     plan = unbiased_plan(a, pop)
     np.testing.assert_array_equal(plan.client, [1, 2])
     np.testing.assert_array_equal(plan.task, [0, 0])

@@ -57,7 +57,9 @@ def rounds_to_target(acc_history: np.ndarray, rounds: np.ndarray, target: float)
     acc = np.asarray(acc_history, dtype=np.float64)
     r = np.asarray(rounds, dtype=np.float64).reshape(-1)
     if acc.ndim != 2 or acc.shape[0] != r.size:
-        raise ValueError(f"acc_history must be (R, S) with R = len(rounds); got {acc.shape}, {r.size}")
+        raise ValueError(
+            f"acc_history must be (R, S) with R = len(rounds); got {acc.shape}, {r.size}"
+        )
     order = np.argsort(r, kind="stable")
     acc, r = acc[order], r[order]
     with np.errstate(invalid="ignore"):
