@@ -89,8 +89,16 @@ class ExperimentConfig:
     tasks: tuple[TaskConfig, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (the resolved config, as written to ``config.toml``)."""
-        return _plain(self)
+        """The resolved config as a TOML-shaped nested dict (what ``config.toml`` holds);
+        :func:`config_from_dict` of it gives back an equal config."""
+        d = _plain(self)
+        d["server"] = {"lr": d.pop("server_lr")}
+        d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
+                        **d["sampler"]["options"]}
+        for t in d["tasks"]:
+            t["partition"] = {"kind": t["partition"]["kind"], **t["partition"]["options"]}
+        order = [*TOP, "server", "clients", "sampler", "tasks"]
+        return {k: d[k] for k in order}
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
         """A re-validated copy with dotted-key overrides, e.g. ``cfg.replace(**{"sampler.name": "full"})``."""
@@ -304,6 +312,8 @@ def _task(i: int, raw: Any) -> TaskConfig:
         raise ConfigError(
             prefix + "partition.kind", f"must be one of {', '.join(sorted(PARTITION_OPTIONS))}", kind
         )
+    if "quantity_skew" in part_raw:
+        part_raw.update(_quantity_skew(prefix + "partition.quantity_skew", part_raw.pop("quantity_skew")))
     part_opts = registry.resolve_options(prefix + "partition", part_raw, PARTITION_OPTIONS[kind])
     return TaskConfig(
         **vals,
@@ -311,6 +321,14 @@ def _task(i: int, raw: Any) -> TaskConfig:
         dataset_options=MappingProxyType(ds_opts),
         model_options=MappingProxyType(md_opts),
     )
+
+
+def _quantity_skew(key: str, value: Any) -> dict[str, float]:
+    """``quantity_skew = {clients = 0.9, data = 0.1}``: a fraction ``clients`` of the holders
+    shares a fraction ``data`` of the samples (alias of ``skew_clients`` / ``skew_data``)."""
+    if not isinstance(value, dict) or set(value) != {"clients", "data"}:
+        raise ConfigError(key, "must be a table {clients = fraction, data = fraction}", value)
+    return {"skew_clients": value["clients"], "skew_data": value["data"]}
 
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:

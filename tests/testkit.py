@@ -1,0 +1,62 @@
+"""Helpers shared by the tests (importable as ``testkit``; tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+name = "tiny"
+seed = 3
+rounds = {rounds}
+engine = "sequential"
+
+[clients]
+count = 16
+active_rate = 0.3
+processors = {{ 1 = 0.5, 2 = 0.5 }}
+tasks_per_client = {{ 1 = 0.5, 2 = 0.5 }}
+
+[sampler]
+name = "{sampler}"
+
+[[tasks]]
+name = "digits"
+dataset = "digits"
+model = "mlp"
+lr = 0.1
+local_epochs = 1
+batch_size = 16
+[tasks.partition]
+kind = "classes"
+class_ratio = 0.3
+
+[[tasks]]
+name = "wave"
+dataset = "mnist1d"
+model = "logreg"
+lr = 0.1
+local_epochs = 1
+batch_size = 32
+[tasks.dataset_options]
+num_samples = 1200
+[tasks.partition]
+kind = "dirichlet"
+alpha = 0.5
+"""
+
+
+def tiny_config_text(rounds: int = 4, sampler: str = "random") -> str:
+    return TINY.format(rounds=rounds, sampler=sampler)
+
+
+def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m mmfl.cli ARGS`` in a subprocess; returns the completed process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "mmfl.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=cwd)
