@@ -1,0 +1,151 @@
+"""Model factories: ``factory(options, input_shape, num_classes) -> torch.nn.Module``.
+
+Each factory is registered under the ``"model"`` kind. Every model maps a batch of inputs
+(B, *input_shape) to **log-probabilities** (B, num_classes) (it ends with ``log_softmax``), so
+the training loss is ``F.nll_loss`` and accuracy is ``argmax`` of the output.
+
+Use :func:`build_model` to construct a model with a deterministic initialisation that does not
+disturb torch's global random state.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfl.errors import ConfigError
+from mmfl.registry import Option, get, register, resolve_options
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CNN", "MLP", "LogReg", "build_model", "make_cnn", "make_logreg", "make_mlp",
+           "num_parameters"]
+
+
+def _flat_size(input_shape: Sequence[int]) -> int:
+    return int(math.prod(int(d) for d in input_shape))
+
+
+class LogReg(nn.Module):
+    """Multinomial logistic regression: flatten (B, *input_shape) -> linear -> log_softmax."""
+
+    def __init__(self, in_features: int, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(in_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, *input_shape) -> (B, num_classes) log-probabilities."""
+        return F.log_softmax(self.fc(x.flatten(1)), dim=1)
+
+
+class MLP(nn.Module):
+    """Flatten -> ``layers`` x (Linear(hidden) + ReLU) -> Linear(num_classes) -> log_softmax."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 64, layers: int = 1):
+        super().__init__()
+        blocks: list[nn.Module] = []
+        width = in_features
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.body = nn.Sequential(*blocks)
+        self.out = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, *input_shape) -> (B, num_classes) log-probabilities."""
+        return F.log_softmax(self.out(self.body(x.flatten(1))), dim=1)
+
+
+class CNN(nn.Module):
+    """The FedAvg-style CNN of the MMFL papers' Fashion-MNIST experiments.
+
+    conv 5x5 (32 channels, padding 2) + ReLU + maxpool 2, conv 5x5 (64 channels, padding 2) +
+    ReLU + maxpool 2, flatten, Linear(hidden) + ReLU, Linear(num_classes), log_softmax. On
+    (1, 28, 28) inputs the flattened size is 64 * 7 * 7 = 3136.
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 512):
+        super().__init__()
+        c, h, w = (int(d) for d in input_shape)
+        self.conv1 = nn.Conv2d(c, 32, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=5, padding=2)
+        flat = 64 * (h // 2 // 2) * (w // 2 // 2)
+        self.fc1 = nn.Linear(flat, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, num_classes) log-probabilities."""
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        x = F.relu(self.fc1(x.flatten(1)))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+@register("model", "logreg", options={})
+def make_logreg(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Logistic regression on the flattened input."""
+    return LogReg(_flat_size(input_shape), num_classes)
+
+
+@register(
+    "model",
+    "mlp",
+    options={
+        "hidden": Option(int, 64, "> 0", "width of each hidden layer"),
+        "layers": Option(int, 1, ">= 1", "number of hidden layers"),
+    },
+)
+def make_mlp(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multi-layer perceptron with ReLU hidden layers on the flattened input."""
+    return MLP(_flat_size(input_shape), num_classes,
+               hidden=int(options.get("hidden", 64)), layers=int(options.get("layers", 1)))
+
+
+@register(
+    "model",
+    "cnn",
+    options={"hidden": Option(int, 512, "> 0", "width of the fully connected layer")},
+)
+def make_cnn(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The papers' Fashion-MNIST CNN (two 5x5 conv + pool layers, FC 512); images (C, H, W)."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or shape[1] < 4 or shape[2] < 4:
+        raise ConfigError("model", "cnn needs image input (C, H, W) with H, W >= 4", shape)
+    return CNN(shape, num_classes, hidden=int(options.get("hidden", 512)))
+
+
+def build_model(
+    name: str,
+    options: dict | None,
+    input_shape: Sequence[int],
+    num_classes: int,
+    init_seed: int,
+) -> nn.Module:
+    """Construct registered model ``name`` with parameters initialised from ``init_seed``.
+
+    The initialisation runs under :func:`torch.random.fork_rng` with ``torch.manual_seed(
+    init_seed)``, so the same seed gives bit-identical parameters and torch's global random state
+    is left untouched. Missing options get their registered defaults (unknown ones raise
+    :class:`ConfigError` keyed ``model.<option>``). Derive ``init_seed`` with
+    ``mmfl.rng.torch_seed(seed, "init", task_index)``.
+
+    Returns:
+        the model in float32 on the CPU, in train mode.
+    """
+    entry = get("model", name, key="model")
+    opts = resolve_options("model", dict(options or {}), entry.options)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(init_seed))
+        model = entry.obj(opts, tuple(int(d) for d in input_shape), int(num_classes))
+    log.debug("built model %s with %d parameters", name, num_parameters(model))
+    return model
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Total number of trainable scalars of ``model``."""
+    return int(sum(p.numel() for p in model.parameters() if p.requires_grad))

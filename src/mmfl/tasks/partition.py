@@ -1,0 +1,379 @@
+"""Splitting datasets across clients: who holds which task, and which samples.
+
+Two steps, both driven by an explicit ``rng``:
+
+1. :func:`task_membership` decides which of the S tasks each of the N clients holds (the
+   client-model membership matrix of ALGORITHMS.md section 1), covering every task.
+2. :func:`partition` splits one task's training set among the clients that hold it
+   ("holders"). Clients hold sorted index arrays into the dataset's train arrays, never copies.
+
+Partition kinds (options in :data:`PARTITION_OPTIONS`):
+
+- ``iid``: shuffle and split into equal parts (sizes differ by at most 1).
+- ``dirichlet``: per class, proportions ~ Dirichlet(alpha * 1_h) (label skew; small alpha = skewed).
+- ``classes``: each holder gets c = max(1, floor(class_ratio * K)) distinct classes (the papers'
+  label skew): a random permutation of the K classes laid out in a cycle, holder j taking the c
+  classes from position j * c (mod K), so with h * c >= K every class is held by some holder and
+  classes are held about equally often. Each class is split equally among its holders.
+- ``natural``: the dataset's own groups (e.g. ``synthetic`` devices) mapped onto holders.
+
+Quantity skew (``iid`` and ``classes``): a fraction ``skew_clients`` of the holders, drawn by
+``rng``, share only a fraction ``skew_data`` of the samples (the papers: 90% of the clients get
+10% of the data); the other holders share the rest. In ``classes`` the per-class splits are
+fitted so that the holders' totals follow the skew (see :func:`_class_shares`).
+
+Empty holders: every holder gets at least one sample whenever the task has at least as many
+samples as holders (``natural``: at least as many groups). Otherwise some holders get an empty
+array, which means that client simply does not hold the task (n_{i,s} = 0).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from mmfl.registry import Option
+
+log = logging.getLogger(__name__)
+
+__all__ = ["PARTITION_KINDS", "PARTITION_OPTIONS", "partition", "partition_summary",
+           "split_counts", "task_membership"]
+
+_SKEW_OPTIONS = {
+    "skew_clients": Option(float, 0.0, "0..1", "fraction of holders in the data-poor group "
+                           "(0 = no quantity skew)"),
+    "skew_data": Option(float, 0.0, "0..1", "fraction of the samples the data-poor group shares"),
+}
+
+#: Options of each partition kind, for validating a ``[tasks.partition]`` table.
+PARTITION_OPTIONS: dict[str, dict[str, Option]] = {
+    "iid": dict(_SKEW_OPTIONS),
+    "dirichlet": {
+        "alpha": Option(float, 0.5, "> 0", "Dirichlet concentration; small = strong label skew"),
+    },
+    "classes": {
+        "class_ratio": Option(float, 0.3, "(0..1]",
+                              "each client holds max(1, floor(class_ratio * K)) classes"),
+        **_SKEW_OPTIONS,
+    },
+    "natural": {},
+}
+PARTITION_KINDS = tuple(PARTITION_OPTIONS)
+
+
+# --------------------------------------------------------------------------------------------
+# membership
+
+
+def task_membership(
+    num_clients: int,
+    num_tasks: int,
+    tasks_per_client: int | dict[int, float],
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Which tasks each client holds.
+
+    Args:
+        num_clients: N.
+        num_tasks: S.
+        tasks_per_client: k, the number of tasks every client holds, or a distribution
+            {k: probability} from which each client's k is drawn. Every k must be in 1..S.
+        rng: the generator.
+
+    Returns:
+        (N, S) bool membership matrix. Each client's k tasks are uniform without replacement;
+        then every task nobody holds is given to a client drawn by ``rng``: the client swaps one
+        of its tasks that some other client also holds for the uncovered one (so its k is kept);
+        only when there are fewer holdings than tasks (sum of k < S) does a client gain a task.
+
+    Raises:
+        ValueError: k outside 1..S, bad probabilities, or N < 1 / S < 1.
+    """
+    N, S = int(num_clients), int(num_tasks)
+    if N < 1 or S < 1:
+        raise ValueError(f"need at least one client and one task (got N={N}, S={S})")
+    if isinstance(tasks_per_client, dict):
+        ks = np.array([int(k) for k in tasks_per_client], dtype=np.int64)
+        probs = np.array([float(v) for v in tasks_per_client.values()], dtype=np.float64)
+        if len(ks) == 0 or (probs < 0).any() or not np.isfinite(probs).all():
+            raise ValueError("tasks per client: probabilities must be finite and >= 0")
+        if abs(probs.sum() - 1.0) > 1e-6:
+            raise ValueError(f"tasks per client: probabilities must sum to 1 (got {probs.sum():g})")
+        k_of = rng.choice(ks, size=N, p=probs / probs.sum())
+    else:
+        if isinstance(tasks_per_client, bool) or int(tasks_per_client) != tasks_per_client:
+            raise ValueError(f"tasks per client must be an integer (got {tasks_per_client!r})")
+        ks = np.array([int(tasks_per_client)])
+        k_of = np.full(N, int(tasks_per_client), np.int64)
+    if (ks < 1).any() or (ks > S).any():
+        raise ValueError(f"tasks per client must lie in 1..{S} (got {sorted(set(ks.tolist()))})")
+
+    member = np.zeros((N, S), dtype=bool)
+    for i in range(N):
+        member[i, rng.choice(S, size=int(k_of[i]), replace=False)] = True
+
+    for s in range(S):
+        if member[:, s].any():
+            continue
+        count = member.sum(axis=0)
+        # clients that can give up a task someone else also holds
+        donors = np.flatnonzero((member & (count > 1)[None, :]).any(axis=1))
+        if len(donors):
+            i = int(rng.choice(donors))
+            give = np.flatnonzero(member[i] & (count > 1))
+            member[i, int(rng.choice(give))] = False
+        else:
+            i = int(rng.choice(np.flatnonzero(~member.all(axis=1))))
+        member[i, s] = True
+    return member
+
+
+# --------------------------------------------------------------------------------------------
+# sample partitions
+
+
+def split_counts(n: int, weights: np.ndarray, min_each: int = 0) -> np.ndarray:
+    """Integer counts summing to ``n``, proportional to ``weights`` (largest remainder).
+
+    Args:
+        n: total to split.
+        weights: (h,) non-negative weights (normalised internally; all zero = equal).
+        min_each: a minimum per part, applied only when ``n >= min_each * h`` (taken from the
+            largest parts).
+
+    Returns:
+        (h,) int64 counts, sum ``n``. Deterministic (ties go to the lower index).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    h = len(w)
+    if h == 0:
+        return np.zeros(0, np.int64)
+    tot = w.sum()
+    w = w / tot if tot > 0 else np.full(h, 1.0 / h)
+    raw = w * n
+    counts = np.floor(raw).astype(np.int64)
+    rem = n - int(counts.sum())
+    if rem > 0:
+        order = np.argsort(-(raw - counts), kind="stable")
+        counts[order[:rem]] += 1
+    if min_each > 0 and n >= min_each * h:
+        for j in np.flatnonzero(counts < min_each):
+            need = min_each - counts[j]
+            while need > 0:
+                donor = int(np.argmax(counts))
+                take = min(need, counts[donor] - min_each)
+                counts[donor] -= take
+                counts[j] += take
+                need -= take
+    return counts
+
+
+def _skew_weights(
+    h: int, options: dict[str, Any], rng: np.random.Generator, hold: np.ndarray | None = None
+) -> np.ndarray:
+    """(h,) weights of each holder under quantity skew (equal when there is no skew).
+
+    round(skew_clients * h) holders are data-poor and each get skew_data / their count; the
+    other (data-rich) holders each get (1 - skew_data) / their count. The rich holders are drawn
+    by ``rng``; with ``hold`` ((h, K) bool, the classes of each holder) they are drawn greedily
+    so that together they hold as many distinct classes as possible (ties broken by ``rng``),
+    otherwise a class held only by poor holders would go to them entirely.
+    """
+    sc = float(options.get("skew_clients", 0.0))
+    sd = float(options.get("skew_data", 0.0))
+    w = np.full(h, 1.0 / max(h, 1))
+    n_poor = int(round(sc * h))
+    if sc <= 0 or n_poor == 0 or n_poor >= h:
+        return w
+    n_rich = h - n_poor
+    rich = np.zeros(h, bool)
+    if hold is None:
+        rich[rng.choice(h, size=n_rich, replace=False)] = True
+    else:
+        covered = np.zeros(hold.shape[1], bool)
+        for _ in range(n_rich):
+            gain = np.where(rich, -1, (hold & ~covered[None, :]).sum(axis=1))
+            j = int(rng.choice(np.flatnonzero(gain == gain.max())))
+            rich[j] = True
+            covered |= hold[j]
+    w[~rich] = sd / n_poor
+    w[rich] = (1.0 - sd) / n_rich
+    return w
+
+
+def _class_shares(hold: np.ndarray, n_class: np.ndarray, weights: np.ndarray,
+                  iterations: int = 200) -> np.ndarray:
+    """(h, K) split of each class among its holders for the ``classes`` kind.
+
+    Without quantity skew (equal ``weights``) every class is split equally among its holders.
+    With skew, iterative proportional fitting finds shares supported on ``hold`` whose class
+    totals are ``n_class`` and whose holder totals approach ``weights * n``, so the data-poor
+    holders together get about ``skew_data`` of the samples even though each class has its own
+    mix of poor and rich holders. (When a class is held only by data-poor holders they share
+    all of it, so the poor fraction can exceed ``skew_data``.)
+    """
+    A = hold.astype(np.float64)
+    if np.allclose(weights, weights[0]):
+        return A
+    A *= (n_class > 0)[None, :]
+    target = weights / weights.sum() * n_class.sum()
+    for _ in range(iterations):
+        rows = A.sum(axis=1)
+        A *= np.divide(target, rows, out=np.zeros_like(rows), where=rows > 0)[:, None]
+        cols = A.sum(axis=0)
+        A *= np.divide(n_class, cols, out=np.zeros_like(cols), where=cols > 0)[None, :]
+    return A
+
+
+def _fill_empty(parts: list[np.ndarray], labels: np.ndarray) -> list[np.ndarray]:
+    """Give each empty part one sample from the largest part (from its most frequent class)."""
+    n = sum(len(p) for p in parts)
+    if n < len(parts):
+        return parts
+    for j in range(len(parts)):
+        if len(parts[j]):
+            continue
+        donor = int(np.argmax([len(p) for p in parts]))
+        p = parts[donor]
+        vals, cnt = np.unique(labels[p], return_counts=True)
+        pos = int(np.flatnonzero(labels[p] == vals[np.argmax(cnt)])[-1])
+        parts[j] = p[pos:pos + 1]
+        parts[donor] = np.delete(p, pos)
+    return parts
+
+
+def partition(
+    labels: np.ndarray,
+    holders: np.ndarray,
+    kind: str,
+    options: dict[str, Any],
+    num_classes: int,
+    rng: np.random.Generator,
+    groups: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """Split a training set among its holders.
+
+    Args:
+        labels: (n,) int labels in [0, num_classes) of the dataset's training samples.
+        holders: (h,) int client ids holding this task (only their number h and order matter).
+        kind: one of :data:`PARTITION_KINDS`.
+        options: the kind's options (missing ones take the defaults of :data:`PARTITION_OPTIONS`).
+        num_classes: K.
+        rng: the generator.
+        groups: (n,) int natural group of each sample; required by ``natural``.
+
+    Returns:
+        h sorted, disjoint int64 index arrays into range(n), one per holder in ``holders`` order.
+        ``iid``, ``dirichlet`` and ``natural`` use every sample; ``classes`` uses every sample of
+        every class held by some holder. An empty array means the holder gets no data (only when
+        there are fewer samples than holders).
+
+    Raises:
+        ValueError: unknown kind, bad options, or ``natural`` without enough groups.
+    """
+    labels = np.asarray(labels)
+    h = len(np.asarray(holders))
+    n = len(labels)
+    if kind not in PARTITION_OPTIONS:
+        raise ValueError(f"unknown partition kind {kind!r}; kinds: {', '.join(PARTITION_KINDS)}")
+    if h == 0:
+        return []
+    opts = {k: spec.default for k, spec in PARTITION_OPTIONS[kind].items()}
+    opts.update(options or {})
+    K = int(num_classes)
+
+    if kind == "iid":
+        perm = rng.permutation(n)
+        counts = split_counts(n, _skew_weights(h, opts, rng), min_each=1)
+        parts = np.split(perm, np.cumsum(counts)[:-1])
+
+    elif kind == "dirichlet":
+        alpha = float(opts["alpha"])
+        if not alpha > 0:
+            raise ValueError(f"dirichlet alpha must be > 0 (got {alpha})")
+        pieces: list[list[np.ndarray]] = [[] for _ in range(h)]
+        for c in range(K):
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            if len(idx) == 0:
+                continue
+            q = rng.dirichlet(np.full(h, alpha))
+            if not np.isfinite(q).all() or q.sum() <= 0:  # underflow at tiny alpha
+                q = np.zeros(h)
+                q[rng.integers(h)] = 1.0
+            counts = split_counts(len(idx), q)
+            for j, piece in enumerate(np.split(idx, np.cumsum(counts)[:-1])):
+                pieces[j].append(piece)
+        parts = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in pieces]
+        parts = _fill_empty(parts, labels)
+
+    elif kind == "classes":
+        ratio = float(opts["class_ratio"])
+        if not 0 < ratio <= 1:
+            raise ValueError(f"class_ratio must lie in (0, 1] (got {ratio})")
+        c_per = max(1, int(np.floor(ratio * K + 1e-9)))
+        cycle = rng.permutation(K)
+        hold = np.zeros((h, K), dtype=bool)
+        for j in range(h):
+            hold[j, cycle[(j * c_per + np.arange(c_per)) % K]] = True
+        weights = _skew_weights(h, opts, rng, hold)
+        n_class = np.bincount(labels[(labels >= 0) & (labels < K)].astype(np.int64), minlength=K)
+        share = _class_shares(hold, n_class, weights)
+        pieces = [[] for _ in range(h)]
+        for c in range(K):
+            owners = np.flatnonzero(hold[:, c])
+            idx = rng.permutation(np.flatnonzero(labels == c))
+            if len(owners) == 0 or len(idx) == 0:
+                continue
+            counts = split_counts(len(idx), share[owners, c], min_each=1)
+            for j, piece in zip(owners, np.split(idx, np.cumsum(counts)[:-1])):
+                pieces[j].append(piece)
+        parts = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in pieces]
+
+    else:  # natural
+        if groups is None:
+            raise ValueError("partition kind 'natural' needs a dataset with natural groups "
+                             "(e.g. synthetic)")
+        groups = np.asarray(groups)
+        if groups.shape != labels.shape:
+            raise ValueError(f"groups must have shape {labels.shape} (got {groups.shape})")
+        ids, rank = np.unique(groups, return_inverse=True)
+        if len(ids) < h:
+            raise ValueError(f"partition kind 'natural': the dataset has {len(ids)} groups but "
+                             f"{h} clients hold the task; use at most {len(ids)} clients or "
+                             "another kind")
+        owner = rank % h
+        parts = [np.flatnonzero(owner == j) for j in range(h)]
+
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def partition_summary(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> dict:
+    """Sizes and label diversity of a partition (for ``mmfl describe``).
+
+    Args:
+        labels: (n,) int labels.
+        parts: h index arrays into ``labels``.
+        num_classes: K.
+
+    Returns:
+        {"clients": h, "samples": total assigned, "empty": holders with no sample,
+         "size": {"min", "median", "max"}, "classes": {"min", "mean", "max"}} (classes = distinct
+        labels per holder), plain Python numbers.
+    """
+    labels = np.asarray(labels)
+    sizes = np.array([len(p) for p in parts], dtype=np.int64)
+    classes = np.array([len(np.unique(labels[p])) for p in parts], dtype=np.int64)
+    if len(parts) == 0:
+        sizes = classes = np.zeros(1, np.int64)
+    return {
+        "clients": len(parts),
+        "samples": int(sizes.sum()),
+        "empty": int((sizes == 0).sum()) if len(parts) else 0,
+        "num_classes": int(num_classes),
+        "size": {"min": int(sizes.min()), "median": float(np.median(sizes)),
+                 "max": int(sizes.max())},
+        "classes": {"min": int(classes.min()), "mean": float(classes.mean()),
+                    "max": int(classes.max())},
+    }
