@@ -15,9 +15,9 @@ Built-ins:
 The idx helpers :func:`read_idx` and :func:`find_idx_files` are public so that other loaders of
 idx-format data (MNIST, EMNIST) can reuse them.
 
-Arrays in a returned :class:`Dataset` are read-only: loaded datasets are shared between tasks
-through an in-process cache, so nobody may modify them in place (copy first, e.g.
-``torch.tensor(ds.x_train)``).
+Loaded datasets are shared between tasks through an in-process cache, so nobody may modify a
+:class:`Dataset`'s arrays in place (copy first). They are left writable only so that
+``torch.from_numpy`` can share their memory without a warning.
 """
 
 from __future__ import annotations
@@ -95,9 +95,7 @@ class Dataset:
             a = getattr(self, attr)
             if a is None:
                 continue
-            a = np.ascontiguousarray(a, dtype=dtype)
-            a.setflags(write=False)
-            object.__setattr__(self, attr, a)
+            object.__setattr__(self, attr, np.ascontiguousarray(a, dtype=dtype))
 
     @property
     def num_train(self) -> int:
@@ -435,7 +433,10 @@ def mnist1d_generate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.n
     return x, y
 
 
-def _cache_file(data_dir: pathlib.Path | None, sub: str, name: str, payload: dict) -> pathlib.Path | None:
+def _cache_file(
+    data_dir: pathlib.Path | None, sub: str, name: str, payload: dict
+) -> pathlib.Path | None:
+    """The .npz cache path of a generated dataset under ``data_dir/sub`` (None: no caching)."""
     if data_dir is None:
         return None
     digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
