@@ -62,10 +62,10 @@ class Engine:
                 build_model(cfg.model, dict(cfg.model_options), tuple(ds.input_shape),
                             ds.num_classes, torch_seed(seed, "init", s))
             )
-            self.train_x.append(torch.from_numpy(np.ascontiguousarray(ds.x_train, np.float32)))
-            self.train_y.append(torch.from_numpy(np.ascontiguousarray(ds.y_train, np.int64)))
-            self.test_x.append(torch.from_numpy(np.ascontiguousarray(ds.x_test, np.float32)))
-            self.test_y.append(torch.from_numpy(np.ascontiguousarray(ds.y_test, np.int64)))
+            self.train_x.append(_tensor(ds.x_train, np.float32))
+            self.train_y.append(_tensor(ds.y_train, np.int64))
+            self.test_x.append(_tensor(ds.x_test, np.float32))
+            self.test_y.append(_tensor(ds.y_test, np.int64))
 
     @property
     def num_tasks(self) -> int:
@@ -109,6 +109,11 @@ class Engine:
             acc[s] = correct / max(len(y), 1)
             loss[s] = total / max(len(y), 1)
         return acc, loss
+
+
+def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
+    """A torch view of a dataset array (copied only when not contiguous, typed or writable)."""
+    return torch.from_numpy(np.require(a, dtype, ["C_CONTIGUOUS", "WRITEABLE"]))
 
 
 def check_finite(update: torch.Tensor, task: str, client: int, round: int) -> None:

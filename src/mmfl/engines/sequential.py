@@ -54,7 +54,7 @@ class SequentialEngine(Engine):
                 with torch.no_grad():
                     for p in model.parameters():
                         p.sub_(cfg.lr * p.grad)
-                total += float(loss)
+                total += float(loss.detach())
                 steps[k] += 1
             g = params[s] - parameters_to_vector(model.parameters()).detach()
             check_finite(g, cfg.name, i, round)

@@ -28,7 +28,7 @@ from mmfl.errors import ResultsError
 from mmfl.experiment import checkpoint, tomlio
 from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
 from mmfl.experiment.federation import Federation, build_federation
-from mmfl.experiment.results import RunWriter, read_csv, write_json
+from mmfl.experiment.results import RunWriter, write_json
 from mmfl.rng import stream
 from mmfl.types import RoundState
 
@@ -141,6 +141,10 @@ class Runner:
             v = getattr(st, name)
             if v is not None:
                 arrays[f"runner.{name}"] = np.asarray(v, np.float64)
+        if st.history:
+            arrays["runner.history_rounds"] = np.array([h[0] for h in st.history], np.int64)
+            arrays["runner.history_accuracy"] = np.array([h[1] for h in st.history], np.float64)
+            arrays["runner.history_loss"] = np.array([h[2] for h in st.history], np.float64)
         meta = {"round": st.round, "cost": st.cost.as_dict(), "local_steps": st.local_steps}
         checkpoint.save(self.out / CHECKPOINT, arrays, meta)
 
@@ -157,16 +161,10 @@ class Runner:
         st.task_accuracies = arrays.get("runner.task_accuracies")
         st.cost = RoundCost(**meta["cost"])
         st.local_steps = int(meta["local_steps"])
-        names = self.federation.population.task_names
-        acc: dict[int, dict[str, tuple[float, float]]] = {}
-        for row in read_csv(self.out / "metrics.csv"):
-            r = int(row["round"])
-            if r <= st.round and row["accuracy"] != "":
-                acc.setdefault(r, {})[row["task"]] = (float(row["accuracy"]), float(row["loss"]))
-        for r in sorted(acc):
-            if len(acc[r]) == len(names):
-                st.history.append((r, np.array([acc[r][n][0] for n in names]),
-                                   np.array([acc[r][n][1] for n in names])))
+        if "runner.history_rounds" in arrays:
+            st.history = [(int(r), a, lo) for r, a, lo in zip(
+                arrays["runner.history_rounds"], arrays["runner.history_accuracy"],
+                arrays["runner.history_loss"])]
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
