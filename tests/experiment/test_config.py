@@ -8,7 +8,7 @@ from mmfl.errors import ConfigError, ConfigFileError
 from mmfl.experiment import tomlio
 from mmfl.experiment.config import budget_of, config_from_dict, load_config
 
-from testkit import run_cli, tiny_config_text
+from testkit import ROOT, run_cli, tiny_config_text
 
 
 def raw():
@@ -154,3 +154,9 @@ def test_cli_malformed_toml_exit_2(tmp_path):
     p.write_text("[clients\ncount = 3\n", encoding="utf-8")
     r = run_cli("run", str(p), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "bad.toml:1:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path):
+    cfg = load_config(path)
+    assert cfg.rounds >= 1 and cfg.tasks
