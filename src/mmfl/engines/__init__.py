@@ -3,5 +3,6 @@ oracle every faster engine must match (see tests/engines)."""
 
 from mmfl.engines.base import Engine, TrainOutput
 from mmfl.engines.sequential import SequentialEngine
+from mmfl.engines.vectorized import VectorizedEngine
 
-__all__ = ["Engine", "SequentialEngine", "TrainOutput"]
+__all__ = ["Engine", "SequentialEngine", "TrainOutput", "VectorizedEngine"]

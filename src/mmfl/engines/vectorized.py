@@ -1,0 +1,341 @@
+"""The ``vectorized`` engine: all active clients of a task train together, in lock step.
+
+Semantics are exactly those of the ``sequential`` oracle (ALGORITHMS.md section 2): client i of
+task s in round t sees the index batches of :func:`~mmfl.engines.sequential.local_batches`
+(same stream, same order, same number of steps, a smaller last batch per epoch) and takes plain
+SGD steps ``w <- w - lr * grad(mean nll over the batch)``. Only the arithmetic is batched.
+
+How unequal clients are handled (padding + masks, with the idle tail cut off):
+
+* Each client's batches are laid out as rows of a padded index tensor ``idx (T, K, Bm)`` with a
+  weight tensor ``weight (T, K, Bm)`` holding ``1 / len(batch)`` for a real sample and ``0`` for
+  padding. ``sum_j weight_j * nll_j`` is the batch mean, so padded samples contribute nothing to
+  the loss or the gradient.
+* Clients are sorted by their number of steps (descending). At step t exactly the first
+  ``active[t]`` clients still have a batch, so the step works on a contiguous prefix of the
+  stacked parameters: a finished client is simply no longer touched (no wasted compute on it).
+
+Two implementations of a step:
+
+* Fast path for ``logreg`` and ``mlp`` (Linear-ReLU stacks): forward and backward written by hand
+  with batched matmuls (``torch.bmm`` / ``baddbmm``) over the client dimension, the SGD update
+  fused into the weight-gradient matmul. No autograd.
+* Generic path for any other model (``cnn``, user models): ``torch.func.vmap`` over
+  ``grad_and_value`` of a ``functional_call`` of the task's module, with the clients' stacked
+  parameters as the vmapped argument. Large models are processed in client chunks so the
+  stacked parameters and gradients stay within :data:`STACK_BUDGET` floats.
+
+Per-client state exists only inside :meth:`VectorizedEngine.train`; between rounds the engine
+holds the global flat vectors only (index arrays into the shared dataset, no per-client copies).
+
+:meth:`VectorizedEngine.probe_losses` is the batched LVR probe: the mean training loss of the
+current global model on each client's local data (:func:`probe_losses_reference` is the plain
+per-pair loop every engine can use and the tests compare against).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import vector_to_parameters
+
+from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_finite
+from mmfl.engines.sequential import local_batches
+from mmfl.registry import register
+from mmfl.tasks.models import MLP, LogReg
+
+log = logging.getLogger(__name__)
+
+__all__ = ["BatchPlan", "VectorizedEngine", "batch_plan", "probe_losses_reference"]
+
+#: Upper bound on the floats of stacked per-client parameters (plus their gradients) that one
+#: client chunk of the generic path may hold (2**26 floats = 256 MiB per copy).
+STACK_BUDGET = 2**26
+
+
+@dataclass
+class BatchPlan:
+    """The padded batch layout of K clients of one task in one round.
+
+    Attributes:
+        order: (K,) int, the clients' positions in the caller's list, sorted by steps descending.
+        steps: (K,) int, local steps of each client, in ``order`` (descending).
+        idx: (T, K, Bm) int64 tensor, sample indices into the task's train arrays (0 = padding).
+        weight: (T, K, Bm) float32 tensor, 1 / batch length for a real sample, 0 for padding.
+        active: (T,) int list, number of clients with a batch at step t (a prefix of ``order``).
+    """
+
+    order: np.ndarray
+    steps: np.ndarray
+    idx: torch.Tensor
+    weight: torch.Tensor
+    active: list[int]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.active)
+
+
+def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs: int,
+               batch_size: int, seed: int, round: int) -> BatchPlan:
+    """Lay out the batches :func:`local_batches` yields for each client (ALGORITHMS.md s. 2).
+
+    Args:
+        indices: per listed client, its (n_i,) index array into the task's train set.
+        clients: (K,) client ids (the keys of their shuffle streams), same order as ``indices``.
+    """
+    per_client = []
+    for i, ind in zip(clients.tolist(), indices):
+        per_client.append([b for b in local_batches(ind, epochs, batch_size, seed, round, i, task)])
+    steps = np.array([len(b) for b in per_client], dtype=np.int64)
+    order = np.argsort(-steps, kind="stable")
+    steps = steps[order]
+    T = int(steps[0]) if len(steps) else 0
+    Bm = max((len(b) for bs in per_client for b in bs), default=1)
+    idx = np.zeros((T, len(order), max(Bm, 1)), dtype=np.int64)
+    weight = np.zeros(idx.shape, dtype=np.float32)
+    for k, pos in enumerate(order.tolist()):
+        batches = per_client[pos]
+        if not batches:
+            continue
+        lens = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
+        row = np.repeat(np.arange(len(batches)), lens)
+        starts = np.cumsum(lens) - lens
+        col = np.arange(int(lens.sum())) - np.repeat(starts, lens)
+        idx[row, k, col] = np.concatenate(batches)
+        # the mean over a batch of b samples: weight 1/b each (float32, like nll_loss's mean)
+        weight[row, k, col] = np.repeat(
+            (np.float32(1.0) / lens.astype(np.float32)).astype(np.float32), lens)
+    active = [int((steps > t).sum()) for t in range(T)]
+    return BatchPlan(order, steps, torch.from_numpy(idx), torch.from_numpy(weight), active)
+
+
+def _linear_stack(model: nn.Module) -> list[nn.Linear] | None:
+    """The Linear layers of a Linear-ReLU-...-Linear-log_softmax model, or None if it is not one.
+
+    Only the exact built-in :class:`LogReg` and :class:`MLP` qualify (a subclass may change
+    ``forward``); their ``parameters()`` order must be (weight, bias) per layer.
+    """
+    if type(model) is LogReg:
+        layers = [model.fc]
+    elif type(model) is MLP:
+        body = list(model.body)
+        if len(body) % 2 or not all(
+                type(a) is nn.Linear and type(r) is nn.ReLU for a, r in zip(body[::2], body[1::2])):
+            return None
+        layers = [*body[::2], model.out]
+    else:
+        return None
+    if any(lin.bias is None for lin in layers):
+        return None
+    expected = [p for lin in layers for p in (lin.weight, lin.bias)]
+    actual = list(model.parameters())
+    if len(expected) != len(actual) or any(a is not b for a, b in zip(expected, actual)):
+        return None
+    return layers
+
+
+@register("engine", "vectorized")
+class VectorizedEngine(Engine):
+    """Trains all active clients of a task together; same results as ``sequential``.
+
+    Constructed as ``VectorizedEngine(federation, seed=..., threads=..., fast_path=True)``;
+    ``fast_path=False`` forces the generic ``torch.func`` path for every model (for tests).
+    """
+
+    def __init__(self, federation, *, seed: int, threads: int = 1, fast_path: bool = True):
+        super().__init__(federation, seed=seed, threads=threads)
+        self._layers = [_linear_stack(m) if fast_path else None for m in self.models]
+        self._grad_fns: dict[int, object] = {}
+        for s, layers in enumerate(self._layers):
+            log.debug("task %d: %s path", s, "batched-matmul" if layers else "vmap")
+
+    # -- training -------------------------------------------------------------------------------
+    def train(self, params, clients, tasks, round):
+        clients = np.asarray(clients, dtype=np.int64)
+        tasks = np.asarray(tasks, dtype=np.int64)
+        losses = np.zeros(len(clients))
+        steps = np.zeros(len(clients), dtype=np.int64)
+        updates: dict[int, torch.Tensor] = {}
+        for s in np.unique(tasks).tolist():
+            sel = np.flatnonzero(tasks == s)
+            td = self.federation.tasks[s]
+            cfg = td.config
+            w = params[s].detach()
+            D = w.numel()
+            # sort this task's pairs by local data size so chunks hold similar clients
+            sizes = np.array([len(td.client_indices[i]) for i in clients[sel]])
+            by_size = sel[np.argsort(-sizes, kind="stable")]
+            chunk = max(1, STACK_BUDGET // max(2 * D, 1))
+            G = torch.empty((len(sel), D), dtype=w.dtype)
+            pos_in_task = np.empty(len(clients), dtype=np.int64)
+            pos_in_task[sel] = np.arange(len(sel))
+            for a in range(0, len(by_size), chunk):
+                part = by_size[a:a + chunk]
+                plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
+                                  s, cfg.local_epochs, cfg.batch_size, self.seed, round)
+                if self._layers[s] is not None:
+                    new, loss_sum = self._train_linear(s, w, plan, cfg.lr)
+                else:
+                    new, loss_sum = self._train_generic(s, w, plan, cfg.lr)
+                rows = part[plan.order]
+                G[pos_in_task[rows]] = w.unsqueeze(0) - new
+                steps[rows] = plan.steps
+                losses[rows] = loss_sum / np.maximum(plan.steps, 1)
+            bad = ~torch.isfinite(G).all(dim=1)
+            if bool(bad.any()):
+                k = int(torch.nonzero(bad)[0])
+                check_finite(G[k], cfg.name, int(clients[sel[k]]), round)
+            updates[s] = G
+        return TrainOutput(clients=clients, tasks=tasks, updates=updates, train_loss=losses,
+                           steps=steps)
+
+    @torch.no_grad()
+    def _train_linear(self, s: int, w: torch.Tensor, plan: BatchPlan,
+                      lr: float) -> tuple[torch.Tensor, np.ndarray]:
+        """Hand-written batched SGD for Linear(-ReLU-Linear)* + log_softmax models.
+
+        Per client k (batch X (b, d0), labels y, weights c = 1/b on real samples):
+        z_l = a_{l-1} W_l^T + b_l, a_l = relu(z_l), logp = log_softmax(z_L);
+        loss = -sum_j c_j logp[j, y_j]; dz_L = c (softmax(z_L) - onehot(y));
+        dW_l = dz_l^T a_{l-1}, db_l = sum_j dz_l, dz_{l-1} = (dz_l W_l) * [a_{l-1} > 0].
+        The update ``W -= lr * dW`` is fused into ``baddbmm_`` after dz_{l-1} is formed.
+
+        Returns:
+            (K, D) trained flat parameters (in ``plan.order``) and (K,) summed batch losses.
+        """
+        layers = self._layers[s]
+        K = len(plan.order)
+        Ws, bs = [], []
+        off = 0
+        for lin in layers:
+            o, i = lin.weight.shape
+            Ws.append(w[off:off + o * i].view(1, o, i).repeat(K, 1, 1))
+            off += o * i
+            bs.append(w[off:off + o].view(1, o).repeat(K, 1))
+            off += o
+        X = self.train_x[s].reshape(len(self.train_x[s]), -1)
+        Y = self.train_y[s]
+        loss_acc = torch.zeros(K, dtype=torch.float64)
+        neg = torch.full((K, plan.idx.shape[2], 1), -1.0, dtype=X.dtype)
+        L = len(layers)
+        for t, k in enumerate(plan.active):
+            ib = plan.idx[t, :k]
+            cb = plan.weight[t, :k]
+            flat = ib.reshape(-1)
+            a = X.index_select(0, flat).view(k, ib.shape[1], X.shape[1])
+            y3 = Y.index_select(0, flat).view(k, ib.shape[1], 1)
+            acts = [a]
+            for l in range(L):
+                z = torch.baddbmm(bs[l][:k].unsqueeze(1), acts[-1], Ws[l][:k].transpose(1, 2))
+                acts.append(torch.relu_(z) if l + 1 < L else z)
+            logp = torch.log_softmax(acts[-1], dim=2)
+            loss_acc[:k] -= (logp.gather(2, y3).squeeze(2) * cb).sum(1)
+            dz = logp.exp_()
+            dz.scatter_add_(2, y3, neg[:k])
+            dz.mul_(cb.unsqueeze(2))
+            for l in range(L - 1, -1, -1):
+                prev = acts[l]
+                W = Ws[l][:k]
+                dprev = torch.bmm(dz, W) if l > 0 else None
+                W.baddbmm_(dz.transpose(1, 2), prev, alpha=-lr)
+                bs[l][:k].sub_(dz.sum(1).mul_(lr))
+                if l > 0:
+                    dz = dprev.mul_(prev > 0)
+        new = torch.cat([t for W, b in zip(Ws, bs) for t in (W.reshape(K, -1), b)], dim=1)
+        return new, loss_acc.numpy()
+
+    def _grad_fn(self, s: int):
+        """vmap over clients of (grad, value) of the weighted nll of the task's module."""
+        if s not in self._grad_fns:
+            from torch.func import functional_call, grad_and_value, vmap
+
+            model = self.models[s]
+
+            def loss(p, x, y, c):
+                logp = functional_call(model, p, (x,))
+                return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
+
+            self._grad_fns[s] = vmap(grad_and_value(loss))
+        return self._grad_fns[s]
+
+    def _train_generic(self, s: int, w: torch.Tensor, plan: BatchPlan,
+                       lr: float) -> tuple[torch.Tensor, np.ndarray]:
+        """vmap(grad(functional_call)) SGD for any model; same returns as :meth:`_train_linear`."""
+        model = self.models[s]
+        K = len(plan.order)
+        P: dict[str, torch.Tensor] = {}
+        off = 0
+        for name, p in model.named_parameters():
+            n = p.numel()
+            P[name] = w[off:off + n].view(1, *p.shape).repeat(K, *([1] * p.dim()))
+            off += n
+        fn = self._grad_fn(s)
+        X, Y = self.train_x[s], self.train_y[s]
+        shape = tuple(X.shape[1:])
+        loss_acc = torch.zeros(K, dtype=torch.float64)
+        for t, k in enumerate(plan.active):
+            ib = plan.idx[t, :k]
+            flat = ib.reshape(-1)
+            xb = X.index_select(0, flat).view(k, ib.shape[1], *shape)
+            yb = Y.index_select(0, flat).view(k, ib.shape[1])
+            g, value = fn({n: v[:k] for n, v in P.items()}, xb, yb, plan.weight[t, :k])
+            with torch.no_grad():
+                for n, v in P.items():
+                    v[:k].sub_(g[n].mul_(lr))
+                loss_acc[:k] += value
+        with torch.no_grad():
+            new = torch.cat([v.reshape(K, -1) for v in P.values()], dim=1)
+        return new, loss_acc.numpy()
+
+    # -- the LVR probe -----------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_losses(self, params, clients, tasks) -> np.ndarray:
+        """(U,) mean nll of the global model w_s on client i's whole local train set, per pair.
+
+        All samples of one task's listed clients go through the (shared) global model in
+        batches of ``EVAL_BATCH``; per-client means are segment sums. A client without data for
+        the task gets 0.
+        """
+        clients = np.asarray(clients, dtype=np.int64)
+        tasks = np.asarray(tasks, dtype=np.int64)
+        out = np.zeros(len(clients))
+        for s in np.unique(tasks).tolist():
+            sel = np.flatnonzero(tasks == s)
+            parts = [self.federation.tasks[s].client_indices[i] for i in clients[sel]]
+            lens = np.array([len(p) for p in parts], dtype=np.int64)
+            if lens.sum() == 0:
+                continue
+            flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
+            model = self.models[s]
+            vector_to_parameters(params[s].detach().clone(), model.parameters())
+            nll = torch.empty(len(flat), dtype=torch.float64)
+            for a in range(0, len(flat), EVAL_BATCH):
+                b = flat[a:a + EVAL_BATCH]
+                nll[a:a + len(b)] = F.nll_loss(model(self.train_x[s][b]), self.train_y[s][b],
+                                               reduction="none").double()
+            seg = torch.from_numpy(np.repeat(np.arange(len(sel)), lens))
+            sums = torch.zeros(len(sel), dtype=torch.float64).index_add_(0, seg, nll)
+            out[sel] = sums.numpy() / np.maximum(lens, 1)
+        return out
+
+
+@torch.no_grad()
+def probe_losses_reference(engine: Engine, params, clients, tasks) -> np.ndarray:
+    """Plain per-pair LVR probe any engine can use: for each (i, s), load w_s into the task's
+    module and take ``F.nll_loss`` (mean) over client i's train samples (0 without data)."""
+    out = np.zeros(len(clients))
+    for k, (i, s) in enumerate(zip(np.asarray(clients).tolist(), np.asarray(tasks).tolist())):
+        ind = engine.federation.tasks[s].client_indices[i]
+        if len(ind) == 0:
+            continue
+        model = engine.models[s]
+        vector_to_parameters(params[s].detach().clone(), model.parameters())
+        b = torch.from_numpy(np.asarray(ind, dtype=np.int64))
+        out[k] = float(F.nll_loss(model(engine.train_x[s][b]), engine.train_y[s][b]))
+    return out

@@ -1,0 +1,195 @@
+"""Engine conformance: every engine reproduces the ``sequential`` oracle.
+
+The same local-training problems (unequal client sizes, batch sizes that do not divide them,
+two local epochs) are solved by each engine in :data:`ENGINES`; updates and parameters must agree
+within 1e-5 and the run metrics within 1e-4. To add an engine (e.g. ``flower``) append its
+registry name to :data:`ENGINES` (and, if it needs options, an entry to :data:`MAKERS`).
+"""
+
+from __future__ import annotations
+
+import csv
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import mmfl
+from mmfl import registry
+from mmfl.engines.vectorized import VectorizedEngine, probe_losses_reference
+from mmfl.experiment.config import config_from_dict
+from mmfl.experiment.federation import build_federation
+
+#: Engines checked against the sequential oracle.
+ENGINES = ["vectorized"]
+#: Optional engine factories (name -> callable(federation, seed)); default: the registry entry.
+MAKERS = {
+    "vectorized-generic": lambda fed, seed: VectorizedEngine(fed, seed=seed, fast_path=False),
+}
+
+PARAM_TOL = 1e-5
+METRIC_TOL = 1e-4
+
+
+def _task(name, dataset, model, *, lr, batch, partition, dataset_options=None,
+          model_options=None, train_samples=0, test_samples=0):
+    t = {"name": name, "dataset": dataset, "model": model, "lr": lr, "local_epochs": 2,
+         "batch_size": batch, "partition": partition, "train_samples": train_samples,
+         "test_samples": test_samples}
+    if dataset_options:
+        t["dataset_options"] = dataset_options
+    if model_options:
+        t["model_options"] = model_options
+    return t
+
+
+BASE = {
+    "name": "conformance",
+    "seed": 11,
+    "rounds": 3,
+    "engine": "sequential",
+    "clients": {"count": 12, "active_rate": 0.5, "processors": {1: 0.5, 2: 0.5},
+                "tasks_per_client": {2: 0.5, 3: 0.5}},
+    "sampler": {"name": "random"},
+    "tasks": [
+        # dirichlet label skew: very unequal client sizes
+        _task("digits_mlp", "digits", "mlp", lr=0.1, batch=7,
+              partition={"kind": "dirichlet", "alpha": 0.3}, model_options={"hidden": 24,
+                                                                            "layers": 2}),
+        # quantity skew: 90% of the clients share 20% of the data
+        _task("wave_logreg", "mnist1d", "logreg", lr=0.2, batch=10,
+              partition={"kind": "iid", "quantity_skew": {"clients": 0.7, "data": 0.2}},
+              dataset_options={"num_samples": 900}),
+        _task("synth_mlp", "synthetic", "mlp", lr=0.05, batch=9,
+              partition={"kind": "dirichlet", "alpha": 0.2},
+              dataset_options={"num_groups": 8, "mean_samples": 60}, model_options={"hidden": 16}),
+        _task("digits_cnn", "digits", "cnn", lr=0.05, batch=6,
+              partition={"kind": "dirichlet", "alpha": 0.5}, model_options={"hidden": 32},
+              train_samples=240, test_samples=120),
+    ],
+}
+
+
+def _config(**changes):
+    raw = copy.deepcopy(BASE)
+    raw.update(changes)
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def federation():
+    return build_federation(_config())
+
+
+def _make(name, fed, seed):
+    if name in MAKERS:
+        return MAKERS[name](fed, seed)
+    return registry.get("engine", name).obj(fed, seed=seed, threads=1)
+
+
+def _all_pairs(fed):
+    """Every (client, task) pair with data, sorted by (task, client), plus a data-less pair."""
+    n = fed.population.n_samples
+    tasks, clients = np.nonzero(n.T > 0)
+    return clients.astype(np.int64), tasks.astype(np.int64)
+
+
+def test_federation_is_a_hard_case(federation):
+    n = federation.population.n_samples
+    for s, td in enumerate(federation.tasks):
+        sizes = n[:, s][n[:, s] > 0]
+        assert sizes.max() >= 2 * sizes.min(), "client sizes should be unequal"
+        assert np.any(sizes % td.config.batch_size != 0), "some last batches should be partial"
+        assert np.any(sizes > td.config.batch_size), "some clients should take several steps"
+
+
+@pytest.mark.parametrize("engine", ENGINES + list(MAKERS))
+@pytest.mark.parametrize("round", [0, 5])
+def test_train_matches_sequential(federation, engine, round):
+    fed = federation
+    seq = _make("sequential", fed, 11)
+    other = _make(engine, fed, 11)
+    params = seq.init_params()
+    # move away from the initial point so that every model is in a generic state
+    params = [p + 0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(s))
+              for s, p in enumerate(params)]
+    clients, tasks = _all_pairs(fed)
+    a = seq.train(params, clients, tasks, round)
+    b = other.train(params, clients, tasks, round)
+    np.testing.assert_array_equal(a.clients, b.clients)
+    np.testing.assert_array_equal(a.tasks, b.tasks)
+    np.testing.assert_array_equal(a.steps, b.steps)
+    assert (a.steps > 0).all()
+    np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=0, atol=PARAM_TOL)
+    assert sorted(a.updates) == sorted(b.updates)
+    for s in a.updates:
+        assert a.updates[s].shape == b.updates[s].shape
+        assert a.updates[s].dtype == b.updates[s].dtype == torch.float32
+        err = float((a.updates[s] - b.updates[s]).abs().max())
+        assert err <= PARAM_TOL, f"task {s}: max |dG| = {err}"
+        assert float(a.updates[s].abs().max()) > 1e-3  # the updates are not trivially zero
+
+
+@pytest.mark.parametrize("engine", ENGINES + list(MAKERS))
+def test_train_subset_unsorted_and_empty(federation, engine):
+    """A subset of pairs in arbitrary order, a client without data, a single pair."""
+    fed = federation
+    seq, other = _make("sequential", fed, 5), _make(engine, fed, 5)
+    params = seq.init_params()
+    n = fed.population.n_samples
+    empty = np.flatnonzero(n[:, 1] == 0)
+    holders = np.flatnonzero(n[:, 1] > 0)
+    clients = np.array([holders[2], holders[0], *empty[:1], holders[1]], dtype=np.int64)
+    tasks = np.array([1, 1, *([1] * len(empty[:1])), 1], dtype=np.int64)
+    for c, t in ((clients, tasks), (clients[:1], tasks[:1])):
+        a = seq.train(params, c, t, 2)
+        b = other.train(params, c, t, 2)
+        np.testing.assert_array_equal(a.steps, b.steps)
+        np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=0, atol=PARAM_TOL)
+        assert float((a.updates[1] - b.updates[1]).abs().max()) <= PARAM_TOL
+    if len(empty):
+        assert b is not None
+
+
+def _metrics(path):
+    with open(path / "metrics.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_runs_match_sequential(tmp_path, engine):
+    cfg_seq = _config(engine="sequential")
+    cfg_other = _config(engine=engine)
+    mmfl.run(cfg_seq, tmp_path / "seq")
+    mmfl.run(cfg_other, tmp_path / engine)
+    rs, ro = _metrics(tmp_path / "seq"), _metrics(tmp_path / engine)
+    assert len(rs) == len(ro) == BASE["rounds"] * len(BASE["tasks"])
+    for x, y in zip(rs, ro):
+        for col in ("round", "task", "clients", "slots", "local_trainings", "local_steps"):
+            assert x[col] == y[col], (col, x, y)
+        for col in ("accuracy", "loss", "train_loss"):
+            if x[col] == "" or y[col] == "":
+                assert x[col] == y[col]
+                continue
+            assert abs(float(x[col]) - float(y[col])) <= METRIC_TOL, (col, x, y)
+
+
+def test_probe_losses_match_per_client_loop(federation):
+    fed = federation
+    eng = VectorizedEngine(fed, seed=3)
+    params = eng.init_params()
+    clients, tasks = _all_pairs(fed)
+    n = fed.population.n_samples
+    # add a pair without data and a repeated pair
+    empty = np.flatnonzero(n[:, 0] == 0)
+    clients = np.concatenate([clients, empty[:1], clients[:1]])
+    tasks = np.concatenate([tasks, np.zeros(len(empty[:1]), np.int64), tasks[:1]])
+    got = eng.probe_losses(params, clients, tasks)
+    want = probe_losses_reference(eng, params, clients, tasks)
+    assert got.shape == (len(clients),)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert (got[n[clients, tasks] > 0] > 0).all()
+    # after training the probe changes; still equal to the loop
+    out = eng.train(params, clients[:6], tasks[:6], 0)
+    assert out.steps.sum() > 0
