@@ -84,6 +84,29 @@ class Population:
 
 
 @dataclass(frozen=True)
+class Signals:
+    """Per-(client, task) information the server gathers for sampling (ALGORITHMS.md sections 5, 6).
+
+    Every field is an (N, S) float array or None when the round's sampler did not ask for it;
+    entries that were not measured this round are NaN. Update quantities are scaled by the
+    task's local learning rate, i.e. they describe the pseudo-gradient G / eta_s.
+
+    Attributes:
+        local_loss: f_{i,s}(w_s^t), local training loss of the current global model (LVR).
+        update_norm: ||G_{i,s}|| / eta_s from training every pair (GVR, full computation).
+        stale_dot: <G_{i,s}, h_{i,s}> / eta_s^2 with the stored stale update h (StaleVR).
+        stale_norm_sq: ||h_{i,s}||^2 / eta_s^2 (0 where nothing is stored yet).
+        beta: beta_{i,s}, the stale-update coefficient the aggregator will use (section 6).
+    """
+
+    local_loss: np.ndarray | None = None
+    update_norm: np.ndarray | None = None
+    stale_dot: np.ndarray | None = None
+    stale_norm_sq: np.ndarray | None = None
+    beta: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
 class RoundState:
     """What an allocator may look at in round ``round``.
 
@@ -95,6 +118,7 @@ class RoundState:
         scores: (N, S) float or None, latest per-(client, task) scores (norms, losses), if any.
         task_losses: (S,) float or None, latest global loss f_s of each model (test split).
         task_accuracies: (S,) float or None, latest test accuracy of each model.
+        signals: per-(client, task) measurements for score-based samplers (see :class:`Signals`).
     """
 
     round: int
@@ -104,6 +128,7 @@ class RoundState:
     scores: np.ndarray | None = None
     task_losses: np.ndarray | None = None
     task_accuracies: np.ndarray | None = None
+    signals: Signals = field(default_factory=Signals)
 
     @cached_property
     def eligible(self) -> np.ndarray:
@@ -191,21 +216,32 @@ class AggregationPlan:
         w_s <- w_s - server_lr * sum_k coefficient[k] * G_{client[k], s}    over k with task[k] = s
 
     where G is the fresh update of the active pair. One entry per unique active pair (sorted by
-    task, then client), coefficients of duplicate slots summed.
+    task, then client), coefficients of duplicate slots summed. Stale-update aggregators
+    (ALGORITHMS.md section 6) add ``- server_lr * sum_j stale_coefficient[j] * h_{stale_client[j], s}``
+    with h the stored last update of the pair (read before this round's updates replace it).
 
     Attributes:
         client: (U,) int.
         task: (U,) int.
         coefficient: (U,) float.
         server_lr: eta_g.
+        stale_client, stale_task, stale_coefficient: (V,) the stale terms (empty by default).
     """
 
     client: np.ndarray
     task: np.ndarray
     coefficient: np.ndarray
     server_lr: float = 1.0
+    stale_client: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    stale_task: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    stale_coefficient: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     def __post_init__(self) -> None:
+        for name in ("stale_client", "stale_task", "stale_coefficient"):
+            dtype = np.float64 if name == "stale_coefficient" else np.int64
+            object.__setattr__(self, name, _readonly(np.asarray(getattr(self, name), dtype)))
+        if not (self.stale_client.shape == self.stale_task.shape == self.stale_coefficient.shape):
+            raise ValueError("AggregationPlan stale arrays must share one shape (V,)")
         for name in ("client", "task", "coefficient"):
             dtype = np.float64 if name == "coefficient" else np.int64
             object.__setattr__(self, name, _readonly(np.asarray(getattr(self, name), dtype)))

@@ -35,7 +35,14 @@ __all__ = [
 
 
 class Aggregator:
-    """Base class of every aggregator. Constructed as ``cls(options, population)``."""
+    """Base class of every aggregator. Constructed as ``cls(options, population)``.
+
+    Attributes:
+        uses_stale: True when plans carry stale terms; the runner then keeps a store of every
+            pair's last update h_{i,s} and fills ``state.signals.stale_norm_sq`` / ``stale_dot``.
+    """
+
+    uses_stale: bool = False
 
     def __init__(self, options: dict | None, population: Population) -> None:
         self.options = dict(options or {})
@@ -44,6 +51,11 @@ class Aggregator:
     def plan(self, assignment: Assignment, state: RoundState) -> AggregationPlan:
         """The coefficients of round ``state.round`` for ``assignment``."""
         raise NotImplementedError
+
+    def beta(self, state: RoundState) -> np.ndarray | None:
+        """(N, S) stale coefficients beta_{i,s} this round will use (ALGORITHMS.md section 6),
+        given before allocation so that samplers can score with them; None if not stale."""
+        return None
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Checkpointable state (numpy arrays only); stateless aggregators return ``{}``."""

@@ -59,6 +59,11 @@ class Allocator:
 
     default_aggregator: str = "unbiased"
     needs_task_losses: bool = False
+    #: signals the runner gathers before :meth:`allocate` (see :class:`~mmfl.types.Signals`):
+    #: "local_loss" (probe the global model on the pairs of :meth:`probe_pairs`), "updates"
+    #: (full computation: every eligible pair trains and reports ||G|| / eta), "stale" (keep a
+    #: store of last updates even if the aggregator does not need one).
+    requires: frozenset[str] = frozenset()
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
         self.options = dict(options or {})
@@ -68,6 +73,11 @@ class Allocator:
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
         """The assignment of round ``state.round``; every random draw comes from ``rng``."""
         raise NotImplementedError
+
+    def probe_pairs(self, state: RoundState) -> np.ndarray:
+        """(N, S) bool: pairs whose local loss is probed this round (when "local_loss" is
+        required); all eligible pairs by default."""
+        return state.eligible
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Checkpointable state (numpy arrays only); stateless allocators return ``{}``."""

@@ -108,12 +108,20 @@ class RoundCost:
         return {k: int(v) for k, v in asdict(self).items()}
 
 
-def round_cost(assignment: Assignment) -> RoundCost:
-    """Cost of an assignment of the samplers random, round_robin, full and fedfair.
+def round_cost(assignment: Assignment, *, full_computation: int = 0, probes: int = 0) -> RoundCost:
+    """Client-side cost of a round (ALGORITHMS.md section 5, "Cost accounting").
 
-    local_trainings = model_uploads = number of unique active (client, task) pairs (two
-    processors of one client drawing the same model train once); forward_passes = scalar_uploads
-    = 0 (these samplers need no client-side scores; the engine adds evaluation costs itself).
+    Args:
+        assignment: the round's slots; U = its unique (client, task) pairs upload a model each.
+        full_computation: pairs that trained before sampling to report an update norm (GVR,
+            StaleVR: every eligible pair); 0 when only the active pairs train.
+        probes: pairs that evaluated the global model's local loss for sampling (LVR).
+
+    Returns:
+        local_trainings = full_computation or U (two processors of one client drawing the same
+        model train once); forward_passes = probes; scalar_uploads = probes + full_computation
+        (one score each); model_uploads = U.
     """
     u = int(assignment.pairs()[0].size)
-    return RoundCost(local_trainings=u, forward_passes=0, scalar_uploads=0, model_uploads=u)
+    return RoundCost(local_trainings=full_computation or u, forward_passes=probes,
+                     scalar_uploads=probes + full_computation, model_uploads=u)

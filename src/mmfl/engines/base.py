@@ -38,6 +38,21 @@ class TrainOutput:
     train_loss: np.ndarray
     steps: np.ndarray
 
+    def subset(self, keep: np.ndarray) -> "TrainOutput":
+        """The pairs where ``keep`` ((U,) bool) is True, in the same order."""
+        keep = np.asarray(keep, bool)
+        updates = {}
+        for s, g in self.updates.items():
+            mine = keep[self.tasks == s]
+            if mine.any():
+                updates[s] = g[torch.from_numpy(np.flatnonzero(mine))]
+        return TrainOutput(self.clients[keep], self.tasks[keep], updates,
+                           self.train_loss[keep], self.steps[keep])
+
+    def pair_updates(self, s: int) -> tuple[np.ndarray, torch.Tensor]:
+        """(clients (U_s,), updates (U_s, D_s)) of task s."""
+        return self.clients[self.tasks == s], self.updates[s]
+
 
 class Engine:
     """Base engine. Subclasses implement :meth:`train`.
@@ -80,18 +95,57 @@ class Engine:
         """Run local training (E_s epochs of SGD) for every (client, task) pair."""
         raise NotImplementedError
 
-    def apply(self, params: list[torch.Tensor], out: TrainOutput,
-              plan: AggregationPlan) -> list[torch.Tensor]:
-        """w_s <- w_s - eta_g * sum_k c_k G_k (ALGORITHMS.md sections 3 and 7); new list, inputs kept."""
+    def apply(self, params: list[torch.Tensor], out: TrainOutput, plan: AggregationPlan,
+              store=None) -> list[torch.Tensor]:
+        """w_s <- w_s - eta_g * (sum_k c_k G_k + sum_j e_j h_j) (ALGORITHMS.md sections 3, 6, 7).
+
+        ``out`` holds exactly the plan's fresh pairs; ``store`` (a
+        :class:`~mmfl.engines.stale.StaleStore`) provides h for the stale terms. Returns a new
+        list; the inputs are not modified.
+        """
         new = list(params)
-        for s, g in out.updates.items():
-            sel = out.tasks == s
+        for s in range(len(params)):
+            step = None
             mine = plan.task == s
-            if not np.array_equal(plan.client[mine], out.clients[sel]):
-                raise ValueError(f"aggregation plan and trained pairs differ for task {s}")
-            coef = torch.from_numpy(plan.coefficient[mine].astype(np.float32))
-            new[s] = params[s] - plan.server_lr * (coef @ g)
+            if mine.any():
+                sel = out.tasks == s
+                if not np.array_equal(plan.client[mine], out.clients[sel]):
+                    raise ValueError(f"aggregation plan and trained pairs differ for task {s}")
+                coef = torch.from_numpy(plan.coefficient[mine].astype(np.float32))
+                step = coef @ out.updates[s]
+            stale = plan.stale_task == s
+            if stale.any():
+                if store is None:
+                    raise ValueError("the aggregation plan has stale terms but no store exists")
+                coef = torch.from_numpy(plan.stale_coefficient[stale].astype(np.float32))
+                h_term = coef @ store.get(s, plan.stale_client[stale])
+                step = h_term if step is None else step + h_term
+            if step is not None:
+                new[s] = params[s] - plan.server_lr * step
         return new
+
+    @torch.no_grad()
+    def probe_losses(self, params: list[torch.Tensor], clients: np.ndarray,
+                     tasks: np.ndarray) -> np.ndarray:
+        """(U,) mean training loss f_{i,s}(w_s) of the global model on each pair's local data
+        (the LVR score, ALGORITHMS.md section 5): one forward pass over the client's samples."""
+        out = np.zeros(len(clients))
+        for s in np.unique(tasks):
+            model = self.models[s]
+            vector_to_parameters(params[s].clone(), model.parameters())
+            x, y = self.train_x[s], self.train_y[s]
+            for k in np.flatnonzero(tasks == s):
+                idx = torch.from_numpy(self.federation.tasks[s].client_indices[clients[k]])
+                total = 0.0
+                for a in range(0, len(idx), EVAL_BATCH):
+                    b = idx[a:a + EVAL_BATCH]
+                    total += float(F.nll_loss(model(x[b]), y[b], reduction="sum"))
+                out[k] = total / max(len(idx), 1)
+        return out
+
+    def num_parameters(self) -> list[int]:
+        """(S,) parameter count D_s of each task's model."""
+        return [int(sum(p.numel() for p in m.parameters())) for m in self.models]
 
     @torch.no_grad()
     def evaluate(self, params: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
@@ -99,7 +153,7 @@ class Engine:
         acc = np.zeros(self.num_tasks)
         loss = np.zeros(self.num_tasks)
         for s, model in enumerate(self.models):
-            vector_to_parameters(params[s], model.parameters())
+            vector_to_parameters(params[s].clone(), model.parameters())
             x, y = self.test_x[s], self.test_y[s]
             correct, total = 0, 0.0
             for a in range(0, len(y), EVAL_BATCH):

@@ -84,6 +84,8 @@ class ExperimentConfig:
     checkpoint_every: int
     server_lr: float
     data_dir: str
+    stale_dtype: str
+    stale_on_disk: bool
     clients: ClientsConfig
     sampler: SamplerConfig
     tasks: tuple[TaskConfig, ...]
@@ -132,6 +134,9 @@ TOP = {
     "threads": Option(int, 1, ">= 1", "torch intra-op threads of the engine process."),
     "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
     "data_dir": Option(str, "", "", "Dataset folder ('' = --data-dir, $MMFL_DATA, then defaults)."),
+    "stale_dtype": Option(str, "float32", "one of float32|float16",
+                          "Storage of the last update per (client, task) for stale-update methods."),
+    "stale_on_disk": Option(bool, False, "", "Keep stale updates in a memory-mapped file in the run directory."),
 }
 SERVER = {"lr": Option(float, 1.0, "> 0", "Global (server) learning rate eta_g.")}
 CLIENTS = {

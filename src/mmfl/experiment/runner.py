@@ -30,7 +30,7 @@ from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
 from mmfl.experiment.federation import Federation, build_federation
 from mmfl.experiment.results import RunWriter, write_json
 from mmfl.rng import stream
-from mmfl.types import RoundState
+from mmfl.types import RoundState, Signals
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,14 @@ class Runner:
         self.aggregator = agg.obj(registry.resolve_options("sampler.aggregator", {}, agg.options), pop)
         eng = registry.get("engine", cfg.engine, key="engine")
         self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads)
+        self._task_lr = np.array([t.lr for t in cfg.tasks], dtype=np.float64)
+        self.store = None
+        if self.aggregator.uses_stale or "stale" in self.allocator.requires:
+            from mmfl.engines.stale import StaleStore
+
+            self.store = StaleStore(
+                pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
+                path=(self.out / "stale") if cfg.stale_on_disk else None)
 
     def _availability(self, t: int) -> np.ndarray:
         n = self.federation.population.num_clients
@@ -131,10 +139,14 @@ class Runner:
             return np.ones(n, dtype=bool)
         return stream(self.cfg.seed, "availability", t).random(n) < a
 
+    def _stateful(self) -> list[tuple[str, object]]:
+        objs = [("allocator", self.allocator), ("aggregator", self.aggregator)]
+        return objs + ([("stale", self.store)] if self.store is not None else [])
+
     # -- checkpoint --------------------------------------------------------------------------
     def _save(self, st: _State) -> None:
         arrays = {f"param.{s}": p.numpy() for s, p in enumerate(st.params)}
-        for prefix, obj in (("allocator", self.allocator), ("aggregator", self.aggregator)):
+        for prefix, obj in self._stateful():
             for k, v in obj.state_dict().items():
                 arrays[f"{prefix}.{k}"] = np.asarray(v)
         for name in ("task_losses", "task_accuracies"):
@@ -154,7 +166,7 @@ class Runner:
         arrays, meta = checkpoint.load(self.out / CHECKPOINT)
         st.round = int(meta["round"])
         st.params = [torch.from_numpy(arrays[f"param.{s}"].copy()) for s in range(len(st.params))]
-        for prefix, obj in (("allocator", self.allocator), ("aggregator", self.aggregator)):
+        for prefix, obj in self._stateful():
             obj.load_state_dict({k[len(prefix) + 1:]: v for k, v in arrays.items()
                                  if k.startswith(prefix + ".")})
         st.task_losses = arrays.get("runner.task_losses")
@@ -194,17 +206,71 @@ class Runner:
             cb.on_end(summary)
         return summary
 
+    def _signals(self, t: int, st: _State, state: RoundState) -> tuple[RoundState, dict]:
+        """Gather what the sampler asked for (ALGORITHMS.md section 5): local-loss probes
+        (LVR), a full-computation pass that trains every eligible pair (GVR, StaleVR), and the
+        stale-update quantities; then the aggregator's beta. Returns the state and the extras
+        (``full``: the full pass's TrainOutput, ``probes``, ``full_pairs`` counts)."""
+        req = self.allocator.requires
+        pop = state.population
+        lr = self._task_lr
+        sig: dict[str, np.ndarray] = {}
+        extra = {"full": None, "probes": 0, "full_pairs": 0}
+        if "local_loss" in req:
+            clients, tasks = _pairs_of(self.allocator.probe_pairs(state))
+            loss = np.full(pop.n_samples.shape, np.nan)
+            loss[clients, tasks] = self.engine.probe_losses(st.params, clients, tasks)
+            sig["local_loss"] = loss
+            extra["probes"] = len(clients)
+        if "updates" in req:
+            clients, tasks = _pairs_of(state.eligible)
+            full = self.engine.train(st.params, clients, tasks, t)
+            norm = np.full(pop.n_samples.shape, np.nan)
+            for s, g in full.updates.items():
+                norm[full.clients[full.tasks == s], s] = g.double().norm(dim=1).numpy() / lr[s]
+            sig["update_norm"] = norm
+            if self.store is not None:
+                sig["stale_dot"] = self._stale_dots(full)
+            extra["full"], extra["full_pairs"] = full, len(clients)
+        if self.store is not None:
+            sig["stale_norm_sq"] = self.store.norm_sq / lr[None, :] ** 2
+        state = dataclasses.replace(state, signals=Signals(**sig))
+        beta = self.aggregator.beta(state)
+        if beta is not None:
+            state = dataclasses.replace(state, signals=dataclasses.replace(state.signals, beta=beta))
+        return state, extra
+
+    def _stale_dots(self, out) -> np.ndarray:
+        """(N, S) <G, h> / eta_s^2 for the pairs of ``out`` (NaN elsewhere), h as stored now."""
+        dot = np.full(self.federation.population.n_samples.shape, np.nan)
+        for s in out.updates:
+            clients, g = out.pair_updates(s)
+            dot[clients, s] = self.store.dots(s, clients, g) / self._task_lr[s] ** 2
+        return dot
+
     def _round(self, t: int, st: _State, writer: RunWriter) -> None:
         cfg, pop = self.cfg, self.federation.population
         t_start = time.perf_counter()
         available = self._availability(t)
         state = RoundState(t, pop, float(self.federation.budget), available, None,
                            st.task_losses, st.task_accuracies)
+        state, extra = self._signals(t, st, state)
         assignment = self.allocator.allocate(state, stream(cfg.seed, "allocate", t))
         clients, tasks = assignment.pairs()
-        out = self.engine.train(st.params, clients, tasks, t)
+        if extra["full"] is not None:
+            full = extra["full"]
+            width = pop.num_clients
+            out = full.subset(np.isin(full.tasks * width + full.clients, tasks * width + clients))
+        else:
+            out = self.engine.train(st.params, clients, tasks, t)
+        if self.store is not None and extra["full"] is None:  # <G, h_old> of the active pairs
+            post = dataclasses.replace(state.signals, stale_dot=self._stale_dots(out))
+            state = dataclasses.replace(state, signals=post)
         plan = dataclasses.replace(self.aggregator.plan(assignment, state), server_lr=cfg.server_lr)
-        st.params = self.engine.apply(st.params, out, plan)
+        st.params = self.engine.apply(st.params, out, plan, self.store)
+        if self.store is not None:
+            for s in out.updates:
+                self.store.put(s, *out.pair_updates(s))
         t_train = time.perf_counter()
 
         last = t + 1 == cfg.rounds
@@ -215,21 +281,24 @@ class Runner:
             st.history.append((t + 1, acc, loss))
         t_eval = time.perf_counter()
 
-        cost = round_cost(assignment)
+        cost = round_cost(assignment, full_computation=extra["full_pairs"], probes=extra["probes"])
         st.cost = st.cost + cost
-        steps = int(out.steps.sum())
+        trained = extra["full"] if extra["full"] is not None else out
+        steps = int(trained.steps.sum())
         st.local_steps += steps
         S = pop.num_tasks
         slots = assignment.slots_per_task(S)
         rows = []
         for s, name in enumerate(pop.task_names):
             sel = out.tasks == s
+            trained_s = trained.tasks == s
             rows.append({
                 "round": t + 1, "task": name,
                 "accuracy": None if acc is None else acc[s],
                 "loss": None if loss is None else loss[s],
                 "clients": int(sel.sum()), "slots": int(slots[s]),
-                "local_trainings": int(sel.sum()), "local_steps": int(out.steps[sel].sum()),
+                "local_trainings": int(trained_s.sum()),
+                "local_steps": int(trained.steps[trained_s].sum()),
                 "train_loss": float(out.train_loss[sel].mean()) if sel.any() else None,
             })
         writer.append("metrics.csv", rows)
@@ -238,6 +307,7 @@ class Runner:
             "round": t + 1, "available": int(available.sum()), "budget": self.federation.budget,
             "expected_slots": assignment.expected_slots, "slots": assignment.num_slots,
             **cost.as_dict(), "local_steps": steps,
+            "stale_bytes": self.store.nbytes if self.store is not None else 0,
             "mean_accuracy": fair.get("mean"), "min_accuracy": fair.get("min"),
             "max_min": fair.get("max_min"), "variance": fair.get("variance"),
             "note": assignment.note,
@@ -291,6 +361,12 @@ class Runner:
         if seconds is not None:
             summary["wall_seconds"] = round(seconds, 3)
         return summary
+
+
+def _pairs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(clients, tasks) of the True entries of an (N, S) mask, sorted by (task, client)."""
+    tasks, clients = np.nonzero(np.asarray(mask).T)
+    return clients.astype(np.int64), tasks.astype(np.int64)
 
 
 def federation_info(fed: Federation) -> dict[str, Any]:
