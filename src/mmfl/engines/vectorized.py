@@ -89,28 +89,28 @@ def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs
         indices: per listed client, its (n_i,) index array into the task's train set.
         clients: (K,) client ids (the keys of their shuffle streams), same order as ``indices``.
     """
-    per_client = []
-    for i, ind in zip(clients.tolist(), indices):
-        per_client.append([b for b in local_batches(ind, epochs, batch_size, seed, round, i, task)])
-    steps = np.array([len(b) for b in per_client], dtype=np.int64)
+    per_client = [list(local_batches(ind, epochs, batch_size, seed, round, i, task))
+                  for i, ind in zip(clients.tolist(), indices)]
+    steps = np.fromiter(map(len, per_client), dtype=np.int64, count=len(per_client))
     order = np.argsort(-steps, kind="stable")
     steps = steps[order]
-    T = int(steps[0]) if len(steps) else 0
-    Bm = max((len(b) for bs in per_client for b in bs), default=1)
-    idx = np.zeros((T, len(order), max(Bm, 1)), dtype=np.int64)
-    weight = np.zeros(idx.shape, dtype=np.float32)
-    for k, pos in enumerate(order.tolist()):
-        batches = per_client[pos]
-        if not batches:
-            continue
-        lens = np.fromiter((len(b) for b in batches), dtype=np.int64, count=len(batches))
-        row = np.repeat(np.arange(len(batches)), lens)
-        starts = np.cumsum(lens) - lens
-        col = np.arange(int(lens.sum())) - np.repeat(starts, lens)
-        idx[row, k, col] = np.concatenate(batches)
+    K, T = len(order), int(steps[0]) if len(steps) else 0
+    flat = [b for pos in order.tolist() for b in per_client[pos]]  # batches in (k, step) order
+    lens = np.fromiter(map(len, flat), dtype=np.int64, count=len(flat))
+    Bm = max(int(lens.max()), 1) if len(lens) else 1
+    idx = np.zeros((T, K, Bm), dtype=np.int64)
+    weight = np.zeros((T, K, Bm), dtype=np.float32)
+    if len(flat):
+        # batch -> (step, client); sample -> (step, client, column)
+        first = np.cumsum(steps) - steps
+        k_of = np.repeat(np.arange(K), steps)
+        t_of = np.arange(len(flat)) - np.repeat(first, steps)
+        start = np.cumsum(lens) - lens
+        col = np.arange(int(lens.sum())) - np.repeat(start, lens)
+        where = (np.repeat(t_of, lens), np.repeat(k_of, lens), col)
+        idx[where] = np.concatenate(flat)
         # the mean over a batch of b samples: weight 1/b each (float32, like nll_loss's mean)
-        weight[row, k, col] = np.repeat(
-            (np.float32(1.0) / lens.astype(np.float32)).astype(np.float32), lens)
+        weight[where] = np.repeat(np.float32(1.0) / lens.astype(np.float32), lens)
     active = [int((steps > t).sum()) for t in range(T)]
     return BatchPlan(order, steps, torch.from_numpy(idx), torch.from_numpy(weight), active)
 
@@ -187,8 +187,9 @@ class VectorizedEngine(Engine):
                 G[pos_in_task[rows]] = w.unsqueeze(0) - new
                 steps[rows] = plan.steps
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
-            bad = ~torch.isfinite(G).all(dim=1)
-            if bool(bad.any()):
+            # a row sum is finite when the row is (up to overflow, which the exact check sorts out)
+            if not bool(torch.isfinite(G.sum(dim=1)).all()):
+                bad = ~torch.isfinite(G).all(dim=1)
                 k = int(torch.nonzero(bad)[0])
                 check_finite(G[k], cfg.name, int(clients[sel[k]]), round)
             updates[s] = G
@@ -204,7 +205,7 @@ class VectorizedEngine(Engine):
         z_l = a_{l-1} W_l^T + b_l, a_l = relu(z_l), logp = log_softmax(z_L);
         loss = -sum_j c_j logp[j, y_j]; dz_L = c (softmax(z_L) - onehot(y));
         dW_l = dz_l^T a_{l-1}, db_l = sum_j dz_l, dz_{l-1} = (dz_l W_l) * [a_{l-1} > 0].
-        The update ``W -= lr * dW`` is fused into ``baddbmm_`` after dz_{l-1} is formed.
+        The update is ``W -= lr * dW`` as in the sequential engine, after dz_{l-1} is formed.
 
         Returns:
             (K, D) trained flat parameters (in ``plan.order``) and (K,) summed batch losses.
@@ -215,39 +216,41 @@ class VectorizedEngine(Engine):
         off = 0
         for lin in layers:
             o, i = lin.weight.shape
-            Ws.append(w[off:off + o * i].view(1, o, i).repeat(K, 1, 1))
+            # stored transposed, (K, in, out): the forward matmul then reads it contiguously
+            Ws.append(w[off:off + o * i].view(o, i).t().expand(K, i, o).contiguous())
             off += o * i
             bs.append(w[off:off + o].view(1, o).repeat(K, 1))
             off += o
         X = self.train_x[s].reshape(len(self.train_x[s]), -1)
-        Y = self.train_y[s]
+        labels = self.train_y[s][plan.idx].unsqueeze(3)  # (T, K, Bm, 1)
+        weights = plan.weight.unsqueeze(3)                # (T, K, Bm, 1)
         loss_acc = torch.zeros(K, dtype=torch.float64)
-        neg = torch.full((K, plan.idx.shape[2], 1), -1.0, dtype=X.dtype)
         L = len(layers)
+        Bm = plan.idx.shape[2]
         for t, k in enumerate(plan.active):
-            ib = plan.idx[t, :k]
-            cb = plan.weight[t, :k]
-            flat = ib.reshape(-1)
-            a = X.index_select(0, flat).view(k, ib.shape[1], X.shape[1])
-            y3 = Y.index_select(0, flat).view(k, ib.shape[1], 1)
-            acts = [a]
+            y3, c3 = labels[t, :k], weights[t, :k]
+            acts = [X.index_select(0, plan.idx[t, :k].reshape(-1)).view(k, Bm, X.shape[1])]
             for l in range(L):
-                z = torch.baddbmm(bs[l][:k].unsqueeze(1), acts[-1], Ws[l][:k].transpose(1, 2))
+                z = torch.bmm(acts[-1], Ws[l][:k]).add_(bs[l][:k].unsqueeze(1))
                 acts.append(torch.relu_(z) if l + 1 < L else z)
-            logp = torch.log_softmax(acts[-1], dim=2)
-            loss_acc[:k] -= (logp.gather(2, y3).squeeze(2) * cb).sum(1)
-            dz = logp.exp_()
-            dz.scatter_add_(2, y3, neg[:k])
-            dz.mul_(cb.unsqueeze(2))
+            # log_softmax by hand (torch's kernel is slow for a short last dim on CPU):
+            # logp = z - m - log(sum exp(z - m)); only logp[y] and softmax are needed
+            z.sub_(z.amax(2, keepdim=True))
+            e = z.exp()
+            se = e.sum(2, keepdim=True)
+            logp_y = z.gather(2, y3).sub_(se.log())
+            loss_acc[:k] -= logp_y.mul_(c3).sum((1, 2))
+            # dz = c * (softmax - onehot(y))
+            dz = e.mul_(c3 / se).scatter_add_(2, y3, c3.neg())
             for l in range(L - 1, -1, -1):
-                prev = acts[l]
-                W = Ws[l][:k]
-                dprev = torch.bmm(dz, W) if l > 0 else None
-                W.baddbmm_(dz.transpose(1, 2), prev, alpha=-lr)
+                prev, Wt = acts[l], Ws[l][:k]
+                dprev = torch.bmm(dz, Wt.transpose(1, 2)) if l > 0 else None
+                Wt.sub_(torch.bmm(prev.transpose(1, 2), dz).mul_(lr))
                 bs[l][:k].sub_(dz.sum(1).mul_(lr))
                 if l > 0:
-                    dz = dprev.mul_(prev > 0)
-        new = torch.cat([t for W, b in zip(Ws, bs) for t in (W.reshape(K, -1), b)], dim=1)
+                    dz = torch.ops.aten.threshold_backward(dprev, prev, 0)  # relu'
+        new = torch.cat([t for Wt, b in zip(Ws, bs)
+                         for t in (Wt.transpose(1, 2).reshape(K, -1), b)], dim=1)
         return new, loss_acc.numpy()
 
     def _grad_fn(self, s: int):
