@@ -8,8 +8,8 @@ registry name to :data:`ENGINES` (and, if it needs options, an entry to :data:`M
 
 from __future__ import annotations
 
-import csv
 import copy
+import csv
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ import torch
 import mmfl
 from mmfl import registry
 from mmfl.engines.vectorized import VectorizedEngine, probe_losses_reference
+from mmfl.experiment import checkpoint, runner
 from mmfl.experiment.config import config_from_dict
 from mmfl.experiment.federation import build_federation
 
@@ -89,7 +90,7 @@ def _make(name, fed, seed):
 
 
 def _all_pairs(fed):
-    """Every (client, task) pair with data, sorted by (task, client), plus a data-less pair."""
+    """Every (client, task) pair with data, sorted by (task, client)."""
     n = fed.population.n_samples
     tasks, clients = np.nonzero(n.T > 0)
     return clients.astype(np.int64), tasks.astype(np.int64)
@@ -142,14 +143,55 @@ def test_train_subset_unsorted_and_empty(federation, engine):
     holders = np.flatnonzero(n[:, 1] > 0)
     clients = np.array([holders[2], holders[0], *empty[:1], holders[1]], dtype=np.int64)
     tasks = np.array([1, 1, *([1] * len(empty[:1])), 1], dtype=np.int64)
+    assert len(empty)
     for c, t in ((clients, tasks), (clients[:1], tasks[:1])):
         a = seq.train(params, c, t, 2)
         b = other.train(params, c, t, 2)
+        np.testing.assert_array_equal(b.clients, c)
         np.testing.assert_array_equal(a.steps, b.steps)
         np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=0, atol=PARAM_TOL)
         assert float((a.updates[1] - b.updates[1]).abs().max()) <= PARAM_TOL
-    if len(empty):
-        assert b is not None
+        if len(c) > 2:  # the client without data: no step, zero update
+            assert b.steps[2] == 0 and b.train_loss[2] == 0
+            assert float(b.updates[1][2].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_client_chunks_do_not_change_results(federation, monkeypatch, fast_path):
+    """Stacked parameters are processed in client chunks when they would exceed the budget."""
+    import mmfl.engines.vectorized as vec
+
+    fed = federation
+    eng = VectorizedEngine(fed, seed=2, fast_path=fast_path)
+    params = eng.init_params()
+    clients, tasks = _all_pairs(fed)
+    whole = eng.train(params, clients, tasks, 1)
+    # chunks of 3 clients for the smallest model, of 1 or a few for the others
+    monkeypatch.setattr(vec, "STACK_BUDGET", 2 * min(p.numel() for p in params) * 3)
+    chunked = eng.train(params, clients, tasks, 1)
+    np.testing.assert_array_equal(whole.steps, chunked.steps)
+    np.testing.assert_allclose(whole.train_loss, chunked.train_loss, rtol=0, atol=1e-6)
+    for s in whole.updates:
+        assert float((whole.updates[s] - chunked.updates[s]).abs().max()) <= 1e-6
+
+
+@pytest.mark.parametrize("engine", ["sequential", *ENGINES])
+def test_non_finite_update_raises(federation, engine):
+    fed = federation
+    eng = _make(engine, fed, 1)
+    params = eng.init_params()
+    params[2] = params[2].clone()
+    params[2][0] = float("nan")
+    clients, tasks = _all_pairs(fed)
+    with pytest.raises(mmfl.NumericalError, match="synth_mlp"):
+        eng.train(params, clients, tasks, 0)
+
+
+def test_fast_path_is_used_for_linear_models(federation):
+    eng = VectorizedEngine(federation, seed=0)
+    kinds = [td.config.model for td in federation.tasks]
+    assert [layers is not None for layers in eng._layers] == [k in ("mlp", "logreg")
+                                                              for k in kinds]
 
 
 def _metrics(path):
@@ -173,6 +215,11 @@ def test_runs_match_sequential(tmp_path, engine):
                 assert x[col] == y[col]
                 continue
             assert abs(float(x[col]) - float(y[col])) <= METRIC_TOL, (col, x, y)
+    # the final global parameters (from the runs' checkpoints)
+    ps, _ = checkpoint.load(tmp_path / "seq" / runner.CHECKPOINT)
+    po, _ = checkpoint.load(tmp_path / engine / runner.CHECKPOINT)
+    for s in range(len(BASE["tasks"])):
+        np.testing.assert_allclose(po[f"param.{s}"], ps[f"param.{s}"], rtol=0, atol=PARAM_TOL)
 
 
 def test_probe_losses_match_per_client_loop(federation):
