@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 CONFIG=configs/quickstart.toml
-if [[ ! -d /usr/share/datasets/fashion-mnist && -z ${MMFL_DATA:-} ]]; then
+if ! compgen -G "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte*" >/dev/null && [[ -z ${MMFL_DATA:-} ]]; then
   echo "quickstart: Fashion-MNIST is not installed; running the offline variant configs/quickstart_offline.toml"
   CONFIG=configs/quickstart_offline.toml
 fi

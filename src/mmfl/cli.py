@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 import time
 from datetime import datetime
@@ -100,8 +101,11 @@ def _cmd_run(args) -> int:
     from mmfl.experiment.runner import run
 
     cfg = _load(args)
+    if args.out is not None and not args.out.strip():
+        raise ConfigError("--out", "must be a folder path", args.out)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name).strip("._") or "run"
     out = Path(args.out) if args.out else Path("runs") / (
-        f"{cfg.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+        f"{safe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     mode = args.progress
     if mode == "auto":
         mode = "bar" if sys.stderr.isatty() else "log"

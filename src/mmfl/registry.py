@@ -29,7 +29,7 @@ _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "dataset": ("mmfl.tasks.datasets",),
     "model": ("mmfl.tasks.models",),
     "sampler": ("mmfl.core.allocators",),
-    "aggregator": ("mmfl.core.aggregation",),
+    "aggregator": ("mmfl.core.aggregation", "mmfl.core.stale"),
     "engine": ("mmfl.engines",),
 }
 
@@ -101,6 +101,10 @@ def get(kind: str, name: str, *, key: str | None = None) -> Entry:
         raise ConfigError(key or kind, f"unknown {kind}; valid: {valid}", name) from None
 
 
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
 def _check_rule(key: str, value: Any, rule: str) -> None:
     if not rule:
         return
@@ -123,7 +127,7 @@ def _check_rule(key: str, value: Any, rule: str) -> None:
         lo, hi = (float(x) for x in rule.strip("[]()").split(".."))
         ok = (value >= lo if lo_closed else value > lo) and (value <= hi if hi_closed else value < hi)
         if not ok:
-            shown = f"{'[' if lo_closed else '('}{lo:g}, {hi:g}{']' if hi_closed else ')'}"
+            shown = ("[" if lo_closed else "(") + f"{_num(lo)}, {_num(hi)}" + ("]" if hi_closed else ")")
             raise ConfigError(key, f"must lie in {shown}", value)
         return
     raise ValueError(f"bad option rule {rule!r}")

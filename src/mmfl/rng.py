@@ -24,7 +24,7 @@ def seed_sequence(seed: int, purpose: str, *keys: int) -> np.random.SeedSequence
     """The ``SeedSequence`` of stream ``(seed, purpose, *keys)``."""
     if any(int(k) < 0 for k in keys):
         raise ValueError(f"stream keys must be non-negative, got {keys}")
-    return np.random.SeedSequence([int(seed) & 0xFFFFFFFF, _purpose_code(purpose), *map(int, keys)])
+    return np.random.SeedSequence([int(seed), _purpose_code(purpose), *map(int, keys)])
 
 
 def stream(seed: int, purpose: str, *keys: int) -> np.random.Generator:

@@ -104,3 +104,11 @@ def test_registration_and_flags():
     assert FairAllocator.needs_task_losses and FairAllocator.default_aggregator == "average"
     opts = registry.resolve_options("sampler", {"alpha": 1}, e.options)
     assert opts == {"alpha": 1.0, "loss_proxy": "loss", "weights": "uniform", "draw": "independent"}
+
+
+def test_huge_alpha_picks_the_worst_model_without_nan():
+    from mmfl.core.allocators import fedfair_distribution
+
+    np.testing.assert_array_equal(fedfair_distribution(np.array([90.0, 80.0]), 1e308), [1.0, 0.0])
+    p = fedfair_distribution(np.array([1.0, 2.0, 2.0]), 1e6)
+    np.testing.assert_allclose(p, [0.0, 0.5, 0.5])

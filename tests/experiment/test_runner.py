@@ -152,3 +152,49 @@ def test_non_finite_updates_stop_with_a_clear_error_and_keep_results(tmp_path):
     with open(tmp_path / "r" / "metrics.csv") as f:
         header = next(csv.reader(f))
     assert header[:4] == ["round", "task", "accuracy", "loss"]
+
+
+@pytest.mark.parametrize("override, key", [
+    ("tasks[1].model=cnn", "tasks[1].model"),               # cnn on 1-D data
+    ("tasks[1].dataset_options.num_samples=1", "task wave"),  # empty test split
+])
+def test_model_and_data_errors_surface_before_anything_is_written(tmp_path, override, key):
+    cfg = _cfg(tmp_path, overrides=[override])
+    with pytest.raises(mmfl.MmflError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        mmfl.run(cfg, tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+
+
+def test_write_failure_is_a_one_line_results_error(tmp_path):
+    (tmp_path / "r" / "federation.json").mkdir(parents=True)
+    with pytest.raises(ResultsError, match=r"federation\.json(\.tmp)?: cannot write results"):
+        mmfl.run(_cfg(tmp_path), tmp_path / "r")
+
+
+def test_failed_run_records_its_status(tmp_path):
+    cfg = _cfg(tmp_path, rounds=6, overrides=["tasks[0].lr=1e30"])
+    with pytest.raises(mmfl.NumericalError):
+        mmfl.run(cfg, tmp_path / "r")
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert s["status"] == "failed" and "non-finite" in s["error"]
+
+
+def test_resume_refuses_another_data_folder(tmp_path):
+    cfg = _cfg(tmp_path, rounds=2)
+    mmfl.run(cfg, tmp_path / "r")
+    with pytest.raises(ResultsError, match="another config or data folder"):
+        mmfl.run(cfg.replace(rounds=3), tmp_path / "r", resume=True, data_dir=str(tmp_path))
+
+
+def test_extending_a_run_with_a_forced_final_evaluation_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, rounds=3, overrides=["eval_every=2"])
+    mmfl.run(cfg, tmp_path / "r")
+    with pytest.raises(ResultsError, match="not a multiple of eval_every"):
+        mmfl.run(cfg.replace(rounds=6), tmp_path / "r", resume=True)
+
+
+def test_seeds_beyond_32_bits_are_distinct(tmp_path):
+    cfg = _cfg(tmp_path, rounds=1)
+    mmfl.run(cfg.replace(seed=1), tmp_path / "a")
+    mmfl.run(cfg.replace(seed=1 + 2**32), tmp_path / "b")
+    assert (tmp_path / "a" / "metrics.csv").read_bytes() != (tmp_path / "b" / "metrics.csv").read_bytes()

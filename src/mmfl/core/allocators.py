@@ -512,8 +512,13 @@ def fedfair_distribution(
         return f.copy()
     if (w < 0).any() or not np.isfinite(w).all() or not (w > 0).any():
         raise ValueError("weights must be finite, >= 0, and not all zero")
-    with np.errstate(divide="ignore"):
-        logit = np.where(w > 0, np.log(w) + (float(alpha) - 1.0) * np.log(f), -np.inf)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # (alpha - 1) (log f - max log f) is <= 0 for alpha >= 1 (>= 0 below 1) and finite for
+        # any finite alpha, so a huge alpha cannot overflow into inf - inf.
+        logf = np.log(f)
+        shift = logf.max() if alpha >= 1 else logf.min()
+        expo = (float(alpha) - 1.0) * (logf - shift)
+        logit = np.where(w > 0, np.log(np.where(w > 0, w, 1.0)) + expo, -np.inf)
     logit = logit - logit.max()
     e = np.exp(logit)
     return e / e.sum()

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from mmfl.errors import NumericalError
+from mmfl.errors import ConfigError, NumericalError
 from mmfl.rng import torch_seed
 from mmfl.types import AggregationPlan
 
@@ -61,8 +61,6 @@ class Engine:
     """
 
     def __init__(self, federation, *, seed: int, threads: int = 1):
-        from mmfl.tasks.models import build_model
-
         torch.set_num_threads(threads)
         self.federation = federation
         self.seed = seed
@@ -73,10 +71,7 @@ class Engine:
         self.test_y: list[torch.Tensor] = []
         for s, td in enumerate(federation.tasks):
             ds, cfg = td.dataset, td.config
-            self.models.append(
-                build_model(cfg.model, dict(cfg.model_options), tuple(ds.input_shape),
-                            ds.num_classes, torch_seed(seed, "init", s))
-            )
+            self.models.append(_build(s, cfg, ds, seed))
             self.train_x.append(_tensor(ds.x_train, np.float32))
             self.train_y.append(_tensor(ds.y_train, np.int64))
             self.test_x.append(_tensor(ds.x_test, np.float32))
@@ -163,6 +158,24 @@ class Engine:
             acc[s] = correct / max(len(y), 1)
             loss[s] = total / max(len(y), 1)
         return acc, loss
+
+
+def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
+    """Build task s's model; a model that cannot exist for this data is a ConfigError."""
+    from mmfl.tasks.models import build_model
+
+    try:
+        model = build_model(cfg.model, dict(cfg.model_options), tuple(ds.input_shape),
+                            ds.num_classes, torch_seed(seed, "init", s))
+    except ConfigError as e:
+        raise ConfigError(f"tasks[{s}].model", e.constraint, cfg.model) from None
+    except (RuntimeError, MemoryError, ValueError) as e:
+        raise ConfigError(f"tasks[{s}].model_options", f"the model cannot be built ({e})",
+                          dict(cfg.model_options)) from None
+    if any(True for _ in model.buffers()):
+        raise ConfigError(f"tasks[{s}].model", "models with buffers (e.g. batch norm) are not "
+                          "supported: buffers are neither aggregated nor checkpointed", cfg.model)
+    return model
 
 
 def _tensor(a: np.ndarray, dtype) -> torch.Tensor:

@@ -131,7 +131,7 @@ TOP = {
     "rounds": Option(int, 20, ">= 1", "Number of communication rounds."),
     "engine": Option(str, "sequential", "", "Local-training engine (registry kind 'engine')."),
     "eval_every": Option(int, 1, ">= 1", "Evaluate every k rounds (the last round always)."),
-    "threads": Option(int, 1, ">= 1", "torch intra-op threads of the engine process."),
+    "threads": Option(int, 1, "1..256", "torch intra-op threads of the engine process."),
     "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
     "data_dir": Option(str, "", "", "Dataset folder ('' = --data-dir, $MMFL_DATA, then defaults)."),
     "stale_dtype": Option(str, "float32", "one of float32|float16",
@@ -140,7 +140,7 @@ TOP = {
 }
 SERVER = {"lr": Option(float, 1.0, "> 0", "Global (server) learning rate eta_g.")}
 CLIENTS = {
-    "count": Option(int, 50, ">= 1", "Number of clients N."),
+    "count": Option(int, 50, "1..10000000", "Number of clients N."),
     "active_rate": Option(float, 0.1, "(0..1]", "C: budget m = floor(C * P) updates per round."),
     "processors": Option("table", 1, "", "B_i: an int, or a table {value = probability}."),
     "tasks_per_client": Option(
@@ -346,7 +346,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
 
     craw = _table("clients", raw.get("clients", {}))
     cl = _fixed("clients.", craw, CLIENTS)
-    cl["processors"] = _distribution("clients.processors", cl["processors"], lo=1, hi=None)
+    cl["processors"] = _distribution("clients.processors", cl["processors"], lo=1, hi=1024)
 
     traw = raw.get("tasks")
     if not isinstance(traw, list) or not traw:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from mmfl import registry
-from mmfl.errors import ConfigError
+from mmfl.errors import ConfigError, DataError
 from mmfl.experiment.config import ExperimentConfig, TaskConfig, budget_of
 from mmfl.rng import stream
 from mmfl.types import Population
@@ -112,6 +112,10 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
     tasks = []
     for s, task in enumerate(cfg.tasks):
         ds = _subsample(load_dataset(task, data_dir, cfg.seed), task, s, cfg.seed)
+        if len(ds.y_test) == 0 or len(ds.y_train) < ds.num_classes:
+            raise DataError(f"task {task.name}: dataset {task.dataset} has {len(ds.y_train)} "
+                            f"training and {len(ds.y_test)} test samples; it needs at least "
+                            f"{ds.num_classes} training samples and one test sample")
         holders = np.flatnonzero(member[:, s])
         try:
             parts = partition(

@@ -12,7 +12,9 @@ One loop drives every engine. Per round t (0-based; files count completed rounds
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import time
@@ -24,7 +26,7 @@ import numpy as np
 
 from mmfl import registry
 from mmfl.core.metrics import RoundCost, fairness_stats, round_cost
-from mmfl.errors import ResultsError
+from mmfl.errors import MmflError, ResultsError
 from mmfl.experiment import checkpoint, tomlio
 from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
 from mmfl.experiment.federation import Federation, build_federation
@@ -71,31 +73,54 @@ class _State:
     history: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
 
 
-def prepare_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
-    """Create/check the run directory; returns True when a checkpoint will be resumed."""
-    resolved = tomlio.dumps(cfg.to_dict())
+def config_fingerprint(cfg: ExperimentConfig, data_dir: Path | None) -> str:
+    """Hash of everything that determines a run's rounds except their number (and the data
+    folder): a checkpoint only resumes under the same fingerprint."""
+    d = cfg.to_dict()
+    d.pop("rounds")
+    text = tomlio.dumps(d) + f"\ndata_dir={data_dir}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
+    """Check the run directory before anything is written; True when a checkpoint will be
+    resumed. Raises ResultsError for a run that exists without ``resume``, a different config,
+    or an ``--out`` that is not a folder."""
+    if out.exists() and not out.is_dir():
+        raise ResultsError(f"{out}: --out exists and is not a folder")
     has_run = (out / "metrics.csv").exists()
     if has_run and not resume:
         raise ResultsError(
             f"{out} already holds a run; pass --resume to continue it or choose another --out"
         )
-    if resume and has_run:
-        old = tomlio.load(out / "config.toml") if (out / "config.toml").exists() else {}
-        new = cfg.to_dict()
-        old_cmp = {k: v for k, v in old.items() if k != "rounds"}
-        new_cmp = {k: v for k, v in new.items() if k != "rounds"}
-        if old_cmp != new_cmp:
-            diff = sorted(k for k in set(old_cmp) | set(new_cmp) if old_cmp.get(k) != new_cmp.get(k))
-            raise ResultsError(
-                f"{out}: the config differs from the run's config.toml (in: {', '.join(diff)}); "
-                "resume with the same config (only rounds may change)"
-            )
+    if not (resume and has_run):
+        return False
+    old = tomlio.load(out / "config.toml") if (out / "config.toml").exists() else {}
+    new = cfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new) if k != "rounds" and old.get(k) != new.get(k))
+    if diff:
+        raise ResultsError(
+            f"{out}: the config differs from the run's config.toml (in: {', '.join(diff)}); "
+            "resume with the same config (only rounds may change)"
+        )
+    old_rounds = old.get("rounds", cfg.rounds)
+    if old_rounds != cfg.rounds and old_rounds % cfg.eval_every:
+        raise ResultsError(
+            f"{out}: the run ended at round {old_rounds}, which is not a multiple of eval_every "
+            f"= {cfg.eval_every}; its forced final evaluation would make an extended run differ "
+            "from a fresh one"
+        )
+    return (out / CHECKPOINT).exists()
+
+
+@contextlib.contextmanager
+def _writing(out: Path):
+    """Turn a failed write into a one-line ResultsError naming the path."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.toml").write_text(resolved, encoding="utf-8")
+        yield
     except OSError as e:
-        raise ResultsError(f"{out}: cannot write the run directory ({e.strerror})") from None
-    return resume and has_run and (out / CHECKPOINT).exists()
+        where = e.filename or out
+        raise ResultsError(f"{where}: cannot write results ({e.strerror or e})") from None
 
 
 class Runner:
@@ -120,7 +145,8 @@ class Runner:
             agg_name = self.allocator.default_aggregator
         agg = registry.get("aggregator", agg_name, key="sampler.aggregator")
         self.aggregator_name = agg_name
-        self.aggregator = agg.obj(registry.resolve_options("sampler.aggregator", {}, agg.options), pop)
+        shared = {k: v for k, v in cfg.sampler.options.items() if k in agg.options}  # e.g. beta, b0
+        self.aggregator = agg.obj(registry.resolve_options("sampler", shared, agg.options), pop)
         eng = registry.get("engine", cfg.engine, key="engine")
         self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads)
         self._task_lr = np.array([t.lr for t in cfg.tasks], dtype=np.float64)
@@ -157,13 +183,17 @@ class Runner:
             arrays["runner.history_rounds"] = np.array([h[0] for h in st.history], np.int64)
             arrays["runner.history_accuracy"] = np.array([h[1] for h in st.history], np.float64)
             arrays["runner.history_loss"] = np.array([h[2] for h in st.history], np.float64)
-        meta = {"round": st.round, "cost": st.cost.as_dict(), "local_steps": st.local_steps}
+        meta = {"round": st.round, "cost": st.cost.as_dict(), "local_steps": st.local_steps,
+                "fingerprint": config_fingerprint(self.cfg, self.data_dir)}
         checkpoint.save(self.out / CHECKPOINT, arrays, meta)
 
     def _load(self, st: _State) -> None:
         import torch
 
         arrays, meta = checkpoint.load(self.out / CHECKPOINT)
+        if meta.get("fingerprint") != config_fingerprint(self.cfg, self.data_dir):
+            raise ResultsError(f"{self.out}: the checkpoint was written by another config or "
+                               "data folder; resume with the run's own config and --data-dir")
         st.round = int(meta["round"])
         st.params = [torch.from_numpy(arrays[f"param.{s}"].copy()) for s in range(len(st.params))]
         for prefix, obj in self._stateful():
@@ -182,26 +212,38 @@ class Runner:
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Run (or continue) the experiment; returns the summary (also in summary.json)."""
         cfg = self.cfg
-        resuming = prepare_out_dir(cfg, self.out, resume=resume)
-        self._build()
-        fed, pop = self.federation, self.federation.population
-        write_json(self.out / "federation.json", federation_info(fed))
+        resuming = check_out_dir(cfg, self.out, resume=resume)
+        self._build()  # data and model errors surface before anything is written
+        fed = self.federation
         st = _State(params=self.engine.init_params())
-        if resuming:
-            self._load(st)
-            log.info("resuming %s after round %d", self.out, st.round)
-        writer = RunWriter(self.out)
-        writer.open(keep_until_round=st.round if resuming else None)
+        with _writing(self.out):
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(tomlio.dumps(cfg.to_dict()), encoding="utf-8")
+            write_json(self.out / "federation.json", federation_info(fed))
+            if resuming:
+                self._load(st)
+                log.info("resuming %s after round %d", self.out, st.round)
+            writer = RunWriter(self.out)
+            writer.open(keep_until_round=st.round if resuming else None)
         for cb in self.callbacks:
             cb.on_start(cfg, fed, st.round)
         t0 = time.perf_counter()
         try:
-            for t in range(st.round, cfg.rounds):
-                self._round(t, st, writer)
+            with _writing(self.out):
+                for t in range(st.round, cfg.rounds):
+                    self._round(t, st, writer)
             summary = self._summary(st, status="completed", seconds=time.perf_counter() - t0)
+        except (MmflError, KeyboardInterrupt) as e:
+            status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+            failed = self._summary(st, status=status, seconds=time.perf_counter() - t0)
+            failed["error"] = str(e) or type(e).__name__
+            with contextlib.suppress(OSError):
+                write_json(self.out / "summary.json", failed)
+            raise
         finally:
             writer.close()
-        write_json(self.out / "summary.json", summary)
+        with _writing(self.out):
+            write_json(self.out / "summary.json", summary)
         for cb in self.callbacks:
             cb.on_end(summary)
         return summary
@@ -354,7 +396,8 @@ class Runner:
                        "accuracy_window": float(window[:, s].mean())}
                 for s, name in enumerate(pop.task_names)
             },
-            "cost": {**st.cost.as_dict(), "local_steps": st.local_steps},
+            "cost": {**st.cost.as_dict(), "local_steps": st.local_steps,
+                     "stale_memory_bytes": self.store.nbytes if self.store is not None else 0},
             "budget": self.federation.budget, "clients": pop.num_clients,
             "processors": pop.num_processors,
         })

@@ -1,0 +1,166 @@
+"""Stale-update aggregation (ALGORITHMS.md section 6) and the baselines built on it.
+
+The server keeps h_{i,s}, the last update received from client i for model s (zero at start), and
+applies
+
+    w_s <- w_s - eta_g [ sum_{active (b,s)} d_{i,s}/(B_i p_{s|b}) (G_{i,s} - beta_{i,s} h_{i,s})
+                         + sum_i d_{i,s} beta_{i,s} h_{i,s} ]
+
+which is unbiased for any beta (the h terms cancel in expectation). As plan coefficients: the
+fresh pair (i, s) gets c_{i,s} = sum over its slots of d share / p (as in section 3), and every
+pair with a stored h gets the stale coefficient e_{i,s} = beta_{i,s} (d_{i,s} - c_{i,s}) (c = 0
+for inactive pairs). Afterwards the runner stores h_{i,s} <- G_{i,s} for the active pairs.
+
+* ``stalevr``: beta = <G, h> / ||h||^2 from a fresh G of every pair (full computation).
+* ``stalevre``: beta decays linearly with staleness (section 6; see :class:`StaleVREAggregator`).
+* ``fedvarp``: beta = 1. ``fedstale``: a fixed beta in [0, 1].
+* ``mifa``: the average of every client's latest update, no 1/p factor (biased by design).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmfl.core.aggregation import Aggregator, unbiased_plan
+from mmfl.registry import Option, register
+from mmfl.types import AggregationPlan, Assignment, Population, RoundState
+
+B0 = Option(float, 1.0, "0..1", "beta of a pair right after it was active (StaleVRE's b0)")
+BETA = Option(float, 0.5, "0..1", "fixed stale-update coefficient beta (FedStale)")
+
+
+def stale_plan(assignment: Assignment, population: Population, beta: np.ndarray,
+               stored: np.ndarray) -> AggregationPlan:
+    """Unbiased stale-update coefficients for a (N, S) ``beta`` (section 6).
+
+    Args:
+        assignment: the round's slots.
+        population: gives d_{i,s}.
+        beta: (N, S) float beta_{i,s}.
+        stored: (N, S) bool, pairs with a nonzero stored update h.
+
+    Returns:
+        The plan of :func:`unbiased_plan` plus stale terms e_{i,s} = beta (d - c) over the
+        stored pairs, sorted by (task, client).
+    """
+    fresh = unbiased_plan(assignment, population)
+    c = np.zeros(population.n_samples.shape)
+    c[fresh.client, fresh.task] = fresh.coefficient
+    e = np.where(stored, np.nan_to_num(beta) * (population.data_weight - c), 0.0)
+    tasks, clients = np.nonzero((e != 0).T)
+    return AggregationPlan(fresh.client, fresh.task, fresh.coefficient,
+                           stale_client=clients, stale_task=tasks,
+                           stale_coefficient=e[clients, tasks])
+
+
+def _stored(state: RoundState) -> np.ndarray:
+    hn = state.signals.stale_norm_sq
+    if hn is None:
+        raise ValueError("stale aggregation needs signals.stale_norm_sq (the runner's store)")
+    return np.nan_to_num(hn) > 0
+
+
+class StaleAggregator(Aggregator):
+    """Base of the section 6 aggregators: subclasses define :meth:`beta`."""
+
+    uses_stale = True
+
+    def plan(self, assignment: Assignment, state: RoundState) -> AggregationPlan:
+        beta = state.signals.beta if state.signals.beta is not None else self.beta(state)
+        return stale_plan(assignment, state.population, beta, _stored(state))
+
+
+@register("aggregator", "fedvarp", doc="Stale-update aggregation with beta = 1 (FedVARP).")
+class FedVARPAggregator(StaleAggregator):
+    def beta(self, state):
+        return np.ones(state.population.n_samples.shape)
+
+
+@register("aggregator", "fedstale", options={"beta": BETA},
+          doc="Stale-update aggregation with a fixed beta (FedStale).")
+class FedStaleAggregator(StaleAggregator):
+    def beta(self, state):
+        return np.full(state.population.n_samples.shape, float(self.options.get("beta", 0.5)))
+
+
+@register("aggregator", "stalevr", doc="Stale-update aggregation with the optimal beta = <G,h>/||h||^2.")
+class StaleVRAggregator(StaleAggregator):
+    """beta_{i,s} = <G_{i,s}, h_{i,s}> / ||h_{i,s}||^2 (0 where h = 0): the projection minimising
+    ||G - beta h||. Needs a fresh G of every pair before allocation (full computation)."""
+
+    def beta(self, state):
+        sig = state.signals
+        if sig.stale_dot is None:
+            raise ValueError("stalevr aggregation needs signals.stale_dot (full computation)")
+        hn = np.nan_to_num(sig.stale_norm_sq)
+        return np.divide(np.nan_to_num(sig.stale_dot), hn, out=np.zeros_like(hn), where=hn > 0)
+
+
+@register("aggregator", "stalevre", options={"b0": B0},
+          doc="Stale-update aggregation with beta decaying linearly in staleness (StaleVRE).")
+class StaleVREAggregator(StaleAggregator):
+    """StaleVRE's estimated beta (ALGORITHMS.md section 6).
+
+    State per pair: the round ``last`` it was last active (-1 never) and a decay rate r. In round
+    t the coefficient is betahat = max(0, b0 - r (t - last)) (equivalently: reset to b0 when
+    active, then betahat <- max(0, betahat - r) every round). When the pair is active again after
+    dt = t - last rounds, beta* = <G_new, h_old> / ||h_old||^2 (beta* = b0 when h_old = 0) and
+    r <- (b0 - beta*) / dt; on its first activation r = 0.
+    """
+
+    def __init__(self, options, population):
+        super().__init__(options, population)
+        shape = population.n_samples.shape
+        self.last = np.full(shape, -1, dtype=np.int64)
+        self.rate = np.zeros(shape)
+
+    @property
+    def b0(self) -> float:
+        return float(self.options.get("b0", 1.0))
+
+    def beta(self, state):
+        dt = state.round - self.last
+        return np.where(self.last >= 0, np.maximum(0.0, self.b0 - self.rate * dt), 0.0)
+
+    def plan(self, assignment, state):
+        plan = super().plan(assignment, state)
+        self.observe(plan.client, plan.task, state)
+        return plan
+
+    def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
+        """Update decay rates and last-active rounds of the active pairs (after aggregation)."""
+        sig = state.signals
+        hn = np.nan_to_num(sig.stale_norm_sq[clients, tasks])
+        dot = np.nan_to_num(sig.stale_dot[clients, tasks]) if sig.stale_dot is not None else 0 * hn
+        star = np.where(hn > 0, dot / np.where(hn > 0, hn, 1.0), self.b0)
+        last = self.last[clients, tasks]
+        dt = state.round - last
+        self.rate[clients, tasks] = np.where(last >= 0, (self.b0 - star) / np.maximum(dt, 1), 0.0)
+        self.last[clients, tasks] = state.round
+
+    def state_dict(self):
+        return {"last": self.last.copy(), "rate": self.rate.copy()}
+
+    def load_state_dict(self, state):
+        self.last[...] = state["last"]
+        self.rate[...] = state["rate"]
+
+
+@register("aggregator", "mifa", doc="MIFA: average of every client's latest update (no 1/p).")
+class MIFAAggregator(Aggregator):
+    """MIFA (ALGORITHMS.md section 6): w_s <- w_s - eta_g sum_i d_{i,s} h_{i,s}, where h is
+    replaced by the fresh G for the active pairs first. Biased under non-uniform participation by
+    design; it trades the 1/p variance for staleness."""
+
+    uses_stale = True
+
+    def plan(self, assignment, state):
+        pop = state.population
+        client, task = assignment.pairs()
+        d = pop.data_weight
+        active = np.zeros(d.shape, bool)
+        active[client, task] = True
+        stale = _stored(state) & ~active
+        tasks, clients = np.nonzero(stale.T)
+        return AggregationPlan(client, task, d[client, task], stale_client=clients,
+                               stale_task=tasks, stale_coefficient=d[clients, tasks])
