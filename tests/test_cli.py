@@ -130,3 +130,23 @@ def test_quickstart_config_learns_every_task(tmp_path):
     assert s["clients"] >= 50 and s["rounds"] >= 20 and len(s["tasks"]) >= 3
     for task, v in s["tasks"].items():
         assert v["accuracy"] > 0.4, (task, v)
+
+
+def test_compare_runs_samplers_by_seeds_and_resumes(tiny_config, tmp_path):
+    out = tmp_path / "cmp"
+    args = ("compare", str(tiny_config), "--samplers", "random,full", "--seeds", "0,1",
+            "--set", "rounds=2", "--out", str(out))
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    table = (out / "table.md").read_text()
+    assert table.count("\n| random | 2 |") == 1 and "| full | 2 |" in table
+    for name in ("random", "full"):
+        for seed in (0, 1):
+            s = json.loads((out / name / f"seed-{seed}" / "summary.json").read_text())
+            assert s["status"] == "completed" and s["seed"] == seed and s["sampler"] == name
+    stamp = (out / "full" / "seed-1" / "metrics.csv").stat().st_mtime_ns
+    r = run_cli(*args)
+    assert r.returncode == 0 and "skipped" in r.stderr
+    assert (out / "full" / "seed-1" / "metrics.csv").stat().st_mtime_ns == stamp
+    bad = run_cli("compare", str(tiny_config), "--samplers", "random,nope", "--out", str(out))
+    assert bad.returncode == 2 and "--samplers" in bad.stderr and "Traceback" not in bad.stderr
