@@ -39,5 +39,6 @@ def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
             f"lr {t.lr:g}, E {t.local_epochs}, batch {t.batch_size}",
             f"    partition {t.partition.kind}({opts}); held by {int(held.sum())} clients; "
             f"samples per client {_stats(n[held])}; classes per client {_stats(classes)}",
+            f"    train label histogram {np.bincount(ds.y_train, minlength=ds.num_classes).tolist()}",
         ]
     return "\n".join(lines)
