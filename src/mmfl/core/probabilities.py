@@ -170,8 +170,9 @@ def _water_fill(mass: np.ndarray, m: float) -> tuple[np.ndarray, float, int]:
     ok = asc[idx] * (m - c) <= tail[idx]
     # ok[-1] holds exactly: m - c <= 1 and tail >= asc there.
     c0 = int(np.argmax(ok))
-    lam = float(tail[k - 1 - c0] / (m - c0))
-    q = np.minimum(1.0, mass / lam)
+    inv_lam = (m - c0) / float(tail[k - 1 - c0])  # 1 / lambda (no overflow for tiny m)
+    q = np.minimum(1.0, mass * inv_lam)
+    lam = 1.0 / inv_lam if inv_lam > 0 else math.inf
     return q, lam, c0
 
 
@@ -557,34 +558,50 @@ def _barrier(u, pos, m, tol, max_iter):
 
 def _solve_per_model(
     u: np.ndarray, m: np.ndarray, tol: float, max_iter: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, str]:
+) -> tuple[np.ndarray, np.ndarray, int, str, float]:
     """Solve the per-model problem. u (P, S) scaled to max 1, every row and column with a
-    positive entry; m (S,) > 0. Returns (p, nu, mu, iterations, method); p is feasible.
+    positive entry; m (S,) > 0.
+
+    Returns (p, nu, iterations, method, gap): p feasible, nu the model multipliers, gap the
+    certified relative duality gap (V(p) - g(mu, nu)) / V(p).
     """
     pos = u > 0
-    num_p, num_s = u.shape
+    num_s = u.shape[1]
     mass = u.sum(axis=1)
+
+    def certified(p, mu, nu):
+        pf, v = _certificate(u, pos, p, m)
+        _, r = _dual_point(u, pos, mu, nu)
+        return pf, max(0.0, (v - _dual_value(u, r, mu, nu, m)) / v)
+
     # (a) the single-total-budget optimum (m = sum_s m_s) solves a relaxation: when it respects
     #     every m_s it is optimal here too (always for S = 1, or when no model budget binds).
+    #     Multipliers: nu_s = lambda^2, mu_b = M_b^2 - lambda^2 on capped rows.
     q, lam, _ = _water_fill(mass, float(m.sum()))
     p = u * (q / mass)[:, None]
     if (p.sum(axis=0) <= m * (1.0 + 1e-12)).all():
-        nu = np.full(num_s, lam**2 if np.isfinite(lam) else 0.0)
-        return _feasible(p, m), nu, np.zeros(num_p), 0, "single-budget closed form"
+        lam2 = lam**2 if np.isfinite(lam) else 0.0
+        nu = np.full(num_s, lam2)
+        mu = np.where(q >= 1.0, np.maximum(mass**2 - lam2, 0.0), 0.0)
+        pf, gap = certified(p, mu, nu)
+        return pf, nu, 0, "single-budget closed form", gap
     # (b) every model budget binds and no processor does: p = m_s U_{s,b} / sum_b U_{s,b}
     #     (nu_s = (sum_b U_{s,b} / m_s)^2, mu = 0) when those rows sum to <= 1.
     nu = (u.sum(axis=0) / m) ** 2
     p = u * (m / u.sum(axis=0))
     if (p.sum(axis=1) <= 1.0 + 1e-12).all():
-        return _feasible(p, m), nu, np.zeros(num_p), 0, "per-model closed form"
+        pf, gap = certified(p, np.zeros(u.shape[0]), nu)
+        return pf, nu, 0, "per-model closed form", gap
     # (c) Newton on nu from (b)'s multipliers; (d) the barrier method if (c) stalls.
     pf, v, g, nu, mu, it, ok = _newton_nu(u, pos, m, nu, tol, max_iter)
-    if ok:
-        return pf, nu, mu, it, "dual Newton"
-    pf2, v2, g2, nu2, mu2, it2, _ = _barrier(u, pos, m, tol, max_iter)
-    if v2 - g2 < v - g:
-        pf, nu, mu = pf2, nu2, mu2
-    return pf, nu, mu, it + it2, "dual Newton + barrier"
+    method = "dual Newton"
+    if not ok:
+        pf2, v2, g2, nu2, mu2, it2, _ = _barrier(u, pos, m, tol, max_iter)
+        method = "dual Newton + barrier"
+        it += it2
+        if v2 - g2 < v - g:
+            pf, v, g, nu = pf2, v2, g2, nu2
+    return pf, nu, it, method, max(0.0, (v - g) / v)
 
 
 def optimal_probabilities_per_model_info(
@@ -604,28 +621,38 @@ def optimal_probabilities_per_model_info(
                    sum_b p_{s|b} <= m_s for every model s     (multiplier nu_s >= 0),
                    p >= 0, p = 0 where U = 0 or the pair is ineligible.
 
-    Method (dual decomposition). The KKT conditions give p_{s|b} = U_{s,b} / sqrt(mu_b + nu_s).
+    Method (dual decomposition). Minimising the Lagrangian over p gives
+    p_{s|b} = U_{s,b} / sqrt(mu_b + nu_s) and the concave dual
+    g(mu, nu) = sum 2 U_{s,b} sqrt(mu_b + nu_s) - sum_b mu_b - sum_s m_s nu_s over mu, nu >= 0.
 
-    * Inner, for fixed nu: each processor maximises its part of the dual,
-      2 sum_s U_{s,b} sqrt(mu_b + nu_s) - mu_b over mu_b >= 0: mu_b = 0 when
-      sum_s U_{s,b} / sqrt(nu_s) <= 1 (row constraint slack), else the root of
-      sum_s U_{s,b} / sqrt(mu_b + nu_s) = 1, found by safeguarded Newton inside the bracket
-      [M_b^2 - max_s nu_s, M_b^2 - min_s nu_s] (vectorised over processors). When some nu_s = 0
-      on the row's support the row sum at mu_b = 0 is infinite, so mu_b > 0 and the processor
-      constraint binds: p stays finite.
-    * Outer: G(nu) = max_mu g(mu, nu) is concave and smooth with gradient
-      dG/dnu_s = sum_b p_{s|b} - m_s and an S x S Hessian available in closed form
-      (-sum_b diag(a_b) + sum_{b: mu_b>0} a_b a_b^T / sum_s a_{s,b}, a = U / (2 (mu + nu)^1.5)).
-      Projected Newton (free set: nu_s > 0 or gradient > 0), a tiny Levenberg term for the
-      singular direction (nu + c, mu - c) when every processor binds, and an Armijo line search
-      on G. Stops when every binding model's column sum is within ``tol`` (relative) of m_s and
-      every slack model has nu_s = 0.
-    * Warm start nu_s = lambda^2 from the single-budget closed form with m = sum_s m_s (exact for
-      S = 1). At the end each column is scaled by min(1, m_s / column sum), so the returned p is
-      feasible to rounding; the objective is within ~tol (relative) of the optimum.
+    1. Closed forms first. (a) The single-budget optimum with m = sum_s m_s
+       (:func:`optimal_probabilities`) solves a relaxation; if its column sums respect every
+       m_s it is optimal (always for S = 1, and whenever no model budget binds).
+       (b) p_{s|b} = m_s U_{s,b} / sum_b' U_{s,b'} (every model binds, no processor does) is
+       optimal when its row sums are <= 1. Both cost O(P S) (+ the sort of (a)).
+    2. Otherwise, dual Newton on nu (S variables) with mu eliminated exactly: for fixed nu
+       each processor maximises 2 sum_s U_{s,b} sqrt(mu_b + nu_s) - mu_b, so mu_b = 0 when
+       sum_s U_{s,b} / sqrt(nu_s) <= 1 (row slack), else the root of
+       sum_s U_{s,b} / sqrt(mu_b + nu_s) = 1 in [M_b^2 - max nu, M_b^2 - min nu] (safeguarded
+       Newton, vectorised over processors). With some nu_s = 0 on a row's support the row sum
+       at mu_b = 0 is infinite, so mu_b > 0: the processor constraint binds and p stays finite.
+       G(nu) = max_mu g is concave with gradient sum_b p_{s|b} - m_s and a closed-form S x S
+       Hessian (assembled without cancellation). Projected Levenberg-Marquardt Newton steps
+       (the damping handles the flat direction (nu + c, mu - c) when every processor binds),
+       each tried both in nu and in y = nu^(-1/2) (in which a column sum over slack rows is
+       linear, so shrinking nu_s cannot overshoot past 0), the better accepted by an Armijo
+       test on G. Starts from (b)'s multipliers.
+    3. Fallback if 2 stalls at a kink (a processor switching between slack and binding): a
+       log-barrier Newton method on (mu, nu) > 0, whose steps eliminate the diagonal mu-block
+       and solve an S x S Schur system.
 
-    Complexity: O(P S (S + k)) per outer iteration, k ~ 3-10 inner Newton steps; the outer
-    Newton converges quadratically (typically 3-15 iterations).
+    Stopping rule (a certificate, not a heuristic): for any mu, nu >= 0, g(mu, nu) <= V* <=
+    V(p_f), where p_f is p(mu, nu) shrunk onto the feasible set (rows to <= 1, then columns to
+    <= m_s). The solver stops when (V(p_f) - g) / V(p_f) <= ``tol`` and returns p_f, so the result
+    is always feasible and its objective is within ``tol`` (relative) of the optimum.
+
+    Complexity: O(P S^2 + P S k) per Newton iteration (k ~ 3-10 inner Newton steps, on the
+    binding rows only); typically 3-15 iterations.
 
     Edge cases: m_s = 0 or a model without positive scores -> that column is 0; budgets larger
     than the processors can give -> nu_s = 0 and a column sum below m_s (see the note); all
@@ -637,14 +664,15 @@ def optimal_probabilities_per_model_info(
         scores: (P, S) float >= 0, U_{s,b}. Not mutated.
         budgets: (S,) float >= 0, m_s.
         eligible: optional (P, S) bool mask (default: all eligible).
-        tol: relative KKT tolerance on the column sums.
-        max_iter: maximum outer Newton iterations.
+        tol: relative duality gap at which to stop (certified; see above).
+        max_iter: maximum Newton iterations (per phase).
 
     Returns:
         (p, info): p (P, S) float in [0, 1], row sums <= 1, column sums <= m_s; info a dict with
         ``expected`` (sum p), ``per_model`` ((S,) column sums), ``budgets`` ((S,) m_s), ``nu``
-        ((S,) model multipliers, score^2 units), ``iterations``, ``fallback`` ("equal" or ""),
-        ``note`` ("" when every column sum reaches m_s).
+        ((S,) model multipliers, score^2 units), ``iterations``, ``method`` (which step of the
+        method produced p), ``gap`` (the certified relative duality gap), ``fallback`` ("equal"
+        or ""), ``note`` ("" when every column sum reaches m_s).
 
     Raises:
         ValueError: bad scores (see :func:`optimal_probabilities_info`), budgets not (S,),
@@ -652,8 +680,8 @@ def optimal_probabilities_per_model_info(
     """
     u, elig = _check_scores(scores, eligible)
     num_p, num_s = u.shape
-    mb = np.array(budgets, dtype=np.float64, copy=True).reshape(-1) if np.ndim(budgets) else None
-    if mb is None or mb.shape != (num_s,):
+    mb = np.array(budgets, dtype=np.float64, copy=True)
+    if mb.shape != (num_s,):
         raise ValueError(f"budgets must have shape (S,) = ({num_s},), got {np.shape(budgets)}")
     if not (mb >= 0).all() or not np.isfinite(mb).all():
         raise ValueError(f"budgets must be finite numbers >= 0, got {mb.tolist()}")
@@ -664,6 +692,7 @@ def optimal_probabilities_per_model_info(
         "nu": np.zeros(num_s),
         "iterations": 0,
         "method": "",
+        "gap": 0.0,
         "fallback": "",
         "note": "",
     }
@@ -684,11 +713,13 @@ def optimal_probabilities_per_model_info(
     rows = np.flatnonzero((u[:, active_s] > 0).any(axis=1))
     if rows.size:
         sub = u[np.ix_(rows, np.flatnonzero(active_s))]
-        p_sub, nu_sub, _, it, method = _solve_per_model(sub, mb[active_s], tol, max_iter)
+        p_sub, nu_sub, it, method, gap = _solve_per_model(sub, mb[active_s], tol, max_iter)
         info["method"] = method
+        info["gap"] = gap
         np.minimum(p_sub, 1.0, out=p_sub)
         p[np.ix_(rows, np.flatnonzero(active_s))] = p_sub
-        info["nu"][active_s] = nu_sub * scale**2
+        with np.errstate(over="ignore"):  # score^2 units may exceed the float range
+            info["nu"][active_s] = nu_sub * scale * scale
         info["iterations"] = it
     col = p.sum(axis=0)
     info["per_model"] = col
