@@ -435,8 +435,9 @@ def _newton_nu(u, pos, m, nu, tol, max_iter):
 
     Free set: nu_s > 0 or dG/dnu_s = sum_b p_{s|b} - m_s > 0. Step: (H_FF + damping * diag(c_F))
     d_F = grad_F with H = -d^2G/dnu^2 and c_s = sum_b a_{s,b} (Levenberg-Marquardt, needed along
-    the flat direction (nu + c, mu - c) when every processor binds), projection onto nu >= 0 and
-    an Armijo test on G. Quadratic once the sets of binding rows / models settle; can stall at
+    the flat direction (nu + c, mu - c) when every processor binds), applied in y = nu^(-1/2)
+    and, when it would cross 0, also projected in nu; the better candidate must pass an Armijo
+    test on G. Quadratic once the sets of binding rows / models settle; can stall at
     the kinks where a row switches between slack and binding, hence the barrier fallback.
 
     Returns (p_f, V(p_f), g, nu, mu, iterations, converged).
