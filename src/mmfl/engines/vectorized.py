@@ -157,6 +157,11 @@ class VectorizedEngine(Engine):
 
     # -- training -------------------------------------------------------------------------------
     def train(self, params, clients, tasks, round):
+        """Local training of every (client, task) pair, all clients of a task at once.
+
+        Same contract and results as :meth:`SequentialEngine.train` (pairs in any order; a
+        client without data takes no step and returns a zero update).
+        """
         clients = np.asarray(clients, dtype=np.int64)
         tasks = np.asarray(tasks, dtype=np.int64)
         losses = np.zeros(len(clients))
@@ -189,9 +194,9 @@ class VectorizedEngine(Engine):
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
             # a row sum is finite when the row is (up to overflow, which the exact check sorts out)
             if not bool(torch.isfinite(G.sum(dim=1)).all()):
-                bad = ~torch.isfinite(G).all(dim=1)
-                k = int(torch.nonzero(bad)[0])
-                check_finite(G[k], cfg.name, int(clients[sel[k]]), round)
+                bad = torch.nonzero(~torch.isfinite(G).all(dim=1)).flatten().tolist()
+                for k in bad[:1]:
+                    check_finite(G[k], cfg.name, int(clients[sel[k]]), round)
             updates[s] = G
         return TrainOutput(clients=clients, tasks=tasks, updates=updates, train_loss=losses,
                            steps=steps)
