@@ -119,6 +119,8 @@ class RoundState:
         task_losses: (S,) float or None, latest global loss f_s of each model (test split).
         task_accuracies: (S,) float or None, latest test accuracy of each model.
         signals: per-(client, task) measurements for score-based samplers (see :class:`Signals`).
+        task_active: (S,) bool or None (= all), models being trained this round (models may
+            join or leave during training; an inactive model gets no slot).
     """
 
     round: int
@@ -129,11 +131,15 @@ class RoundState:
     task_losses: np.ndarray | None = None
     task_accuracies: np.ndarray | None = None
     signals: Signals = field(default_factory=Signals)
+    task_active: np.ndarray | None = None
 
     @cached_property
     def eligible(self) -> np.ndarray:
-        """(N, S) bool: client i is available and holds data for task s."""
-        return _readonly(self.population.holds & np.asarray(self.available, bool)[:, None])
+        """(N, S) bool: client i is available, holds data for task s, and s is active."""
+        e = self.population.holds & np.asarray(self.available, bool)[:, None]
+        if self.task_active is not None:
+            e = e & np.asarray(self.task_active, bool)[None, :]
+        return _readonly(e)
 
 
 @dataclass(frozen=True)

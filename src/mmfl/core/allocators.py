@@ -254,9 +254,10 @@ def uniform_processor_rates(state: RoundState) -> tuple[np.ndarray, str]:
 
 
 def _held_uniform(state: RoundState) -> np.ndarray:
-    """(P, S) float: uniform distribution over the held tasks of each processor's client."""
+    """(P, S) float: uniform distribution over the eligible (held, active) tasks of each
+    processor's client (zero rows for unavailable clients)."""
     pop = state.population
-    held = pop.holds[pop.processor_client].astype(np.float64)
+    held = state.eligible[pop.processor_client].astype(np.float64)
     cnt = held.sum(axis=1, keepdims=True)
     return np.divide(held, cnt, out=np.zeros_like(held), where=cnt > 0)
 
@@ -421,6 +422,7 @@ class RoundRobinAllocator(Allocator):
         cond = np.zeros((pop.num_processors, pop.num_tasks))
         ok = sched >= 0
         cond[np.flatnonzero(ok), sched[ok]] = 1.0
+        cond *= state.eligible[pop.processor_client]  # a model that is not active idles it
         probs = q[:, None] * cond
         slot_p = q[:, None] * self._frequency(pop)
         if self.options.get("draw", "independent") == "fixed":
@@ -581,8 +583,9 @@ class FairAllocator(Allocator):
         # weights of held tasks only; a held task has positive total samples, so w > 0 there.
         out = np.zeros((pop.num_clients, pop.num_tasks))
         alpha = float(self.options.get("alpha", 3.0))
+        eligible = state.eligible
         for i in range(pop.num_clients):
-            held = pop.holds[i]
+            held = eligible[i]
             if held.any():
                 out[i, held] = fedfair_distribution(f[held], alpha, w[held])
         return out
