@@ -63,3 +63,23 @@ def test_float16_stale_storage_halves_memory(tmp_path):
     ra, rb = mmfl.read_results(tmp_path / "a").rounds, mmfl.read_results(tmp_path / "b").rounds
     assert int(ra[0]["stale_bytes"]) == 2 * int(rb[0]["stale_bytes"])
     assert a["status"] == b["status"] == "completed"
+
+
+@pytest.mark.parametrize("sampler", ["random", "lvr", "fedvarp", "stalevre"])
+def test_clients_and_models_join_and_leave(tmp_path, sampler):
+    """clients.join_* / leave_* and tasks[].start_round / stop_round (the dynamic setting)."""
+    cfg = _cfg(tmp_path, sampler, rounds=6, overrides=[
+        "clients.join_fraction=0.5", "clients.join_round=2",
+        "clients.leave_fraction=0.25", "clients.leave_round=4",
+        "tasks[1].start_round=1", "tasks[0].stop_round=5"])
+    mmfl.run(cfg, tmp_path / "r")
+    res = mmfl.read_results(tmp_path / "r")
+    available = [int(r["available"]) for r in res.rounds]
+    assert available == [8, 8, 16, 16, 12, 12]  # 16 clients: half join at 2, a quarter leave at 4
+    wave = {int(r["round"]): int(r["slots"]) for r in res.metrics if r["task"] == "wave"}
+    digits = {int(r["round"]): int(r["slots"]) for r in res.metrics if r["task"] == "digits"}
+    assert wave[1] == 0 and digits[6] == 0          # inactive models get no slot
+    assert sum(wave.values()) > 0 and sum(digits.values()) > 0
+    # an inactive model's parameters do not move: its loss is unchanged in its inactive rounds
+    loss = {int(r["round"]): r["loss"] for r in res.metrics if r["task"] == "digits"}
+    assert loss[5] == loss[6]

@@ -54,10 +54,14 @@ def stale_plan(assignment: Assignment, population: Population, beta: np.ndarray,
 
 
 def _stored(state: RoundState) -> np.ndarray:
+    """(N, S) bool: pairs with a stored update, on models active this round."""
     hn = state.signals.stale_norm_sq
     if hn is None:
         raise ValueError("stale aggregation needs signals.stale_norm_sq (the runner's store)")
-    return np.nan_to_num(hn) > 0
+    stored = np.nan_to_num(hn) > 0
+    if state.task_active is not None:
+        stored &= np.asarray(state.task_active, bool)[None, :]
+    return stored
 
 
 class StaleAggregator(Aggregator):

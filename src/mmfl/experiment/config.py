@@ -48,6 +48,8 @@ class TaskConfig:
     model_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     train_samples: int = 0
     test_samples: int = 0
+    start_round: int = 0
+    stop_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,10 @@ class ClientsConfig:
     tasks_per_client: int | tuple[tuple[int, float], ...] = 0
     budget: int = 0
     availability: float = 1.0
+    join_fraction: float = 0.0
+    join_round: int = 0
+    leave_fraction: float = 0.0
+    leave_round: int = 0
 
 
 @dataclass(frozen=True)
@@ -148,6 +154,10 @@ CLIENTS = {
     ),
     "budget": Option(int, 0, ">= 0", "Explicit budget m (0 = floor(active_rate * P))."),
     "availability": Option(float, 1.0, "(0..1]", "Probability a client is online in a round."),
+    "join_fraction": Option(float, 0.0, "0..1", "Fraction of clients that join late..."),
+    "join_round": Option(int, 0, ">= 0", "...at this round (0-based; offline before it)."),
+    "leave_fraction": Option(float, 0.0, "0..1", "Fraction of clients that leave..."),
+    "leave_round": Option(int, 0, ">= 0", "...from this round on (0 = never)."),
 }
 SAMPLER_FIXED = {
     "name": Option(str, "random", "", "Sampler (registry kind 'sampler')."),
@@ -162,6 +172,8 @@ TASK = {
     "batch_size": Option(int, 32, ">= 1", "Local batch size (>= client size = full batch)."),
     "train_samples": Option(int, 0, ">= 0", "Use a random subset of the training set (0 = all)."),
     "test_samples": Option(int, 0, ">= 0", "Use a random subset of the test set (0 = all)."),
+    "start_round": Option(int, 0, ">= 0", "First round the model is trained (it joins late)."),
+    "stop_round": Option(int, 0, ">= 0", "Round from which it is no longer trained (0 = never)."),
 }
 TASK_TABLES = ("partition", "dataset_options", "model_options")
 
@@ -354,6 +366,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     tasks = tuple(_task(i, t) for i, t in enumerate(traw))
     seen: dict[str, int] = {}
     for i, t in enumerate(tasks):
+        if t.stop_round and t.stop_round <= t.start_round:
+            raise ConfigError(f"tasks[{i}].stop_round", f"must be 0 or > start_round = "
+                              f"{t.start_round}", t.stop_round)
         if t.name in seen:
             raise ConfigError(f"tasks[{i}].name", f"duplicates tasks[{seen[t.name]}].name", t.name)
         seen[t.name] = i

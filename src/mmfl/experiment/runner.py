@@ -159,11 +159,26 @@ class Runner:
                 path=(self.out / "stale") if cfg.stale_on_disk else None)
 
     def _availability(self, t: int) -> np.ndarray:
+        """(N,) bool: online this round (random availability, late joiners, leavers)."""
+        c = self.cfg.clients
         n = self.federation.population.num_clients
-        a = self.cfg.clients.availability
-        if a >= 1.0:
-            return np.ones(n, dtype=bool)
-        return stream(self.cfg.seed, "availability", t).random(n) < a
+        online = np.ones(n, dtype=bool)
+        if c.availability < 1.0:
+            online &= stream(self.cfg.seed, "availability", t).random(n) < c.availability
+        order = stream(self.cfg.seed, "churn").permutation(n)  # fixed for the whole run
+        late = order[: int(round(c.join_fraction * n))]
+        gone = order[n - int(round(c.leave_fraction * n)):] if c.leave_fraction else order[:0]
+        if t < c.join_round:
+            online[late] = False
+        if c.leave_round and t >= c.leave_round:
+            online[gone] = False
+        return online
+
+    def _task_active(self, t: int) -> np.ndarray | None:
+        """(S,) bool: models trained this round ([start_round, stop_round)), None if all."""
+        act = np.array([t >= k.start_round and not (k.stop_round and t >= k.stop_round)
+                        for k in self.cfg.tasks])
+        return None if act.all() else act
 
     def _stateful(self) -> list[tuple[str, object]]:
         objs = [("allocator", self.allocator), ("aggregator", self.aggregator)]
@@ -295,7 +310,8 @@ class Runner:
         t_start = time.perf_counter()
         available = self._availability(t)
         state = RoundState(t, pop, float(self.federation.budget), available, None,
-                           st.task_losses, st.task_accuracies)
+                           st.task_losses, st.task_accuracies,
+                           task_active=self._task_active(t))
         state, extra = self._signals(t, st, state)
         assignment = self.allocator.allocate(state, stream(cfg.seed, "allocate", t))
         clients, tasks = assignment.pairs()
