@@ -29,7 +29,7 @@ Per-client state exists only inside :meth:`VectorizedEngine.train`; between roun
 holds the global flat vectors only (index arrays into the shared dataset, no per-client copies).
 
 :meth:`VectorizedEngine.probe_losses` is the batched LVR probe: the mean training loss of the
-current global model on each client's local data (:func:`probe_losses_reference` is the plain
+current global model on each client's local data (``Engine.probe_losses`` of the base class is the plain
 per-pair loop every engine can use and the tests compare against).
 """
 
@@ -51,7 +51,7 @@ from mmfl.tasks.models import MLP, LogReg
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchPlan", "VectorizedEngine", "batch_plan", "probe_losses_reference"]
+__all__ = ["BatchPlan", "VectorizedEngine", "batch_plan"]
 
 #: Upper bound on the floats of stacked per-client parameters (plus their gradients) that one
 #: client chunk of the generic path may hold (2**26 floats = 256 MiB per copy).
@@ -331,19 +331,3 @@ class VectorizedEngine(Engine):
             sums = torch.zeros(len(sel), dtype=torch.float64).index_add_(0, seg, nll)
             out[sel] = sums.numpy() / np.maximum(lens, 1)
         return out
-
-
-@torch.no_grad()
-def probe_losses_reference(engine: Engine, params, clients, tasks) -> np.ndarray:
-    """Plain per-pair LVR probe any engine can use: for each (i, s), load w_s into the task's
-    module and take ``F.nll_loss`` (mean) over client i's train samples (0 without data)."""
-    out = np.zeros(len(clients))
-    for k, (i, s) in enumerate(zip(np.asarray(clients).tolist(), np.asarray(tasks).tolist())):
-        ind = engine.federation.tasks[s].client_indices[i]
-        if len(ind) == 0:
-            continue
-        model = engine.models[s]
-        vector_to_parameters(params[s].detach().clone(), model.parameters())
-        b = torch.from_numpy(np.asarray(ind, dtype=np.int64))
-        out[k] = float(F.nll_loss(model(engine.train_x[s][b]), engine.train_y[s][b]))
-    return out

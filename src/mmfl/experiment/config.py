@@ -135,7 +135,7 @@ TOP = {
     "name": Option(str, "experiment", "", "Experiment name (used in logs and the summary)."),
     "seed": Option(int, 0, ">= 0", "Root seed; every random stream derives from it."),
     "rounds": Option(int, 20, ">= 1", "Number of communication rounds."),
-    "engine": Option(str, "sequential", "", "Local-training engine (registry kind 'engine')."),
+    "engine": Option(str, "vectorized", "", "Local-training engine (registry kind 'engine')."),
     "eval_every": Option(int, 1, ">= 1", "Evaluate every k rounds (the last round always)."),
     "threads": Option(int, 1, "1..256", "torch intra-op threads of the engine process."),
     "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
