@@ -28,7 +28,7 @@ KINDS = ("dataset", "model", "sampler", "aggregator", "engine")
 _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "dataset": ("mmfl.tasks.datasets",),
     "model": ("mmfl.tasks.models",),
-    "sampler": ("mmfl.core.allocators", "mmfl.core.variance_reduced"),
+    "sampler": ("mmfl.core.allocators", "mmfl.core.variance_reduced", "mmfl.core.group"),
     "aggregator": ("mmfl.core.aggregation", "mmfl.core.stale"),
     "engine": ("mmfl.engines",),
 }

@@ -1,0 +1,504 @@
+"""Group-based client sampling (ALGORITHMS.md section 7, "group-based (VTC 2025)") - a PROTOTYPE.
+
+The VTC 2025-Spring paper "Group-based Client Sampling in MMFL" was not reachable; its exact
+published rule is unknown. What is implemented here is the prototype that ALGORITHMS.md
+describes, with every missing detail filled in by a simple, documented choice:
+
+1. **Grouping (once).** On the first call of :meth:`GroupAllocator.allocate` that sees an
+   available client, the available clients are split into G groups (option ``groups``, default
+   S) and the result is cached (and checkpointed by ``state_dict``). Clients never regroup.
+
+   * ``grouping = "label"`` (the authors' prototype groups clients by majority label). The core
+     sees no labels, so the label is approximated by the client's *majority task*: the argmax of
+     its data profile (option ``profile``: ``"data_weight"``, row d_{i,:}, the client's share of
+     each model's data - the default, because raw counts put almost every client in the group
+     of the model with the largest per-client datasets - or ``"samples"``, the normalised row
+     n_{i,:}). Ties go to the lowest task index. Task s owns the groups
+     {g : g mod S = s} (when G >= S; several groups per task are filled round robin in client
+     order) or group s mod G (when G < S, tasks share groups).
+   * ``grouping = "similarity"``: k-means (``iterations`` Lloyd steps, k-means++ start from
+     ``mmfl.rng.stream(seed, "group-kmeans")``) on per-client feature vectors: the client's row
+     of local losses f_{i,s}(w_s^t) (``state.signals.local_loss``, NaN/unheld entries 0)
+     normalised to sum 1, when the runner measured them; otherwise (or for a client without a
+     positive loss) the data profile above. A cluster that empties is refilled with the point
+     farthest from its centre, so no group is empty while N >= G.
+
+2. **Late clients.** A client unavailable when the groups were formed has group -1 (and p = 0,
+   like every unavailable client). The first time it is available it joins the *nearest* group,
+   without regrouping anyone: in ``label`` mode the least-populated group of its majority task;
+   in ``similarity`` mode the group whose k-means centre is nearest (Euclidean) to its feature.
+
+3. **Rotating buffer.** A cyclic buffer (array of model indices) maps groups to models:
+   in round t group g serves ``buffer[(g + t + phase) mod L]``. It starts as the active models
+   in index order with phase such that group g serves model (g + t) mod S when all S models are
+   active from the first round (e.g. N = 6, S = 2, G = 2: rounds 0, 1, 2 map groups (0, 1) to
+   models (0, 1), (1, 0), (0, 1)). When models change (``state.task_active``):
+
+   * a model that stops is removed from the buffer;
+   * models that join (active, not in the buffer) enter at the FRONT: the buffer is rebuilt as
+     ``newcomers + (the old buffer read cyclically from the entry group 0 would serve now)``
+     and the phase is reset so that group 0 serves the buffer's first entry this round. So a
+     newcomer is trained from its join round on (by group 0, the next by group 1, ...). When
+     several models join at once their order is an alpha-fair draw without replacement
+     (:func:`~mmfl.core.allocators.fedfair_distribution` on ``state.task_losses``, option
+     ``alpha``; stream ``(seed, "group-join", t)``): the worse a newcomer's loss, the likelier it
+     is served first. A model that rejoins counts as a newcomer.
+
+   With L models in the buffer, every group serves every model exactly once in any L
+   consecutive rounds (for a fixed buffer).
+
+4. **Within a group.** Let E_g be the processors of group g's available clients that hold the
+   group's model s_g (their "schedulable" processors) and E = sum_g E_g. Group g gets the budget
+   share m_g = m * E_g / E, and
+
+   * ``within = "uniform"`` (default): each schedulable processor trains s_g with
+     probability q_b = min(1, m_g / E_g) = min(1, m / E); sum_b q_b = min(m, E).
+   * ``within = "optimal"``: section 4's closed form
+     (:func:`~mmfl.core.probabilities.optimal_probabilities_info`) over the group's LVR scores
+     U_{s_g, b} = d_{i,s_g} f_{i,s_g}(w^t) / B_i with budget m_g. ``requires`` is then
+     {"local_loss"}: the runner probes the loss of the served pairs only (one forward pass per
+     schedulable pair, not per eligible pair). A served pair whose loss is missing gets the mean
+     known loss of its group for that model (1 if none is known). A group whose m_g exceeds its
+     positive-score processors uses them all with q = 1 (the round's note says so).
+
+**What the probabilities are unbiased for.** ``Assignment.probabilities`` (and each slot's
+``probability``) is the TRUE inclusion probability p_{s|b} of this round, so the default
+``unbiased`` aggregator (section 3) has expectation
+
+    E[update_s(t)] = sum_{i in C_s(t)} d_{i,s} G_{i,s},   C_s(t) = available clients of the
+                                                           groups serving s in round t
+
+(for ``within = "optimal"``: of those with a positive score) - the group's data-weighted
+update, NOT the full-participation update sum_i d_{i,s} G_{i,s}. In one round the bias is
+- sum_{i not in C_s(t)} d_{i,s} G_{i,s}: the other groups' data is missing and the step is
+shorter (its weights sum to D_s(t) = sum_{i in C_s(t)} d_{i,s} < 1) and tilted toward the serving
+groups' data. Rotation averages this out: over any L consecutive rounds with a fixed buffer and
+availability, each group serves s exactly once, so the expected updates of those rounds sum to
+one full-participation update (each evaluated at the iterate of its round). Per round a model
+therefore moves about 1/L as far as under full participation; raise the server learning rate
+(about L) to compensate, or use the ``average`` aggregator, which renormalises by the sampled
+group data (and is biased differently).
+
+Everything is pure numpy; randomness comes only from the ``rng`` argument of
+:meth:`GroupAllocator.allocate` (the draw) and from ``mmfl.rng.stream(seed, ...)`` (k-means start,
+join order). No function mutates its inputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mmfl.core.allocators import Allocator, draw, fedfair_distribution
+from mmfl.core.probabilities import optimal_probabilities_info
+from mmfl.registry import Option, register
+from mmfl.rng import stream
+from mmfl.types import Assignment, Population, RoundState
+
+__all__ = ["GroupAllocator", "kmeans", "label_groups", "task_groups"]
+
+
+# --------------------------------------------------------------------------------------------
+# Grouping helpers
+# --------------------------------------------------------------------------------------------
+
+
+def task_groups(task: int, num_tasks: int, num_groups: int) -> np.ndarray:
+    """The groups owned by majority task ``task`` under ``label`` grouping: (k,) int.
+
+    {g < G : g mod S = task} when that is not empty (G >= S gives every task >= 1 group),
+    otherwise {task mod G} (G < S: tasks share groups). Example: S = 2, G = 5 -> task 0 owns
+    (0, 2, 4), task 1 owns (1, 3); S = 3, G = 2 -> tasks 0, 1, 2 map to groups 0, 1, 0.
+    """
+    own = np.arange(task, num_groups, max(num_tasks, 1))
+    return own if own.size else np.array([task % num_groups])
+
+
+def label_groups(profile: np.ndarray, num_groups: int) -> np.ndarray:
+    """Majority-task grouping (the ``label`` prototype): (k,) int group of each row.
+
+    Args:
+        profile: (k, S) float >= 0, data profile of k clients (rows need not be normalised).
+        num_groups: G >= 1.
+
+    Returns:
+        (k,) int in [0, G). Row j has majority task s = argmax profile[j] (lowest index on ties,
+        task 0 for an all-zero row); the clients of task s are spread round robin, in row order,
+        over :func:`task_groups` (s).
+    """
+    x = np.asarray(profile, dtype=np.float64)
+    k, s_count = x.shape
+    major = np.argmax(x, axis=1) if s_count else np.zeros(k, np.int64)
+    out = np.zeros(k, np.int64)
+    for s in np.unique(major):
+        rows = np.flatnonzero(major == s)
+        own = task_groups(int(s), max(s_count, 1), num_groups)
+        out[rows] = own[np.arange(rows.size) % own.size]
+    return out
+
+
+def kmeans(
+    x: np.ndarray, k: int, rng: np.random.Generator, iterations: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd's k-means with a k-means++ start and a fixed number of iterations.
+
+    Args:
+        x: (n, F) float features (not mutated).
+        k: number of clusters, >= 1.
+        rng: generator for the k-means++ start (the only randomness).
+        iterations: Lloyd steps (assign, then recompute centres), >= 1.
+
+    Returns:
+        (labels (n,) int in [0, k), centres (k, F) float). When n >= k no cluster is empty: after
+        each assignment an empty cluster takes the point farthest from its centre among clusters
+        with >= 2 members. When n < k, point j is cluster j and clusters n..k-1 are empty (their
+        centres are +inf so nothing is ever nearest to them).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n, f = x.shape
+    centres = np.full((k, f), np.inf)
+    if n == 0:
+        return np.zeros(0, np.int64), centres
+    if n <= k:
+        centres[:n] = x
+        return np.arange(n, dtype=np.int64), centres
+    # k-means++: first centre uniform, then proportional to the squared distance to the nearest.
+    centres[0] = x[rng.integers(n)]
+    d2 = np.sum((x - centres[0]) ** 2, axis=1)
+    for c in range(1, k):
+        tot = d2.sum()
+        j = int(rng.choice(n, p=d2 / tot)) if tot > 0 else int(rng.integers(n))
+        centres[c] = x[j]
+        d2 = np.minimum(d2, np.sum((x - centres[c]) ** 2, axis=1))
+    labels = np.zeros(n, np.int64)
+    for _ in range(max(int(iterations), 1)):
+        dist = np.sum((x[:, None, :] - centres[None, :, :]) ** 2, axis=2)
+        labels = np.argmin(dist, axis=1)
+        own = dist[np.arange(n), labels]
+        for c in range(k):
+            if (labels == c).any():
+                continue
+            sizes = np.bincount(labels, minlength=k)
+            movable = sizes[labels] >= 2
+            j = int(np.argmax(np.where(movable, own, -1.0)))
+            labels[j] = c
+            own[j] = 0.0
+        for c in range(k):
+            centres[c] = x[labels == c].mean(axis=0)
+    return labels, centres
+
+
+# --------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------
+
+
+@register(
+    "sampler",
+    "group",
+    options={
+        "groups": Option(int, 0, ">= 0", "number of client groups G; 0 = number of tasks S"),
+        "grouping": Option(str, "label", "one of label|similarity",
+                           "label: by majority task (stands in for the authors' majority label; "
+                           "the core sees no labels); similarity: k-means on normalised local "
+                           "losses (data profile when no losses are measured)"),
+        "profile": Option(str, "data_weight", "one of data_weight|samples",
+                          "client data profile for label grouping and the similarity fallback: "
+                          "d_{i,:} (share of each model's data) or n_{i,:} normalised"),
+        "within": Option(str, "uniform", "one of uniform|optimal",
+                         "sampling inside a group: uniform, or section 4's optimum over LVR "
+                         "scores (probes the served pairs' local losses)"),
+        "alpha": Option(float, 3.0, ">= 0",
+                        "alpha-fair exponent of the order in which joining models enter the "
+                        "rotation"),
+        "iterations": Option(int, 20, ">= 1", "k-means iterations (similarity grouping)"),
+    },
+    doc="Group-based sampling (VTC 2025 prototype): client groups rotate over the models.",
+)
+class GroupAllocator(Allocator):
+    """Group-based client sampling, the PROTOTYPE of VTC 2025 (ALGORITHMS.md section 7).
+
+    See the module docstring for the full rule and for what the unbiased aggregator estimates
+    (the serving group's data-weighted update, not the full-participation one; rotation averages
+    it over rounds). The exact published rule was not reachable.
+
+    State (checkpointed as numpy arrays by :meth:`state_dict`): ``groups`` (N,) int group of each
+    client (-1 = not yet seen available), ``centres`` (G, S) float k-means centres (similarity),
+    ``buffer`` (L,) int the rotation, ``phase`` and flags. Options: see the registry entry.
+    """
+
+    needs_task_losses = True
+
+    def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
+        super().__init__(options, population, seed)
+        o = self.options
+        s_count = population.num_tasks
+        self.num_groups = int(o.get("groups", 0) or 0) or max(s_count, 1)
+        self.grouping = str(o.get("grouping", "label"))
+        self.within = str(o.get("within", "uniform"))
+        self.profile_kind = str(o.get("profile", "data_weight"))
+        self.alpha = float(o.get("alpha", 3.0))
+        self.iterations = int(o.get("iterations", 20))
+        for name, value, allowed in (("grouping", self.grouping, ("label", "similarity")),
+                                     ("within", self.within, ("uniform", "optimal")),
+                                     ("profile", self.profile_kind, ("data_weight", "samples"))):
+            if value not in allowed:
+                raise ValueError(f"group sampler: {name} must be one of {allowed}, got {value!r}")
+        need_loss = self.within == "optimal" or self.grouping == "similarity"
+        self.requires = frozenset({"local_loss"}) if need_loss else frozenset()
+        n = population.num_clients
+        self.groups = np.full(n, -1, np.int64)
+        self.centres = np.full((self.num_groups, s_count), np.inf)
+        self.grouped = False
+        self.loss_features = False
+        self.buffer = np.zeros(0, np.int64)
+        self.phase = 0
+        self.started = False
+
+    # -- features ---------------------------------------------------------------------------
+    def profile(self, population: Population) -> np.ndarray:
+        """(N, S) float: each client's data profile, rows summing to 1 (0 for empty rows)."""
+        base = (population.data_weight if self.profile_kind == "data_weight"
+                else population.n_samples.astype(np.float64))
+        tot = base.sum(axis=1, keepdims=True)
+        return np.divide(base, tot, out=np.zeros(base.shape), where=tot > 0)
+
+    def features(self, state: RoundState) -> tuple[np.ndarray, np.ndarray]:
+        """((N, S) features, (N,) bool "row is a loss row") for similarity grouping.
+
+        A row is the client's local losses (``state.signals.local_loss``; NaN and unheld entries
+        count 0) normalised to sum 1 when it has a positive entry, else its data profile.
+        """
+        prof = self.profile(state.population)
+        loss = state.signals.local_loss
+        if loss is None:
+            return prof, np.zeros(prof.shape[0], bool)
+        lv = np.where(state.population.holds, np.nan_to_num(np.asarray(loss, np.float64),
+                                                            nan=0.0, posinf=0.0), 0.0)
+        lv = np.maximum(lv, 0.0)
+        tot = lv.sum(axis=1, keepdims=True)
+        has = tot[:, 0] > 0
+        x = np.where(has[:, None], lv / np.where(tot > 0, tot, 1.0), prof)
+        return x, has
+
+    # -- grouping ---------------------------------------------------------------------------
+    def _form_groups(self, state: RoundState) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(groups (N,), centres (G, S), used losses) for the clients available now (pure)."""
+        pop = state.population
+        avail = np.flatnonzero(np.asarray(state.available, bool))
+        groups = np.full(pop.num_clients, -1, np.int64)
+        centres = np.full((self.num_groups, pop.num_tasks), np.inf)
+        if self.grouping == "label":
+            groups[avail] = label_groups(self.profile(pop)[avail], self.num_groups)
+            return groups, centres, False
+        x, has = self.features(state)
+        rng = stream(self.seed, "group-kmeans")
+        labels, centres = kmeans(x[avail], self.num_groups, rng, self.iterations)
+        groups[avail] = labels
+        return groups, centres, bool(has[avail].any())
+
+    def _place_new(self, state: RoundState, groups: np.ndarray) -> np.ndarray:
+        """Copy of ``groups`` with newly available ungrouped clients in their nearest group."""
+        new = np.flatnonzero(np.asarray(state.available, bool) & (groups < 0))
+        if new.size == 0:
+            return groups
+        out = groups.copy()
+        if self.grouping == "label":
+            prof = self.profile(state.population)
+            s_count = max(state.population.num_tasks, 1)
+            for i in new.tolist():
+                major = int(np.argmax(prof[i])) if prof.shape[1] else 0
+                own = task_groups(major, s_count, self.num_groups)
+                sizes = np.bincount(out[out >= 0], minlength=self.num_groups)[own]
+                out[i] = int(own[int(np.argmin(sizes))])
+            return out
+        x, has = self.features(state)
+        if not self.loss_features:
+            x = self.profile(state.population)
+        finite = np.isfinite(self.centres).all(axis=1)
+        if not finite.any():  # no centre (cannot happen once grouped): fill empty groups
+            return out
+        dist = np.sum((x[new][:, None, :] - np.where(finite[:, None], self.centres, 0.0)) ** 2,
+                      axis=2)
+        dist[:, ~finite] = np.inf
+        out[new] = np.argmin(dist, axis=1)
+        return out
+
+    # -- rotation ---------------------------------------------------------------------------
+    def _active(self, state: RoundState) -> np.ndarray:
+        s_count = state.population.num_tasks
+        if state.task_active is None:
+            return np.ones(s_count, bool)
+        return np.asarray(state.task_active, bool)
+
+    def _rotation(self, state: RoundState) -> tuple[np.ndarray, int]:
+        """(buffer (L,), phase) for round ``state.round`` after joins and leaves (pure)."""
+        t = int(state.round)
+        active = self._active(state)
+        if not self.started:
+            buf = np.flatnonzero(active).astype(np.int64)
+            return buf, (-t) % max(buf.size, 1)
+        old = self.buffer
+        present = np.zeros(active.size, bool)
+        present[old] = True
+        joining = np.flatnonzero(active & ~present)
+        if joining.size == 0 and active[old].all():
+            return old, self.phase
+        if old.size:
+            p0 = (t + self.phase) % old.size
+            rolled = np.roll(old, -p0)
+            kept = rolled[active[rolled]]
+        else:
+            kept = old
+        if joining.size > 1:
+            losses = (np.ones(active.size) if state.task_losses is None
+                      else np.asarray(state.task_losses, np.float64))
+            rng = stream(self.seed, "group-join", t)
+            left = list(joining.tolist())
+            order = []
+            while left:
+                pi = fedfair_distribution(losses[left], self.alpha)
+                j = int(rng.choice(len(left), p=pi))
+                order.append(left.pop(j))
+            joining = np.array(order, np.int64)
+        buf = np.concatenate([joining, kept]).astype(np.int64)
+        return buf, (-t) % max(buf.size, 1)
+
+    @staticmethod
+    def _served(buffer: np.ndarray, phase: int, t: int, num_groups: int) -> np.ndarray:
+        if buffer.size == 0:
+            return np.full(num_groups, -1, np.int64)
+        return buffer[(np.arange(num_groups) + t + phase) % buffer.size]
+
+    def group_models(self, state: RoundState) -> np.ndarray:
+        """(G,) int: the model each group serves in round ``state.round`` (-1 = none)."""
+        buf, phase = self._rotation(state)
+        return self._served(buf, phase, int(state.round), self.num_groups)
+
+    def schedule(self, state: RoundState) -> np.ndarray:
+        """(N,) int: the model client i may train this round (-1: unavailable, not grouped,
+        no active model for its group, or it does not hold its group's model). Pure: uses the
+        cached groups (grouping happens in :meth:`allocate`)."""
+        groups = self._place_new(state, self.groups) if self.grouped else self.groups
+        return self._schedule(state, groups, self.group_models(state))
+
+    @staticmethod
+    def _schedule(state: RoundState, groups: np.ndarray, models: np.ndarray) -> np.ndarray:
+        served = np.where(groups >= 0, models[np.maximum(groups, 0)], -1)
+        ok = served >= 0
+        elig = state.eligible
+        ok[ok] = elig[np.flatnonzero(ok), served[ok]]
+        return np.where(ok, served, -1)
+
+    # -- runner hooks -----------------------------------------------------------------------
+    def probe_pairs(self, state: RoundState) -> np.ndarray:
+        """(N, S) bool pairs whose local loss the runner measures this round.
+
+        Before grouping (similarity or optimal): every eligible pair. Afterwards: the eligible
+        pairs of newly available clients (similarity: their feature) and, for ``within =
+        "optimal"``, the pairs each client is scheduled to serve (its LVR score).
+        """
+        elig = state.eligible
+        if not self.requires:
+            return np.zeros(elig.shape, bool)
+        if not self.grouped:
+            return elig.copy()
+        need = np.zeros(elig.shape, bool)
+        avail = np.asarray(state.available, bool)
+        new = avail & (self.groups < 0)
+        if self.grouping == "similarity":
+            need |= elig & new[:, None]
+        if self.within == "optimal":
+            sched = self.schedule(state)
+            i = np.flatnonzero(sched >= 0)
+            need[i, sched[i]] = True
+        return need & elig
+
+    # -- allocation -------------------------------------------------------------------------
+    def _optimal_column(self, state: RoundState, members: np.ndarray, s: int, m_g: float,
+                        ) -> tuple[np.ndarray, str]:
+        """(len(proc),) q of the group's schedulable processors and a note (section 4)."""
+        pop = state.population
+        loss = state.signals.local_loss
+        if loss is None:
+            raise ValueError("group sampler with within='optimal' needs signals.local_loss; "
+                             "run it through the runner")
+        f = np.asarray(loss, np.float64)[members, s]
+        f = np.where(np.isfinite(f), np.maximum(f, 0.0), np.nan)
+        if np.isnan(f).any():
+            known = f[~np.isnan(f)]
+            f = np.where(np.isnan(f), known.mean() if known.size else 1.0, f)
+        u_client = pop.data_weight[members, s] * f / pop.capacity[members]
+        u = np.repeat(u_client, pop.capacity[members])[:, None]
+        p, info = optimal_probabilities_info(u, m_g)
+        return p[:, 0], info["note"]
+
+    def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
+        """Group, rotate, and draw round ``state.round`` (see the module docstring).
+
+        Returns an :class:`Assignment` from :func:`~mmfl.core.allocators.draw` with the true
+        (P, S) matrix: p_{s|b} > 0 only for s = the model of b's group, b's client available and
+        holding s. ``probabilities.sum()`` is min(m, E) for ``uniform`` (E schedulable
+        processors), at most that for ``optimal``.
+        """
+        pop = state.population
+        avail = np.asarray(state.available, bool)
+        # commit grouping, late clients and the rotation (idempotent for a repeated round)
+        if not self.grouped and avail.any():
+            self.groups, self.centres, self.loss_features = self._form_groups(state)
+            self.grouped = True
+        elif self.grouped:
+            self.groups = self._place_new(state, self.groups)
+        self.buffer, self.phase = self._rotation(state)
+        self.started = True
+        t = int(state.round)
+        models = self._served(self.buffer, self.phase, t, self.num_groups)
+        sched = self._schedule(state, self.groups, models)
+
+        p = np.zeros((pop.num_processors, pop.num_tasks))
+        proc_client = pop.processor_client
+        proc_model = sched[proc_client]
+        proc_ok = proc_model >= 0
+        e_total = int(proc_ok.sum())
+        m = float(state.budget)
+        notes = ["groups->models " + ",".join(str(int(s)) for s in models)]
+        if e_total and m > 0:
+            if self.within == "uniform":
+                b = np.flatnonzero(proc_ok)
+                p[b, proc_model[b]] = min(1.0, m / e_total)
+            else:
+                proc_group = self.groups[proc_client]
+                for g in range(self.num_groups):
+                    b = np.flatnonzero(proc_ok & (proc_group == g))
+                    if b.size == 0:
+                        continue
+                    s = int(models[g])
+                    members = np.flatnonzero((self.groups == g) & (sched == s))
+                    q, note = self._optimal_column(state, members, s, m * b.size / e_total)
+                    p[b, s] = q  # members ascending, processors contiguous: same order as b
+                    if note:
+                        notes.append(f"group {g}: {note}")
+        expected = float(p.sum())
+        if expected < m - 1e-9:
+            notes.append(f"expected slots {expected:.4g} < m={m:g} ({e_total} schedulable "
+                         "processors)")
+        return draw(p, pop, rng, note="; ".join(notes))
+
+    # -- checkpoint -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Groups, k-means centres, rotation buffer and phase, flags: numpy arrays only."""
+        return {
+            "groups": self.groups.copy(),
+            "centres": self.centres.copy(),
+            "buffer": self.buffer.copy(),
+            "phase": np.array([self.phase], np.int64),
+            "flags": np.array([self.grouped, self.loss_features, self.started], bool),
+        }
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        """Restore what :meth:`state_dict` returned (arrays are copied)."""
+        self.groups = np.array(state["groups"], np.int64)
+        self.centres = np.array(state["centres"], np.float64)
+        self.buffer = np.array(state["buffer"], np.int64).reshape(-1)
+        self.phase = int(np.asarray(state["phase"]).reshape(-1)[0])
+        flags = np.asarray(state["flags"], bool).reshape(-1)
+        self.grouped, self.loss_features, self.started = (bool(x) for x in flags[:3])
