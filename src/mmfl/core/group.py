@@ -311,7 +311,7 @@ class GroupAllocator(Allocator):
                 sizes = np.bincount(out[out >= 0], minlength=self.num_groups)[own]
                 out[i] = int(own[int(np.argmin(sizes))])
             return out
-        x, has = self.features(state)
+        x = self.features(state)[0]
         if not self.loss_features:
             x = self.profile(state.population)
         finite = np.isfinite(self.centres).all(axis=1)
