@@ -25,7 +25,10 @@ from mmfl.core.aggregation import Aggregator, unbiased_plan
 from mmfl.registry import Option, register
 from mmfl.types import AggregationPlan, Assignment, Population, RoundState
 
-B0 = Option(float, 1.0, "0..1", "beta of a pair right after it was active (StaleVRE's b0)")
+B0 = Option(float, 0.9, "0..1",
+            "beta of a pair right after it was active (StaleVRE's b0; 0.9 as in the authors' "
+            "one-model-per-client code: with 1.0 a pair whose beta never decays scores 0 and "
+            "is never sampled again)")
 BETA = Option(float, 0.5, "0..1", "fixed stale-update coefficient beta (FedStale)")
 
 
@@ -120,7 +123,7 @@ class StaleVREAggregator(StaleAggregator):
 
     @property
     def b0(self) -> float:
-        return float(self.options.get("b0", 1.0))
+        return float(self.options.get("b0", B0.default))
 
     def beta(self, state):
         dt = state.round - self.last
