@@ -28,7 +28,8 @@ KINDS = ("dataset", "model", "sampler", "aggregator", "engine")
 _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "dataset": ("mmfl.tasks.datasets",),
     "model": ("mmfl.tasks.models",),
-    "sampler": ("mmfl.core.allocators", "mmfl.core.variance_reduced", "mmfl.core.group"),
+    "sampler": ("mmfl.core.allocators", "mmfl.core.variance_reduced", "mmfl.core.group",
+                "mmfl.core.scaffold"),
     "aggregator": ("mmfl.core.aggregation", "mmfl.core.stale"),
     "engine": ("mmfl.engines",),
 }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 
 import numpy as np
 import pytest
@@ -241,3 +242,103 @@ def test_probe_losses_match_per_client_loop(federation):
     # after training the probe changes; still equal to the loop
     out = eng.train(params, clients[:6], tasks[:6], 0)
     assert out.steps.sum() > 0
+
+
+# -- SCAFFOLD corrections (Engine.train(..., corrections=...)) ------------------------------------
+
+def _corrections(eng, tasks, scale=0.05, seed=0):
+    """Random (U_s, D_s) corrections r = c_s - c_{i,s} for the pairs of each task."""
+    gen = torch.Generator().manual_seed(seed)
+    dims = eng.num_parameters()
+    return {s: scale * torch.randn((int((tasks == s).sum()), dims[s]), generator=gen)
+            for s in np.unique(tasks).tolist()}
+
+
+@pytest.mark.parametrize("engine", ["sequential", *ENGINES, *MAKERS])
+def test_zero_corrections_equal_plain_training_exactly(federation, engine):
+    eng = _make(engine, federation, 4)
+    params = eng.init_params()
+    clients, tasks = _all_pairs(federation)
+    plain = eng.train(params, clients, tasks, 1)
+    zero = {s: torch.zeros_like(g) for s, g in plain.updates.items()}
+    corrected = eng.train(params, clients, tasks, 1, corrections=zero)
+    np.testing.assert_array_equal(plain.steps, corrected.steps)
+    np.testing.assert_array_equal(plain.train_loss, corrected.train_loss)
+    for s in plain.updates:
+        assert torch.equal(plain.updates[s], corrected.updates[s]), s
+
+
+@pytest.mark.parametrize("engine", ENGINES + list(MAKERS))
+@pytest.mark.parametrize("round", [0, 3])
+def test_train_with_corrections_matches_sequential(federation, engine, round):
+    fed = federation
+    seq, other = _make("sequential", fed, 11), _make(engine, fed, 11)
+    params = seq.init_params()
+    clients, tasks = _all_pairs(fed)
+    corr = _corrections(seq, tasks, seed=round)
+    plain = seq.train(params, clients, tasks, round)
+    a = seq.train(params, clients, tasks, round, corrections=corr)
+    b = other.train(params, clients, tasks, round, corrections=corr)
+    np.testing.assert_array_equal(a.steps, b.steps)
+    np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=0, atol=PARAM_TOL)
+    for s in a.updates:
+        err = float((a.updates[s] - b.updates[s]).abs().max())
+        assert err <= PARAM_TOL, f"task {s}: max |dG| = {err}"
+        # the corrections matter: the updates move by about lr * K * r
+        assert float((a.updates[s] - plain.updates[s]).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("engine", ["sequential", *ENGINES])
+def test_single_step_correction_is_lr_times_r(federation, engine):
+    """One full-batch step: G = lr (g(w) + r), so G_corrected - G_plain = lr * r."""
+    fed = dataclasses.replace(federation, tasks=tuple(
+        dataclasses.replace(td, config=dataclasses.replace(td.config, local_epochs=1,
+                                                           batch_size=10_000))
+        for td in federation.tasks))
+    eng = _make(engine, fed, 2)
+    params = eng.init_params()
+    clients, tasks = _all_pairs(fed)
+    corr = _corrections(eng, tasks, seed=9)
+    plain = eng.train(params, clients, tasks, 0)
+    corrected = eng.train(params, clients, tasks, 0, corrections=corr)
+    assert (corrected.steps == 1).all()
+    for s, r in corr.items():
+        lr = fed.tasks[s].config.lr
+        np.testing.assert_allclose(corrected.updates[s] - plain.updates[s], lr * r,
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_client_chunks_with_corrections(federation, monkeypatch, fast_path):
+    """Each client keeps its own correction when its task's clients are trained in chunks."""
+    import mmfl.engines.vectorized as vec
+
+    fed = federation
+    eng = VectorizedEngine(fed, seed=2, fast_path=fast_path)
+    params = eng.init_params()
+    clients, tasks = _all_pairs(fed)
+    order = np.random.default_rng(0).permutation(len(clients))  # pairs in arbitrary order
+    clients, tasks = clients[order], tasks[order]
+    corr = _corrections(eng, tasks, seed=5)
+    whole = eng.train(params, clients, tasks, 1, corrections=corr)
+    monkeypatch.setattr(vec, "STACK_BUDGET", 2 * min(p.numel() for p in params) * 3)
+    chunked = eng.train(params, clients, tasks, 1, corrections=corr)
+    ref = _make("sequential", fed, 2).train(params, clients, tasks, 1, corrections=corr)
+    for s in whole.updates:
+        assert float((whole.updates[s] - chunked.updates[s]).abs().max()) <= 1e-6
+        assert float((ref.updates[s] - chunked.updates[s]).abs().max()) <= PARAM_TOL
+
+
+@pytest.mark.parametrize("engine", ["sequential", *ENGINES])
+def test_corrections_must_match_the_pairs(federation, engine):
+    eng = _make(engine, federation, 0)
+    params = eng.init_params()
+    clients, tasks = _all_pairs(federation)
+    corr = _corrections(eng, tasks)
+    bad = dict(corr)
+    bad[0] = bad[0][1:]
+    with pytest.raises(ValueError, match=r"corrections\[0\] must have shape"):
+        eng.train(params, clients, tasks, 0, corrections=bad)
+    del bad[0]
+    with pytest.raises(ValueError, match="missing task 0"):
+        eng.train(params, clients, tasks, 0, corrections=bad)

@@ -38,15 +38,17 @@ def test_sampler_runs_and_accounts_costs(tmp_path, sampler):
             assert probes == eligible_pairs and scalars == probes and trainings == uploads
         elif sampler == "stalevre" and row["round"] == "1":
             assert trainings == eligible_pairs == uploads  # round 0 initialises every h
+        elif sampler == "scaffold":  # G and Delta c per active pair
+            assert probes == 0 and scalars == 0 and uploads == 2 * trainings
         else:
             assert probes == 0 and scalars == 0 and trainings == uploads
-        stale = sampler in ("stalevr", "stalevre", "fedvarp", "mifa", "fedstale")
+        stale = sampler in ("stalevr", "stalevre", "fedvarp", "mifa", "fedstale", "scaffold")
         assert (int(row["stale_bytes"]) > 0) == stale
     for task in summary["tasks"].values():
         assert np.isfinite(task["accuracy"]) and np.isfinite(task["loss"])
 
 
-@pytest.mark.parametrize("sampler", ["lvr", "stalevre", "stalevr", "fedstale"])
+@pytest.mark.parametrize("sampler", ["lvr", "stalevre", "stalevr", "fedstale", "scaffold"])
 def test_stateful_samplers_resume_exactly(tmp_path, sampler):
     overrides = ["sampler.freshness=0.5"] if sampler == "lvr" else []
     full = _cfg(tmp_path, sampler, rounds=5, overrides=overrides)

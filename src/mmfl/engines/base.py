@@ -86,8 +86,15 @@ class Engine:
         return [parameters_to_vector(m.parameters()).detach().clone() for m in self.models]
 
     def train(self, params: list[torch.Tensor], clients: np.ndarray, tasks: np.ndarray,
-              round: int) -> TrainOutput:
-        """Run local training (E_s epochs of SGD) for every (client, task) pair."""
+              round: int, corrections: dict[int, torch.Tensor] | None = None) -> TrainOutput:
+        """Run local training (E_s epochs of SGD) for every (client, task) pair.
+
+        ``corrections`` (SCAFFOLD's control variates, :mod:`mmfl.core.scaffold`): per task s in
+        ``tasks`` a (U_s, D_s) float32 tensor r_k = c_s - c_{i,s} for the pairs of task s in
+        their order in ``clients``/``tasks``; every local step of pair k then uses the corrected
+        gradient, y <- y - eta_s (g(y) + r_k). None (the default) is plain SGD; all-zero
+        corrections give exactly the same result.
+        """
         raise NotImplementedError
 
     def apply(self, params: list[torch.Tensor], out: TrainOutput, plan: AggregationPlan,
@@ -181,6 +188,25 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
 def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
     """A torch view of a dataset array (copied only when not contiguous, typed or writable)."""
     return torch.from_numpy(np.require(a, dtype, ["C_CONTIGUOUS", "WRITEABLE"]))
+
+
+def check_corrections(corrections: dict[int, torch.Tensor] | None, tasks: np.ndarray,
+                      dims: list[int]) -> dict[int, torch.Tensor] | None:
+    """Validate :meth:`Engine.train`'s ``corrections``: a (U_s, D_s) float32 tensor for every
+    task s among ``tasks``. Returns them (contiguous float32), or None."""
+    if corrections is None:
+        return None
+    tasks = np.asarray(tasks, np.int64)
+    out = {}
+    for s in np.unique(tasks).tolist():
+        if s not in corrections:
+            raise ValueError(f"corrections: missing task {s}")
+        r = corrections[s]
+        want = (int((tasks == s).sum()), dims[s])
+        if tuple(r.shape) != want:
+            raise ValueError(f"corrections[{s}] must have shape {want}, got {tuple(r.shape)}")
+        out[s] = r.detach().to(torch.float32).contiguous()
+    return out
 
 
 def check_finite(update: torch.Tensor, task: str, client: int, round: int) -> None:

@@ -4,6 +4,7 @@ Obviously correct on purpose: it is the oracle the faster engines are tested aga
 Batches: in local epoch e of round t, client i shuffles its indices with the e-th permutation
 drawn from ``stream(seed, "shuffle", t, i, s)`` and takes consecutive batches of ``batch_size``
 (the last one may be smaller; ``batch_size >= n_{i,s}`` is full-batch gradient descent).
+With SCAFFOLD corrections r = c_s - c_{i,s} every step is ``p <- p - lr * (grad + r)``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from mmfl.engines.base import Engine, TrainOutput, check_finite
+from mmfl.engines.base import Engine, TrainOutput, check_corrections, check_finite
 from mmfl.registry import register
 from mmfl.rng import stream
 
@@ -33,7 +34,9 @@ def local_batches(indices: np.ndarray, epochs: int, batch_size: int, seed: int, 
 class SequentialEngine(Engine):
     """Reference engine: trains the active pairs one after the other with plain PyTorch SGD."""
 
-    def train(self, params, clients, tasks, round):
+    def train(self, params, clients, tasks, round, corrections=None):
+        clients, tasks = np.asarray(clients, np.int64), np.asarray(tasks, np.int64)
+        corrections = check_corrections(corrections, tasks, self.num_parameters())
         updates: dict[int, list[torch.Tensor]] = {}
         losses = np.zeros(len(clients))
         steps = np.zeros(len(clients), dtype=np.int64)
@@ -43,6 +46,11 @@ class SequentialEngine(Engine):
             model = self.models[s]
             # clone: vector_to_parameters makes the parameters views of the vector it is given
             vector_to_parameters(params[s].clone(), model.parameters())
+            corr = None
+            if corrections is not None:  # r_k = c_s - c_{i,s}, one view per parameter
+                r = corrections[s][len(updates.get(s, []))]
+                corr = [v.view_as(p) for v, p in zip(
+                    torch.split(r, [p.numel() for p in model.parameters()]), model.parameters())]
             x, y = self.train_x[s], self.train_y[s]
             total = 0.0
             for batch in local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
@@ -52,8 +60,12 @@ class SequentialEngine(Engine):
                 loss = F.nll_loss(model(x[b]), y[b])
                 loss.backward()
                 with torch.no_grad():
-                    for p in model.parameters():
-                        p.sub_(cfg.lr * p.grad)
+                    if corr is None:
+                        for p in model.parameters():
+                            p.sub_(cfg.lr * p.grad)
+                    else:  # SCAFFOLD: y <- y - eta (g + c - c_i)
+                        for p, r in zip(model.parameters(), corr):
+                            p.sub_(cfg.lr * (p.grad + r))
                 total += float(loss.detach())
                 steps[k] += 1
             g = params[s] - parameters_to_vector(model.parameters()).detach()

@@ -1,4 +1,5 @@
-"""Storage of the last update h_{i,s} of every (client, task) pair (ALGORITHMS.md section 6).
+"""Storage of the last update h_{i,s} of every (client, task) pair (ALGORITHMS.md section 6),
+and of SCAFFOLD's control variates (:class:`ControlVariates`, the same per-pair row layout).
 
 Memory is O(sum_s holders_s * D_s): one row per client that holds task s, never for the others.
 Rows can be kept in float32 (exact), float16 (half the memory; h is an approximation anyway
@@ -86,3 +87,74 @@ class StaleStore:
             r[...] = state[f"h.{s}"]
         self.stored[...] = state["stored"]
         self.norm_sq[...] = state["norm_sq"]
+
+
+class ControlVariates:
+    """SCAFFOLD's control variates (:mod:`mmfl.core.scaffold`, ALGORITHMS.md section 6).
+
+    The client controls c_{i,s} live in a :class:`StaleStore` (one row per holder of s, same
+    ``dtype`` and on-disk options as the stale updates); the server controls c_s are S float32
+    vectors. All are zero at the start.
+
+    Args:
+        holds: (N, S) bool, which clients hold which tasks.
+        dims: (S,) parameter count D_s.
+        dtype: "float32" or "float16" storage of the c_{i,s}.
+        path: folder for memory-mapped c_{i,s} storage, or None (RAM).
+    """
+
+    def __init__(self, holds: np.ndarray, dims: list[int], *, dtype: str = "float32",
+                 path: str | Path | None = None):
+        self.clients = StaleStore(holds, dims, dtype=dtype, path=path)
+        self.server = [np.zeros(int(d), dtype=np.float32) for d in dims]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the client and server controls."""
+        return self.clients.nbytes + int(sum(c.nbytes for c in self.server))
+
+    def corrections(self, clients: np.ndarray, tasks: np.ndarray) -> dict[int, torch.Tensor]:
+        """Per task s among ``tasks``: the (U_s, D_s) float32 tensor c_s - c_{i,s} for the pairs
+        of task s in their order (the ``corrections`` argument of ``Engine.train``)."""
+        clients, tasks = np.asarray(clients, np.int64), np.asarray(tasks, np.int64)
+        out = {}
+        for s in np.unique(tasks).tolist():
+            c_i = self.clients.get(s, clients[tasks == s])
+            out[s] = torch.from_numpy(self.server[s]).unsqueeze(0) - c_i
+        return out
+
+    def update(self, out, lr: np.ndarray, data_weight: np.ndarray) -> None:
+        """After a round trained with :meth:`corrections`: option II client update and the
+        server step c_s <- c_s + sum_active d_{i,s} Delta c_{i,s}; stores c_{i,s}^+.
+
+        Args:
+            out: the round's :class:`~mmfl.engines.base.TrainOutput` (active pairs).
+            lr: (S,) local learning rates eta_s.
+            data_weight: (N, S) d_{i,s}.
+
+        Delta c is taken from the stored (dtype-rounded) c^+, so c_s = sum_i d_{i,s} c_{i,s}
+        holds up to float rounding even with float16 storage.
+        """
+        from mmfl.core.scaffold import control_update, server_control_step
+
+        for s in sorted(out.updates):
+            clients, g = out.pair_updates(s)
+            old = self.clients.get(s, clients).numpy()
+            new, _ = control_update(old, self.server[s], g.detach().numpy(),
+                                    out.steps[out.tasks == s], float(lr[s]))
+            stored = new.astype(self.clients.dtype)
+            self.clients.put(s, clients, torch.from_numpy(stored))
+            delta = stored.astype(np.float64) - old.astype(np.float64)
+            self.server[s] = server_control_step(
+                self.server[s], delta, data_weight[clients, s]).astype(np.float32)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Arrays for a checkpoint: the client store's (``h.<s>`` ...) and ``c.<s>``."""
+        out = self.clients.state_dict()
+        out.update({f"c.{s}": c for s, c in enumerate(self.server)})
+        return out
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.clients.load_state_dict({k: v for k, v in state.items() if not k.startswith("c.")})
+        for s in range(len(self.server)):
+            self.server[s] = np.array(state[f"c.{s}"], dtype=np.float32)

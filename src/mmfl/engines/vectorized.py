@@ -3,7 +3,9 @@
 Semantics are exactly those of the ``sequential`` oracle (ALGORITHMS.md section 2): client i of
 task s in round t sees the index batches of :func:`~mmfl.engines.sequential.local_batches`
 (same stream, same order, same number of steps, a smaller last batch per epoch) and takes plain
-SGD steps ``w <- w - lr * grad(mean nll over the batch)``. Only the arithmetic is batched.
+SGD steps ``w <- w - lr * grad(mean nll over the batch)`` (with SCAFFOLD corrections r_k,
+``w <- w - lr * (grad + r_k)``: the client's constant (D,) correction is added to its gradient
+at every step it takes). Only the arithmetic is batched.
 
 How unequal clients are handled (padding + masks, with the idle tail cut off):
 
@@ -44,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import vector_to_parameters
 
-from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_finite
+from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_corrections, check_finite
 from mmfl.engines.sequential import local_batches
 from mmfl.registry import register
 from mmfl.tasks.models import MLP, LogReg
@@ -156,14 +158,16 @@ class VectorizedEngine(Engine):
             log.debug("task %d: %s path", s, "batched-matmul" if layers else "vmap")
 
     # -- training -------------------------------------------------------------------------------
-    def train(self, params, clients, tasks, round):
+    def train(self, params, clients, tasks, round, corrections=None):
         """Local training of every (client, task) pair, all clients of a task at once.
 
         Same contract and results as :meth:`SequentialEngine.train` (pairs in any order; a
-        client without data takes no step and returns a zero update).
+        client without data takes no step and returns a zero update; SCAFFOLD
+        ``corrections`` are added to each client's gradient at each of its steps).
         """
         clients = np.asarray(clients, dtype=np.int64)
         tasks = np.asarray(tasks, dtype=np.int64)
+        corrections = check_corrections(corrections, tasks, self.num_parameters())
         losses = np.zeros(len(clients))
         steps = np.zeros(len(clients), dtype=np.int64)
         updates: dict[int, torch.Tensor] = {}
@@ -184,11 +188,13 @@ class VectorizedEngine(Engine):
                 part = by_size[a:a + chunk]
                 plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
                                   s, cfg.local_epochs, cfg.batch_size, self.seed, round)
-                if self._layers[s] is not None:
-                    new, loss_sum = self._train_linear(s, w, plan, cfg.lr)
-                else:
-                    new, loss_sum = self._train_generic(s, w, plan, cfg.lr)
                 rows = part[plan.order]
+                corr = (None if corrections is None
+                        else corrections[s][torch.from_numpy(pos_in_task[rows])])
+                if self._layers[s] is not None:
+                    new, loss_sum = self._train_linear(s, w, plan, cfg.lr, corr)
+                else:
+                    new, loss_sum = self._train_generic(s, w, plan, cfg.lr, corr)
                 G[pos_in_task[rows]] = w.unsqueeze(0) - new
                 steps[rows] = plan.steps
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
@@ -202,15 +208,16 @@ class VectorizedEngine(Engine):
                            steps=steps)
 
     @torch.no_grad()
-    def _train_linear(self, s: int, w: torch.Tensor, plan: BatchPlan,
-                      lr: float) -> tuple[torch.Tensor, np.ndarray]:
+    def _train_linear(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
+                      corr: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Hand-written batched SGD for Linear(-ReLU-Linear)* + log_softmax models.
 
         Per client k (batch X (b, d0), labels y, weights c = 1/b on real samples):
         z_l = a_{l-1} W_l^T + b_l, a_l = relu(z_l), logp = log_softmax(z_L);
         loss = -sum_j c_j logp[j, y_j]; dz_L = c (softmax(z_L) - onehot(y));
         dW_l = dz_l^T a_{l-1}, db_l = sum_j dz_l, dz_{l-1} = (dz_l W_l) * [a_{l-1} > 0].
-        The update is ``W -= lr * dW`` as in the sequential engine, after dz_{l-1} is formed.
+        The update is ``W -= lr * dW`` as in the sequential engine, after dz_{l-1} is formed;
+        with SCAFFOLD corrections ``corr`` ((K, D) in ``plan.order``) ``W -= lr * (dW + r_W)``.
 
         Returns:
             (K, D) trained flat parameters (in ``plan.order``) and (K,) summed batch losses.
@@ -218,13 +225,18 @@ class VectorizedEngine(Engine):
         layers = self._layers[s]
         K = len(plan.order)
         Ws, bs = [], []
+        rW: list[torch.Tensor | None] = []
+        rb: list[torch.Tensor | None] = []
         off = 0
         for lin in layers:
             o, i = lin.weight.shape
             # stored transposed, (K, in, out): the forward matmul then reads it contiguously
             Ws.append(w[off:off + o * i].view(o, i).t().expand(K, i, o).contiguous())
+            rW.append(None if corr is None
+                      else corr[:, off:off + o * i].view(K, o, i).transpose(1, 2).contiguous())
             off += o * i
             bs.append(w[off:off + o].view(1, o).repeat(K, 1))
+            rb.append(None if corr is None else corr[:, off:off + o])
             off += o
         X = self.train_x[s].reshape(len(self.train_x[s]), -1)
         labels = self.train_y[s][plan.idx].unsqueeze(3)  # (T, K, Bm, 1)
@@ -250,8 +262,12 @@ class VectorizedEngine(Engine):
             for l in range(L - 1, -1, -1):
                 prev, Wt = acts[l], Ws[l][:k]
                 dprev = torch.bmm(dz, Wt.transpose(1, 2)) if l > 0 else None
-                Wt.sub_(torch.bmm(prev.transpose(1, 2), dz).mul_(lr))
-                bs[l][:k].sub_(dz.sum(1).mul_(lr))
+                dW, db = torch.bmm(prev.transpose(1, 2), dz), dz.sum(1)
+                if corr is not None:  # SCAFFOLD: g + c - c_i
+                    dW.add_(rW[l][:k])
+                    db.add_(rb[l][:k])
+                Wt.sub_(dW.mul_(lr))
+                bs[l][:k].sub_(db.mul_(lr))
                 if l > 0:
                     dz = torch.ops.aten.threshold_backward(dprev, prev, 0)  # relu'
         new = torch.cat([t for Wt, b in zip(Ws, bs)
@@ -272,16 +288,20 @@ class VectorizedEngine(Engine):
             self._grad_fns[s] = vmap(grad_and_value(loss))
         return self._grad_fns[s]
 
-    def _train_generic(self, s: int, w: torch.Tensor, plan: BatchPlan,
-                       lr: float) -> tuple[torch.Tensor, np.ndarray]:
-        """vmap(grad(functional_call)) SGD for any model; same returns as :meth:`_train_linear`."""
+    def _train_generic(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
+                       corr: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """vmap(grad(functional_call)) SGD for any model; same arguments and returns as
+        :meth:`_train_linear`."""
         model = self.models[s]
         K = len(plan.order)
         P: dict[str, torch.Tensor] = {}
+        R: dict[str, torch.Tensor] = {}
         off = 0
         for name, p in model.named_parameters():
             n = p.numel()
             P[name] = w[off:off + n].view(1, *p.shape).repeat(K, *([1] * p.dim()))
+            if corr is not None:
+                R[name] = corr[:, off:off + n].reshape(K, *p.shape)
             off += n
         fn = self._grad_fn(s)
         X, Y = self.train_x[s], self.train_y[s]
@@ -295,7 +315,8 @@ class VectorizedEngine(Engine):
             g, value = fn({n: v[:k] for n, v in P.items()}, xb, yb, plan.weight[t, :k])
             with torch.no_grad():
                 for n, v in P.items():
-                    v[:k].sub_(g[n].mul_(lr))
+                    gn = g[n].add_(R[n][:k]) if R else g[n]  # SCAFFOLD: g + c - c_i
+                    v[:k].sub_(gn.mul_(lr))
                 loss_acc[:k] += value
         with torch.no_grad():
             new = torch.cat([v.reshape(K, -1) for v in P.values()], dim=1)

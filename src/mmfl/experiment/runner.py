@@ -4,8 +4,10 @@ One loop drives every engine. Per round t (0-based; files count completed rounds
 
 1. ``RoundState`` from the population, budget m, availability mask, latest task losses;
 2. ``allocator.allocate(state, rng=stream(seed, "allocate", t))`` -> Assignment;
-3. ``engine.train`` on the unique active (client, task) pairs -> updates G;
-4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models;
+3. ``engine.train`` on the unique active (client, task) pairs -> updates G (for SCAFFOLD,
+   with the control-variate corrections c_s - c_{i,s});
+4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models; stale updates
+   h and SCAFFOLD's control variates are updated from the round's G;
 5. evaluation every ``eval_every`` rounds (and the last), rows appended to the run directory,
    checkpoint every ``checkpoint_every`` rounds (and the last).
 """
@@ -157,6 +159,13 @@ class Runner:
             self.store = StaleStore(
                 pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
                 path=(self.out / "stale") if cfg.stale_on_disk else None)
+        self.controls = None  # SCAFFOLD's c_{i,s} and c_s (mmfl.core.scaffold)
+        if "control_variates" in self.allocator.requires:
+            from mmfl.engines.stale import ControlVariates
+
+            self.controls = ControlVariates(
+                pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
+                path=(self.out / "controls") if cfg.stale_on_disk else None)
 
     def _availability(self, t: int) -> np.ndarray:
         """(N,) bool: online this round (random availability, late joiners, leavers)."""
@@ -182,7 +191,20 @@ class Runner:
 
     def _stateful(self) -> list[tuple[str, object]]:
         objs = [("allocator", self.allocator), ("aggregator", self.aggregator)]
-        return objs + ([("stale", self.store)] if self.store is not None else [])
+        objs += [("stale", self.store)] if self.store is not None else []
+        return objs + ([("controls", self.controls)] if self.controls is not None else [])
+
+    def _state_bytes(self) -> int:
+        """Server memory of per-pair state: stale updates h plus SCAFFOLD control variates."""
+        return sum(x.nbytes for x in (self.store, self.controls) if x is not None)
+
+    def _train(self, st: _State, clients: np.ndarray, tasks: np.ndarray, t: int):
+        """``engine.train`` of the pairs, with SCAFFOLD's corrections c_s - c_{i,s} when the
+        sampler keeps control variates."""
+        if self.controls is None:
+            return self.engine.train(st.params, clients, tasks, t)
+        return self.engine.train(st.params, clients, tasks, t,
+                                 corrections=self.controls.corrections(clients, tasks))
 
     # -- checkpoint --------------------------------------------------------------------------
     def _save(self, st: _State) -> None:
@@ -281,7 +303,7 @@ class Runner:
             extra["probes"] = len(clients)
         if "updates" in req:
             clients, tasks = _pairs_of(state.eligible)
-            full = self.engine.train(st.params, clients, tasks, t)
+            full = self._train(st, clients, tasks, t)
             norm = np.full(pop.n_samples.shape, np.nan)
             for s, g in full.updates.items():
                 norm[full.clients[full.tasks == s], s] = g.double().norm(dim=1).numpy() / lr[s]
@@ -320,7 +342,7 @@ class Runner:
             width = pop.num_clients
             out = full.subset(np.isin(full.tasks * width + full.clients, tasks * width + clients))
         else:
-            out = self.engine.train(st.params, clients, tasks, t)
+            out = self._train(st, clients, tasks, t)
         if self.store is not None and extra["full"] is None:  # <G, h_old> of the active pairs
             post = dataclasses.replace(state.signals, stale_dot=self._stale_dots(out))
             state = dataclasses.replace(state, signals=post)
@@ -329,6 +351,8 @@ class Runner:
         if self.store is not None:
             for s in out.updates:
                 self.store.put(s, *out.pair_updates(s))
+        if self.controls is not None:  # SCAFFOLD option II, c_s += sum d Delta c_i
+            self.controls.update(out, self._task_lr, pop.data_weight)
         t_train = time.perf_counter()
 
         last = t + 1 == cfg.rounds
@@ -340,6 +364,8 @@ class Runner:
         t_eval = time.perf_counter()
 
         cost = round_cost(assignment, full_computation=extra["full_pairs"], probes=extra["probes"])
+        if self.controls is not None:  # SCAFFOLD uploads G and Delta c: two vectors per pair
+            cost = dataclasses.replace(cost, model_uploads=2 * cost.model_uploads)
         st.cost = st.cost + cost
         trained = extra["full"] if extra["full"] is not None else out
         steps = int(trained.steps.sum())
@@ -365,7 +391,7 @@ class Runner:
             "round": t + 1, "available": int(available.sum()), "budget": self.federation.budget,
             "expected_slots": assignment.expected_slots, "slots": assignment.num_slots,
             **cost.as_dict(), "local_steps": steps,
-            "stale_bytes": self.store.nbytes if self.store is not None else 0,
+            "stale_bytes": self._state_bytes(),
             "mean_accuracy": fair.get("mean"), "min_accuracy": fair.get("min"),
             "max_min": fair.get("max_min"), "variance": fair.get("variance"),
             "note": assignment.note,
@@ -413,7 +439,7 @@ class Runner:
                 for s, name in enumerate(pop.task_names)
             },
             "cost": {**st.cost.as_dict(), "local_steps": st.local_steps,
-                     "stale_memory_bytes": self.store.nbytes if self.store is not None else 0},
+                     "stale_memory_bytes": self._state_bytes()},
             "budget": self.federation.budget, "clients": pop.num_clients,
             "processors": pop.num_processors,
         })
