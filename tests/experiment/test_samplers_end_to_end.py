@@ -85,3 +85,20 @@ def test_clients_and_models_join_and_leave(tmp_path, sampler):
     # an inactive model's parameters do not move: its loss is unchanged in its inactive rounds
     loss = {int(r["round"]): r["loss"] for r in res.metrics if r["task"] == "digits"}
     assert loss[5] == loss[6]
+
+
+def test_every_sampler_runs_on_the_quickstart(tmp_path):
+    """The shipped quickstart (or its offline twin without Fashion-MNIST), 2 rounds per sampler."""
+    from pathlib import Path
+
+    from testkit import ROOT
+
+    fm = Path("/usr/share/datasets/fashion-mnist")
+    name = "quickstart.toml" if any(fm.glob("train-images*")) else "quickstart_offline.toml"
+    base = load_config(ROOT / "configs" / name, ["rounds=2"])
+    from mmfl.experiment.compare import with_sampler
+
+    for sampler in ALL:
+        s = mmfl.run(with_sampler(base, sampler), tmp_path / sampler)
+        assert s["status"] == "completed" and s["sampler"] == sampler
+        assert all(np.isfinite(t["accuracy"]) for t in s["tasks"].values()), sampler
