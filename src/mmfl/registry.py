@@ -26,7 +26,7 @@ from mmfl.errors import ConfigError
 KINDS = ("dataset", "model", "sampler", "aggregator", "engine")
 
 _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
-    "dataset": ("mmfl.tasks.datasets",),
+    "dataset": ("mmfl.tasks.datasets", "mmfl.tasks.standard_datasets"),
     "model": ("mmfl.tasks.models",),
     "sampler": ("mmfl.core.allocators", "mmfl.core.variance_reduced", "mmfl.core.group",
                 "mmfl.core.scaffold"),

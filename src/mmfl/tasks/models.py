@@ -23,8 +23,8 @@ from mmfl.registry import Option, get, register, resolve_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CNN", "MLP", "LogReg", "build_model", "make_cnn", "make_logreg", "make_mlp",
-           "num_parameters"]
+__all__ = ["CNN", "CharLSTM", "MLP", "LogReg", "build_model", "make_cnn", "make_logreg",
+           "make_lstm", "make_mlp", "num_parameters"]
 
 
 def _flat_size(input_shape: Sequence[int]) -> int:
@@ -149,3 +149,98 @@ def build_model(
 def num_parameters(model: nn.Module) -> int:
     """Total number of trainable scalars of ``model``."""
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+class CharLSTM(nn.Module):
+    """The character LSTM of the MMFL papers' Shakespeare task (the LEAF / FedAvg model).
+
+    Embedding (``vocab`` rows, ``embed`` dims) -> ``layers`` stacked LSTM layers of ``hidden``
+    units -> the top layer's output at the last time step -> Linear(num_classes) -> log_softmax.
+    Papers: vocab 80 characters (+ 1 reserved index here), embed 8, 2 layers of 256 units.
+
+    Inputs are character indices stored as **float32** (every :class:`~mmfl.tasks.datasets.
+    Dataset` holds float32 inputs and the engines feed ``x[idx]`` as float32): ``forward`` casts
+    them to int64 and clamps them into [0, vocab - 1], so an out-of-range index reads the last
+    row (the reserved unknown/padding index of ``shakespeare``).
+
+    The recurrence is written with plain matmuls rather than ``nn.LSTM``: torch has no vmap
+    batching rule for its fused RNN kernels (``torch.func.vmap`` falls back to a slow per-client
+    loop with a warning), while matmuls batch over the clients of the vectorized engine's
+    ``vmap(grad(functional_call(...)))``. No in-place ops, no data-dependent control flow (the
+    time loop has the fixed length of the input).
+    Parameter names and shapes are those of ``nn.LSTM`` (``lstm.weight_ih_l{k}`` (4H, in),
+    ``lstm.weight_hh_l{k}`` (4H, H), ``lstm.bias_ih_l{k}``, ``lstm.bias_hh_l{k}``, gate order
+    i, f, g, o) and so is the initialisation (uniform in +-1/sqrt(H)): a state dict loads into an
+    ``nn.LSTM`` of the same sizes and gives the same outputs.
+    """
+
+    def __init__(self, vocab: int, num_classes: int, embed: int = 8, hidden: int = 256,
+                 layers: int = 2):
+        super().__init__()
+        self.vocab, self.hidden_size, self.num_layers = int(vocab), int(hidden), int(layers)
+        self.embedding = nn.Embedding(self.vocab, int(embed))
+        self.lstm = _LSTMParams(int(embed), self.hidden_size, self.num_layers)
+        self.fc = nn.Linear(self.hidden_size, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, L) character indices (any dtype) -> (B, num_classes) log-probabilities."""
+        idx = x.long().clamp(0, self.vocab - 1)
+        seq = self.embedding(idx)  # (B, L, E)
+        H = self.hidden_size
+        for k in range(self.num_layers):
+            w_ih = getattr(self.lstm, f"weight_ih_l{k}")
+            w_hh = getattr(self.lstm, f"weight_hh_l{k}")
+            bias = getattr(self.lstm, f"bias_ih_l{k}") + getattr(self.lstm, f"bias_hh_l{k}")
+            proj = torch.matmul(seq, w_ih.t()) + bias  # (B, L, 4H): input part of every step
+            h = seq.new_zeros(seq.shape[0], H)
+            c = seq.new_zeros(seq.shape[0], H)
+            outs = []
+            for t in range(seq.shape[1]):
+                gates = proj[:, t] + torch.matmul(h, w_hh.t())
+                i, f, g, o = gates.chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+                if k + 1 < self.num_layers:
+                    outs.append(h)
+            if k + 1 < self.num_layers:
+                seq = torch.stack(outs, dim=1)
+        return F.log_softmax(self.fc(h), dim=1)
+
+
+class _LSTMParams(nn.Module):
+    """The parameters of a stacked LSTM, named and initialised like ``nn.LSTM``'s."""
+
+    def __init__(self, input_size: int, hidden: int, layers: int):
+        super().__init__()
+        bound = 1.0 / math.sqrt(hidden)
+        for k in range(layers):
+            width = input_size if k == 0 else hidden
+            for name, shape in ((f"weight_ih_l{k}", (4 * hidden, width)),
+                                (f"weight_hh_l{k}", (4 * hidden, hidden)),
+                                (f"bias_ih_l{k}", (4 * hidden,)),
+                                (f"bias_hh_l{k}", (4 * hidden,))):
+                p = nn.Parameter(torch.empty(shape))
+                nn.init.uniform_(p, -bound, bound)
+                self.register_parameter(name, p)
+
+
+@register(
+    "model",
+    "lstm",
+    options={
+        "hidden": Option(int, 256, "> 0", "LSTM units per layer"),
+        "layers": Option(int, 2, ">= 1", "stacked LSTM layers"),
+        "embed": Option(int, 8, "> 0", "character embedding dimension"),
+        "vocab": Option(int, 0, ">= 0", "embedding rows; 0 = num_classes + 1 (the characters "
+                        "plus the reserved unknown/padding index of shakespeare)"),
+    },
+)
+def make_lstm(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The papers' Shakespeare character LSTM (embed 8, 2 x 256 LSTM, FC); input (seq_len,)."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 1 or shape[0] < 1:
+        raise ConfigError("model", "lstm needs sequence input (seq_len,) of character indices",
+                          shape)
+    vocab = int(options.get("vocab", 0)) or int(num_classes) + 1
+    return CharLSTM(vocab, num_classes, embed=int(options.get("embed", 8)),
+                    hidden=int(options.get("hidden", 256)), layers=int(options.get("layers", 2)))
