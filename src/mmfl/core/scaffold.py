@@ -32,15 +32,25 @@ inclusion probability of section 3). With N clients of equal data (d = 1/N) samp
 weights it is its unbiased generalisation. ``sampler.aggregator = "average"`` gives the
 data-weighted mean over the sampled clients instead.
 
-Control step: the paper's c <- c + (|S|/N) mean_{i in S} Delta c_i = c + sum_{i in S} (1/N) Delta c_i
-keeps the invariant c = mean_i c_i exactly (it is bookkeeping, not an estimate). With data weights
-we keep c_s = sum_i d_{i,s} c_{i,s} exactly, hence weight d_{i,s} and no 1/p factor; with
-d = 1/N this is the paper's rule. (Dividing by p would make c_s an unbiased but noisy estimate
-of the full-participation step and break the invariant.)
+Control step: the paper's c <- c + (|S|/N) mean_{i in S} Delta c_i = c + (1/N) sum_{i in S}
+Delta c_i keeps the invariant c = mean_i c_i exactly (bookkeeping, not an estimate). With data
+weights we keep c_s = sum_i d_{i,s} c_{i,s} exactly (the control of f_s = sum_i d_{i,s} f_{i,s}),
+hence weight d_{i,s} and no 1/p factor; with d = 1/N this is the paper's rule. (Dividing by p
+would make c_s an unbiased but noisy estimate and break the invariant.)
+
+Multi-model details: controls are per (client, model) pair; a client whose processors draw the
+same model twice trains (and updates its control) once, its aggregation coefficient counts both
+slots. K_{i,s} is the pair's own step count (E_s epochs of ceil(n_{i,s} / B_s) batches), so
+clients of different sizes take different numbers of corrected steps. Models inactive in a round
+and unavailable clients keep their controls.
 
 Cost: every active pair uploads two vectors (G and Delta c): ``model_uploads = 2 U``. The
 control-variate memory (O(sum_s holders_s D_s) for the c_{i,s} plus S server vectors) is
-reported in the ``stale_bytes`` column / ``stale_memory_bytes`` summary entry.
+reported in the ``stale_bytes`` column / ``stale_memory_bytes`` summary entry (together with
+a stale-update store if the chosen aggregator keeps one). The c_{i,s} follow the ``stale_dtype``
+and ``stale_on_disk`` settings; with float16 storage Delta c is taken from the rounded stored
+value, so the invariant still holds. The download of c_s with w_s is not counted (no download
+counter exists for any method).
 """
 
 from __future__ import annotations
@@ -87,7 +97,8 @@ def control_update(c_client: np.ndarray, c_server: np.ndarray, update: np.ndarra
     g = np.asarray(update, np.float64)
     k = np.asarray(steps, np.float64).reshape(-1, 1)
     if c_i.shape != g.shape or c_i.ndim != 2 or c.shape != c_i.shape[1:] or len(k) != len(c_i):
-        raise ValueError("control_update: c_client (U, D), c_server (D,), update (U, D), steps (U,)")
+        raise ValueError("control_update: c_client (U, D), c_server (D,), update (U, D), "
+                         "steps (U,)")
     if not lr > 0:
         raise ValueError(f"control_update: lr must be > 0, got {lr}")
     took = k > 0
