@@ -238,6 +238,15 @@ def _download(url: str, dest: pathlib.Path, algorithm: str, digest: str,
         tmp.unlink(missing_ok=True)
 
 
+def _reason(e: Exception) -> str:
+    """A short reason for a failed download."""
+    if isinstance(e, urllib.error.HTTPError):
+        return f"HTTP {e.code} {e.reason}"
+    if isinstance(e, urllib.error.URLError):
+        return str(e.reason)
+    return str(e) or type(e).__name__
+
+
 def _file_digest(path: pathlib.Path, algorithm: str) -> str:
     h = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
@@ -296,7 +305,7 @@ def fetch(name: str, data_dir: str | os.PathLike | None, *, base_url: str | None
                     _download(url, dest, algorithm, digest, timeout)
                     break
                 except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
-                    reason = getattr(e, "reason", None) or e
+                    reason = _reason(e)
                     errors.append(f"{url}: {reason}")
                     log.warning("cannot download %s: %s", url, reason)
             else:

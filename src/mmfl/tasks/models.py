@@ -190,13 +190,17 @@ class CharLSTM(nn.Module):
         for k in range(self.num_layers):
             w_ih = getattr(self.lstm, f"weight_ih_l{k}")
             w_hh = getattr(self.lstm, f"weight_hh_l{k}")
-            bias = getattr(self.lstm, f"bias_ih_l{k}") + getattr(self.lstm, f"bias_hh_l{k}")
-            proj = torch.matmul(seq, w_ih.t()) + bias  # (B, L, 4H): input part of every step
+            b_ih = getattr(self.lstm, f"bias_ih_l{k}")
+            b_hh = getattr(self.lstm, f"bias_hh_l{k}")
+            # the biases are added separately, not as (b_ih + b_hh): the gradients of a sum's
+            # two operands are one tensor, and torch.func would return them aliased (an engine
+            # updating one in place would then change the other)
+            proj = torch.matmul(seq, w_ih.t()) + b_ih  # (B, L, 4H): input part of every step
             h = seq.new_zeros(seq.shape[0], H)
             c = seq.new_zeros(seq.shape[0], H)
             outs = []
             for t in range(seq.shape[1]):
-                gates = proj[:, t] + torch.matmul(h, w_hh.t())
+                gates = proj[:, t] + torch.matmul(h, w_hh.t()) + b_hh
                 i, f, g, o = gates.chunk(4, dim=1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
