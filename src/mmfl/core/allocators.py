@@ -93,16 +93,48 @@ class Allocator:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_matrix(probabilities: np.ndarray, population: Population) -> np.ndarray:
+def _row_totals(p: np.ndarray) -> np.ndarray:
+    """(P,) row sums of a (P, S) matrix added left to right (the last column of
+    ``np.cumsum(p, axis=1)``, bit for bit), without a (P, S) temporary."""
+    if p.shape[1] == 0:
+        return np.zeros(p.shape[0])
+    total = p[:, 0].copy()
+    for s in range(1, p.shape[1]):
+        total += p[:, s]
+    return total
+
+
+def _any_rows(mask: np.ndarray) -> np.ndarray:
+    """(N,) ``mask.any(axis=1)`` for an (N, S) bool mask, one column at a time (a reduction
+    over a short last axis is an order of magnitude slower in numpy at large N)."""
+    if mask.shape[1] == 0:
+        return np.zeros(mask.shape[0], bool)
+    out = mask[:, 0].copy()
+    for s in range(1, mask.shape[1]):
+        out |= mask[:, s]
+    return out
+
+
+def _check_matrix(probabilities: np.ndarray, population: Population) -> tuple[np.ndarray, np.ndarray]:
+    """The validated (P, S) matrix (a private copy, clipped to [0, 1]) and its (P,) row totals.
+
+    Two reductions and one copy: NaN fails both the min and the max test, +-inf one of them.
+    """
     p = np.asarray(probabilities, dtype=np.float64)
     shape = (population.num_processors, population.num_tasks)
     if p.shape != shape:
         raise ValueError(f"probabilities must have shape (P, S) = {shape}, got {p.shape}")
-    if not np.isfinite(p).all() or (p < -_TOL).any() or (p > 1 + _TOL).any():
-        raise ValueError("probabilities must be finite and lie in [0, 1]")
-    if p.size and (p.sum(axis=1) > 1 + _TOL).any():
+    if p.size:
+        lo, hi = p.min(), p.max()
+        if not (lo >= -_TOL and hi <= 1 + _TOL):
+            raise ValueError("probabilities must be finite and lie in [0, 1]")
+        p = np.clip(p, 0.0, 1.0) if (lo < 0 or hi > 1) else p.copy()
+    else:
+        p = p.copy()
+    total = _row_totals(p)
+    if total.size and total.max() > 1 + _TOL:
         raise ValueError("each processor's probabilities must sum to at most 1")
-    return np.clip(p, 0.0, 1.0)
+    return p, total
 
 
 def draw(
@@ -127,19 +159,18 @@ def draw(
     Returns:
         An :class:`Assignment` with one slot per active processor: ``probability = p[b, s]``,
         ``share = 1 / B_{i(b)}``, ``probabilities`` the input matrix (copied).
+
+    Cost: O(P S) for the checks and row totals, O(K S) for the model choice of the K active
+    processors (the cumulative sums are formed only for them).
     """
-    p = _check_matrix(probabilities, population)
-    num_p = p.shape[0]
-    u = rng.random(num_p)
-    if p.shape[1] == 0 or num_p == 0:
-        active = np.zeros(num_p, bool)
-        model = np.zeros(num_p, np.int64)
+    p, total = _check_matrix(probabilities, population)
+    u = rng.random(p.shape[0])
+    b = np.flatnonzero(u < total)  # empty when S = 0 (total is 0)
+    if b.size:
+        cs = np.cumsum(p[b], axis=1)
+        s = np.argmax(u[b, None] < cs, axis=1)
     else:
-        cs = np.cumsum(p, axis=1)
-        active = u < cs[:, -1]
-        model = np.argmax(u[:, None] < cs, axis=1)
-    b = np.flatnonzero(active)
-    s = model[b]
+        s = np.zeros(0, np.int64)
     client = population.processor_client[b]
     return Assignment(
         processor=b,
@@ -147,7 +178,7 @@ def draw(
         task=s,
         probability=p[b, s],
         share=1.0 / population.capacity[client],
-        probabilities=p.copy(),
+        probabilities=p,
         note=note,
     )
 
@@ -222,8 +253,10 @@ def _fixed_assignment(
 
 def eligible_processors(state: RoundState) -> np.ndarray:
     """(P,) bool: processors whose client is available and holds data for at least one task."""
-    client_ok = state.eligible.any(axis=1)
-    return client_ok[state.population.processor_client].copy()
+    client_ok = _any_rows(state.eligible)
+    if _one_processor_each(state.population):
+        return client_ok
+    return client_ok[state.population.processor_client]
 
 
 def uniform_processor_rates(state: RoundState) -> tuple[np.ndarray, str]:
@@ -255,11 +288,33 @@ def uniform_processor_rates(state: RoundState) -> tuple[np.ndarray, str]:
 
 def _held_uniform(state: RoundState) -> np.ndarray:
     """(P, S) float: uniform distribution over the eligible (held, active) tasks of each
-    processor's client (zero rows for unavailable clients)."""
+    processor's client (zero rows for unavailable clients). Formed per client, then gathered to
+    processors once."""
     pop = state.population
-    held = state.eligible[pop.processor_client].astype(np.float64)
-    cnt = held.sum(axis=1, keepdims=True)
-    return np.divide(held, cnt, out=np.zeros_like(held), where=cnt > 0)
+    held = state.eligible.astype(np.float64)
+    cnt = _row_totals(held)[:, None]
+    per_client = np.divide(held, cnt, out=held, where=cnt > 0)
+    return per_client if _one_processor_each(pop) else per_client[pop.processor_client]
+
+
+def _row_patterns(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of an (N, S) bool mask, ascending, and each row's pattern: ((R, S)
+    bool, (N,) int). Rows are packed into integers when S < 63 (one sort of N numbers)."""
+    n, s_count = mask.shape
+    if s_count >= 63:
+        patterns, which = np.unique(mask, axis=0, return_inverse=True)
+        return patterns, np.asarray(which).reshape(-1)
+    code = np.zeros(n, np.int64)
+    for s in range(s_count):
+        code |= mask[:, s].astype(np.int64) << (s_count - 1 - s)
+    codes, which = np.unique(code, return_inverse=True)
+    patterns = (codes[:, None] >> np.arange(s_count - 1, -1, -1)[None, :]) & 1 == 1
+    return patterns, np.asarray(which).reshape(-1)
+
+
+def _one_processor_each(pop: Population) -> bool:
+    """True when P = N (processor b is client b), so per-client rows need no gather."""
+    return pop.num_processors == pop.num_clients
 
 
 _DRAW_OPT = Option(
@@ -359,15 +414,18 @@ def round_robin_schedule(population: Population, round: int) -> np.ndarray:
     if n == 0 or s_count == 0:
         return out
     holds = pop.holds
-    for i in range(n):
-        held = np.flatnonzero(holds[i])
-        if held.size == 0:
-            continue
-        k = ((i * s_count) // n + int(round)) % s_count
-        start = int(np.searchsorted(held, k))  # first held >= k, wrapping to 0
-        j = np.arange(int(pop.capacity[i]))
-        first = int(pop.first_processor[i])
-        out[first : first + j.size] = held[(start + j) % held.size]
+    size = holds.sum(axis=1)                                   # |S_i|
+    # held models of each client in ascending order first (stable sort of "not held")
+    held_sorted = np.argsort(~holds, axis=1, kind="stable")
+    k = (np.arange(n, dtype=np.int64) * s_count // n + int(round)) % s_count
+    below = np.concatenate([np.zeros((n, 1), np.int64), np.cumsum(holds, axis=1)], axis=1)
+    start = below[np.arange(n), k]                             # held models < k = first >= k
+    client = pop.processor_client
+    ok = size[client] > 0
+    b = np.flatnonzero(ok)
+    i = client[b]
+    j = b - pop.first_processor[i]                             # processor index within client
+    out[b] = held_sorted[i, (start[i] + j) % size[i]]
     return out
 
 
@@ -584,10 +642,14 @@ class FairAllocator(Allocator):
         out = np.zeros((pop.num_clients, pop.num_tasks))
         alpha = float(self.options.get("alpha", 3.0))
         eligible = state.eligible
-        for i in range(pop.num_clients):
-            held = eligible[i]
+        # clients with the same eligible set share one distribution: one call per distinct set
+        # (at most 2^S of them) instead of one per client
+        patterns, which = _row_patterns(eligible)
+        for r, held in enumerate(patterns):
             if held.any():
-                out[i, held] = fedfair_distribution(f[held], alpha, w[held])
+                rows = np.flatnonzero(which == r)
+                out[np.ix_(rows, np.flatnonzero(held))] = fedfair_distribution(
+                    f[held], alpha, w[held])[None, :]
         return out
 
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:

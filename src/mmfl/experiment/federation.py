@@ -73,6 +73,7 @@ def membership(cfg: ExperimentConfig) -> np.ndarray:
 
 
 _DATASETS: dict[tuple, object] = {}
+_EMPTY = np.zeros(0, dtype=np.int64)
 
 
 def load_dataset(task: TaskConfig, data_dir: Path | None, seed: int):
@@ -124,10 +125,11 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
             )
         except ValueError as e:
             raise ConfigError(f"tasks[{s}].partition", str(e), task.partition.kind) from None
-        indices = [np.zeros(0, dtype=np.int64)] * n_clients
-        for i, idx in zip(holders, parts):
+        # parts are int64 views into one array per task (no per-client copies)
+        indices: list[np.ndarray] = [_EMPTY] * n_clients
+        for i, idx in zip(holders.tolist(), parts):
             indices[i] = np.asarray(idx, dtype=np.int64)
-            n_samples[i, s] = len(idx)
+        n_samples[holders, s] = np.fromiter(map(len, parts), np.int64, count=len(parts))
         if n_samples[:, s].sum() == 0:
             raise ConfigError(f"tasks[{s}]", "no client received any training sample", task.name)
         tasks.append(TaskData(task, ds, tuple(indices)))

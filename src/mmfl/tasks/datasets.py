@@ -489,6 +489,9 @@ def load_mnist1d(options: dict, data_dir: pathlib.Path | None, seed: int) -> Dat
 # --------------------------------------------------------------------------------------------
 # synthetic(alpha, beta) of FedProx
 
+#: normals drawn per block of devices by :func:`load_synthetic` (2**23 floats = 64 MiB)
+_SYNTHETIC_BLOCK = 2**23
+
 
 @register(
     "dataset",
@@ -523,22 +526,46 @@ def load_synthetic(options: dict, data_dir: pathlib.Path | None, seed: int) -> D
     std_x = np.arange(1, dim + 1, dtype=np.float64) ** -0.6  # sqrt(j^-1.2)
     u = rng.normal(0.0, alpha, size=K)
     B = rng.normal(0.0, beta, size=K)
-    xtr, ytr, gtr, xte, yte = [], [], [], [], []
-    for k in range(K):
-        W = rng.normal(u[k], 1.0, size=(classes, dim))
-        b = rng.normal(u[k], 1.0, size=classes)
-        v = rng.normal(B[k], 1.0, size=dim)
-        x = v[None, :] + std_x[None, :] * rng.standard_normal((sizes[k], dim))
-        y = np.argmax(x @ W.T + b[None, :], axis=1).astype(np.int64)
-        n_test = min(max(int(round(test_fraction * sizes[k])), 1), int(sizes[k]) - 1)
-        xte.append(x[:n_test])
-        yte.append(y[:n_test])
-        xtr.append(x[n_test:])
-        ytr.append(y[n_test:])
-        gtr.append(np.full(len(y) - n_test, k, np.int64))
-    return Dataset(
-        "synthetic",
-        np.concatenate(xtr).astype(np.float32), np.concatenate(ytr),
-        np.concatenate(xte).astype(np.float32), np.concatenate(yte),
-        classes, (dim,), np.concatenate(gtr),
-    )
+    n_test = np.minimum(np.maximum(np.rint(test_fraction * sizes).astype(np.int64), 1), sizes - 1)
+    n_train = sizes - n_test
+    # Outputs are allocated once, in float32; the per-device normals (W, b, v, then x: the order
+    # of rng.normal / rng.standard_normal calls device by device) are drawn in bulk, a block of
+    # devices at a time, which consumes the stream exactly like the per-device calls.
+    x_train = np.empty((int(n_train.sum()), dim), np.float32)
+    x_test = np.empty((int(n_test.sum()), dim), np.float32)
+    y_train = np.empty(len(x_train), np.int64)
+    y_test = np.empty(len(x_test), np.int64)
+    groups = np.repeat(np.arange(K, dtype=np.int64), n_train)
+    per_device = classes * dim + classes + dim + sizes * dim
+    tr0 = np.concatenate([[0], np.cumsum(n_train)])
+    te0 = np.concatenate([[0], np.cumsum(n_test)])
+    k = 0
+    while k < K:
+        # devices k..k_end-1 in one draw of at most ~2**23 normals (64 MiB), at least one device
+        ends = np.cumsum(per_device[k:])
+        k_end = k + max(1, int(np.searchsorted(ends, _SYNTHETIC_BLOCK, side="right")))
+        z = rng.standard_normal(int(ends[k_end - k - 1]))
+        start = np.concatenate([[0], ends[:k_end - k - 1]])  # device g's first normal in z
+        block = np.arange(k, k_end)
+        # devices of equal size go through one stacked matmul (the same BLAS call per device
+        # as a 2-D ``x @ W.T``, so labels are bit-identical to a device-by-device loop)
+        for m in np.unique(sizes[block]).tolist():
+            gs = block[sizes[block] == m]
+            o = start[gs - k][:, None]
+            W = u[gs, None, None] + z[o + np.arange(classes * dim)].reshape(-1, classes, dim)
+            o = o + classes * dim
+            b = u[gs, None] + z[o + np.arange(classes)]
+            o = o + classes
+            v = B[gs, None] + z[o + np.arange(dim)]
+            o = o + dim
+            x = v[:, None, :] + std_x[None, None, :] * z[o + np.arange(m * dim)].reshape(-1, m, dim)
+            y = np.argmax(np.matmul(x, W.transpose(0, 2, 1)) + b[:, None, :], axis=2)
+            t = int(n_test[gs[0]])  # equal sizes, equal test counts
+            rows = te0[gs][:, None] + np.arange(t)
+            x_test[rows] = x[:, :t]
+            y_test[rows] = y[:, :t]
+            rows = tr0[gs][:, None] + np.arange(m - t)
+            x_train[rows] = x[:, t:]
+            y_train[rows] = y[:, t:]
+        k = k_end
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, classes, (dim,), groups)
