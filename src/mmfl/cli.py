@@ -65,6 +65,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--out", required=True, help="folder for the run directories and table.md")
 
+    p = sub.add_parser("sweep", help="run every combination of a grid of config values x seeds",
+                       description="Run every combination of the --grid values with every seed, "
+                                   "each an ordinary run directory under --out (named "
+                                   "key=value/.../seed=N; index.json maps names to overrides). "
+                                   "Resumable: finished runs are skipped, interrupted ones "
+                                   "resumed. A failed run is recorded and the others go on; the "
+                                   "exit status is 1 when any failed.")
+    _add_config_args(p)
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="a dotted config key and its comma-separated values (TOML), e.g. "
+                        "--grid sampler.name=gvr,random (repeatable: every combination runs)")
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated seeds (default: the config's seed)")
+    p.add_argument("--out", required=True, help="sweep folder (run directories and index.json)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own worker process (default 1)")
+    p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
+                   help="progress display: a bar on a terminal, log lines otherwise (default auto)")
+
+    p = sub.add_parser("report", help="write an HTML/Markdown report with plots of run directories",
+                       description="Read run directories (given directly or found below the "
+                                   "folders given), group them by config minus the seed and "
+                                   "write report.html, report.md and PNG plots into --out. "
+                                   "Needs the plot extra (pip install 'mmfl[plot]').")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="run directories or folders holding them")
+    p.add_argument("--out", required=True, help="folder for report.html, report.md and the PNGs")
+    p.add_argument("--target", type=float, default=None,
+                   help="accuracy target for 'rounds to target' (default: 90%% of the best "
+                        "group's final mean accuracy)")
+
     p = sub.add_parser("components", help="list datasets, models, samplers, aggregators, engines",
                        description="List every registered component and its options.")
     p.add_argument("kind", nargs="?", default=None,
@@ -90,6 +120,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_describe(args)
         if args.command == "compare":
             return _cmd_compare(args)
+        if args.command == "sweep":
+            return _cmd_sweep(args)
+        if args.command == "report":
+            return _cmd_report(args)
         if args.command == "components":
             return _cmd_components(args)
     except INPUT_ERRORS as e:
@@ -220,6 +254,124 @@ def _cmd_compare(args) -> int:
     table = format_table(comparison_table(summaries))
     Path(args.out, "table.md").write_text(table + "\n", encoding="utf-8")
     print(table)
+    return 0
+
+
+def _cmd_sweep(args) -> int:
+    from mmfl.experiment.sweep import parse_grid, parse_seeds, plan_sweep, run_sweep
+
+    cfg = _load(args)
+    grid = parse_grid(args.grid)
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else [cfg.seed]
+    if args.jobs < 1:
+        raise ConfigError("--jobs", "must be >= 1", args.jobs)
+    plan = plan_sweep(cfg, grid, seeds, args.out)  # validates every combination first
+    mode = args.progress
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "log"
+    callbacks = {"bar": [_SweepBar()], "log": [_SweepLog()], "none": []}[mode]
+    log.info("sweep: %d runs (%d combinations x %d seeds) into %s, %d at a time",
+             len(plan.runs), len(plan.runs) // len(seeds), len(seeds), args.out, args.jobs)
+    result = run_sweep(plan, jobs=args.jobs, data_dir=args.data_dir, callbacks=callbacks)
+    counts = {k: sum(o.status == k for o in result.outcomes)
+              for k in ("completed", "skipped", "failed")}
+    print(f"sweep: {len(result.outcomes)} runs in {args.out}: {counts['completed']} completed, "
+          f"{counts['skipped']} skipped (finished before), {counts['failed']} failed")
+    if result.failures:
+        for o in result.failures:
+            print(f"  failed: {o.name}: {o.error}", file=sys.stderr)
+        print(f"mmfl: error: {len(result.failures)} of {len(result.outcomes)} runs failed "
+              "(listed above and in index.json); run the same command again to retry them",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _running(progress) -> str:
+    return ", ".join(f"{n} ({r}/{t})" for n, (r, t) in progress.running.items())
+
+
+def _eta(progress) -> str:
+    return "?" if progress.eta is None else f"{progress.eta:.0f}s"
+
+
+class _SweepLog:
+    """Sweep progress as log lines: one per finished run, and the runs in progress every 30 s."""
+
+    def __init__(self, every: float = 30.0):
+        self.every, self.last = every, time.perf_counter()
+
+    def on_start(self, progress):
+        pass
+
+    def on_update(self, progress):
+        if time.perf_counter() - self.last >= self.every:
+            self.last = time.perf_counter()
+            log.info("sweep: %d/%d done, ETA %s, running: %s", progress.done, progress.total,
+                     _eta(progress), _running(progress))
+
+    def on_run_end(self, progress, outcome):
+        if outcome.status == "skipped":
+            return
+        what = ("failed (see above)" if outcome.status == "failed" else
+                f"completed in {outcome.seconds:.1f}s" + (
+                    f" (resumed after round {outcome.start_round})" if outcome.start_round else ""))
+        log.info("sweep: [%d/%d] %s %s  ETA %s", progress.done, progress.total, outcome.name,
+                 what, _eta(progress))
+
+    def on_end(self, progress):
+        pass
+
+
+class _SweepBar:
+    """A rich display: the whole sweep (runs done / total, ETA) and a bar per run in progress."""
+
+    def on_start(self, progress):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn)
+
+        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[info]}"), transient=False)
+        self.progress.start()
+        self.total = self.progress.add_task("sweep", total=progress.total, info="")
+        self.bars: dict[str, int] = {}
+        self._sync(progress)
+
+    def _sync(self, progress):
+        p = self.progress
+        p.update(self.total, completed=progress.done,
+                 info=f"ETA {_eta(progress)}" + (f", {progress.failed} failed"
+                                                   if progress.failed else ""))
+        for name in [n for n in self.bars if n not in progress.running]:
+            p.remove_task(self.bars.pop(name))
+        for name, (r, t) in progress.running.items():
+            if name not in self.bars:
+                self.bars[name] = p.add_task(f"  {name}", total=t, info="")
+            p.update(self.bars[name], completed=r, total=t)
+
+    def on_update(self, progress):
+        self._sync(progress)
+
+    def on_run_end(self, progress, outcome):
+        self._sync(progress)
+        if outcome.status == "failed":
+            self.progress.console.print(f"[red]failed[/red] {outcome.name}: {outcome.error}")
+
+    def on_end(self, progress):
+        self._sync(progress)
+        self.progress.stop()
+
+    def __del__(self):
+        if hasattr(self, "progress"):
+            self.progress.stop()
+
+
+def _cmd_report(args) -> int:
+    from mmfl.experiment.report import write_report
+
+    path = write_report([Path(d) for d in args.dirs], Path(args.out), target=args.target)
+    print(f"report: {path}")
     return 0
 
 

@@ -1,66 +1,47 @@
 """Run several samplers on one config with several seeds and tabulate accuracy and cost.
 
-Each (sampler, seed) is an ordinary run directory ``OUT/<sampler>/seed-<seed>``; finished runs
-are skipped and interrupted ones resumed, so the command can be re-issued after a crash.
+A thin layer over :mod:`mmfl.experiment.sweep`: the sweep of ``sampler.name`` x seeds, with the
+run directories named ``OUT/<sampler>/seed-<seed>``; finished runs are skipped and interrupted
+ones resumed, so the command can be re-issued after a crash.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from mmfl.errors import MmflError
 from mmfl.experiment.config import ExperimentConfig
-from mmfl.experiment.runner import Callback, run
+from mmfl.experiment.runner import Callback
+from mmfl.experiment.sweep import plan_sweep, run_sweep, with_sampler
 
 log = logging.getLogger(__name__)
 
+__all__ = ["COST_KEYS", "comparison_table", "format_table", "run_comparison", "with_sampler"]
+
 COST_KEYS = ("local_trainings", "forward_passes", "scalar_uploads", "model_uploads")
+
+
+def _name(overrides: Mapping[str, Any], seed: int) -> str:
+    return f"{overrides['sampler.name']}/seed-{seed}"
 
 
 def run_comparison(cfg: ExperimentConfig, samplers: Sequence[str], seeds: Sequence[int],
                    out: str | Path, *, data_dir: str | None = None,
                    callbacks: Iterable[Callback] = ()) -> list[dict]:
-    """Run every sampler x seed (skipping finished runs); returns one summary per run."""
-    out = Path(out)
-    summaries = []
-    for name in samplers:
-        for seed in seeds:
-            run_dir = out / name / f"seed-{seed}"
-            done = _finished(run_dir)
-            if done is not None:
-                log.info("%s seed %d: finished already, skipped", name, seed)
-                summaries.append(done)
-                continue
-            one = with_sampler(cfg, name).replace(seed=seed)
-            log.info("%s seed %d -> %s", name, seed, run_dir)
-            summaries.append(run(one, run_dir, resume=True, data_dir=data_dir,
-                                 callbacks=list(callbacks)))
-    return summaries
+    """Run every sampler x seed (skipping finished runs); returns one summary per run.
 
-
-def with_sampler(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
-    """``cfg`` with sampler ``name``: the sampler options that ``name`` also has are kept, the
-    others dropped, and the aggregator reset to the sampler's default."""
-    from mmfl import registry
-    from mmfl.experiment.config import config_from_dict
-
-    raw = cfg.to_dict()
-    valid = registry.get("sampler", name, key="sampler.name").options
-    old = raw["sampler"]
-    raw["sampler"] = {"name": name, **{k: v for k, v in old.items() if k in valid}}
-    return config_from_dict(raw)
-
-
-def _finished(run_dir: Path) -> dict | None:
-    path = run_dir / "summary.json"
-    if not path.exists():
-        return None
-    s = json.loads(path.read_text(encoding="utf-8"))
-    return s if s.get("status") == "completed" else None
+    Raises MmflError listing the failed runs, after every other run has finished.
+    """
+    plan = plan_sweep(cfg, {"sampler.name": list(samplers)}, seeds, out, naming=_name)
+    result = run_sweep(plan, data_dir=data_dir, run_callbacks=list(callbacks))
+    if result.failures:
+        raise MmflError("failed runs: " + "; ".join(f"{o.name}: {o.error}"
+                                                    for o in result.failures))
+    return [s for s in result.summaries if s is not None]
 
 
 def comparison_table(summaries: Sequence[dict]) -> list[dict]:

@@ -1,0 +1,134 @@
+"""PNG plots for :mod:`mmfl.experiment.report` (matplotlib, the ``plot`` extra).
+
+Figures are built with :class:`matplotlib.figure.Figure` on an Agg canvas, never through pyplot,
+so writing a report changes no global matplotlib state (backend, open figures) of the caller.
+Every function takes plain numpy data prepared by the report and writes one PNG.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmfl.errors import MmflError
+
+DPI = 100
+
+
+def require_matplotlib() -> None:
+    """Raise MmflError naming the extra to install when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise MmflError("plots need matplotlib, which is not installed; install the plot extra: "
+                        "pip install 'mmfl[plot]'") from None
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=DPI, metadata={"Software": None})
+    return path
+
+
+def _grid(fig, panels: int, ncols: int = 3):
+    ncols = max(1, min(ncols, panels))
+    nrows = math.ceil(panels / ncols)
+    axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return axes[:panels]
+
+
+def _legend(fig, axes, labels: Sequence[str]) -> None:
+    for ax in axes:
+        handles, names = ax.get_legend_handles_labels()
+        if handles:
+            fig.legend(handles, names, loc="outside lower center",
+                       ncols=min(len(names), 4), fontsize="small")
+            return
+
+
+def _color(i: int) -> str:
+    return f"C{i % 10}"
+
+
+def band_panels(path: Path, panels: Sequence[dict[str, Any]], labels: Sequence[str], *,
+                ylabel: str, xlabel: str = "round") -> Path:
+    """One panel per entry of ``panels`` (``title``, ``series``: per group ``(x (R,), mean (R,),
+    low (R,), high (R,))`` or None, optional ``hline``: (y, text)); a mean line and a shaded
+    low..high band per group."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig = _figure(4.2 * min(len(panels), 3), 3.2 * math.ceil(len(panels) / 3) + 0.6)
+    axes = _grid(fig, len(panels))
+    for ax, panel in zip(axes, panels):
+        for g, series in enumerate(panel["series"]):
+            if series is None:
+                continue
+            x, mean, low, high = series
+            ax.plot(x, mean, color=_color(g), label=labels[g], lw=1.6)
+            if np.any(high > low):
+                ax.fill_between(x, low, high, color=_color(g), alpha=0.18, lw=0)
+        if panel.get("hline") is not None:
+            y, text = panel["hline"]
+            ax.axhline(y, color="0.3", ls="--", lw=1)
+            ax.annotate(text, (0.01, y), xycoords=("axes fraction", "data"),
+                        xytext=(0, 3), textcoords="offset points", fontsize="x-small",
+                        color="0.3")
+        ax.set_title(panel["title"], fontsize="medium")
+        if xlabel == "round":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    _legend(fig, axes, labels)
+    return _save(fig, path)
+
+
+def grouped_bars(path: Path, categories: Sequence[str], labels: Sequence[str],
+                 mean: np.ndarray, std: np.ndarray, *, ylabel: str) -> Path:
+    """Bars of ``mean`` (G, C) with ``std`` error bars: a cluster per category, a bar per group."""
+    g_count, c_count = mean.shape
+    fig = _figure(max(5.0, 1.0 + 0.9 * c_count * max(g_count, 2) / 2), 3.6)
+    ax = fig.subplots()
+    width = 0.8 / max(g_count, 1)
+    x = np.arange(c_count)
+    for g in range(g_count):
+        ax.bar(x + (g - (g_count - 1) / 2) * width, np.nan_to_num(mean[g]), width,
+               yerr=np.nan_to_num(std[g]), color=_color(g), label=labels[g], capsize=2)
+    ax.set_xticks(x, list(categories))
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 1.05 * max(1e-9, float(np.nanmax(mean + std)) if mean.size else 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    _legend(fig, [ax], labels)
+    return _save(fig, path)
+
+
+def cost_scatter(path: Path, labels: Sequence[str], accuracy: np.ndarray,
+                 accuracy_std: np.ndarray, costs: Sequence[tuple[str, np.ndarray, np.ndarray]]
+                 ) -> Path:
+    """One panel per cost (name, mean (G,), std (G,)): final mean accuracy (y) against it."""
+    fig = _figure(4.4 * len(costs), 3.6)
+    axes = _grid(fig, len(costs), ncols=len(costs))
+    for ax, (name, cost, cost_std) in zip(axes, costs):
+        for g, label in enumerate(labels):
+            ax.errorbar(cost[g], accuracy[g], xerr=cost_std[g], yerr=accuracy_std[g], fmt="o",
+                        color=_color(g), label=label, capsize=2)
+            ax.annotate(label, (cost[g], accuracy[g]), xytext=(4, 4), textcoords="offset points",
+                        fontsize="x-small")
+        ax.set_xlabel(f"{name} (total per run)")
+        ax.set_ylabel("final mean accuracy")
+        ax.grid(alpha=0.3)
+    _legend(fig, axes, labels)
+    return _save(fig, path)

@@ -1,0 +1,648 @@
+"""The report of a set of run directories: ``report.html``, ``report.md`` and PNG plots.
+
+Results are data: this module only reads run directories (``config.toml``, ``summary.json``,
+``metrics.csv``, ``rounds.csv``) and never runs anything. Usage::
+
+    write_report([Path("runs/sweep")], Path("runs/sweep-report"))   # -> .../report.html
+
+Runs:
+    Every path given is a run directory (it holds ``summary.json``) or a folder searched
+    recursively for run directories. Only runs whose summary says ``completed`` enter the
+    statistics; the others (running, interrupted, failed, unreadable) are listed as left out.
+
+Groups:
+    Runs are grouped by their resolved config minus ``seed`` (and minus the keys that do not
+    change results: ``data_dir``, ``threads``, ``checkpoint_every``, ``stale_on_disk``). A group
+    is labelled by the config keys whose values differ between groups (keys that only some groups
+    have, such as options of one sampler, are used only when needed to tell groups apart); a
+    single differing string key gives the bare value, e.g. ``gvr`` for ``sampler.name``.
+    Statistics over a group's seeds are mean and population std (ddof = 0); plot bands span the
+    min..max over seeds.
+
+Contents (the same tables in the HTML and Markdown twins; the PNGs sit beside them):
+    groups and what sets them apart; final accuracy (mean and min across tasks, mean ± std over
+    seeds, and the papers' last-window mean); accuracy per task vs round (``accuracy.png``, with a
+    mean-over-tasks panel and the target line); final accuracy per task (``tasks.png``);
+    fairness across tasks at the end (mean, min, max-min, variance) and max-min over rounds
+    (``fairness.png``); cost vs final mean accuracy (local trainings and model uploads,
+    ``cost.png``); rounds to a target accuracy (default: 90% of the best group's final mean
+    accuracy) for the mean and for every task (min), with the local trainings spent until then and,
+    when ``rounds.csv`` has a ``sim_time`` column (the simulated clock at the end of each round,
+    in seconds), the simulated seconds until then; clients per task over rounds
+    (``clients.png``, from ``metrics.csv``'s ``clients``); and one row per run with its
+    ``summary.json`` values.
+
+The HTML is self-contained except for the PNGs (relative ``src``); a small inline script sets
+``data-images-loaded="LOADED/TOTAL"`` on ``<html>`` once the page has loaded, which the tests read
+from a headless browser.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from mmfl.core.metrics import rounds_to_target
+from mmfl.errors import ResultsError
+from mmfl.experiment import plots
+from mmfl.experiment.results import RunResults, read_results
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_TARGET_FRACTION", "Group", "find_run_dirs", "group_runs", "write_report"]
+
+#: Default target: this fraction of the best group's final mean accuracy.
+DEFAULT_TARGET_FRACTION = 0.9
+#: Config keys that do not change results: ignored when grouping.
+IGNORED_KEYS = ("seed", "data_dir", "threads", "checkpoint_every", "stale_on_disk")
+COSTS = ("local_trainings", "model_uploads", "forward_passes", "scalar_uploads", "local_steps")
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and grouping runs
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: each path that holds ``summary.json`` itself, else every
+    folder below it that does (sorted). Raises ResultsError for a missing path or when none is
+    found."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ResultsError(f"{p}: no such run directory or folder")
+        if (p / "summary.json").is_file():
+            found.append(p)
+            continue
+        below = sorted(s.parent for s in p.rglob("summary.json") if s.is_file())
+        if not below:
+            raise ResultsError(f"{p}: holds no run directory (no summary.json found below it)")
+        found.extend(below)
+    return list(dict.fromkeys(found))
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if isinstance(d, dict) and (d or not prefix):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    elif isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+    else:
+        out[prefix] = d
+    return out
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    return json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+
+
+@dataclass
+class Group:
+    """Runs of one config (minus the seed), sorted by seed."""
+
+    label: str
+    config: dict[str, Any]            # flattened config of the group (without ignored keys)
+    runs: list[RunResults] = field(default_factory=list)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [int(r.config.get("seed", r.summary.get("seed", 0))) for r in self.runs]
+
+    @property
+    def tasks(self) -> list[str]:
+        return self.runs[0].task_names if self.runs else []
+
+    def values(self, get: Callable[[dict], Any]) -> np.ndarray:
+        """(runs,) float: ``get(summary)`` of every run (NaN when missing)."""
+        out = []
+        for r in self.runs:
+            try:
+                v = get(r.summary)
+            except (KeyError, TypeError):
+                v = None
+            out.append(np.nan if v is None else float(v))
+        return np.array(out, dtype=np.float64)
+
+
+def group_runs(runs: Sequence[RunResults]) -> tuple[list[Group], list[str]]:
+    """Group runs by config minus the ignored keys; returns the groups (in order of first
+    appearance) and the keys that tell them apart (used in the labels)."""
+    groups: dict[str, Group] = {}
+    for r in runs:
+        flat = {k: v for k, v in _flatten(r.config).items() if k not in IGNORED_KEYS}
+        key = json.dumps(flat, sort_keys=True, default=str)
+        if key not in groups:
+            groups[key] = Group("", flat)
+        groups[key].runs.append(r)
+    out = list(groups.values())
+    for g in out:
+        g.runs.sort(key=lambda r: (int(r.config.get("seed", 0)), str(r.path)))
+    keys = _label_keys([g.config for g in out])
+    for g in out:
+        g.label = _label(g.config, keys) if keys else str(g.config.get("sampler.name", "runs"))
+    return out, keys
+
+
+_MISSING = object()
+
+
+def _label_keys(configs: list[dict[str, Any]]) -> list[str]:
+    if len(configs) < 2:
+        return []
+    order = list(dict.fromkeys(k for c in configs for k in c))
+    differ = [k for k in order
+              if len({json.dumps(c.get(k, "\0missing"), sort_keys=True, default=str)
+                      for c in configs}) > 1]
+    everywhere = [k for k in differ if all(k in c for c in configs)]
+    labels = [_label(c, everywhere) for c in configs]
+    return everywhere if everywhere and len(set(labels)) == len(labels) else differ
+
+
+def _label(config: dict[str, Any], keys: list[str]) -> str:
+    if len(keys) == 1 and isinstance(config.get(keys[0]), str):
+        return config[keys[0]]
+    return ", ".join(f"{k}={_show(config[k])}" for k in keys if k in config)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def _series(run: RunResults, column: str, tasks: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(rounds (R,), values (R, S)) of a metrics.csv column over the rounds where it is set
+    for every task."""
+    table: dict[int, dict[str, float]] = {}
+    for row in run.metrics:
+        if row.get(column, "") not in ("", None):
+            table.setdefault(int(row["round"]), {})[row["task"]] = float(row[column])
+    rounds = sorted(t for t, v in table.items() if all(s in v for s in tasks))
+    vals = np.array([[table[t][s] for s in tasks] for t in rounds], dtype=np.float64)
+    return np.array(rounds, dtype=np.int64), vals.reshape(len(rounds), len(tasks))
+
+
+def _stack(parts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Align per-run (x (R_i,), y (R_i, ...)) on the union of x: (x (R,), Y (runs, R, ...))."""
+    x = np.unique(np.concatenate([p[0] for p in parts])) if parts else np.array([], np.int64)
+    tail = parts[0][1].shape[1:] if parts else ()
+    out = np.full((len(parts), len(x), *tail), np.nan)
+    for i, (xi, yi) in enumerate(parts):
+        out[i, np.searchsorted(x, xi)] = yi
+    return x, out
+
+
+def _band(x: np.ndarray, y: np.ndarray):
+    """(x, mean, min, max) over axis 0, on the x where some run has a value."""
+    keep = ~np.all(np.isnan(y), axis=0)
+    if not keep.any():
+        return None
+    y = y[:, keep]
+    with np.errstate(all="ignore"):
+        return x[keep], np.nanmean(y, axis=0), np.nanmin(y, axis=0), np.nanmax(y, axis=0)
+
+
+@dataclass
+class _GroupStats:
+    rounds: np.ndarray                  # (R,) evaluated rounds
+    acc: np.ndarray                     # (runs, R, S) accuracy per task
+    client_rounds: np.ndarray           # (R',) every round
+    clients: np.ndarray                 # (runs, R', S)
+    cumulative: list[dict[int, dict[str, float]]]  # per run: round -> cumulative costs / sim time
+
+
+def _cumulative(run: RunResults) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    total = {"local_trainings": 0.0, "model_uploads": 0.0}
+    for row in sorted(run.rounds, key=lambda r: int(r["round"])):
+        for k in total:
+            total[k] += float(row.get(k) or 0)
+        entry = dict(total)
+        if row.get("sim_time") not in (None, ""):
+            entry["sim_time"] = float(row["sim_time"])
+        out[int(row["round"])] = entry
+    return out
+
+
+def _stats(g: Group) -> _GroupStats:
+    tasks = g.tasks
+    rounds, acc = _stack([_series(r, "accuracy", tasks) for r in g.runs])
+    crounds, clients = _stack([_series(r, "clients", tasks) for r in g.runs])
+    return _GroupStats(rounds, acc, crounds, clients, [_cumulative(r) for r in g.runs])
+
+
+def _mean_std(v: np.ndarray) -> tuple[float, float]:
+    v = v[~np.isnan(v)]
+    return (float(v.mean()), float(v.std())) if v.size else (float("nan"), float("nan"))
+
+
+def _pm(v: np.ndarray, digits: int = 4) -> str:
+    m, s = _mean_std(np.asarray(v, dtype=np.float64))
+    if np.isnan(m):
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def _num(x: float, digits: int = 4) -> str:
+    return "–" if x is None or np.isnan(x) else f"{x:.{digits}f}"
+
+
+def _count(x: float) -> str:
+    return "–" if np.isnan(x) else f"{x:.0f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Tables: (title, header, rows, note); rendered as HTML and Markdown
+
+
+@dataclass
+class _Table:
+    id: str
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+    note: str = ""
+    links: dict[int, list[str]] = field(default_factory=dict)  # column -> href per row
+
+
+def _target_rows(groups, stats, target):
+    rows, any_sim = [], False
+    for g, st in zip(groups, stats):
+        per = {"mean": [], "min": [], "lt": [], "sim": []}
+        for i, run in enumerate(g.runs):
+            acc = st.acc[i]  # (R, S)
+            with np.errstate(all="ignore"):
+                stacked = np.stack([acc.mean(axis=1), acc.min(axis=1)], axis=1)
+            hit = rounds_to_target(stacked, st.rounds, target)
+            per["mean"].append(hit[0])
+            per["min"].append(hit[1])
+            cum = st.cumulative[i]
+            at = cum.get(int(hit[0]), {}) if not np.isnan(hit[0]) else {}
+            per["lt"].append(at.get("local_trainings", np.nan))
+            sim = at.get("sim_time", np.nan)
+            any_sim |= any("sim_time" in v for v in cum.values())
+            per["sim"].append(sim)
+        n = len(g.runs)
+        reached = int(np.sum(~np.isnan(per["mean"])))
+        rows.append([g.label, f"{reached}/{n}", _pm(np.array(per["mean"]), 1),
+                     f"{int(np.sum(~np.isnan(per['min'])))}/{n}", _pm(np.array(per["min"]), 1),
+                     _pm(np.array(per["lt"]), 0), _pm(np.array(per["sim"]), 1)])
+    header = ["group", "mean reached", "rounds (mean acc)", "every task reached",
+              "rounds (min acc)", "local trainings until then", "simulated s until then"]
+    if not any_sim:
+        header, rows = header[:-1], [r[:-1] for r in rows]
+    return header, rows
+
+
+def _tables(groups: list[Group], stats: list[_GroupStats], keys: list[str], target: float,
+            fraction: str, names: dict[int, str], hrefs: dict[int, str]) -> list[_Table]:
+    t: list[_Table] = []
+    t.append(_Table(
+        "groups", "Groups",
+        ["group", "runs", "seeds", *keys],
+        [[g.label, str(len(g.runs)), ", ".join(map(str, g.seeds)),
+          *(_show(g.config[k]) if k in g.config else "–" for k in keys)] for g in groups],
+        "Runs with the same config except the seed form a group; the columns show the config keys "
+        "that differ between groups."))
+    t.append(_Table(
+        "accuracy", "Final accuracy",
+        ["group", "runs", "mean accuracy", "min accuracy", "mean accuracy (last window)"],
+        [[g.label, str(len(g.runs)), _pm(g.values(lambda s: s["mean_accuracy"])),
+          _pm(g.values(lambda s: s["min_accuracy"])),
+          _pm(g.values(lambda s: s["mean_accuracy_window"]))] for g in groups],
+        "Mean and min across tasks at the final evaluation (summary.json), mean ± std over seeds; "
+        "the last column averages the last evaluations (the papers' metric)."))
+    t.append(_Table(
+        "fairness", "Fairness across tasks (final)",
+        ["group", "mean", "min", "max - min", "variance"],
+        [[g.label, _pm(g.values(lambda s: s["mean_accuracy"])),
+          _pm(g.values(lambda s: s["min_accuracy"])),
+          _pm(g.values(lambda s: s["max_min_accuracy"])),
+          _pm(g.values(lambda s: s["accuracy_variance"]), 6)] for g in groups],
+        "Statistics of the final per-task accuracies of a run, mean ± std over seeds."))
+    t.append(_Table(
+        "cost", "Cost and accuracy",
+        ["group", "final mean accuracy", *(c.replace("_", " ") for c in COSTS)],
+        [[g.label, _pm(g.values(lambda s: s["mean_accuracy"])),
+          *(_pm(g.values(lambda s, c=c: s["cost"][c]), 0) for c in COSTS)] for g in groups],
+        "Client-side totals per run (summary.json cost), mean ± std over seeds."))
+    header, rows = _target_rows(groups, stats, target)
+    t.append(_Table(
+        "target", f"Rounds to target accuracy {target:.4f}", header, rows,
+        f"Target: {fraction}. First evaluated round at which the mean across tasks (and the min, "
+        "i.e. every task) reaches it; mean ± std over the seeds that reached it."))
+    tasks = list(dict.fromkeys(s for g in groups for s in g.tasks))
+    run_rows, links = [], []
+    for g in groups:
+        for r in g.runs:
+            s = r.summary
+            run_rows.append([
+                names[id(r)], g.label, str(s.get("seed", "")), _num(s.get("mean_accuracy", np.nan)),
+                _num(s.get("min_accuracy", np.nan)),
+                *(_num(s.get("tasks", {}).get(k, {}).get("accuracy", np.nan)) for k in tasks),
+                _count(float(s.get("cost", {}).get("local_trainings", np.nan))),
+                _count(float(s.get("cost", {}).get("model_uploads", np.nan)))])
+            links.append(hrefs[id(r)])
+    t.append(_Table(
+        "runs", "Runs",
+        ["run", "group", "seed", "mean accuracy", "min accuracy", *(f"{k} accuracy" for k in tasks),
+         "local trainings", "model uploads"],
+        run_rows, "One row per run directory, its summary.json values.", {0: links}))
+    return t
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+
+
+def _plots(out: Path, groups: list[Group], stats: list[_GroupStats], target: float
+           ) -> list[tuple[str, str, str]]:
+    """Write the PNGs; returns (file, title, caption) per plot."""
+    labels = [g.label for g in groups]
+    tasks = list(dict.fromkeys(s for g in groups for s in g.tasks))
+    figs = []
+
+    def task_series(st: _GroupStats, g: Group, task: str, rounds, values):
+        if task not in g.tasks:
+            return None
+        return _band(rounds, values[:, :, g.tasks.index(task)])
+
+    panels = [{"title": task, "series": [task_series(st, g, task, st.rounds, st.acc)
+                                         for g, st in zip(groups, stats)]} for task in tasks]
+    with np.errstate(all="ignore"):
+        mean_series = [_band(st.rounds, st.acc.mean(axis=2)) for st in stats]
+    panels.append({"title": "mean over tasks", "series": mean_series,
+                   "hline": (target, f"target {target:.3f}")})
+    plots.band_panels(out / "accuracy.png", panels, labels, ylabel="test accuracy")
+    figs.append(("accuracy.png", "Accuracy per task vs round",
+                 "Test accuracy of every task at its evaluated rounds: mean over seeds (line) and "
+                 "min..max over seeds (band); the last panel is the mean across tasks with the "
+                 "target of the rounds-to-target table."))
+
+    final = np.full((len(groups), len(tasks)), np.nan)
+    final_std = np.zeros_like(final)
+    for gi, g in enumerate(groups):
+        for k, task in enumerate(tasks):
+            if task in g.tasks:
+                final[gi, k], final_std[gi, k] = _mean_std(
+                    g.values(lambda s, t=task: s["tasks"][t]["accuracy"]))
+    plots.grouped_bars(out / "tasks.png", tasks, labels, final, final_std,
+                       ylabel="final accuracy")
+    figs.append(("tasks.png", "Final accuracy per task",
+                 "Final test accuracy of every task, mean ± std over seeds: how evenly a method "
+                 "serves the tasks."))
+
+    with np.errstate(all="ignore"):
+        spread = [_band(st.rounds, st.acc.max(axis=2) - st.acc.min(axis=2)) for st in stats]
+    plots.band_panels(out / "fairness.png", [{"title": "max - min accuracy across tasks",
+                                              "series": spread}], labels,
+                      ylabel="max - min accuracy")
+    figs.append(("fairness.png", "Fairness over rounds",
+                 "Gap between the best and the worst task at each evaluated round (lower is "
+                 "fairer): mean over seeds and min..max band."))
+
+    acc_m, acc_s = zip(*(_mean_std(g.values(lambda s: s["mean_accuracy"])) for g in groups))
+    costs = []
+    for c in ("local_trainings", "model_uploads"):
+        m, s = zip(*(_mean_std(g.values(lambda x, c=c: x["cost"][c])) for g in groups))
+        costs.append((c.replace("_", " "), np.array(m), np.array(s)))
+    plots.cost_scatter(out / "cost.png", labels, np.array(acc_m), np.array(acc_s), costs)
+    figs.append(("cost.png", "Cost vs accuracy",
+                 "Final mean accuracy against the total local trainings and model uploads of a "
+                 "run (mean ± std over seeds)."))
+
+    panels = [{"title": task, "series": [task_series(st, g, task, st.client_rounds, st.clients)
+                                         for g, st in zip(groups, stats)]} for task in tasks]
+    plots.band_panels(out / "clients.png", panels, labels, ylabel="clients")
+    figs.append(("clients.png", "Clients per task over rounds",
+                 "Clients that trained each task in each round (metrics.csv clients): mean over "
+                 "seeds and min..max band."))
+
+    sim = []
+    for st in stats:
+        parts = []
+        for i, cum in enumerate(st.cumulative):
+            pts = [(cum[int(t)]["sim_time"], np.nanmean(st.acc[i, j]))
+                   for j, t in enumerate(st.rounds)
+                   if "sim_time" in cum.get(int(t), {}) and not np.all(np.isnan(st.acc[i, j]))]
+            if pts:
+                parts.append(np.array(pts))
+        sim.append(parts)
+    if any(sim):
+        panels = [{"title": "mean accuracy over tasks", "series": [
+            None if not parts else _band_xy(parts) for parts in sim],
+            "hline": (target, f"target {target:.3f}")}]
+        plots.band_panels(out / "sim_time.png", panels, labels, ylabel="test accuracy",
+                          xlabel="simulated seconds")
+        figs.append(("sim_time.png", "Accuracy vs simulated time",
+                     "Mean accuracy across tasks against the simulated clock (rounds.csv "
+                     "sim_time); band: min..max over seeds at the shared time points."))
+    return figs
+
+
+def _band_xy(parts: list[np.ndarray]):
+    """Per-run (time, value) curves on their own x: the mean curve on the union of times, runs
+    carried forward; the band spans min..max."""
+    xs = np.unique(np.concatenate([p[:, 0] for p in parts]))
+    ys = np.full((len(parts), len(xs)), np.nan)
+    for i, p in enumerate(parts):
+        idx = np.searchsorted(p[:, 0], xs, side="right") - 1
+        ok = idx >= 0
+        ys[i, ok] = p[idx[ok], 1]
+    return _band(xs, ys)
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2em auto;max-width:1200px;
+padding:0 1em;color:#222}
+h1{font-size:1.6em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+table{border-collapse:collapse;margin:.6em 0;font-size:.92em}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
+th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
+.note{color:#555;font-size:.9em}figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}
+figcaption{color:#555;font-size:.9em}code{background:#f6f6f6;padding:0 .2em}
+"""
+
+_SCRIPT = """
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  var ok = imgs.filter(function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.documentElement.setAttribute("data-images-loaded", ok + "/" + imgs.length);
+});
+"""
+
+
+def _html_table(t: _Table) -> str:
+    e = html.escape
+    head = "".join(f"<th>{e(h)}</th>" for h in t.header)
+    body = []
+    for i, row in enumerate(t.rows):
+        cells = []
+        for j, c in enumerate(row):
+            text = e(c)
+            if j in t.links:
+                text = f'<a href="{e(t.links[j][i], quote=True)}">{text}</a>'
+            cells.append(f"<td>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return (f'<h2 id="{t.id}">{e(t.title)}</h2>\n<p class="note">{e(t.note)}</p>\n'
+            f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body)
+            + "\n</tbody></table>")
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(t: _Table) -> str:
+    lines = [f"## {t.title}", "", t.note, "",
+             "| " + " | ".join(_md_cell(h) for h in t.header) + " |",
+             "|" + "---|" * len(t.header)]
+    for i, row in enumerate(t.rows):
+        cells = [_md_cell(c) for c in row]
+        for j in t.links:
+            cells[j] = f"[{cells[j]}](<{t.links[j][i]}>)"
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
+                 target: float | None = None) -> Path:
+    """Write ``report.html``, ``report.md`` and the PNG plots into ``out``; returns the HTML path.
+
+    Args:
+        run_dirs: run directories, or folders searched recursively for them.
+        out: report folder (created).
+        target: accuracy target for "rounds to target"; default
+            :data:`DEFAULT_TARGET_FRACTION` x the best group's final mean accuracy.
+
+    Raises:
+        ResultsError: a path that does not exist, or no completed run among them.
+        MmflError: matplotlib missing (names the ``plot`` extra).
+    """
+    plots.require_matplotlib()
+    out = Path(out)
+    dirs = find_run_dirs(run_dirs)
+    runs: list[RunResults] = []
+    left_out: list[tuple[str, str]] = []
+    for d in dirs:
+        try:
+            r = read_results(d)
+        except ResultsError as e:
+            left_out.append((str(d), str(e)))
+            continue
+        status = r.summary.get("status", "?")
+        if status != "completed":
+            left_out.append((str(d), f"status {status}"))
+            continue
+        runs.append(r)
+    if not runs:
+        raise ResultsError("no completed run among " + ", ".join(map(str, run_dirs)) + (
+            " (" + "; ".join(f"{p}: {why}" for p, why in left_out) + ")" if left_out else ""))
+    groups, keys = group_runs(runs)
+    stats = [_stats(g) for g in groups]
+    best = max(_mean_std(g.values(lambda s: s["mean_accuracy"]))[0] for g in groups)
+    if target is None:
+        target = DEFAULT_TARGET_FRACTION * best
+        fraction = (f"{DEFAULT_TARGET_FRACTION:.0%} of the best group's final mean accuracy "
+                    f"({best:.4f})")
+    else:
+        fraction = "given"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ResultsError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
+    common = Path(os.path.commonpath([str(r.path.resolve()) for r in runs]))
+    if len(runs) == 1:
+        common = common.parent
+    names = {id(r): _relative(r.path, common) for r in runs}
+    hrefs = {id(r): _relative(r.path, out) for r in runs}  # links from the report folder
+    tables = _tables(groups, stats, keys, float(target), fraction, names, hrefs)
+    figs = _plots(out, groups, stats, float(target))
+    _write_html(out / "report.html", runs, groups, tables, figs, left_out, common)
+    _write_md(out / "report.md", runs, groups, tables, figs, left_out, common)
+    log.info("report of %d runs in %d groups: %s", len(runs), len(groups), out / "report.html")
+    return out / "report.html"
+
+
+def _setup(runs: list[RunResults]) -> str:
+    cfg = runs[0].config
+    tasks = ", ".join(f"{t.get('name')} ({t.get('dataset')}/{t.get('model')})"
+                      for t in cfg.get("tasks", []))
+    clients = cfg.get("clients", {})
+    return (f"{cfg.get('name', '?')}: {cfg.get('rounds', '?')} rounds, "
+            f"{clients.get('count', '?')} clients, active rate {clients.get('active_rate', '?')}, "
+            f"engine {cfg.get('engine', '?')}, tasks {tasks} (the first run's config; groups "
+            "differ as listed)")
+
+
+def _layout(tables: list[_Table], figs):
+    """Tables and figures in reading order."""
+    by_id = {t.id: t for t in tables}
+    fig = {f[0]: f for f in figs}
+    order = [by_id["groups"], by_id["accuracy"], fig["accuracy.png"], fig["tasks.png"],
+             by_id["fairness"], fig["fairness.png"], by_id["cost"], fig["cost.png"],
+             by_id["target"]]
+    if "sim_time.png" in fig:
+        order.append(fig["sim_time.png"])
+    order += [fig["clients.png"], by_id["runs"]]
+    return order
+
+
+def _write_html(path: Path, runs, groups, tables, figs, left_out, common: Path) -> None:
+    e = html.escape
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        "<title>mmfl report</title>", f"<style>{_CSS}</style>", f"<script>{_SCRIPT}</script>",
+        "</head>", "<body>", "<h1>mmfl report</h1>",
+        f"<p>{len(runs)} completed runs in {len(groups)} groups, read from "
+        f"<code>{e(str(common))}</code>.</p>",
+        f'<p class="note">{e(_setup(runs))}</p>',
+    ]
+    for item in _layout(tables, figs):
+        if isinstance(item, _Table):
+            parts.append(_html_table(item))
+        else:
+            file, title, caption = item
+            parts.append(f'<h2 id="{e(file[:-4])}">{e(title)}</h2>\n<figure><img src="{e(file)}" '
+                         f'alt="{e(title)}"><figcaption>{e(caption)}</figcaption></figure>')
+    if left_out:
+        parts.append('<h2 id="left-out">Left out</h2><p class="note">Run directories not in the '
+                     "statistics.</p><ul>" + "".join(
+                         f"<li><code>{e(p)}</code>: {e(why)}</li>" for p, why in left_out)
+                     + "</ul>")
+    parts += ["</body>", "</html>", ""]
+    path.write_text("\n".join(parts), encoding="utf-8")
+
+
+def _write_md(path: Path, runs, groups, tables, figs, left_out, common: Path) -> None:
+    parts = ["# mmfl report", "",
+             f"{len(runs)} completed runs in {len(groups)} groups, read from `{common}`.", "",
+             _setup(runs), ""]
+    for item in _layout(tables, figs):
+        if isinstance(item, _Table):
+            parts += [_md_table(item), ""]
+        else:
+            file, title, caption = item
+            parts += [f"## {title}", "", f"![{title}]({file})", "", caption, ""]
+    if left_out:
+        parts += ["## Left out", "", "Run directories not in the statistics.", ""]
+        parts += [f"- `{p}`: {why}" for p, why in left_out] + [""]
+    path.write_text("\n".join(parts), encoding="utf-8")
