@@ -190,6 +190,17 @@ class Assignment:
         if np.isnan(self.expected_slots):
             object.__setattr__(self, "expected_slots", float(self.probabilities.sum()))
 
+    def without_pairs(self, clients: np.ndarray, tasks: np.ndarray, note: str = "") -> "Assignment":
+        """The assignment minus every slot of the given (client, task) pairs (e.g. stragglers);
+        the remaining slots keep their probabilities."""
+        drop = np.zeros(self.num_slots, bool)
+        for i, s in zip(np.asarray(clients).tolist(), np.asarray(tasks).tolist()):
+            drop |= (self.client == i) & (self.task == s)
+        keep = ~drop
+        return Assignment(self.processor[keep], self.client[keep], self.task[keep],
+                          self.probability[keep], self.share[keep], self.probabilities,
+                          "; ".join(x for x in (self.note, note) if x), self.expected_slots)
+
     @property
     def num_slots(self) -> int:
         """K, the number of active slots."""

@@ -198,3 +198,38 @@ def test_seeds_beyond_32_bits_are_distinct(tmp_path):
     mmfl.run(cfg.replace(seed=1), tmp_path / "a")
     mmfl.run(cfg.replace(seed=1 + 2**32), tmp_path / "b")
     assert (tmp_path / "a" / "metrics.csv").read_bytes() != (tmp_path / "b" / "metrics.csv").read_bytes()
+
+
+def test_virtual_clock_and_stragglers(tmp_path):
+    trace = tmp_path / "trace.csv"
+    trace.write_text("client,speed,bandwidth,availability\n"
+                     + "".join(f"{i},{1.0 if i % 2 else 0.25},{1e6},1.0\n" for i in range(16)))
+    cfg = _cfg(tmp_path, rounds=4, overrides=[f'system.trace="{trace}"'])
+    s = mmfl.run(cfg, tmp_path / "a")
+    rows = mmfl.read_results(tmp_path / "a").rounds
+    secs = [float(r["sim_seconds"]) for r in rows]
+    assert all(x > 0 for x in secs) and int(rows[-1]["stragglers"]) == 0
+    assert float(rows[-1]["sim_time"]) == pytest.approx(sum(secs), abs=1e-5)  # 6 decimals in CSV
+    assert s["sim_time"] == pytest.approx(sum(secs), abs=1e-5)
+    assert set(s["time_to_accuracy"]) == {"digits", "wave"}
+    # a deadline below every pair's time drops every update: the models never move
+    tight = cfg.replace(**{"system.deadline": 1e-9})
+    s2 = mmfl.run(tight, tmp_path / "b")
+    res = mmfl.read_results(tmp_path / "b")
+    assert all(int(r["stragglers"]) == int(r["local_trainings"]) for r in res.rounds)
+    losses = {r["loss"] for r in res.metrics if r["task"] == "digits"}
+    assert len(losses) == 1 and s2["sim_time"] == pytest.approx(4e-9)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("client,speed\n0,1\n", "needs the columns"),
+    ("client,speed,bandwidth,availability\n0,1,1e6,1\n", "no row for client 1"),
+    ("client,speed,bandwidth,availability\n99,1,1e6,1\n", "outside 0..15"),
+    ("client,speed,bandwidth,availability\n0,-1,1e6,1\n", "must be > 0"),
+])
+def test_bad_trace_files_are_one_line_errors(tmp_path, content, fragment):
+    trace = tmp_path / "t.csv"
+    trace.write_text(content)
+    with pytest.raises(mmfl.DataError, match=fragment):
+        mmfl.run(_cfg(tmp_path, overrides=[f'system.trace="{trace}"']), tmp_path / "r")
+    assert not (tmp_path / "r").exists()

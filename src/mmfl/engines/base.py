@@ -145,6 +145,17 @@ class Engine:
                 out[k] = total / max(len(idx), 1)
         return out
 
+    def flops_per_sample(self) -> list[float]:
+        """(S,) forward FLOPs of each task's model for one sample (for the system cost model)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        out = []
+        for s, model in enumerate(self.models):
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                model(self.test_x[s][:1] if len(self.test_x[s]) else self.train_x[s][:1])
+            out.append(float(max(counter.get_total_flops(), 1)))
+        return out
+
     def num_parameters(self) -> list[int]:
         """(S,) parameter count D_s of each task's model."""
         return [int(sum(p.numel() for p in m.parameters())) for m in self.models]

@@ -69,6 +69,18 @@ class ClientsConfig:
 
 
 @dataclass(frozen=True)
+class SystemConfig:
+    """Client devices and the virtual clock (``[system]``); see :mod:`mmfl.core.system`."""
+
+    flops_per_second: float = 1e9
+    speed_sigma: float = 0.0
+    bandwidth: float = 1e6
+    bandwidth_sigma: float = 0.0
+    deadline: float = 0.0
+    trace: str = ""
+
+
+@dataclass(frozen=True)
 class SamplerConfig:
     """Client sampling and model allocation (``[sampler]``)."""
 
@@ -93,6 +105,7 @@ class ExperimentConfig:
     stale_dtype: str
     stale_on_disk: bool
     clients: ClientsConfig
+    system: SystemConfig
     sampler: SamplerConfig
     tasks: tuple[TaskConfig, ...]
 
@@ -105,7 +118,7 @@ class ExperimentConfig:
                         **d["sampler"]["options"]}
         for t in d["tasks"]:
             t["partition"] = {"kind": t["partition"]["kind"], **t["partition"]["options"]}
-        order = [*TOP, "server", "clients", "sampler", "tasks"]
+        order = [*TOP, "server", "clients", "system", "sampler", "tasks"]
         return {k: d[k] for k in order}
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
@@ -145,6 +158,16 @@ TOP = {
     "stale_on_disk": Option(bool, False, "", "Keep stale updates in a memory-mapped file in the run directory."),
 }
 SERVER = {"lr": Option(float, 1.0, "> 0", "Global (server) learning rate eta_g.")}
+SYSTEM = {
+    "flops_per_second": Option(float, 1e9, "> 0", "FLOP/s of the reference client device."),
+    "speed_sigma": Option(float, 0.0, ">= 0", "Lognormal spread of client speeds (0 = equal)."),
+    "bandwidth": Option(float, 1e6, "> 0", "Median client bandwidth, bytes/s (up and down)."),
+    "bandwidth_sigma": Option(float, 0.0, ">= 0", "Lognormal spread of client bandwidths."),
+    "deadline": Option(float, 0.0, ">= 0", "Round deadline in simulated seconds (0 = none); "
+                       "later pairs are dropped as stragglers."),
+    "trace": Option(str, "", "", "CSV with columns client,speed,bandwidth,availability "
+                    "(overrides the distributions and clients.availability)."),
+}
 CLIENTS = {
     "count": Option(int, 50, "1..10000000", "Number of clients N."),
     "active_rate": Option(float, 0.1, "(0..1]", "C: budget m = floor(C * P) updates per round."),
@@ -351,10 +374,11 @@ def _quantity_skew(key: str, value: Any) -> dict[str, float]:
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a nested dict (the TOML document) into an :class:`ExperimentConfig`."""
     raw = copy.deepcopy(dict(raw))
-    top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server"))
+    top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server", "system"))
     _component("engine", "engine", top["engine"])
 
     server = _fixed("server.", _table("server", raw.get("server", {})), SERVER)
+    system = SystemConfig(**_fixed("system.", _table("system", raw.get("system", {})), SYSTEM))
 
     craw = _table("clients", raw.get("clients", {}))
     cl = _fixed("clients.", craw, CLIENTS)
@@ -387,7 +411,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     sampler = SamplerConfig(sv["name"], sv["aggregator"], MappingProxyType(opts))
 
     return ExperimentConfig(
-        **top, server_lr=server["lr"], clients=clients, sampler=sampler, tasks=tasks
+        **top, server_lr=server["lr"], clients=clients, system=system, sampler=sampler,
+        tasks=tasks
     )
 
 

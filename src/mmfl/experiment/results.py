@@ -36,7 +36,8 @@ METRICS_COLUMNS = (
 )
 ROUNDS_COLUMNS = (
     "round", "available", "budget", "expected_slots", "slots", "local_trainings", "local_steps",
-    "forward_passes", "scalar_uploads", "model_uploads", "stale_bytes", "mean_accuracy", "min_accuracy",
+    "forward_passes", "scalar_uploads", "model_uploads", "stale_bytes", "sim_seconds", "sim_time",
+    "stragglers", "mean_accuracy", "min_accuracy",
     "max_min", "variance", "note",
 )
 TIMING_COLUMNS = ("round", "train_seconds", "eval_seconds", "round_seconds")

@@ -33,6 +33,8 @@ from mmfl.experiment import checkpoint, tomlio
 from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
 from mmfl.experiment.federation import Federation, build_federation
 from mmfl.experiment.results import RunWriter, write_json
+from mmfl.experiment.system import build_profile
+from mmfl.core.system import pair_seconds, round_clock
 from mmfl.rng import stream
 from mmfl.types import RoundState, Signals
 
@@ -73,6 +75,8 @@ class _State:
     cost: RoundCost = field(default_factory=RoundCost)
     local_steps: int = 0
     history: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    sim_time: float = 0.0
+    history_time: list[float] = field(default_factory=list)
 
 
 def config_fingerprint(cfg: ExperimentConfig, data_dir: Path | None) -> str:
@@ -152,6 +156,9 @@ class Runner:
         eng = registry.get("engine", cfg.engine, key="engine")
         self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads)
         self._task_lr = np.array([t.lr for t in cfg.tasks], dtype=np.float64)
+        self.profile = build_profile(cfg)
+        self._flops = np.array(self.engine.flops_per_sample())
+        self._model_bytes = 4.0 * np.array(self.engine.num_parameters())
         self.store = None
         if self.aggregator.uses_stale or "stale" in self.allocator.requires:
             from mmfl.engines.stale import StaleStore
@@ -172,8 +179,9 @@ class Runner:
         c = self.cfg.clients
         n = self.federation.population.num_clients
         online = np.ones(n, dtype=bool)
-        if c.availability < 1.0:
-            online &= stream(self.cfg.seed, "availability", t).random(n) < c.availability
+        avail = self.profile.availability
+        if (avail < 1.0).any():
+            online &= stream(self.cfg.seed, "availability", t).random(n) < avail
         order = stream(self.cfg.seed, "churn").permutation(n)  # fixed for the whole run
         late = order[: int(round(c.join_fraction * n))]
         gone = order[n - int(round(c.leave_fraction * n)):] if c.leave_fraction else order[:0]
@@ -220,7 +228,8 @@ class Runner:
             arrays["runner.history_rounds"] = np.array([h[0] for h in st.history], np.int64)
             arrays["runner.history_accuracy"] = np.array([h[1] for h in st.history], np.float64)
             arrays["runner.history_loss"] = np.array([h[2] for h in st.history], np.float64)
-        meta = {"round": st.round, "cost": st.cost.as_dict(), "local_steps": st.local_steps,
+            arrays["runner.history_time"] = np.array(st.history_time, np.float64)
+        meta = {"round": st.round, "sim_time": st.sim_time, "cost": st.cost.as_dict(), "local_steps": st.local_steps,
                 "fingerprint": config_fingerprint(self.cfg, self.data_dir)}
         checkpoint.save(self.out / CHECKPOINT, arrays, meta)
 
@@ -244,6 +253,8 @@ class Runner:
             st.history = [(int(r), a, lo) for r, a, lo in zip(
                 arrays["runner.history_rounds"], arrays["runner.history_accuracy"],
                 arrays["runner.history_loss"])]
+            st.history_time = [float(x) for x in arrays["runner.history_time"]]
+        st.sim_time = float(meta.get("sim_time", 0.0))
 
     # -- the loop --------------------------------------------------------------------------------
     def run(self, *, resume: bool = False) -> dict[str, Any]:
@@ -294,13 +305,14 @@ class Runner:
         pop = state.population
         lr = self._task_lr
         sig: dict[str, np.ndarray] = {}
-        extra = {"full": None, "probes": 0, "full_pairs": 0}
+        extra = {"full": None, "probes": 0, "full_pairs": 0, "probe_pairs": None}
         if "local_loss" in req:
             clients, tasks = _pairs_of(self.allocator.probe_pairs(state))
             loss = np.full(pop.n_samples.shape, np.nan)
             loss[clients, tasks] = self.engine.probe_losses(st.params, clients, tasks)
             sig["local_loss"] = loss
             extra["probes"] = len(clients)
+            extra["probe_pairs"] = (clients, tasks)
         if "updates" in req:
             clients, tasks = _pairs_of(state.eligible)
             full = self._train(st, clients, tasks, t)
@@ -318,6 +330,40 @@ class Runner:
         if beta is not None:
             state = dataclasses.replace(state, signals=dataclasses.replace(state.signals, beta=beta))
         return state, extra
+
+    def _clock(self, out, extra) -> tuple[float, np.ndarray]:
+        """Simulated duration of the round and the active pairs past the deadline
+        (:mod:`mmfl.core.system`). Loss probes and a full computation form a first phase that
+        every measured pair finishes before sampling; the active pairs' training is the second
+        (with a full computation it already happened in the first, and the deadline applies
+        there)."""
+        n = self.federation.population.n_samples
+        epochs = np.array([t.local_epochs for t in self.cfg.tasks])
+        F, dl = self.cfg.system.flops_per_second, self.cfg.system.deadline
+        args = (self._flops, self._model_bytes, F)
+
+        def seconds(clients, tasks, train, probe):
+            return pair_seconds(self.profile, clients, tasks, train, probe, *args)
+
+        first = 0.0
+        if extra["probe_pairs"] is not None:
+            c, s = extra["probe_pairs"]
+            first = float(seconds(c, s, np.zeros(len(c)), n[c, s]).max(initial=0.0))
+        full = extra["full"]
+        if full is not None:
+            secs = seconds(full.clients, full.tasks, epochs[full.tasks] * n[full.clients, full.tasks],
+                           np.zeros(len(full.clients)))
+            duration, on_time = round_clock(secs, dl)
+            width = n.shape[0]
+            keys = full.tasks * width + full.clients
+            late_keys = set(keys[~on_time].tolist())
+            late = np.array([k in late_keys for k in (out.tasks * width + out.clients).tolist()],
+                            dtype=bool)
+            return first + duration, late
+        secs = seconds(out.clients, out.tasks, epochs[out.tasks] * n[out.clients, out.tasks],
+                       np.zeros(len(out.clients)))
+        duration, on_time = round_clock(secs, dl)
+        return first + duration, ~on_time
 
     def _stale_dots(self, out) -> np.ndarray:
         """(N, S) <G, h> / eta_s^2 for the pairs of ``out`` (NaN elsewhere), h as stored now."""
@@ -343,6 +389,13 @@ class Runner:
             out = full.subset(np.isin(full.tasks * width + full.clients, tasks * width + clients))
         else:
             out = self._train(st, clients, tasks, t)
+        sim_seconds, late = self._clock(out, extra)
+        trained_assignment, trained_out = assignment, out
+        if late.any():  # stragglers past the deadline: their updates are lost
+            assignment = assignment.without_pairs(out.clients[late], out.tasks[late],
+                                                  note=f"{int(late.sum())} stragglers dropped")
+            out = out.subset(~late)
+        st.sim_time += sim_seconds
         if self.store is not None and extra["full"] is None:  # <G, h_old> of the active pairs
             post = dataclasses.replace(state.signals, stale_dot=self._stale_dots(out))
             state = dataclasses.replace(state, signals=post)
@@ -361,17 +414,21 @@ class Runner:
             acc, loss = self.engine.evaluate(st.params)
             st.task_accuracies, st.task_losses = acc, loss
             st.history.append((t + 1, acc, loss))
+            st.history_time.append(st.sim_time)
         t_eval = time.perf_counter()
 
-        cost = round_cost(assignment, full_computation=extra["full_pairs"], probes=extra["probes"])
+        cost = round_cost(trained_assignment, full_computation=extra["full_pairs"],
+                          probes=extra["probes"])
+        # stragglers trained but their uploads never arrived
+        cost = dataclasses.replace(cost, model_uploads=cost.model_uploads - int(late.sum()))
         if self.controls is not None:  # SCAFFOLD uploads G and Delta c: two vectors per pair
             cost = dataclasses.replace(cost, model_uploads=2 * cost.model_uploads)
         st.cost = st.cost + cost
-        trained = extra["full"] if extra["full"] is not None else out
+        trained = extra["full"] if extra["full"] is not None else trained_out
         steps = int(trained.steps.sum())
         st.local_steps += steps
         S = pop.num_tasks
-        slots = assignment.slots_per_task(S)
+        slots = trained_assignment.slots_per_task(S)
         rows = []
         for s, name in enumerate(pop.task_names):
             sel = out.tasks == s
@@ -389,9 +446,11 @@ class Runner:
         fair = fairness_stats(acc) if acc is not None else {}
         writer.append("rounds.csv", [{
             "round": t + 1, "available": int(available.sum()), "budget": self.federation.budget,
-            "expected_slots": assignment.expected_slots, "slots": assignment.num_slots,
+            "expected_slots": assignment.expected_slots, "slots": trained_assignment.num_slots,
             **cost.as_dict(), "local_steps": steps,
             "stale_bytes": self._state_bytes(),
+            "sim_seconds": sim_seconds, "sim_time": st.sim_time,
+            "stragglers": int(late.sum()),
             "mean_accuracy": fair.get("mean"), "min_accuracy": fair.get("min"),
             "max_min": fair.get("max_min"), "variance": fair.get("variance"),
             "note": assignment.note,
@@ -412,6 +471,19 @@ class Runner:
                              assignment.num_slots, t_end - t_start)
         for cb in self.callbacks:
             cb.on_round(record)
+
+    def _time_to_accuracy(self, st: _State) -> dict[str, dict[str, dict[str, float] | None]]:
+        """task -> target -> first evaluated {round, sim_time} with accuracy >= target (None if
+        never), for the absolute targets :data:`TARGETS`."""
+        out: dict[str, dict[str, dict[str, float] | None]] = {}
+        for s, name in enumerate(self.federation.population.task_names):
+            out[name] = {}
+            for target in TARGETS:
+                hit = next(((r, tm) for (r, a, _), tm in zip(st.history, st.history_time)
+                            if a[s] >= target), None)
+                out[name][f"{target:g}"] = (None if hit is None
+                                            else {"round": hit[0], "sim_time": hit[1]})
+        return out
 
     def _summary(self, st: _State, *, status: str, seconds: float | None) -> dict[str, Any]:
         pop = self.federation.population
@@ -440,12 +512,18 @@ class Runner:
             },
             "cost": {**st.cost.as_dict(), "local_steps": st.local_steps,
                      "stale_memory_bytes": self._state_bytes()},
+            "sim_time": st.sim_time,
+            "time_to_accuracy": self._time_to_accuracy(st),
             "budget": self.federation.budget, "clients": pop.num_clients,
             "processors": pop.num_processors,
         })
         if seconds is not None:
             summary["wall_seconds"] = round(seconds, 3)
         return summary
+
+
+#: Accuracy targets of ``summary.json``'s ``time_to_accuracy`` (absolute test accuracy).
+TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 def _pairs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
