@@ -275,7 +275,8 @@ def fetch(name: str, data_dir: str | os.PathLike | None, *, base_url: str | None
             checksum mismatch, unwritable folder, bad archive.
     """
     if name == "shakespeare":
-        raise DataError(f"shakespeare cannot be downloaded as one file; {SHAKESPEARE_HINT}")
+        raise DataError(f"shakespeare cannot be downloaded as one file; {SHAKESPEARE_HINT} "
+                        f"(here DATA is {resolve_data_dir(data_dir)})")
     if name not in SOURCES:
         raise DataError(f"cannot fetch dataset {name!r}; fetchable: {', '.join(FETCHABLE)}")
     src = SOURCES[name]

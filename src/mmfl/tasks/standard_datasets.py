@@ -226,8 +226,8 @@ def load_emnist(options: dict, data_dir: pathlib.Path | None, seed: int) -> Data
                             f"{xte.shape[1:]} differ in size")
         mean, std = _u8_mean_std(xtr)
         # EMNIST stores each image transposed (column-major): swap H and W to turn it upright
-        xtr = _u8_to_float(xtr.transpose(0, 2, 1), mean, std)[:, None]
-        xte = _u8_to_float(xte.transpose(0, 2, 1), mean, std)[:, None]
+        xtr = _u8_to_float(np.ascontiguousarray(xtr.transpose(0, 2, 1)), mean, std)[:, None]
+        xte = _u8_to_float(np.ascontiguousarray(xte.transpose(0, 2, 1)), mean, std)[:, None]
         return Dataset("emnist", xtr, ytr, xte, yte, K, xtr.shape[1:])
 
     return _cached(("emnist", split, *(str(files[s].resolve()) for s in stems)), build)
