@@ -199,8 +199,10 @@ class CharLSTM(nn.Module):
             h = seq.new_zeros(seq.shape[0], H)
             c = seq.new_zeros(seq.shape[0], H)
             outs = []
-            for t in range(seq.shape[1]):
-                gates = proj[:, t] + torch.matmul(h, w_hh.t()) + b_hh
+            # unbind, not proj[:, t]: the backward of L selects would zero-fill L full-size
+            # gradients (quadratic in L); unbind's backward is one stack
+            for p_t in proj.unbind(1):
+                gates = p_t + torch.matmul(h, w_hh.t()) + b_hh
                 i, f, g, o = gates.chunk(4, dim=1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
                 h = torch.sigmoid(o) * torch.tanh(c)
