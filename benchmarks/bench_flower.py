@@ -159,6 +159,7 @@ def main(argv=None) -> int:
     if not 0 < args.sampled <= args.clients:
         ap.error("--sampled must be in 1..--clients")
 
+    load0 = os.getloadavg()[0]
     raw = experiment(args)
     spec = json.dumps(raw, sort_keys=True)
     rounds = sample_rounds(args.clients, args.sampled, args.rounds, args.seed)
@@ -229,12 +230,18 @@ def main(argv=None) -> int:
     print(f"Flower per round, mean over all {args.rounds} rounds: {1e3 * r_all:.1f} ms "
           f"(ratio to vectorized {r_all / timing['vectorized']:.1f}x, to sequential "
           f"{r_all / timing['sequential']:.1f}x); the table uses rounds 2..{args.rounds}")
+    best = min(steady)
+    print(f"Flower's fastest round (of rounds 2..{args.rounds}): {1e3 * best:.1f} ms "
+          f"(ratio to vectorized {best / timing['vectorized']:.1f}x)")
     print("Flower rounds (ms): " + ", ".join(f"{1e3 * s:.0f}" for s in flower["round_s"])
           + "; of which ClientApp training summed over clients (ms): "
           + ", ".join(f"{1e3 * s:.0f}" for s in flower["client_train_s"]))
     print(f"Flower start-up {flower['startup_s']:.2f} s (Ray + {args.clients} SuperNodes + one "
           f"warm-up query each), teardown {flower['teardown_s']:.2f} s, "
           f"run_simulation total {flower['total_s']:.2f} s")
+    print("load average (1 min) before / after: {:.2f} / {:.2f} on {} CPUs (other processes "
+          "on the machine slow both sides; compare runs made at similar load)".format(
+              load0, os.getloadavg()[0], os.cpu_count()))
     ok = worst <= args.tolerance
     print(f"final models agree within {args.tolerance:g}: {'yes' if ok else 'NO'} "
           f"(worst {worst:.2e})")
