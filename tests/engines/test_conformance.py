@@ -342,3 +342,40 @@ def test_corrections_must_match_the_pairs(federation, engine):
     del bad[0]
     with pytest.raises(ValueError, match="missing task 0"):
         eng.train(params, clients, tasks, 0, corrections=bad)
+
+
+def test_generic_path_handles_aliased_gradients():
+    """A model whose forward adds two same-shaped parameters: torch.func can return one tensor
+    as the gradient of both; the update must still equal the sequential engine's."""
+    import torch
+
+    import mmfl
+    from mmfl.engines.sequential import SequentialEngine
+    from mmfl.experiment.config import config_from_dict
+    from mmfl.experiment.federation import build_federation
+
+    class TwoBias(torch.nn.Module):
+        def __init__(self, d, k):
+            super().__init__()
+            self.lin = torch.nn.Linear(d, k, bias=False)
+            self.b1 = torch.nn.Parameter(torch.zeros(k))
+            self.b2 = torch.nn.Parameter(torch.zeros(k))
+
+        def forward(self, x):
+            return torch.log_softmax(self.lin(x.flatten(1)) + self.b1 + self.b2, dim=1)
+
+    @mmfl.register("model", "two_bias_test")
+    def two_bias(options, input_shape, num_classes):
+        return TwoBias(int(np.prod(input_shape)), num_classes)
+
+    cfg = config_from_dict({
+        "name": "alias", "seed": 0, "rounds": 1, "clients": {"count": 4, "active_rate": 1.0},
+        "tasks": [{"name": "d", "dataset": "digits", "model": "two_bias_test", "lr": 0.5,
+                   "batch_size": 16}]})
+    fed = build_federation(cfg)
+    clients, tasks = np.arange(4), np.zeros(4, dtype=np.int64)
+    outs = []
+    for cls in (SequentialEngine, VectorizedEngine):
+        eng = cls(fed, seed=0)
+        outs.append(eng.train(eng.init_params(), clients, tasks, 0).updates[0])
+    assert float((outs[0] - outs[1]).abs().max()) < 1e-5

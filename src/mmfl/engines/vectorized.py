@@ -315,8 +315,10 @@ class VectorizedEngine(Engine):
             g, value = fn({n: v[:k] for n, v in P.items()}, xb, yb, plan.weight[t, :k])
             with torch.no_grad():
                 for n, v in P.items():
-                    gn = g[n].add_(R[n][:k]) if R else g[n]  # SCAFFOLD: g + c - c_i
-                    v[:k].sub_(gn.mul_(lr))
+                    # out of place: torch.func may return one tensor as the gradient of two
+                    # parameters (e.g. a sum of two biases), which in-place ops would scale twice
+                    gn = g[n] + R[n][:k] if R else g[n]  # SCAFFOLD: g + c - c_i
+                    v[:k].sub_(lr * gn)
                 loss_acc[:k] += value
         with torch.no_grad():
             new = torch.cat([v.reshape(K, -1) for v in P.values()], dim=1)
