@@ -362,7 +362,7 @@ def test_generic_path_handles_aliased_gradients():
             self.b2 = torch.nn.Parameter(torch.zeros(k))
 
         def forward(self, x):
-            return torch.log_softmax(self.lin(x.flatten(1)) + self.b1 + self.b2, dim=1)
+            return torch.log_softmax(self.lin(x.flatten(1)) + (self.b1 + self.b2), dim=1)
 
     @mmfl.register("model", "two_bias_test")
     def two_bias(options, input_shape, num_classes):
