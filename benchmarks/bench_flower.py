@@ -20,7 +20,9 @@ n_i-weighted average of the K returned models.
   initial parameters (``build_model`` with mmfl's init seed), so the final models agree up to
   float32 rounding. Start-up (Ray, actors, node discovery, one warm-up ``query`` message per
   node) is reported on its own and is not in the per-round time; a round is: build the
-  messages, ``grid.send_and_receive`` until all K replies are in, FedAvg.
+  messages, ``grid.send_and_receive`` until all K replies are in, FedAvg. Flower's
+  ``ms/round`` is the mean of rounds 2..R (round 1 still pays for warm-up inside Ray); the mean
+  of all R rounds, the fastest round and every round are printed under the table.
 
 Every number is measured in this run. ``ratio`` is Flower's per-round time over the row's
 (target of the fast-engine issue: Flower / vectorized >= 20x). ``max |dw|`` is the largest
