@@ -379,3 +379,18 @@ def test_generic_path_handles_aliased_gradients():
         eng = cls(fed, seed=0)
         outs.append(eng.train(eng.init_params(), clients, tasks, 0).updates[0])
     assert float((outs[0] - outs[1]).abs().max()) < 1e-5
+
+
+def test_init_params_are_the_initial_weights_after_training():
+    from mmfl.engines.sequential import SequentialEngine
+    from mmfl.experiment.config import config_from_dict
+    from mmfl.experiment.federation import build_federation
+
+    cfg = config_from_dict({
+        "name": "init", "seed": 0, "rounds": 1, "clients": {"count": 4, "active_rate": 1.0},
+        "tasks": [{"name": "d", "dataset": "digits", "model": "mlp", "lr": 0.5}]})
+    for cls in (SequentialEngine, VectorizedEngine):
+        eng = cls(build_federation(cfg), seed=0)
+        w0 = eng.init_params()
+        eng.train(w0, np.arange(4), np.zeros(4, dtype=np.int64), 0)
+        assert all(bool((a == b).all()) for a, b in zip(w0, eng.init_params())), cls.__name__

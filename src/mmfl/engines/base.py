@@ -82,8 +82,11 @@ class Engine:
         return len(self.models)
 
     def init_params(self) -> list[torch.Tensor]:
-        """Initial global parameters: per task a (D_s,) float32 vector."""
-        return [parameters_to_vector(m.parameters()).detach().clone() for m in self.models]
+        """Initial global parameters: per task a (D_s,) float32 vector (a fresh copy on every
+        call: engines may train inside the task modules, so they are not read again)."""
+        if not hasattr(self, "_init"):
+            self._init = [parameters_to_vector(m.parameters()).detach().clone() for m in self.models]
+        return [w.clone() for w in self._init]
 
     def train(self, params: list[torch.Tensor], clients: np.ndarray, tasks: np.ndarray,
               round: int, corrections: dict[int, torch.Tensor] | None = None) -> TrainOutput:
