@@ -272,7 +272,14 @@ def _cmd_sweep(args) -> int:
     callbacks = {"bar": [_SweepBar()], "log": [_SweepLog()], "none": []}[mode]
     log.info("sweep: %d runs (%d combinations x %d seeds) into %s, %d at a time",
              len(plan.runs), len(plan.runs) // len(seeds), len(seeds), args.out, args.jobs)
-    result = run_sweep(plan, jobs=args.jobs, data_dir=args.data_dir, callbacks=callbacks)
+    try:
+        result = run_sweep(plan, jobs=args.jobs, data_dir=args.data_dir, callbacks=callbacks)
+    except KeyboardInterrupt:
+        for cb in callbacks:
+            if isinstance(cb, _SweepBar):
+                cb.progress.stop()
+        print("mmfl: sweep interrupted; run the same command again to resume it", file=sys.stderr)
+        return 130
     counts = {k: sum(o.status == k for o in result.outcomes)
               for k in ("completed", "skipped", "failed")}
     print(f"sweep: {len(result.outcomes)} runs in {args.out}: {counts['completed']} completed, "

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
-from testkit import run_cli, tiny_config_text
+from testkit import ROOT, run_cli, tiny_config_text
 
 import mmfl
 from mmfl.errors import ConfigError, ResultsError
@@ -175,3 +180,28 @@ def test_bad_grid_exits_2_naming_the_key_before_running(cfg, tmp_path, grid, key
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"mmfl: error: {key}")
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_worker_runs_after_their_round_and_the_sweep_resumes(cfg, tmp_path):
+    out = tmp_path / "sw"
+    args = ["sweep", str(cfg), "--set", "rounds=30", "--grid", "sampler.name=random,full",
+            "--seeds", "1,2", "--jobs", "2", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    p = subprocess.Popen([sys.executable, "-m", "mmfl.cli", *args], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("*/*/metrics.csv")):
+        time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "run the same command again" in err and "Traceback" not in err
+    states = [json.loads(s.read_text())["status"] for s in out.glob("*/*/summary.json")]
+    assert "interrupted" in states and "running" not in states and len(states) < 4
+    r = run_cli(*args)
+    assert r.returncode == 0, r.stderr
+    assert "resumed after round" in r.stderr
+    for s in out.glob("*/*/summary.json"):
+        assert json.loads(s.read_text())["status"] == "completed"

@@ -33,6 +33,7 @@ Rules:
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -489,17 +490,22 @@ def _describe(e: BaseException) -> str:
 # -- worker processes ------------------------------------------------------------------------
 
 _QUEUE = None  # the progress queue of a worker process
+_STOP = None  # set by the parent on Ctrl-C: runs stop after their round, queued ones are dropped
 
 
-def _init_worker(q) -> None:
-    """Worker set-up: one thread for every numerical library, before torch is imported."""
-    global _QUEUE
+def _init_worker(q, stop) -> None:
+    """Worker set-up: one thread for every numerical library, before torch is imported; Ctrl-C
+    is left to the parent, which asks the runs to stop through ``stop``."""
+    global _QUEUE, _STOP
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = "1"
     import torch
 
     torch.set_num_threads(1)
-    _QUEUE = q
+    _QUEUE, _STOP = q, stop
 
 
 class _QueueRelay:
@@ -513,6 +519,8 @@ class _QueueRelay:
 
     def on_round(self, record):
         _QUEUE.put(("round", self.name, record.round, record.rounds))
+        if _STOP.is_set():
+            raise KeyboardInterrupt  # the runner records "interrupted" and keeps its checkpoint
 
     def on_end(self, summary):
         pass
@@ -520,6 +528,8 @@ class _QueueRelay:
 
 def _worker_run(name: str, raw: dict, run_dir: str, data_dir: str | None) -> dict:
     """Run one config in a worker; never raises (an error comes back as a field)."""
+    if _STOP.is_set():
+        return {"status": "cancelled"}
     relay = _QueueRelay(name)
     t0 = time.perf_counter()
     try:
@@ -527,10 +537,28 @@ def _worker_run(name: str, raw: dict, run_dir: str, data_dir: str | None) -> dic
                       callbacks=[relay])
         return {"status": "completed", "summary": summary, "start_round": relay.start_round,
                 "seconds": time.perf_counter() - t0}
+    except KeyboardInterrupt:
+        return {"status": "interrupted"}
     except Exception as e:
         return {"status": "failed", "error": _describe(e), "traceback": traceback.format_exc(),
                 "summary": _read_summary(Path(run_dir)), "start_round": relay.start_round,
                 "seconds": time.perf_counter() - t0}
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Ignore SIGINT in this process meanwhile (main thread only; a no-op elsewhere)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str | None,
@@ -538,7 +566,7 @@ def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
-    q = ctx.Queue()
+    q, stop = ctx.Queue(), ctx.Event()
 
     def drain() -> None:
         while True:
@@ -551,14 +579,23 @@ def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str
             else:
                 tracker.round_done(name, rnd, rounds)
 
+    def outcome(r: SweepRun, res: dict) -> RunOutcome:
+        if res.get("traceback"):
+            log.debug("%s failed in a worker:\n%s", r.name, res["traceback"])
+        return RunOutcome(r.name, res["status"], summary=res.get("summary"),
+                          error=res.get("error"), start_round=res.get("start_round", 0),
+                          seconds=res.get("seconds", 0.0))
+
     with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(q,)) as pool:
+                             initializer=_init_worker, initargs=(q, stop)) as pool:
         futures: dict[Future, SweepRun] = {}
+        handled: set[Future] = set()
         try:
-            for r in pending:
-                f = pool.submit(_worker_run, r.name, r.config.to_dict(), str(plan.run_dir(r)),
-                                data_dir)
-                futures[f] = r
+            with _sigint_ignored():  # workers start here and inherit it: no Ctrl-C mid-start-up
+                for r in pending:
+                    f = pool.submit(_worker_run, r.name, r.config.to_dict(),
+                                    str(plan.run_dir(r)), data_dir)
+                    futures[f] = r
             todo = set(futures)
             while todo:
                 ready, todo = wait(todo, timeout=0.2, return_when=FIRST_COMPLETED)
@@ -568,15 +605,18 @@ def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str
                     try:
                         res = f.result()
                     except Exception as e:  # the worker process died (e.g. killed)
-                        res = {"status": "failed", "error": _describe(e), "seconds": 0.0,
+                        res = {"status": "failed", "error": _describe(e),
                                "summary": _read_summary(plan.run_dir(r))}
-                    if res.get("traceback"):
-                        log.debug("%s failed in a worker:\n%s", r.name, res["traceback"])
-                    finish(RunOutcome(r.name, res["status"], summary=res.get("summary"),
-                                      error=res.get("error"), start_round=res.get("start_round", 0),
-                                      seconds=res.get("seconds", 0.0)))
-        except BaseException:
+                    handled.add(f)
+                    finish(outcome(r, res))
+        except BaseException:  # Ctrl-C (or a failing callback): stop the runs after their round
+            log.warning("sweep stopping: runs in progress stop after their current round")
+            stop.set()
             pool.shutdown(wait=True, cancel_futures=True)
+            for f, r in futures.items():  # record what finished meanwhile
+                if f not in handled and f.done() and not f.cancelled() and not f.exception():
+                    if f.result()["status"] in ("completed", "failed"):
+                        finish(outcome(r, f.result()))
             raise
         finally:
             drain()
