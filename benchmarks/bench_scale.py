@@ -1,6 +1,7 @@
 """Scale and paper-federation benchmarks: federation size, round time, memory, throughput.
 
-Run: ``.venv/bin/python benchmarks/bench_scale.py [--part scale|paper|all] [--clients 1000,100000]``
+Run: ``.venv/bin/python benchmarks/bench_scale.py [--part scale|paper|all] [--clients 1000,100000]
+[--repeat 2] [--models mlp,cnn] [--samplers random,lvr,gvr] [--cnn-train 6000]``
 
 Every number is measured in this run, on this machine (the table headers say what is in them);
 nothing here asserts on a time.
@@ -16,7 +17,7 @@ Part 1, scale (each N in a fresh subprocess, so peak memory does not mix):
     * ``build s``: :func:`build_federation` (dataset generation, membership, partitions), cold.
     * ``setup s``: the runner's construction up to its first round (federation again, with the
       dataset cached in-process; allocator, engine, ``federation.json``).
-    * ``round ms``: mean wall time between consecutive rounds 2..R-1 (round 1 is warm-up; the
+    * ``round ms``: median wall time between consecutive rounds 2..R-1 (round 1 is warm-up; the
       last round is left out because it always evaluates and checkpoints).
     * ``peak RSS MiB``: ``VmHWM`` of the subprocess (targets: <= 4 GiB, round time within 20%
       between N = 1,000 and N = 100,000).
@@ -26,8 +27,11 @@ S = 5 ``fashion_mnist`` tasks held by every client, label skew ``classes`` with 
 (3 classes per client), quantity skew 90% of the clients share 10% of the data, C = 0.1 (m =
 12), E = 5, batch 500 (full batch for small clients), lr 0.01.
 
-    * round times of the samplers random, lvr, gvr with ``mlp`` and ``cnn`` (mean over rounds
-      2..R-1 as above; the final evaluation uses ``test_samples``).
+    * round times of the samplers random, lvr, gvr with ``mlp`` and ``cnn`` (median over rounds
+      2..R-1 as above; the final evaluation uses ``test_samples``). The cnn runs use a random
+      ``--cnn-train`` samples per task (default 6,000 of 60,000): on a CPU one cnn round of
+      lvr (which favours the data-rich clients and probes every sample) or gvr (which trains
+      every pair) on the whole set takes many minutes.
     * throughput of gvr's full computation (``engine.train`` of every eligible pair: 5 tasks x
       120 clients) in samples/s (E * n_i summed), against a centralized PyTorch loop of the same
       model (nn.Module, torch.optim.SGD, autograd) whose per-step batch is the sum over one
@@ -47,7 +51,7 @@ import time
 
 import numpy as np
 
-SCALE_ROUNDS = 7
+SCALE_ROUNDS = 12
 
 
 def peak_rss_mib() -> float:
@@ -84,9 +88,11 @@ class Timer:
 
 
 def steady(seconds: np.ndarray) -> float:
-    """Mean of rounds 2..R-1 (round 1 warm-up, round R evaluates); round 2 if R <= 3."""
+    """Median of rounds 2..R-1 (round 1 warm-up, round R evaluates); round 2 if R <= 3.
+    The median, not the mean: a round that another process on the machine slowed down
+    should not decide the comparison."""
     inner = seconds[1:-1] if len(seconds) > 3 else seconds[1:2]
-    return float(np.mean(inner))
+    return float(np.median(inner))
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,34 +141,37 @@ def scale_child(n: int, profile: str | None) -> dict:
     secs = timer.round_seconds()
     return {"N": n, "holders": holders, "samples": samples, "build": build,
             "setup": timer.marks[0] - t0, "round_ms": 1e3 * steady(secs),
-            "rounds_ms": [round(1e3 * s, 1) for s in secs], "peak_mib": peak_rss_mib()}
+            "rounds_ms": [round(1e3 * float(s)) for s in secs], "peak_mib": peak_rss_mib()}
 
 
-def part_scale(sizes: list[int], profile_dir: str | None) -> None:
+def part_scale(sizes: list[int], repeat: int, profile_dir: str | None) -> None:
     print("== scale: 3 synthetic/mlp tasks, natural partition (one device of ~16 train samples "
           "per client and task), 1 processor per client, budget 100, random sampler, "
           "vectorized engine, E=5, batch 10")
     print(f"   evaluation kept out: eval_every > rounds, test_samples=200; {SCALE_ROUNDS} rounds, "
-          f"round ms = mean of rounds 2..{SCALE_ROUNDS - 1} (1 = warm-up, last = eval+checkpoint)")
+          f"round ms = median of rounds 2..{SCALE_ROUNDS - 1} (1 = warm-up, last = "
+          f"eval+checkpoint); the sizes run {repeat}x interleaved, 'vs first' compares with "
+          "the first size of the same pass")
     head = (f"{'N':>8} {'samples':>10} {'build s':>8} {'setup s':>8} {'round ms':>9} "
             f"{'vs first':>8} {'peak RSS MiB':>13}  rounds ms")
     print(head)
     print("-" * len(head))
-    base = None
-    for n in sizes:
-        cmd = [sys.executable, os.path.abspath(__file__), "--child-scale", str(n)]
-        if profile_dir:
-            cmd += ["--profile", os.path.join(profile_dir, f"scale{n}.prof")]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            print(f"{n:>8} failed: {done.stderr.strip().splitlines()[-1:]}")
-            continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        base = base or r["round_ms"]
-        print(f"{n:>8,} {r['samples']:>10,} {r['build']:>8.2f} {r['setup']:>8.2f} "
-              f"{r['round_ms']:>9.1f} {r['round_ms'] / base:>7.2f}x {r['peak_mib']:>13.0f}  "
-              f"{r['rounds_ms']}")
-        sys.stdout.flush()
+    for _ in range(repeat):
+        base = None
+        for n in sizes:
+            cmd = [sys.executable, os.path.abspath(__file__), "--child-scale", str(n)]
+            if profile_dir:
+                cmd += ["--profile", os.path.join(profile_dir, f"scale{n}.prof")]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                print(f"{n:>8} failed: {done.stderr.strip().splitlines()[-1:]}")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            base = base or r["round_ms"]
+            print(f"{n:>8,} {r['samples']:>10,} {r['build']:>8.2f} {r['setup']:>8.2f} "
+                  f"{r['round_ms']:>9.1f} {r['round_ms'] / base:>7.2f}x {r['peak_mib']:>13.0f}  "
+                  f"{r['rounds_ms']}")
+            sys.stdout.flush()
 
 
 # --------------------------------------------------------------------------------------------
@@ -192,7 +201,7 @@ def paper_rounds(model: str, sampler: str, rounds: int, train_samples: int) -> t
     with tempfile.TemporaryDirectory() as out:
         Runner(paper_config(model, sampler, rounds, train_samples), out, callbacks=[timer]).run()
     secs = timer.round_seconds()
-    return steady(secs), [round(s, 2) for s in secs]
+    return steady(secs), [round(float(s), 2) for s in secs]
 
 
 def central_throughput(fed, step_batch: int, samples: int, seed: int = 0) -> float:
@@ -204,6 +213,7 @@ def central_throughput(fed, step_batch: int, samples: int, seed: int = 0) -> flo
 
     td = fed.tasks[0]
     ds, cfg = td.dataset, td.config
+    torch.set_num_threads(1)  # as the engine (threads = 1)
     model = build_model(cfg.model, dict(cfg.model_options), ds.input_shape, ds.num_classes, seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     x = torch.from_numpy(np.ascontiguousarray(ds.x_train, np.float32))
@@ -247,20 +257,18 @@ def full_computation_throughput(model: str, train_samples: int) -> dict:
             "vec": samples / secs, "central": central, "step_batch": step_batch}
 
 
-def part_paper(models: list[str], samplers: list[str], cnn_gvr_train: int) -> None:
-    import torch
-
+def part_paper(models: list[str], samplers: list[str], cnn_train: int) -> None:
     print(f"\n== paper-1 federation: N=120, S=5 fashion_mnist, classes 0.3 (3 classes/client), "
-          f"quantity skew 90%/10%, C=0.1 (m=12), E=5, batch 500, lr 0.01; torch threads "
-          f"{torch.get_num_threads()}, vectorized engine")
-    print("   round s = mean of rounds 2..R-1 (round 1 warm-up, round R evaluates with "
+          f"quantity skew 90%/10%, C=0.1 (m=12), E=5, batch 500, lr 0.01; vectorized engine, "
+          f"threads=1 (the config default; the centralized loop below runs with the same)")
+    print("   round s = median of rounds 2..R-1 (round 1 warm-up, round R evaluates with "
           "test_samples=1000); mlp R=4, cnn R=3 (round 2 only)")
     head = f"{'model':<5} {'sampler':<7} {'train set':>10} {'round s':>8}  all rounds s"
     print(head)
     print("-" * len(head))
     for model in models:
         for sampler in samplers:
-            ts = cnn_gvr_train if (model == "cnn" and sampler == "gvr") else 0
+            ts = cnn_train if model == "cnn" else 0
             rounds = 4 if model == "mlp" else 3
             mean, secs = paper_rounds(model, sampler, rounds, ts)
             label = f"{ts}/task" if ts else "full"
@@ -274,7 +282,7 @@ def part_paper(models: list[str], samplers: list[str], cnn_gvr_train: int) -> No
     print(head)
     print("-" * len(head))
     for model in models:
-        ts = cnn_gvr_train if model == "cnn" else 0
+        ts = cnn_train if model == "cnn" else 0
         r = full_computation_throughput(model, ts)
         label = f"{ts}/task" if ts else "full"
         print(f"{model:<5} {label:>10} {r['pairs']:>5} {r['samples']:>10,} {r['seconds']:>8.2f} "
@@ -287,11 +295,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("scale", "paper", "all"), default="all")
     ap.add_argument("--clients", default="1000,100000", help="scale: comma-separated N")
+    ap.add_argument("--repeat", type=int, default=2, help="scale: interleaved passes")
     ap.add_argument("--models", default="mlp,cnn")
     ap.add_argument("--samplers", default="random,lvr,gvr")
-    ap.add_argument("--cnn-gvr-train", type=int, default=6000,
-                    help="train_samples per task for cnn + gvr (its full computation trains "
-                         "every pair; 0 = the whole 60,000)")
+    ap.add_argument("--cnn-train", type=int, default=6000,
+                    help="train_samples per task of the cnn runs (0 = the whole 60,000)")
     ap.add_argument("--profile-dir", default=None, help="scale: write cProfile stats per N here")
     ap.add_argument("--child-scale", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
@@ -300,9 +308,9 @@ def main(argv=None) -> int:
         print(json.dumps(scale_child(args.child_scale, args.profile)))
         return 0
     if args.part in ("scale", "all"):
-        part_scale([int(c) for c in args.clients.split(",") if c], args.profile_dir)
+        part_scale([int(c) for c in args.clients.split(",") if c], args.repeat, args.profile_dir)
     if args.part in ("paper", "all"):
-        part_paper(args.models.split(","), args.samplers.split(","), args.cnn_gvr_train)
+        part_paper(args.models.split(","), args.samplers.split(","), args.cnn_train)
     return 0
 
 
