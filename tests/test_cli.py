@@ -150,3 +150,8 @@ def test_compare_runs_samplers_by_seeds_and_resumes(tiny_config, tmp_path):
     assert (out / "full" / "seed-1" / "metrics.csv").stat().st_mtime_ns == stamp
     bad = run_cli("compare", str(tiny_config), "--samplers", "random,nope", "--out", str(out))
     assert bad.returncode == 2 and "--samplers" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_data_fetch_of_an_unknown_dataset_exits_2(tmp_path):
+    r = run_cli("data", "fetch", "no_such_dataset", "--data-dir", str(tmp_path))
+    assert r.returncode == 2 and "no_such_dataset" in r.stderr and "Traceback" not in r.stderr

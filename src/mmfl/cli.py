@@ -95,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy target for 'rounds to target' (default: 90%% of the best "
                         "group's final mean accuracy)")
 
+    p = sub.add_parser("data", help="dataset files: fetch NAME downloads and verifies them",
+                       description="Download a dataset's original files and verify their "
+                                   "checksums (needs network access to the dataset's host).")
+    data_sub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    f = data_sub.add_parser("fetch", help="download and verify NAME's files",
+                            description="Download mnist, fashion_mnist, emnist or cifar10 "
+                                        "into --data-dir (default $MMFL_DATA, then "
+                                        "~/.cache/mmfl/data) and verify the published checksums.")
+    f.add_argument("name", help="mnist | fashion_mnist | emnist | cifar10")
+    f.add_argument("--data-dir", default=None, help="target folder")
+
     p = sub.add_parser("components", help="list datasets, models, samplers, aggregators, engines",
                        description="List every registered component and its options.")
     p.add_argument("kind", nargs="?", default=None,
@@ -124,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_sweep(args)
         if args.command == "report":
             return _cmd_report(args)
+        if args.command == "data":
+            from mmfl.tasks.fetch import fetch_main
+
+            print(fetch_main(args.name, args.data_dir))
+            return 0
         if args.command == "components":
             return _cmd_components(args)
     except INPUT_ERRORS as e:
