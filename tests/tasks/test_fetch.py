@@ -22,14 +22,8 @@ from mmfl.errors import DataError
 from mmfl.tasks import fetch as F
 from mmfl.tasks import standard_datasets as SD
 
+pytestmark = pytest.mark.usefixtures("isolated_data_dirs")
 
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    monkeypatch.delenv("MMFL_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    SD.clear_cache()
-    yield
-    SD.clear_cache()
 
 
 class _Quiet(http.server.SimpleHTTPRequestHandler):

@@ -14,21 +14,14 @@ from mmfl import registry
 from mmfl.errors import ConfigError, DataError
 from mmfl.rng import stream
 from mmfl.tasks import standard_datasets as SD
+
+pytestmark = pytest.mark.usefixtures("isolated_data_dirs")
 from mmfl.tasks.datasets import IDX_DTYPES
 from mmfl.tasks.partition import partition
 
 MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path, monkeypatch):
-    """No real data folder is searched: $MMFL_DATA unset, the default folder in tmp."""
-    monkeypatch.delenv("MMFL_DATA", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
-    SD.clear_cache()
-    yield
-    SD.clear_cache()
 
 
 # ---------------------------------------------------------------------------- file writers

@@ -174,6 +174,18 @@ IDX_DTYPES: dict[int, np.dtype] = {
 }
 
 
+def read_maybe_gzipped(path: pathlib.Path, what: str) -> bytes:
+    """The bytes of ``path``, gunzipped when its name ends in ``.gz``; DataError naming ``what``
+    and the file when it cannot be read."""
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"cannot read {what} {path}: {e}") from None
+
+
 def read_idx(path: pathlib.Path | str) -> np.ndarray:
     """Read one idx file (plain, or gzip-compressed when the name ends in ``.gz``).
 
@@ -188,14 +200,7 @@ def read_idx(path: pathlib.Path | str) -> np.ndarray:
             length does not match its header (truncated or trailing bytes).
     """
     path = pathlib.Path(path)
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"cannot read idx file {path}: {e}") from None
+    raw = read_maybe_gzipped(path, "idx file")
     if len(raw) < 4:
         raise DataError(f"malformed idx file {path}: only {len(raw)} bytes")
     if raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:

@@ -34,7 +34,6 @@ Loaded datasets are cached in-process (like ``fashion_mnist``); never modify the
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import os
@@ -48,7 +47,7 @@ import numpy as np
 from mmfl.errors import DataError
 from mmfl.registry import Option, register
 from mmfl.rng import stream
-from mmfl.tasks.datasets import Dataset, find_idx_files, read_idx
+from mmfl.tasks.datasets import Dataset, find_idx_files, read_idx, read_maybe_gzipped
 from mmfl.tasks.fetch import SHAKESPEARE_HINT, default_data_dir
 
 log = logging.getLogger(__name__)
@@ -251,14 +250,7 @@ def read_cifar_batch(path: pathlib.Path | str) -> tuple[np.ndarray, np.ndarray]:
             records (truncated) or holds a label above 9.
     """
     path = pathlib.Path(path)
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
-    except (OSError, EOFError) as e:
-        raise DataError(f"cannot read CIFAR-10 batch {path}: {e}") from None
+    raw = read_maybe_gzipped(path, "CIFAR-10 batch")
     if len(raw) == 0 or len(raw) % _CIFAR_RECORD:
         raise DataError(f"malformed CIFAR-10 batch {path}: {len(raw)} bytes is not a whole "
                         f"number of {_CIFAR_RECORD}-byte records (truncated?)")
