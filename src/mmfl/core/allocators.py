@@ -171,16 +171,16 @@ def draw(
         s = np.argmax(u[b, None] < cs, axis=1)
     else:
         s = np.zeros(0, np.int64)
-    client = population.processor_client[b]
-    return Assignment(
-        processor=b,
-        client=client,
-        task=s,
-        probability=p[b, s],
-        share=1.0 / population.capacity[client],
-        probabilities=p,
-        note=note,
-    )
+    return processor_slots(population, b, s, p[b, s], p, note)
+
+
+def processor_slots(population: Population, processor: np.ndarray, task: np.ndarray,
+                    probability: np.ndarray, probabilities: np.ndarray, note: str) -> Assignment:
+    """An Assignment of processor slots (b, s) with share 1/B_{i(b)} (ALGORITHMS.md section 3)."""
+    client = population.processor_client[processor]
+    return Assignment(processor=processor, client=client, task=task, probability=probability,
+                      share=1.0 / population.capacity[client], probabilities=probabilities,
+                      note=note)
 
 
 def draw_fixed(
@@ -234,16 +234,7 @@ def _fixed_assignment(
         )
     pop = state.population
     b, s = draw_fixed(int(round(m)), eligible, conditional, rng)
-    client = pop.processor_client[b]
-    return Assignment(
-        processor=b,
-        client=client,
-        task=s,
-        probability=slot_probability[b, s],
-        share=1.0 / pop.capacity[client],
-        probabilities=probabilities,
-        note=note,
-    )
+    return processor_slots(pop, b, s, slot_probability[b, s], probabilities, note)
 
 
 # --------------------------------------------------------------------------------------------
