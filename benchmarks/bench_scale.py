@@ -234,8 +234,11 @@ def central_throughput(fed, step_batch: int, samples: int, seed: int = 0) -> flo
     return (steps - 1) * step_batch / (time.perf_counter() - t0)
 
 
-def full_computation_throughput(model: str, train_samples: int) -> dict:
-    """gvr's full computation (every eligible pair trains) vs the centralized loop."""
+def full_computation_throughput(model: str, train_samples: int, max_pairs: int = 0) -> dict:
+    """gvr's full computation (every eligible pair trains) vs the centralized loop.
+
+    ``max_pairs`` > 0 trains only that many pairs of task 0, drawn at random (a fixed stream),
+    with the centralized batch built from the same clients."""
     from mmfl import registry
     from mmfl.experiment.federation import build_federation
 
@@ -244,20 +247,26 @@ def full_computation_throughput(model: str, train_samples: int) -> dict:
     eng = registry.get("engine", "vectorized").obj(fed, seed=cfg.seed, threads=cfg.threads)
     params = eng.init_params()
     tasks, clients = np.nonzero(fed.population.n_samples.T > 0)
+    if max_pairs:
+        pick = np.sort(np.random.default_rng(0).choice(
+            np.flatnonzero(tasks == 0), size=min(max_pairs, int((tasks == 0).sum())),
+            replace=False))
+        tasks, clients = tasks[pick], clients[pick]
     E, batch = cfg.tasks[0].local_epochs, cfg.tasks[0].batch_size
-    samples = int(fed.population.n_samples.sum()) * E
+    samples = int(fed.population.n_samples[clients, tasks].sum()) * E
     eng.train(params, clients[:2], tasks[:2], 0)  # warm-up (vmap tracing for cnn)
     t0 = time.perf_counter()
     eng.train(params, clients, tasks, 0)
     secs = time.perf_counter() - t0
-    n0 = fed.population.n_samples[:, 0]
+    n0 = fed.population.n_samples[clients[tasks == 0], 0]
     step_batch = int(np.minimum(n0[n0 > 0], batch).sum())
     central = central_throughput(fed, step_batch, int(n0.sum()) * E)
     return {"pairs": len(clients), "samples": samples, "seconds": secs,
             "vec": samples / secs, "central": central, "step_batch": step_batch}
 
 
-def part_paper(models: list[str], samplers: list[str], cnn_train: int) -> None:
+def part_paper(models: list[str], samplers: list[str], cnn_train: int, cnn_pairs: int,
+               skip: set[str]) -> None:
     print(f"\n== paper-1 federation: N=120, S=5 fashion_mnist, classes 0.3 (3 classes/client), "
           f"quantity skew 90%/10%, C=0.1 (m=12), E=5, batch 500, lr 0.01; vectorized engine, "
           f"threads=1 (the config default; the centralized loop below runs with the same)")
@@ -270,12 +279,16 @@ def part_paper(models: list[str], samplers: list[str], cnn_train: int) -> None:
         for sampler in samplers:
             ts = cnn_train if model == "cnn" else 0
             rounds = 4 if model == "mlp" else 3
+            if f"{model}:{sampler}" in skip:
+                print(f"{model:<5} {sampler:<7} {'':>10} {'skipped':>8}  (--skip {model}:{sampler})")
+                continue
             mean, secs = paper_rounds(model, sampler, rounds, ts)
             label = f"{ts}/task" if ts else "full"
             print(f"{model:<5} {sampler:<7} {label:>10} {mean:>8.2f}  {secs}")
             sys.stdout.flush()
-    print("\n   gvr full computation (all 600 pairs, E=5) vs centralized loop of one model, "
-          "per-step batch = sum_i min(500, n_i) over one task's clients")
+    print("\n   gvr full computation (all 600 pairs, E=5; cnn: --cnn-pairs random pairs of task 0) "
+          "vs centralized loop of one model, per-step batch = sum_i min(500, n_i) over one "
+          "task's (listed) clients")
     head = (f"{'model':<5} {'train set':>10} {'pairs':>5} {'samples':>10} {'seconds':>8} "
             f"{'vec samples/s':>14} {'step batch':>10} {'central samples/s':>18} "
             f"{'vec/central':>11}")
@@ -283,7 +296,7 @@ def part_paper(models: list[str], samplers: list[str], cnn_train: int) -> None:
     print("-" * len(head))
     for model in models:
         ts = cnn_train if model == "cnn" else 0
-        r = full_computation_throughput(model, ts)
+        r = full_computation_throughput(model, ts, cnn_pairs if model == "cnn" else 0)
         label = f"{ts}/task" if ts else "full"
         print(f"{model:<5} {label:>10} {r['pairs']:>5} {r['samples']:>10,} {r['seconds']:>8.2f} "
               f"{r['vec']:>14,.0f} {r['step_batch']:>10,} {r['central']:>18,.0f} "
@@ -300,6 +313,11 @@ def main(argv=None) -> int:
     ap.add_argument("--samplers", default="random,lvr,gvr")
     ap.add_argument("--cnn-train", type=int, default=6000,
                     help="train_samples per task of the cnn runs (0 = the whole 60,000)")
+    ap.add_argument("--cnn-pairs", type=int, default=24,
+                    help="cnn throughput: train this many random pairs of task 0 (0 = all 600)")
+    ap.add_argument("--skip", default="cnn:gvr",
+                    help="model:sampler round timings to skip (comma-separated; cnn:gvr trains "
+                         "all 600 pairs of a padded layout per round: tens of minutes on a CPU)")
     ap.add_argument("--profile-dir", default=None, help="scale: write cProfile stats per N here")
     ap.add_argument("--child-scale", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
@@ -310,7 +328,8 @@ def main(argv=None) -> int:
     if args.part in ("scale", "all"):
         part_scale([int(c) for c in args.clients.split(",") if c], args.repeat, args.profile_dir)
     if args.part in ("paper", "all"):
-        part_paper(args.models.split(","), args.samplers.split(","), args.cnn_train)
+        part_paper(args.models.split(","), args.samplers.split(","), args.cnn_train, args.cnn_pairs,
+                   set(filter(None, args.skip.split(","))))
     return 0
 
 
