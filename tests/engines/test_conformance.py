@@ -394,3 +394,19 @@ def test_init_params_are_the_initial_weights_after_training():
         w0 = eng.init_params()
         eng.train(w0, np.arange(4), np.zeros(4, dtype=np.int64), 0)
         assert all(bool((a == b).all()) for a, b in zip(w0, eng.init_params())), cls.__name__
+
+
+@pytest.mark.parametrize("name, shape", [("mlp", (1, 28, 28)), ("cnn", (1, 8, 8)),
+                                         ("logreg", (40,)), ("lstm", (12,))])
+def test_flop_count_matches_pytorch_flop_counter(name, shape):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmfl.engines.base import _count_flops
+    from mmfl.tasks.models import build_model
+
+    model = build_model(name, {}, shape, 10, 0)
+    x = torch.zeros(1, *shape)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert _count_flops(model, x) == counter.get_total_flops() > 0

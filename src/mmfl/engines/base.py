@@ -149,14 +149,15 @@ class Engine:
         return out
 
     def flops_per_sample(self) -> list[float]:
-        """(S,) forward FLOPs of each task's model for one sample (for the system cost model)."""
-        from torch.utils.flop_counter import FlopCounterMode
+        """(S,) forward FLOPs of each task's model for one sample (for the system cost model).
 
+        Models built from Linear and Conv layers are counted analytically with forward hooks
+        (2 multiply-adds per weight use); other models go through PyTorch's FLOP counter, whose
+        first use costs about a second of start-up."""
         out = []
         for s, model in enumerate(self.models):
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                model(self.test_x[s][:1] if len(self.test_x[s]) else self.train_x[s][:1])
-            out.append(float(max(counter.get_total_flops(), 1)))
+            x = self.test_x[s][:1] if len(self.test_x[s]) else self.train_x[s][:1]
+            out.append(float(max(_count_flops(model, x), 1)))
         return out
 
     def num_parameters(self) -> list[int]:
@@ -197,6 +198,39 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
         raise ConfigError(f"tasks[{s}].model", "models with buffers (e.g. batch norm) are not "
                           "supported: buffers are neither aggregated nor checkpointed", cfg.model)
     return model
+
+
+_COUNTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def _count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Forward FLOPs of ``model`` on the batch ``x`` (one sample)."""
+    counted = sum(p.numel() for m in model.modules() if isinstance(m, _COUNTED)
+                  for p in m.parameters(recurse=False))
+    if counted != sum(p.numel() for p in model.parameters()):
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+        return int(counter.get_total_flops())
+    total = 0
+
+    def hook(mod, inputs, output):
+        nonlocal total
+        if isinstance(mod, torch.nn.Linear):
+            total += 2 * mod.in_features * mod.out_features * (output.numel() // mod.out_features)
+        else:  # convolution: each output element uses Cin/groups * kernel weights
+            per_out = mod.weight[0].numel()
+            total += 2 * per_out * output.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
 
 
 def _tensor(a: np.ndarray, dtype) -> torch.Tensor:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import numpy as np
+import torch
 
 from mmfl import registry
 from mmfl.core.metrics import RoundCost, fairness_stats, round_cost
@@ -182,13 +183,14 @@ class Runner:
         avail = self.profile.availability
         if (avail < 1.0).any():
             online &= stream(self.cfg.seed, "availability", t).random(n) < avail
-        order = stream(self.cfg.seed, "churn").permutation(n)  # fixed for the whole run
-        late = order[: int(round(c.join_fraction * n))]
-        gone = order[n - int(round(c.leave_fraction * n)):] if c.leave_fraction else order[:0]
-        if t < c.join_round:
-            online[late] = False
-        if c.leave_round and t >= c.leave_round:
-            online[gone] = False
+        if c.join_fraction or c.leave_fraction:
+            order = stream(self.cfg.seed, "churn").permutation(n)  # fixed for the whole run
+            late = order[: int(round(c.join_fraction * n))]
+            gone = order[n - int(round(c.leave_fraction * n)):] if c.leave_fraction else order[:0]
+            if t < c.join_round:
+                online[late] = False
+            if c.leave_round and t >= c.leave_round:
+                online[gone] = False
         return online
 
     def _task_active(self, t: int) -> np.ndarray | None:
@@ -318,7 +320,8 @@ class Runner:
             full = self._train(st, clients, tasks, t)
             norm = np.full(pop.n_samples.shape, np.nan)
             for s, g in full.updates.items():
-                norm[full.clients[full.tasks == s], s] = g.double().norm(dim=1).numpy() / lr[s]
+                g_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)  # no float64 copy
+                norm[full.clients[full.tasks == s], s] = g_norm.numpy() / lr[s]
             sig["update_norm"] = norm
             if self.store is not None:
                 sig["stale_dot"] = self._stale_dots(full)
