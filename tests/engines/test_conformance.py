@@ -410,3 +410,42 @@ def test_flop_count_matches_pytorch_flop_counter(name, shape):
     with FlopCounterMode(display=False) as counter:
         model(x)
     assert _count_flops(model, x) == counter.get_total_flops() > 0
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_size_groups_bound_padding_and_match_sequential(fast_path):
+    """Quantity skew with a batch larger than the small clients: a few big clients must not pad
+    the many small ones to their batch length (padded rows < 2x the real rows at every step),
+    and the grouped training still reproduces the sequential oracle."""
+    import mmfl.engines.vectorized as vec
+    from mmfl.engines.sequential import SequentialEngine
+
+    cfg = config_from_dict({
+        "name": "skew", "seed": 3, "rounds": 1, "clients": {"count": 20, "active_rate": 1.0},
+        "tasks": [_task("digits_skew", "digits", "mlp", lr=0.1, batch=64,
+                        partition={"kind": "iid", "quantity_skew": {"clients": 0.8, "data": 0.1}},
+                        model_options={"hidden": 16})]})
+    fed = build_federation(cfg)
+    n = fed.population.n_samples[:, 0]
+    clients = np.flatnonzero(n > 0).astype(np.int64)
+    tasks = np.zeros(len(clients), dtype=np.int64)
+    bs = fed.tasks[0].config.batch_size
+    assert n[clients].min() * 4 < bs < n[clients].max(), "a skewed federation"
+    groups = vec.client_groups(np.arange(len(clients)), n[clients], bs, chunk=len(clients))
+    assert len(groups) >= 2
+    assert sorted(np.concatenate(groups).tolist()) == list(range(len(clients)))
+    padded = real = 0
+    for g in groups:
+        plan = vec.batch_plan([fed.tasks[0].client_indices[i] for i in clients[g]], clients[g],
+                              0, 2, bs, 3, 0)
+        full = np.minimum(n[clients[g]], bs)
+        assert plan.idx.shape[2] <= 2 * full.min()  # the group's batch lengths within 2x
+        padded += sum(plan.active) * plan.idx.shape[2]
+        real += int((plan.weight > 0).sum())
+    assert padded < 2 * real
+    params = SequentialEngine(fed, seed=3).init_params()
+    a = SequentialEngine(fed, seed=3).train(params, clients, tasks, 0)
+    b = VectorizedEngine(fed, seed=3, fast_path=fast_path).train(params, clients, tasks, 0)
+    np.testing.assert_array_equal(a.steps, b.steps)
+    np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=0, atol=PARAM_TOL)
+    assert float((a.updates[0] - b.updates[0]).abs().max()) <= PARAM_TOL

@@ -16,6 +16,9 @@ How unequal clients are handled (padding + masks, with the idle tail cut off):
 * Clients are sorted by their number of steps (descending). At step t exactly the first
   ``active[t]`` clients still have a batch, so the step works on a contiguous prefix of the
   stacked parameters: a finished client is simply no longer touched (no wasted compute on it).
+* Clients are trained in groups (:func:`client_groups`): sorted by data size and cut where the
+  batch length ``min(n_i, batch_size)`` drops below half of the group's largest, so a few big
+  clients do not pad the many small ones' batches to their length (and at most a client chunk).
 
 Two implementations of a step:
 
@@ -53,11 +56,15 @@ from mmfl.tasks.models import MLP, LogReg
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BatchPlan", "VectorizedEngine", "batch_plan"]
+__all__ = ["BatchPlan", "VectorizedEngine", "batch_plan", "client_groups"]
 
 #: Upper bound on the floats of stacked per-client parameters (plus their gradients) that one
 #: client chunk of the generic path may hold (2**26 floats = 256 MiB per copy).
 STACK_BUDGET = 2**26
+
+#: Clients trained together have batch lengths ``min(n_i, batch_size)`` within this factor of
+#: each other, so padding rows stay below this factor of the real rows at every full step.
+GROUP_RATIO = 2.0
 
 
 @dataclass
@@ -115,6 +122,37 @@ def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs
         weight[where] = np.repeat(np.float32(1.0) / lens.astype(np.float32), lens)
     active = [int((steps > t).sum()) for t in range(T)]
     return BatchPlan(order, steps, torch.from_numpy(idx), torch.from_numpy(weight), active)
+
+
+def client_groups(pairs: np.ndarray, sizes: np.ndarray, batch_size: int,
+                  chunk: int) -> list[np.ndarray]:
+    """Split one task's pairs into the client groups that are trained together.
+
+    Every step of a group is padded to the group's longest batch, so clients whose batch
+    lengths ``min(n_i, batch_size)`` differ a lot waste compute on padding rows. The pairs are
+    sorted by local data size (descending) and cut into runs whose batch lengths are within a
+    factor of :data:`GROUP_RATIO` of the run's first (largest), each run further cut into chunks
+    of at most ``chunk`` clients. A client without data counts as batch length 1.
+
+    Args:
+        pairs: (K,) positions of the task's pairs (any integers; returned regrouped).
+        sizes: (K,) local data sizes n_i of those pairs.
+
+    Returns:
+        the groups, each a slice of ``pairs`` sorted by size; together a permutation of them.
+    """
+    order = np.argsort(-sizes, kind="stable")
+    by_size = pairs[order]
+    lens = np.maximum(np.minimum(sizes[order], batch_size), 1)
+    groups: list[np.ndarray] = []
+    a = 0
+    while a < len(by_size):
+        # first position whose batch length is below lens[a] / GROUP_RATIO (lens is descending)
+        end = a + int(np.searchsorted(-lens[a:], -lens[a] / GROUP_RATIO, side="right"))
+        end = min(max(end, a + 1), a + chunk)
+        groups.append(by_size[a:end])
+        a = end
+    return groups
 
 
 def _linear_stack(model: nn.Module) -> list[nn.Linear] | None:
@@ -177,15 +215,12 @@ class VectorizedEngine(Engine):
             cfg = td.config
             w = params[s].detach()
             D = w.numel()
-            # sort this task's pairs by local data size so chunks hold similar clients
-            sizes = np.array([len(td.client_indices[i]) for i in clients[sel]])
-            by_size = sel[np.argsort(-sizes, kind="stable")]
+            sizes = np.array([len(td.client_indices[i]) for i in clients[sel]], dtype=np.int64)
             chunk = max(1, STACK_BUDGET // max(2 * D, 1))
             G = torch.empty((len(sel), D), dtype=w.dtype)
             pos_in_task = np.empty(len(clients), dtype=np.int64)
             pos_in_task[sel] = np.arange(len(sel))
-            for a in range(0, len(by_size), chunk):
-                part = by_size[a:a + chunk]
+            for part in client_groups(sel, sizes, cfg.batch_size, chunk):
                 plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
                                   s, cfg.local_epochs, cfg.batch_size, self.seed, round)
                 rows = part[plan.order]
