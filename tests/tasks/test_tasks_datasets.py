@@ -124,6 +124,7 @@ def fake_fashion(folder: pathlib.Path, n=12, n_test=5, gz=True):
 def test_fashion_missing_names_fix(tmp_path, monkeypatch):
     monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-such-system-dir")
     monkeypatch.delenv("MMFL_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     empty = tmp_path / "data"
     empty.mkdir()
     with pytest.raises(DataError) as e:
@@ -144,6 +145,16 @@ def test_fashion_from_data_dir(tmp_path, monkeypatch, gz):
     assert ds.input_shape == (1, 28, 28) and ds.num_classes == 10
     # cached in process: the same object comes back
     assert D.load_fashion_mnist({}, tmp_path, 1) is ds
+
+
+def test_fashion_found_in_the_default_fetch_folder(tmp_path, monkeypatch):
+    """`mmfl data fetch fashion_mnist` without --data-dir puts the files where the loader looks."""
+    monkeypatch.setattr(D, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "none")
+    monkeypatch.delenv("MMFL_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    fake_fashion(tmp_path / "cache" / "mmfl" / "data" / "fashion-mnist", n=4, n_test=2)
+    ds = D.load_fashion_mnist({}, None, 0)
+    assert ds.num_train == 4 and ds.num_test == 2
 
 
 def test_fashion_data_dir_itself(tmp_path, monkeypatch):

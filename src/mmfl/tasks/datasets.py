@@ -267,16 +267,20 @@ def find_idx_files(
 
 
 def _data_folders(data_dir: pathlib.Path | None, subdir: str, system_dir: pathlib.Path | None):
-    """Candidate folders: data_dir/subdir, data_dir, then the system folder.
+    """Candidate folders: data_dir/subdir, data_dir, the default folder of ``mmfl data fetch``
+    (``~/.cache/mmfl/data/subdir``), then the system folder.
 
     When ``data_dir`` is None, ``$MMFL_DATA`` is used if set.
     """
+    from mmfl.tasks.fetch import default_data_dir
+
     if data_dir is None and os.environ.get("MMFL_DATA"):
         data_dir = pathlib.Path(os.environ["MMFL_DATA"])
     out: list[pathlib.Path] = []
     if data_dir is not None:
         data_dir = pathlib.Path(data_dir).expanduser()
         out += [data_dir / subdir, data_dir]
+    out.append(default_data_dir() / subdir)
     if system_dir is not None:
         out.append(pathlib.Path(system_dir))
     return out
