@@ -60,3 +60,28 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "mmfl.cli", *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def idx_bytes(a, code: int = 0x08) -> bytes:
+    """The idx-format bytes of array ``a`` (type code 0x08 = uint8, 0x0D = float32, ...)."""
+    import struct
+
+    import numpy as np
+
+    from mmfl.tasks.datasets import IDX_DTYPES
+
+    header = bytes([0, 0, code, a.ndim]) + b"".join(struct.pack(">I", d) for d in a.shape)
+    return header + np.ascontiguousarray(a, dtype=IDX_DTYPES[code]).tobytes()
+
+
+def write_file(path: Path, raw: bytes) -> Path:
+    """Write ``raw`` to ``path`` (gzipped when the name ends in .gz), creating folders."""
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name.endswith(".gz"):
+        with gzip.open(path, "wb") as f:
+            f.write(raw)
+    else:
+        path.write_bytes(raw)
+    return path

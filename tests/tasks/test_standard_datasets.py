@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import pathlib
-import struct
 
 import numpy as np
 import pytest
+from testkit import idx_bytes, write_file
 
 from mmfl import registry
 from mmfl.errors import ConfigError, DataError
@@ -16,7 +15,6 @@ from mmfl.rng import stream
 from mmfl.tasks import standard_datasets as SD
 
 pytestmark = pytest.mark.usefixtures("isolated_data_dirs")
-from mmfl.tasks.datasets import IDX_DTYPES
 from mmfl.tasks.partition import partition
 
 MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -27,19 +25,6 @@ MNIST_STEMS = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
 # ---------------------------------------------------------------------------- file writers
 
 
-def idx_bytes(a: np.ndarray, code: int = 0x08) -> bytes:
-    header = bytes([0, 0, code, a.ndim]) + b"".join(struct.pack(">I", d) for d in a.shape)
-    return header + np.ascontiguousarray(a, dtype=IDX_DTYPES[code]).tobytes()
-
-
-def write_file(path: pathlib.Path, raw: bytes) -> pathlib.Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wb") as f:
-            f.write(raw)
-    else:
-        path.write_bytes(raw)
-    return path
 
 
 def write_mnist(folder: pathlib.Path, n=12, n_test=5, classes=10, gz=True, seed=1):

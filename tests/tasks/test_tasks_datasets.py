@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import gzip
 import pathlib
-import struct
 
 import numpy as np
 import pytest
+from testkit import idx_bytes, write_file
 
 from mmfl import registry
 from mmfl.errors import DataError
@@ -16,20 +16,8 @@ from mmfl.tasks import datasets as D
 FMNIST_DIR = pathlib.Path("/usr/share/datasets/fashion-mnist")
 
 
-def idx_bytes(a: np.ndarray, code: int) -> bytes:
-    dtype = D.IDX_DTYPES[code]
-    header = bytes([0, 0, code, a.ndim]) + b"".join(struct.pack(">I", d) for d in a.shape)
-    return header + np.ascontiguousarray(a, dtype=dtype).tobytes()
-
-
 def write_idx(path: pathlib.Path, a: np.ndarray, code: int = 0x08) -> pathlib.Path:
-    raw = idx_bytes(a, code)
-    if path.name.endswith(".gz"):
-        with gzip.open(path, "wb") as f:
-            f.write(raw)
-    else:
-        path.write_bytes(raw)
-    return path
+    return write_file(path, idx_bytes(a, code))
 
 
 # ---------------------------------------------------------------------------------- idx
