@@ -575,19 +575,22 @@ def fedfair_distribution(
     return e / e.sum()
 
 
+#: Options of the alpha-fair model shares (shared by ``fedfair`` and ``fairvr``).
+FAIR_OPTIONS = {
+    "alpha": Option(float, 3.0, ">= 0", "alpha-fairness exponent (1 = uniform; large = "
+                    "always the worst model)."),
+    "loss_proxy": Option(str, "loss", "one of loss|error",
+                         "loss: the models' current test loss; error: 100 * (1 - accuracy) "
+                         "as in the authors' code."),
+    "weights": Option(str, "uniform", "one of uniform|data",
+                      "uniform: w_s = 1; data: w_s = model s's share of all samples."),
+}
+
+
 @register(
     "sampler",
     "fedfair",
-    options={
-        "alpha": Option(float, 3.0, ">= 0", "alpha-fairness exponent (1 = uniform; large = "
-                        "always the worst model)."),
-        "loss_proxy": Option(str, "loss", "one of loss|error",
-                             "loss: the models' current test loss; error: 100 * (1 - accuracy) "
-                             "as in the authors' code."),
-        "weights": Option(str, "uniform", "one of uniform|data",
-                          "uniform: w_s = 1; data: w_s = model s's share of all samples."),
-        "draw": _DRAW_OPT,
-    },
+    options={**FAIR_OPTIONS, "draw": _DRAW_OPT},
     doc="FedFairMMFL: uniform client sampling, alpha-fair model choice, averaging aggregation.",
 )
 class FairAllocator(Allocator):

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfl.core.allocators import (Allocator, FairAllocator, FullAllocator, RandomAllocator,
-                                  draw, fedfair_distribution, _DRAW_OPT)
+from mmfl.core.allocators import (FAIR_OPTIONS, Allocator, FairAllocator, FullAllocator,
+                                  RandomAllocator, draw, fedfair_distribution, _DRAW_OPT)
 from mmfl.core.probabilities import (optimal_probabilities_info,
                                      optimal_probabilities_per_model_info)
 from mmfl.core.stale import B0, BETA
@@ -176,13 +176,8 @@ class StaleVREAllocator(OptimalAllocator):
         return np.where(unseen, top[None, :], score)
 
 
-@register("sampler", "fairvr", options={
-    **LVR_OPTIONS,
-    "alpha": Option(float, 3.0, ">= 0", "alpha-fairness exponent of the per-model budget shares"),
-    "weights": Option(str, "uniform", "one of uniform|data", "w_s of the alpha-fair shares"),
-    "loss_proxy": Option(str, "loss", "one of loss|error",
-                         "model loss f_s for the shares: test loss, or 100 (1 - accuracy)"),
-}, doc="MMFL-FairVR: alpha-fair per-model budgets, optimal LVR sampling within them.")
+@register("sampler", "fairvr", options={**LVR_OPTIONS, **FAIR_OPTIONS},
+          doc="MMFL-FairVR: alpha-fair per-model budgets, optimal LVR sampling within them.")
 class FairVRAllocator(_LossScores, Allocator):
     """MMFL-FairVR (ALGORITHMS.md section 7): m_s = m pi_s with pi the alpha-fair shares of
     FedFairMMFL (from the models' current losses), then section 4's per-model-budget optimum
