@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from mmfl.errors import ConfigError
 

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
