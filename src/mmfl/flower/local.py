@@ -1,0 +1,749 @@
+"""``mmfl flower-local``: a real Flower deployment of one experiment on this machine.
+
+:class:`LocalDeployment` starts one ``flower-superlink`` and one ``flower-supernode`` per client
+as separate processes on loopback, submits mmfl's Flower app with ``flwr run``, follows the run
+until Flower reports it finished, and stops every process it started, whatever happens
+(success, failure, exception, Ctrl-C, SIGTERM).
+
+Layout of the run directory ``OUT`` (the experiment's own files, ``config.toml``,
+``metrics.csv``, ``rounds.csv``, ``summary.json``..., are written by the ServerApp)::
+
+    OUT/flower/
+      deployment.json    ports, run id, status, timings (kept)
+      logs/              superlink.log, node<i>.log, serverapp.log, flwr-*.log (kept on failure,
+                         or always with keep_logs)
+      experiment.toml    the resolved experiment config the ServerApp reads (run config
+                         ``config-file``)
+      run-config.toml    the ``--run-config`` overrides given to ``flwr run``
+      app/               copy of the Flower app directory that ``flwr run`` packs into a FAB
+      home/              private FLWR_HOME: config.toml with the connection, installed FABs
+      shards/            one data shard per client (node config ``data-file``)
+      superlink/, nodes/node<i>/   working directories of the processes
+      tls/, keys/        generated certificates and SuperNode keys (``tls`` / ``auth``)
+
+After a completed run everything under ``OUT/flower`` except ``deployment.json`` (and ``logs/``
+with ``keep_logs``) is removed; after a failure or interruption all of it is kept for diagnosis.
+
+Process hygiene. Every child starts in its own session (so its own process group), with
+``PR_SET_PDEATHSIG`` = SIGTERM on Linux (it is told when this process dies, even by SIGKILL),
+and with the environment marker ``MMFL_FLOWER_LOCAL=<token>``, which its own children
+(``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``) inherit. :meth:`stop` sends
+SIGTERM to every group, waits, SIGKILLs the groups, then scans ``/proc`` for any process that
+still carries the marker and kills it: nothing of a run survives it (:func:`marked_processes`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mmfl.errors import ConfigError, MmflError
+
+log = logging.getLogger(__name__)
+
+#: Environment variable that marks every process of one deployment (value: the run's token).
+MARKER = "MMFL_FLOWER_LOCAL"
+#: Name of the SuperLink connection written into the private FLWR_HOME/config.toml.
+CONNECTION = "mmfl-local"
+#: The hand-written Flower app shipped with mmfl (pyproject.toml only; the components are
+#: ``mmfl.flower.server:server_app`` and ``mmfl.flower.client:client_app``).
+APP_DIR = Path(__file__).resolve().parent / "fab"
+
+FLOWER_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "PYTHONUNBUFFERED": "1",
+}
+#: One thread per ClientApp: N SuperNodes share the machine's cores.
+ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
+
+
+class FlowerRunError(MmflError):
+    """The Flower run failed (ServerApp raised, a process died, or it did not start).
+
+    Attributes:
+        details: the ServerApp log tail or the process log tail that explains it ('' if none).
+    """
+
+    def __init__(self, message: str, details: str = ""):
+        super().__init__(message)
+        self.details = details
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM/SIGHUP while a deployment runs (exit 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"terminated by signal {signum}")
+        self.signum = signum
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def flower_executable(name: str) -> str:
+    """Path of a Flower console script (``flwr``, ``flower-superlink``...) of *this*
+    interpreter's environment, so every process imports the same mmfl, flwr and torch."""
+    cand = Path(sys.executable).parent / name
+    if cand.exists():
+        return str(cand)
+    found = shutil.which(name)
+    if found:
+        return found
+    raise MmflError(f"{name}: Flower is not installed in this environment; "
+                    "install the flower extra: pip install 'mmfl[flower]'")
+
+
+def free_port(host: str = "127.0.0.1", avoid: set[int] | None = None) -> int:
+    """A TCP port that is free on ``host`` now (the OS picks it; ``avoid`` is skipped)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if not avoid or port not in avoid:
+            return port
+    raise MmflError("no free TCP port found on " + host)
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True when something accepts TCP connections on host:port."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=timeout):
+        return True
+    return False
+
+
+def marked_processes(token: str) -> list[int]:
+    """PIDs of live processes whose environment holds ``MMFL_FLOWER_LOCAL=<token>`` (by scanning
+    ``/proc``; zombies are ignored). Empty on systems without ``/proc``."""
+    needle = f"{MARKER}={token}".encode()
+    pids = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return pids
+    for d in proc.iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            if needle not in env.split(b"\0"):
+                continue
+            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            pids.append(int(d.name))
+    return pids
+
+
+def descendants(pid: int) -> list[int]:
+    """PIDs of all live descendants of ``pid`` (from the parent links in ``/proc/*/stat``)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), ()):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Ask Linux to SIGTERM this child when its parent (mmfl) dies, even by SIGKILL."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+@dataclass
+class _Proc:
+    """One started process: a Popen in its own process group, its log file and its argv."""
+
+    name: str
+    argv: list[str]
+    cwd: Path
+    log: Path
+    env: dict[str, str]
+    popen: subprocess.Popen | None = None
+    stopped: bool = False  # stopped on purpose (kill_node / stop): its exit is no failure
+
+    @property
+    def alive(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+
+@dataclass
+class RunProgress:
+    """What a progress callback sees: the round rows of ``rounds.csv`` read so far."""
+
+    rounds: int                       # total rounds of the experiment
+    done: int                         # rounds completed so far
+    row: dict[str, str] = field(default_factory=dict)  # the last rounds.csv row
+    seconds: float = 0.0              # since the run was submitted
+
+
+# -- the deployment ------------------------------------------------------------------------------
+class LocalDeployment:
+    """A SuperLink plus one SuperNode per client on this machine, running one experiment.
+
+    Typical use (what ``mmfl flower-local`` does)::
+
+        with LocalDeployment(cfg, out, tls=True) as dep:
+            summary = dep.run(progress=print)
+
+    or step by step, e.g. to inject faults in a test::
+
+        with LocalDeployment(cfg, out, round_timeout=15) as dep:
+            dep.prepare(); dep.start(); dep.submit()
+            dep.wait_round(1); dep.kill_node(2)
+            summary = dep.wait()
+
+    Leaving the ``with`` block (normally, by an exception, Ctrl-C or SIGTERM) calls :meth:`stop`.
+
+    Args:
+        cfg: the validated experiment config (``mmfl.experiment.config.load_config``).
+        out: run directory; the ServerApp writes the experiment's files there.
+        data_dir: dataset folder (as ``mmfl run --data-dir``).
+        tls: serve the SuperLink over TLS with a CA and certificate generated for the run.
+        auth: SuperNode authentication (implies ``tls``): one ECDSA key per node, registered
+            with ``flwr supernode register`` before the node starts.
+        round_timeout: seconds the ServerApp waits for the replies of a round (run config
+            ``round-timeout``); a node that does not answer in time misses the round.
+        node_wait: seconds the ServerApp waits for all SuperNodes to connect (``node-wait``).
+        port: SuperLink port (default: a free one).
+        host: address the SuperLink listens on (``127.0.0.1``; ``0.0.0.0`` lets other machines
+            connect, see docs/flower.md).
+        resume: continue the run in ``out`` from its checkpoint (run config ``resume``).
+        keep_logs: keep ``OUT/flower/logs`` after a completed run.
+        app_dir: Flower app directory to submit (default :data:`APP_DIR`, mmfl's own app).
+        shard_writer: ``f(federation, folder) -> list[Path]`` writing one data shard per client
+            (default ``mmfl.flower.shards.write_shards``).
+        grace: seconds a process gets between SIGTERM and SIGKILL in :meth:`stop`.
+    """
+
+    def __init__(self, cfg, out: str | Path, *, data_dir: str | None = None, tls: bool = False,
+                 auth: bool = False, round_timeout: float = 300.0, node_wait: float = 120.0,
+                 port: int | None = None, host: str = "127.0.0.1", resume: bool = False,
+                 keep_logs: bool = False, app_dir: str | Path | None = None,
+                 shard_writer: Callable | None = None, grace: float = 8.0):
+        if round_timeout <= 0:
+            raise ConfigError("--round-timeout", "must be > 0 seconds", round_timeout)
+        if port is not None and not 1 <= port <= 65535:
+            raise ConfigError("--port", "must be a TCP port 1..65535", port)
+        self.cfg = cfg
+        self.out = Path(out).absolute()
+        self.data_dir = data_dir
+        self.auth = auth
+        self.tls = tls or auth
+        self.round_timeout = float(round_timeout)
+        self.node_wait = float(node_wait)
+        self.port = port
+        self.host = host
+        self.resume = resume
+        self.keep_logs = keep_logs
+        self.app_dir = Path(app_dir) if app_dir is not None else APP_DIR
+        self.shard_writer = shard_writer
+        self.grace = grace
+        self.token = uuid.uuid4().hex
+        self.dir = self.out / "flower"
+        self.logs = self.dir / "logs"
+        self.home = self.dir / "home"
+        self.superlink: _Proc | None = None
+        self.nodes: list[_Proc] = []
+        self.shards: list[Path] = []
+        self.node_ids: dict[int, int] = {}   # client id -> node id (auth mode)
+        self.run_id: str | None = None
+        self.status: str | None = None
+        self._env: dict[str, str] = {}
+        self._tls_files = None
+        self._keys: list[Path] = []
+        self._prepared = False
+        self._t_submit = 0.0
+        self._times: dict[str, float] = {}
+        self._old_handlers: dict[int, Any] = {}
+
+    # -- context manager: always stop ---------------------------------------------------------
+    def __enter__(self) -> "LocalDeployment":
+        self._install_signal_handlers()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            self.stop(completed=exc_type is None and self.status == "finished:completed")
+        finally:
+            self._restore_signal_handlers()
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def terminate(signum, frame):
+            raise Terminated(signum)
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(OSError, ValueError):
+                self._old_handlers[sig] = signal.signal(sig, terminate)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, old in self._old_handlers.items():
+            with contextlib.suppress(OSError, ValueError, TypeError):
+                signal.signal(sig, old)
+        self._old_handlers.clear()
+
+    # -- 1. files -----------------------------------------------------------------------------
+    @property
+    def num_clients(self) -> int:
+        return int(self.cfg.clients.count)
+
+    def prepare(self) -> None:
+        """Check the run directory, build the federation, write the shards, the resolved config,
+        the app copy, FLWR_HOME with its connection, and (``tls``/``auth``) certificates and
+        keys. Raises the usual input errors (ConfigError, DataError, ResultsError) before any
+        process starts."""
+        from mmfl.experiment import tomlio
+        from mmfl.experiment.config import resolve_data_dir
+        from mmfl.experiment.federation import build_federation
+        from mmfl.experiment.runner import check_out_dir
+
+        t0 = time.perf_counter()
+        check_out_dir(self.cfg, self.out, resume=self.resume)
+        if not (self.app_dir / "pyproject.toml").is_file():
+            raise MmflError(f"{self.app_dir}: Flower app directory without pyproject.toml")
+        data_dir = resolve_data_dir(self.cfg, self.data_dir)
+        federation = build_federation(self.cfg, data_dir)
+        if self.dir.exists():  # a previous (failed or interrupted) deployment of this run
+            shutil.rmtree(self.dir)
+        for d in (self.logs, self.home, self.dir / "superlink"):
+            d.mkdir(parents=True, exist_ok=True)
+        writer = self.shard_writer
+        if writer is None:
+            from mmfl.flower.shards import write_shards as writer
+        self.shards = [Path(p).absolute() for p in writer(federation, self.dir / "shards")]
+        if len(self.shards) != self.num_clients:
+            raise MmflError(f"shard writer returned {len(self.shards)} shards for "
+                            f"{self.num_clients} clients")
+        raw = self.cfg.to_dict()
+        if self.data_dir:  # --data-dir travels inside the config the ServerApp reads
+            raw["data_dir"] = str(Path(self.data_dir).absolute())
+        (self.dir / "experiment.toml").write_text(tomlio.dumps(raw), encoding="utf-8")
+        shutil.copytree(self.app_dir, self.dir / "app",
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if self.tls:
+            from mmfl.flower.certs import make_tls_files
+
+            extra = () if self.host in ("127.0.0.1", "0.0.0.0", "::", "localhost") else (self.host,)
+            self._tls_files = make_tls_files(self.dir / "tls", extra)
+        if self.auth:
+            from mmfl.flower.certs import make_node_key
+
+            self._keys = [make_node_key(self.dir / "keys" / f"node{i}")[0]
+                          for i in range(self.num_clients)]
+        self.port = self.port or free_port()
+        self._write_connection()
+        bindir = str(Path(flower_executable("flower-superlink")).parent)
+        self._env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
+                     MARKER: self.token,  # Flower starts flower-superexec etc. from PATH:
+                     "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+        self._prepared = True
+        self._times["prepare_s"] = time.perf_counter() - t0
+        self._save_state()
+
+    def _write_connection(self) -> None:
+        lines = ["[superlink]", f'default = "{CONNECTION}"', "",
+                 f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{self.port}"']
+        if self.tls:
+            lines.append(f"root-certificates = {_toml_str(str(self._tls_files.ca_cert))}")
+        else:
+            lines.append("insecure = true")
+        (self.home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+    def _save_state(self) -> None:
+        state = {
+            "superlink": f"{self.host}:{self.port}", "connection": CONNECTION,
+            "tls": self.tls, "auth": self.auth, "run_id": self.run_id, "status": self.status,
+            "round_timeout": self.round_timeout,
+            "nodes": [{"client": i, "port": self._node_port(p), "node_id": self.node_ids.get(i)}
+                      for i, p in enumerate(self.nodes)],
+            **{k: round(v, 3) for k, v in self._times.items()},
+        }
+        with contextlib.suppress(OSError):
+            (self.dir / "deployment.json").write_text(json.dumps(state, indent=2) + "\n",
+                                                     encoding="utf-8")
+
+    @staticmethod
+    def _node_port(p: _Proc) -> int | None:
+        return int(p.argv[p.argv.index("--port") + 1]) if "--port" in p.argv else None
+
+    # -- 2. processes ---------------------------------------------------------------------------
+    def _spawn(self, proc: _Proc) -> None:
+        proc.cwd.mkdir(parents=True, exist_ok=True)
+        with open(proc.log, "ab") as logf:
+            logf.write(f"$ {' '.join(proc.argv)}\n".encode())
+            logf.flush()
+            proc.popen = subprocess.Popen(
+                proc.argv, cwd=proc.cwd, env=proc.env, stdin=subprocess.DEVNULL, stdout=logf,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+        proc.stopped = False
+        log.debug("started %s (pid %d): %s", proc.name, proc.popen.pid, " ".join(proc.argv))
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the SuperLink, wait until its port accepts connections, register the node keys
+        (``auth``), then start one SuperNode per client."""
+        if not self._prepared:
+            self.prepare()
+        t0 = time.perf_counter()
+        argv = [flower_executable("flower-superlink"), "--host", self.host,
+                "--port", str(self.port), "--disable-runtime-dependency-installation"]
+        if self.tls:
+            f = self._tls_files
+            argv += ["--ssl-ca-certfile", str(f.ca_cert), "--ssl-certfile", str(f.server_cert),
+                     "--ssl-keyfile", str(f.server_key)]
+        else:
+            argv.append("--insecure")
+        if self.auth:
+            argv.append("--enable-supernode-auth")
+        env = dict(self._env)
+        env.setdefault("OMP_NUM_THREADS", str(self.cfg.threads))
+        self.superlink = _Proc("superlink", argv, self.dir / "superlink",
+                               self.logs / "superlink.log", env)
+        self._spawn(self.superlink)
+        self._wait_port(timeout)
+        self._times["superlink_start_s"] = time.perf_counter() - t0
+        if self.auth:
+            for i, key in enumerate(self._keys):
+                out = self.flwr("supernode", "register", str(key.with_name(key.name + ".pub")),
+                                CONNECTION, "--name", f"client{i}", "--format", "json",
+                                log_name="flwr-register")
+                self.node_ids[i] = int(self._json(out, "flwr supernode register")["node-id"])
+        self.nodes = [self._node_proc(i) for i in range(self.num_clients)]
+        for p in self.nodes:
+            self._spawn(p)
+        self._times["start_s"] = time.perf_counter() - t0
+        self._save_state()
+        log.info("Flower SuperLink on %s:%d (%s), %d SuperNodes; logs in %s", self.host,
+                 self.port, "TLS + node auth" if self.auth else "TLS" if self.tls else "insecure",
+                 len(self.nodes), self.logs)
+
+    def _wait_port(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        probe = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        while not port_open(probe, self.port):
+            if not self.superlink.alive:
+                raise FlowerRunError(
+                    f"flower-superlink exited with status {self.superlink.popen.returncode} "
+                    f"before serving port {self.port}; see {self.superlink.log}",
+                    _tail(self.superlink.log))
+            if time.monotonic() > deadline:
+                raise FlowerRunError(f"flower-superlink did not open port {self.port} within "
+                                     f"{timeout:.0f}s; see {self.superlink.log}",
+                                     _tail(self.superlink.log))
+            time.sleep(0.2)
+
+    def _node_proc(self, i: int) -> _Proc:
+        used = {self.port} | {self._node_port(p) for p in self.nodes if p is not None}
+        argv = [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(free_port(avoid=used)),
+                "--node-config", f"client-id={i} data-file={_toml_str(str(self.shards[i]))}"]
+        if self.tls:
+            argv += ["--root-certificates", str(self._tls_files.ca_cert)]
+        else:
+            argv.append("--insecure")
+        if self.auth:
+            argv += ["--auth-supernode-private-key", str(self._keys[i])]
+        return _Proc(f"node{i}", argv, self.dir / "nodes" / f"node{i}",
+                     self.logs / f"node{i}.log", {**self._env, **ONE_THREAD})
+
+    # -- 3. the flwr CLI ------------------------------------------------------------------------
+    def flwr(self, *args: str, timeout: float = 120.0, log_name: str = "flwr",
+             check: bool = True) -> str:
+        """Run ``flwr ARGS`` with the deployment's FLWR_HOME; returns stdout. Its output is
+        appended to ``logs/<log_name>.log``; a non-zero exit raises FlowerRunError (``check``)."""
+        argv = [flower_executable("flwr"), *args]
+        try:
+            r = subprocess.run(argv, cwd=self.dir, env={**self._env, "COLUMNS": "200"},
+                               capture_output=True, text=True, timeout=timeout,
+                               start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise FlowerRunError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f}s")
+        with contextlib.suppress(OSError), open(self.logs / f"{log_name}.log", "a") as f:
+            f.write(f"$ flwr {' '.join(args)}  (exit {r.returncode})\n{r.stdout}{r.stderr}\n")
+        if check and r.returncode != 0:
+            raise FlowerRunError(f"`flwr {' '.join(args[:2])}` failed (exit {r.returncode}); "
+                                 f"see {self.logs / (log_name + '.log')}",
+                                 (r.stdout + r.stderr).strip()[-3000:])
+        return r.stdout
+
+    @staticmethod
+    def _json(text: str, what: str) -> dict:
+        start = text.find("{")
+        try:
+            obj = json.loads(text[start:]) if start >= 0 else None
+        except json.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            raise FlowerRunError(f"{what}: unexpected output", text.strip()[-2000:])
+        if obj.get("success") is False:
+            raise FlowerRunError(f"{what} failed: {obj.get('error-message', obj)}")
+        return obj
+
+    def submit(self) -> str:
+        """``flwr run`` the app with the run config (config-file, out-dir, round-timeout, nodes,
+        node-wait, resume); returns the run id."""
+        overrides = self.dir / "run-config.toml"
+        overrides.write_text("\n".join([
+            f"config-file = {_toml_str(str(self.dir / 'experiment.toml'))}",
+            f"out-dir = {_toml_str(str(self.out))}",
+            f"round-timeout = {self.round_timeout!r}",
+            f"nodes = {self.num_clients}",
+            f"node-wait = {self.node_wait!r}",
+            f"resume = {'true' if self.resume else 'false'}",
+        ]) + "\n", encoding="utf-8")
+        out = self.flwr("run", str(self.dir / "app"), CONNECTION, "--run-config", str(overrides),
+                        "--format", "json", log_name="flwr-run")
+        self.run_id = str(self._json(out, "flwr run")["run-id"])
+        self._t_submit = time.perf_counter()
+        self.status = "submitted"
+        self._save_state()
+        log.info("submitted Flower run %s", self.run_id)
+        return self.run_id
+
+    def run_status(self) -> str:
+        """The run's status from ``flwr ls``: ``pending``, ``starting``, ``running`` or
+        ``finished:completed|failed|stopped``."""
+        out = self.flwr("ls", CONNECTION, "--run-id", str(self.run_id), "--format", "json",
+                        log_name="flwr-ls", timeout=60.0)
+        runs = self._json(out, "flwr ls").get("runs") or []
+        for r in runs:
+            if str(r.get("run-id")) == str(self.run_id):
+                return str(r.get("status"))
+        raise FlowerRunError(f"flwr ls: run {self.run_id} not found", out[-2000:])
+
+    def server_log(self) -> str:
+        """The ServerApp's captured output (``flwr log --show``), also saved as
+        ``logs/serverapp.log``."""
+        out = self.flwr("log", str(self.run_id), CONNECTION, "--show", log_name="flwr-log",
+                        check=False, timeout=60.0)
+        with contextlib.suppress(OSError):
+            (self.logs / "serverapp.log").write_text(out, encoding="utf-8")
+        return out
+
+    # -- 4. following the run -------------------------------------------------------------------
+    def rounds_done(self) -> list[dict[str, str]]:
+        """Rows of ``OUT/rounds.csv`` written so far (one per completed round)."""
+        path = self.out / "rounds.csv"
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                return [r for r in csv.DictReader(f) if r.get("round")]
+        except OSError:
+            return []
+
+    def _check_processes(self) -> None:
+        if self.superlink is not None and not self.superlink.alive:
+            raise FlowerRunError(f"flower-superlink exited (status "
+                                 f"{self.superlink.popen.returncode}); see {self.superlink.log}",
+                                 _tail(self.superlink.log))
+        for p in self.nodes:
+            if not p.stopped and not p.alive:
+                p.stopped = True  # report once; the ServerApp copes with the missing node
+                log.warning("SuperNode %s exited (status %s); see %s", p.name,
+                            p.popen.returncode, p.log)
+
+    def wait(self, *, progress: Callable[[RunProgress], None] | None = None,
+             poll: float = 1.0, status_every: float = 4.0,
+             timeout: float | None = None) -> dict[str, Any]:
+        """Follow the run until Flower reports it finished; returns ``summary.json``.
+
+        ``progress`` is called once per newly completed round (from ``rounds.csv``). Raises
+        FlowerRunError (with the ServerApp's log tail in ``details``) when the run ends other
+        than ``finished:completed``, a process dies, or ``timeout`` seconds pass.
+        """
+        seen = len(self.rounds_done()) if self.resume else 0
+        last_status = 0.0
+        t0 = time.monotonic()
+        while True:
+            rows = self.rounds_done()
+            for k in range(seen, len(rows)):
+                if progress is not None:
+                    progress(RunProgress(self.cfg.rounds, int(rows[k]["round"]), rows[k],
+                                         time.perf_counter() - self._t_submit))
+            seen = max(seen, len(rows))
+            self._check_processes()
+            if time.monotonic() - last_status >= status_every or (
+                    seen >= self.cfg.rounds and (self.out / "summary.json").exists()):
+                last_status = time.monotonic()
+                self.status = self.run_status()
+                if self.status.startswith("finished"):
+                    break
+            if timeout is not None and time.monotonic() - t0 > timeout:
+                raise FlowerRunError(f"run {self.run_id} did not finish within {timeout:.0f}s "
+                                     f"(status {self.status})")
+            time.sleep(poll)
+        self._times["run_s"] = time.perf_counter() - self._t_submit
+        self._save_state()
+        text = self.server_log()
+        if self.status != "finished:completed":
+            raise FlowerRunError(
+                f"Flower run {self.run_id} ended {self.status}; ServerApp log in "
+                f"{self.logs / 'serverapp.log'}", _server_traceback(text))
+        try:
+            return json.loads((self.out / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FlowerRunError(f"run {self.run_id} completed but {self.out / 'summary.json'} "
+                                 f"cannot be read ({e})", _server_traceback(text)) from None
+
+    def wait_round(self, r: int, timeout: float = 300.0) -> None:
+        """Block until ``rounds.csv`` holds round ``r`` (for fault injection in tests)."""
+        deadline = time.monotonic() + timeout
+        while len(self.rounds_done()) < r:
+            self._check_processes()
+            if time.monotonic() > deadline:
+                raise FlowerRunError(f"round {r} not finished within {timeout:.0f}s")
+            time.sleep(0.3)
+
+    def run(self, *, progress: Callable[[RunProgress], None] | None = None,
+            timeout: float | None = None) -> dict[str, Any]:
+        """prepare + start + submit + wait; returns the summary. Use inside ``with``."""
+        if not self._prepared:
+            self.prepare()
+        if self.superlink is None:
+            self.start()
+        self.submit()
+        return self.wait(progress=progress, timeout=timeout)
+
+    # -- 5. faults ------------------------------------------------------------------------------
+    def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        """Kill SuperNode ``i`` and everything it started (its process group), as a crash."""
+        p = self.nodes[i]
+        p.stopped = True
+        tree = descendants(p.popen.pid)  # its superexec and ClientApps run in other sessions
+        self._signal_group(p, sig)
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.popen.wait(timeout=10)
+        log.info("killed SuperNode %s (client %d)", p.name, i)
+
+    def restart_node(self, i: int) -> None:
+        """Start SuperNode ``i`` again (same client id, data and key; a fresh runtime port).
+        Without ``auth`` it joins under a new node id; with ``auth`` under its registered id,
+        once the SuperLink has noticed the old connection is gone (FLOWER-NOTES s. 6)."""
+        old = self.nodes[i]
+        if old.alive:
+            raise MmflError(f"SuperNode {old.name} is still running")
+        self.nodes[i] = self._node_proc(i)
+        self._spawn(self.nodes[i])
+        self._save_state()
+        log.info("restarted SuperNode node%d", i)
+
+    # -- 6. stopping ----------------------------------------------------------------------------
+    def processes(self) -> list[int]:
+        """PIDs of every live process of this deployment (children and their descendants)."""
+        return marked_processes(self.token)
+
+    @staticmethod
+    def _signal_group(p: _Proc, sig: int) -> None:
+        if p.popen is None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(p.popen.pid, sig)  # pgid == pid: start_new_session=True
+
+    def stop(self, *, completed: bool = False) -> None:
+        """Stop every process of the deployment: SIGTERM to each process group (SuperNodes
+        first), wait up to ``grace`` seconds, SIGKILL the groups, then kill any process still
+        carrying the marker. Ctrl-C is ignored meanwhile. After a completed run the working
+        files are removed (see the module docstring)."""
+        procs = [p for p in (*self.nodes, self.superlink) if p is not None and p.popen]
+        old_int = None
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(ValueError):
+                old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            for p in procs:
+                self._signal_group(p, signal.SIGTERM)
+            deadline = time.monotonic() + self.grace
+            for p in procs:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.popen.wait(timeout=max(0.05, deadline - time.monotonic()))
+            for p in procs:  # leaders gone, but group members (superexec, apps) may remain
+                self._signal_group(p, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.popen.wait(timeout=5)
+            # Flower starts flower-superexec and the app processes in sessions of their own:
+            # find them by the marker; SIGTERM first, then SIGKILL.
+            left = self.processes()
+            for k in range(40):
+                if not left:
+                    break
+                sig = signal.SIGTERM if k < 20 else signal.SIGKILL
+                log.debug("stopping leftover Flower processes %s (signal %d)", left, sig)
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, sig)
+                time.sleep(0.1)
+                left = self.processes()
+            if left:
+                log.warning("Flower processes still alive after stop: %s", left)
+            self._save_state()
+            if completed and self.dir.exists():
+                self._clean(keep_logs=self.keep_logs)
+        finally:
+            if old_int is not None:
+                with contextlib.suppress(ValueError):
+                    signal.signal(signal.SIGINT, old_int)
+
+    def _clean(self, *, keep_logs: bool) -> None:
+        keep = {"deployment.json"} | ({"logs"} if keep_logs else set())
+        for child in self.dir.iterdir():
+            if child.name in keep:
+                continue
+            if child.is_dir():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    child.unlink()
+
+
+def _server_traceback(text: str, lines: int = 40) -> str:
+    """The last traceback in a ServerApp log (else its tail)."""
+    body = text.rstrip().splitlines()
+    for k in range(len(body) - 1, -1, -1):
+        if body[k].startswith("Traceback"):
+            return "\n".join(body[k:k + 200][-lines * 2:])
+    return "\n".join(body[-lines:])
