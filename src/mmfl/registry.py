@@ -31,7 +31,7 @@ _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "sampler": ("mmfl.core.allocators", "mmfl.core.variance_reduced", "mmfl.core.group",
                 "mmfl.core.scaffold"),
     "aggregator": ("mmfl.core.aggregation", "mmfl.core.stale"),
-    "engine": ("mmfl.engines",),
+    "engine": ("mmfl.engines", "mmfl.flower"),  # mmfl.flower registers "flower" without flwr
 }
 
 

@@ -90,6 +90,16 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class FlowerConfig:
+    """Settings of engine ``flower`` (``[flower]``); see :mod:`mmfl.flower` and docs/flower.md."""
+
+    round_timeout: float = 600.0
+    pack: str = "pair"
+    node_wait: float = 120.0
+    ray_cpus: int = 2
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     """A whole experiment, validated. Build with :func:`load_config` or :func:`config_from_dict`."""
 
@@ -108,17 +118,23 @@ class ExperimentConfig:
     system: SystemConfig
     sampler: SamplerConfig
     tasks: tuple[TaskConfig, ...]
+    flower: FlowerConfig = FlowerConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a TOML-shaped nested dict (what ``config.toml`` holds);
-        :func:`config_from_dict` of it gives back an equal config."""
+        :func:`config_from_dict` of it gives back an equal config. The ``[flower]`` table
+        appears only for engine ``flower`` or when it differs from its defaults, so runs of the
+        other engines keep the config.toml (and checkpoint fingerprint) they always had."""
         d = _plain(self)
+        if self.engine != "flower" and self.flower == FlowerConfig():
+            d.pop("flower")
         d["server"] = {"lr": d.pop("server_lr")}
         d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
                         **d["sampler"]["options"]}
         for t in d["tasks"]:
             t["partition"] = {"kind": t["partition"]["kind"], **t["partition"]["options"]}
-        order = [*TOP, "server", "clients", "system", "sampler", "tasks"]
+        order = [*TOP, "server", "clients", "system", "sampler", "tasks",
+                 *(["flower"] if "flower" in d else [])]
         return {k: d[k] for k in order}
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
@@ -199,6 +215,15 @@ TASK = {
     "stop_round": Option(int, 0, ">= 0", "Round from which it is no longer trained (0 = never)."),
 }
 TASK_TABLES = ("partition", "dataset_options", "model_options")
+FLOWER = {
+    "round_timeout": Option(float, 600.0, ">= 0", "Seconds the server waits for a round's "
+                            "replies (0 = no limit); pairs without a reply are missing."),
+    "pack": Option(str, "pair", "one of pair|node", "Messages per round: one per assigned "
+                   "(node, task) pair, or one per node carrying all its tasks."),
+    "node_wait": Option(float, 120.0, "> 0", "Seconds to wait at start for every client's "
+                        "SuperNode."),
+    "ray_cpus": Option(int, 2, ">= 1", "Simulation: CPUs Ray may use (one ClientApp each)."),
+}
 
 _STR_KEYS = {"name", "engine", "dataset", "model", "kind", "data_dir", "aggregator"}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -374,11 +399,12 @@ def _quantity_skew(key: str, value: Any) -> dict[str, float]:
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a nested dict (the TOML document) into an :class:`ExperimentConfig`."""
     raw = copy.deepcopy(dict(raw))
-    top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server", "system"))
+    top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server", "system", "flower"))
     _component("engine", "engine", top["engine"])
 
     server = _fixed("server.", _table("server", raw.get("server", {})), SERVER)
     system = SystemConfig(**_fixed("system.", _table("system", raw.get("system", {})), SYSTEM))
+    flower = FlowerConfig(**_fixed("flower.", _table("flower", raw.get("flower", {})), FLOWER))
 
     craw = _table("clients", raw.get("clients", {}))
     cl = _fixed("clients.", craw, CLIENTS)
@@ -412,7 +438,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
 
     return ExperimentConfig(
         **top, server_lr=server["lr"], clients=clients, system=system, sampler=sampler,
-        tasks=tasks
+        tasks=tasks, flower=flower
     )
 
 

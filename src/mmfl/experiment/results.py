@@ -37,7 +37,7 @@ METRICS_COLUMNS = (
 ROUNDS_COLUMNS = (
     "round", "available", "budget", "expected_slots", "slots", "local_trainings", "local_steps",
     "forward_passes", "scalar_uploads", "model_uploads", "stale_bytes", "sim_seconds", "sim_time",
-    "stragglers", "mean_accuracy", "min_accuracy",
+    "stragglers", "missing", "mean_accuracy", "min_accuracy",
     "max_min", "variance", "note",
 )
 TIMING_COLUMNS = ("round", "train_seconds", "eval_seconds", "round_seconds")
@@ -68,6 +68,7 @@ class RunWriter:
     def __init__(self, out: Path):
         self.out = out
         self._files: dict[str, io.TextIOBase] = {}
+        self._cols: dict[str, tuple[str, ...]] = {}
 
     def open(self, *, keep_until_round: int | None) -> None:
         """Open the tables for appending. ``keep_until_round`` (resume): drop rows after it,
@@ -78,10 +79,14 @@ class RunWriter:
                 path.write_text(",".join(cols) + "\n", encoding="utf-8")
             else:
                 truncate_rows(path, keep_until_round)
+                # a run written by an older mmfl keeps its own columns when it is resumed
+                with open(path, encoding="utf-8", newline="") as f:
+                    cols = tuple(next(csv.reader(f), cols))
+            self._cols[name] = cols
             self._files[name] = open(path, "a", encoding="utf-8", newline="")
 
     def append(self, name: str, rows: list[dict[str, Any]]) -> None:
-        cols = TABLES[name]
+        cols = self._cols.get(name, TABLES[name])
         f = self._files[name]
         for row in rows:
             f.write(",".join(_csv_cell(fmt(row.get(c))) for c in cols) + "\n")

@@ -5,7 +5,9 @@ One loop drives every engine. Per round t (0-based; files count completed rounds
 1. ``RoundState`` from the population, budget m, availability mask, latest task losses;
 2. ``allocator.allocate(state, rng=stream(seed, "allocate", t))`` -> Assignment;
 3. ``engine.train`` on the unique active (client, task) pairs -> updates G (for SCAFFOLD,
-   with the control-variate corrections c_s - c_{i,s});
+   with the control-variate corrections c_s - c_{i,s}); pairs the engine returns no update for
+   (a distributed engine whose node did not answer, see :mod:`mmfl.flower`) are *missing*:
+   dropped from the assignment like stragglers past the deadline and counted in rounds.csv;
 4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models; stale updates
    h and SCAFFOLD's control variates are updated from the round's G;
 5. evaluation every ``eval_every`` rounds (and the last), rows appended to the run directory,
@@ -21,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -133,11 +135,17 @@ class Runner:
     """Runs one experiment into one run directory. Use :func:`run` for the common case."""
 
     def __init__(self, cfg: ExperimentConfig, out: str | Path, *, data_dir: str | None = None,
-                 callbacks: Sequence[Callback] = ()):
+                 callbacks: Sequence[Callback] = (),
+                 engine_factory: Callable[[Federation], Any] | None = None):
+        """``engine_factory(federation) -> Engine`` replaces the registry's construction of
+        ``cfg.engine`` (e.g. an engine bound to a Flower grid inside a ServerApp). Without it,
+        an engine class that defines ``host_run(runner, *, resume)`` (engine ``flower``) hosts
+        the run: :meth:`run` hands over to it, and it calls :meth:`run` back with a factory."""
         self.cfg = cfg
         self.out = Path(out)
         self.data_dir = resolve_data_dir(cfg, data_dir)
         self.callbacks = list(callbacks)
+        self.engine_factory = engine_factory
 
     # -- construction ----------------------------------------------------------------------
     def _build(self) -> None:
@@ -154,7 +162,10 @@ class Runner:
         shared = {k: v for k, v in cfg.sampler.options.items() if k in agg.options}  # e.g. beta, b0
         self.aggregator = agg.obj(registry.resolve_options("sampler", shared, agg.options), pop)
         eng = registry.get("engine", cfg.engine, key="engine")
-        self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads)
+        if self.engine_factory is not None:
+            self.engine = self.engine_factory(fed)
+        else:
+            self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads)
         self._task_lr = np.array([t.lr for t in cfg.tasks], dtype=np.float64)
         self.profile = build_profile(cfg)
         self._flops = np.array(self.engine.flops_per_sample())
@@ -261,6 +272,10 @@ class Runner:
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Run (or continue) the experiment; returns the summary (also in summary.json)."""
         cfg = self.cfg
+        if self.engine_factory is None:
+            host = getattr(registry.get("engine", cfg.engine, key="engine").obj, "host_run", None)
+            if host is not None:
+                return host(self, resume=resume)
         resuming = check_out_dir(cfg, self.out, resume=resume)
         self._build()  # data and model errors surface before anything is written
         fed = self.federation
@@ -306,17 +321,31 @@ class Runner:
         pop = state.population
         lr = self._task_lr
         sig: dict[str, np.ndarray] = {}
-        extra = {"full": None, "probes": 0, "full_pairs": 0, "probe_pairs": None}
+        extra = {"full": None, "probes": 0, "full_pairs": 0, "probe_pairs": None,
+                 "missing": 0, "notes": []}
         if "local_loss" in req:
             clients, tasks = _pairs_of(self.allocator.probe_pairs(state))
             loss = np.full(pop.n_samples.shape, np.nan)
-            loss[clients, tasks] = self.engine.probe_losses(st.params, clients, tasks)
+            probed = np.asarray(self.engine.probe_losses(st.params, clients, tasks), np.float64)
+            lost = ~np.isfinite(probed)  # a distributed engine's node did not answer
+            if lost.any():
+                state = _offline(state, clients[lost])
+                extra["missing"] += int(lost.sum())
+                extra["notes"].append(f"{int(lost.sum())} loss probes missing (clients offline "
+                                      "this round)")
+            loss[clients[~lost], tasks[~lost]] = probed[~lost]
             sig["local_loss"] = loss
             extra["probes"] = len(clients)
             extra["probe_pairs"] = (clients, tasks)
         if "updates" in req:
             clients, tasks = _pairs_of(state.eligible)
             full = self._train(st, clients, tasks, t)
+            lost = ~_answered(clients, tasks, full, pop.num_clients)
+            if lost.any():  # no update from these pairs: their clients sit this round out
+                state = _offline(state, clients[lost])
+                extra["missing"] += int(lost.sum())
+                extra["notes"].append(f"{int(lost.sum())} pairs missing from the full "
+                                      "computation (clients offline this round)")
             norm = np.full(pop.n_samples.shape, np.nan)
             for s, g in full.updates.items():
                 g_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)  # no float64 copy
@@ -391,8 +420,21 @@ class Runner:
             out = full.subset(np.isin(full.tasks * width + full.clients, tasks * width + clients))
         else:
             out = self._train(st, clients, tasks, t)
+        trained_assignment = assignment
+        lost = ~_answered(clients, tasks, out, pop.num_clients)
+        missing = int(lost.sum()) + extra["missing"]
+        notes = list(extra["notes"])
+        if lost.any():
+            # no reply (a node failed or timed out): dropped exactly like stragglers, so the
+            # aggregation only sees the pairs that answered (biased unless failures are
+            # independent of the updates)
+            notes.append(f"{int(lost.sum())} pairs missing (no reply)")
+            assignment = assignment.without_pairs(clients[lost], tasks[lost])
+        if notes:
+            assignment = dataclasses.replace(
+                assignment, note="; ".join(x for x in (assignment.note, *notes) if x))
         sim_seconds, late = self._clock(out, extra)
-        trained_assignment, trained_out = assignment, out
+        trained_out = out
         if late.any():  # stragglers past the deadline: their updates are lost
             assignment = assignment.without_pairs(out.clients[late], out.tasks[late],
                                                   note=f"{int(late.sum())} stragglers dropped")
@@ -421,8 +463,9 @@ class Runner:
 
         cost = round_cost(trained_assignment, full_computation=extra["full_pairs"],
                           probes=extra["probes"])
-        # stragglers trained but their uploads never arrived
-        cost = dataclasses.replace(cost, model_uploads=cost.model_uploads - int(late.sum()))
+        # stragglers and missing pairs were asked to train but their uploads never arrived
+        cost = dataclasses.replace(
+            cost, model_uploads=cost.model_uploads - int(late.sum()) - int(lost.sum()))
         if self.controls is not None:  # SCAFFOLD uploads G and Delta c: two vectors per pair
             cost = dataclasses.replace(cost, model_uploads=2 * cost.model_uploads)
         st.cost = st.cost + cost
@@ -447,12 +490,12 @@ class Runner:
         writer.append("metrics.csv", rows)
         fair = fairness_stats(acc) if acc is not None else {}
         writer.append("rounds.csv", [{
-            "round": t + 1, "available": int(available.sum()), "budget": self.federation.budget,
+            "round": t + 1, "available": int(np.sum(state.available)), "budget": self.federation.budget,
             "expected_slots": assignment.expected_slots, "slots": trained_assignment.num_slots,
             **cost.as_dict(), "local_steps": steps,
             "stale_bytes": self._state_bytes(),
             "sim_seconds": sim_seconds, "sim_time": st.sim_time,
-            "stragglers": int(late.sum()),
+            "stragglers": int(late.sum()), "missing": missing,
             "mean_accuracy": fair.get("mean"), "min_accuracy": fair.get("min"),
             "max_min": fair.get("max_min"), "variance": fair.get("variance"),
             "note": assignment.note,
@@ -526,6 +569,23 @@ class Runner:
 
 #: Accuracy targets of ``summary.json``'s ``time_to_accuracy`` (absolute test accuracy).
 TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def _answered(clients: np.ndarray, tasks: np.ndarray, out, width: int) -> np.ndarray:
+    """(U,) bool: which requested (client, task) pairs have an update in ``out`` (a
+    TrainOutput); all of them for a local engine."""
+    if len(out.clients) == len(clients):
+        return np.ones(len(clients), dtype=bool)
+    return np.isin(np.asarray(tasks) * width + np.asarray(clients),
+                   out.tasks * width + out.clients)
+
+
+def _offline(state: RoundState, clients: np.ndarray) -> RoundState:
+    """``state`` with ``clients`` marked unavailable (their node did not answer a
+    measurement this round, so the sampler must not choose them)."""
+    available = np.array(state.available, dtype=bool)
+    available[np.asarray(clients, np.int64)] = False
+    return dataclasses.replace(state, available=available)
 
 
 def _pairs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,57 @@
+"""mmfl on Flower (flwr 1.42): engine ``flower`` and the Flower apps it runs on.
+
+Importing this package does not import ``flwr`` (mmfl works without the ``flower`` extra); the
+Flower parts live in submodules that need it:
+
+* :mod:`mmfl.flower.server`: ``server_app`` (a ``flwr.serverapp.ServerApp`` that runs a whole
+  mmfl experiment; its run config names the experiment file and the run directory) and
+  :class:`~mmfl.flower.server.FlowerEngine`, the engine that sends local training to the
+  ClientApps through the ServerApp's grid.
+* :mod:`mmfl.flower.client`: ``client_app`` (a ``flwr.clientapp.ClientApp`` holding one client's
+  data for all of its tasks and training the requested one exactly like engine ``sequential``).
+* :mod:`mmfl.flower.shards`: the per-client data files (no flwr needed).
+* :mod:`mmfl.flower.simulation`: engine ``flower`` of ``mmfl run``, i.e. the same apps under
+  Flower's simulation engine (``flwr.simulation.run_simulation``, Ray backend).
+
+See docs/flower.md ("The flower engine") for the protocol, the options and how faults are
+handled.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from mmfl.errors import ConfigError
+from mmfl.registry import register
+
+INSTALL_HINT = "pip install 'mmfl[flower]'"
+
+
+def require_flwr() -> None:
+    """Raise a one-line ConfigError (key ``engine``) when Flower is not installed."""
+    if importlib.util.find_spec("flwr") is None:
+        raise ConfigError("engine", f"needs Flower, which is not installed; {INSTALL_HINT}",
+                          "flower")
+
+
+@register("engine", "flower")
+class FlowerEngineEntry:
+    """Flower ClientApps under Flower's simulation engine (Ray); needs the flower extra."""
+
+    def __new__(cls, federation, *, seed: int, threads: int = 1, **kwargs):
+        """A :class:`mmfl.flower.server.FlowerEngine`; it needs a Flower ``grid`` (keyword),
+        which exists only inside a ServerApp. ``mmfl run`` / :func:`mmfl.run` use
+        :meth:`host_run` instead."""
+        require_flwr()
+        from mmfl.flower.server import FlowerEngine
+
+        return FlowerEngine(federation, seed=seed, threads=threads, **kwargs)
+
+    @staticmethod
+    def host_run(runner, *, resume: bool = False):
+        """Run ``runner`` (a :class:`~mmfl.experiment.runner.Runner`) inside a ServerApp under
+        Flower's simulation engine; returns the summary."""
+        require_flwr()
+        from mmfl.flower.simulation import host_run
+
+        return host_run(runner, resume=resume)

@@ -1,0 +1,210 @@
+"""mmfl's Flower ClientApp: one mmfl client, all of its tasks, trained like engine ``sequential``.
+
+``client_app`` answers the messages of :mod:`mmfl.flower.messages`. It learns which client it is
+and where that client's data is from its node config:
+
+* deployment (``flower-supernode --node-config``): ``client-id`` (int, the mmfl client i) and
+  ``data-file`` (str, absolute path of that client's shard written by
+  :func:`mmfl.flower.shards.write_shards`);
+* simulation (``run_simulation`` gives only ``partition-id`` / ``num-partitions``):
+  client i = ``partition-id`` and the shard is ``client-<i>.npz`` in the folder named by the
+  message's ``shard-dir``.
+
+Local training is :class:`ShardEngine`: engine ``sequential``'s own ``train`` (the same
+:func:`~mmfl.engines.sequential.local_batches`, SGD step, SCAFFOLD correction and finiteness
+check, imported, not copied) on an engine whose data are the shard's samples, so a ClientApp's
+update equals the ``sequential`` engine's for the same pair bit for bit. Loaded shards are cached
+per process (a Ray actor in simulation serves many messages; in deployment every message starts
+a new ClientApp process, so loading is kept cheap: one ``.npz`` read, models built on demand).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from mmfl.engines.base import _tensor
+from mmfl.engines.sequential import SequentialEngine
+from mmfl.errors import DataError, NumericalError
+from mmfl.experiment.config import TaskConfig
+from mmfl.experiment.federation import TaskData
+from mmfl.flower import messages as M
+from mmfl.flower.shards import Shard, load_shard, shard_name
+
+log = logging.getLogger(__name__)
+
+torch.set_num_threads(1)  # one ClientApp = one core (Ray gives each actor num_cpus = 1)
+
+
+@dataclass(frozen=True)
+class _ClientFederation:
+    """The slice of a Federation that engine code reads on a client: ``tasks[s]`` with the
+    task's config and ``client_indices`` = {i: positions 0..n_{i,s}-1 into the shard}."""
+
+    tasks: tuple[TaskData, ...]
+
+
+class _NoModel(torch.nn.Module):
+    """Placeholder for a task whose model has not been needed yet (no parameters)."""
+
+
+class ShardEngine(SequentialEngine):
+    """Engine ``sequential`` on one client's shard instead of a whole federation.
+
+    Attributes are those :class:`~mmfl.engines.base.Engine` defines, restricted to client i:
+    ``train_x[s]`` (n_{i,s}, ...) float32 and ``train_y[s]`` (n_{i,s},) int64 hold the shard's
+    samples in index order, ``federation.tasks[s].client_indices[i]`` is ``arange(n_{i,s})``,
+    and ``models[s]`` is built on first use (parameters are overwritten by every message).
+    :meth:`train` and :meth:`probe_losses` are inherited unchanged; ``seed`` is set per message.
+    """
+
+    def __init__(self, shard: Shard, seed: int = 0):
+        # not Engine.__init__: there is no federation here, only this client's data
+        self.shard = shard
+        self.client = shard.client
+        self.seed = seed
+        tasks = []
+        for t in shard.tasks:
+            cfg = TaskConfig(name=t.name, dataset="", model=t.model, lr=t.lr,
+                             local_epochs=t.local_epochs, batch_size=t.batch_size,
+                             model_options=dict(t.model_options))
+            positions = {shard.client: np.arange(t.num_samples, dtype=np.int64)}
+            tasks.append(TaskData(cfg, None, positions))
+        self.federation = _ClientFederation(tuple(tasks))
+        self.models = [_NoModel() for _ in shard.tasks]
+        self.train_x = [_tensor(t.x, np.float32) for t in shard.tasks]
+        self.train_y = [_tensor(t.y, np.int64) for t in shard.tasks]
+        self.test_x, self.test_y = [], []
+
+    def need(self, tasks, dims: dict[int, int] | None = None) -> None:
+        """Build the models of ``tasks`` (task indices) that are not built yet; ``dims``
+        (s -> D_s of the server's vector) is checked against them."""
+        from mmfl.tasks.models import build_model
+
+        for s in tasks:
+            if isinstance(self.models[s], _NoModel):
+                t = self.shard.tasks[s]
+                self.models[s] = build_model(t.model, dict(t.model_options), t.input_shape,
+                                             t.num_classes, 0)
+            if dims is not None:
+                d = sum(p.numel() for p in self.models[s].parameters())
+                if d != dims[s]:
+                    raise DataError(f"task {self.shard.tasks[s].name}: the server's model has "
+                                    f"{dims[s]} parameters, this client's {d} (shard of another "
+                                    "config?)")
+
+
+_CACHE: dict[str, tuple[int, ShardEngine]] = {}
+
+
+def _shard_path(msg: Message, context: Context) -> tuple[int, Path]:
+    """(client i, shard path) of this node (see the module docstring)."""
+    nc = context.node_config
+    if "client-id" in nc:
+        client = int(nc["client-id"])
+    elif "partition-id" in nc:
+        client = int(nc["partition-id"])
+    else:
+        raise DataError("node config has neither client-id nor partition-id")
+    if "data-file" in nc:
+        return client, Path(str(nc["data-file"]))
+    conf = msg.content["config"] if "config" in msg.content else {}
+    if "shard-dir" not in conf:
+        raise DataError(f"client {client}: no data-file in the node config and no shard-dir "
+                        "in the message")
+    return client, Path(str(conf["shard-dir"])) / shard_name(client)
+
+
+def engine_for(msg: Message, context: Context) -> ShardEngine:
+    """This node's :class:`ShardEngine` (cached per process while the file is unchanged)."""
+    client, path = _shard_path(msg, context)
+    key = str(path.resolve())
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        raise DataError(f"client {client}: shard {path} not found") from None
+    hit = _CACHE.get(key)
+    if hit is None or hit[0] != stamp:
+        shard = load_shard(path)
+        if shard.client != client:
+            raise DataError(f"{path} is the shard of client {shard.client}, but this node is "
+                            f"client {client}")
+        hit = _CACHE[key] = (stamp, ShardEngine(shard))
+    return hit[1]
+
+
+def _tasks_of(msg: Message, eng: ShardEngine) -> list[int]:
+    """The task indices a message asks for (checked against the client's id and shard)."""
+    conf = msg.content["config"]
+    if int(conf["client"]) != eng.client:
+        raise DataError(f"message for client {int(conf['client'])} reached client {eng.client}")
+    tasks = [int(s) for s in conf["tasks"]]
+    names = [str(n) for n in conf["task-names"]]
+    for s, name in zip(tasks, names, strict=True):
+        if not 0 <= s < len(eng.shard.tasks) or eng.shard.tasks[s].name != name:
+            raise DataError(f"client {eng.client}: the shard has no task {name!r} at index {s}")
+    return tasks
+
+
+client_app = ClientApp()
+
+
+@client_app.query("discover")
+def discover(msg: Message, context: Context) -> Message:
+    """Reply which mmfl client this node is and its n_{i,s}."""
+    eng = engine_for(msg, context)
+    return M.reply(msg, {"client": eng.client, "n-samples": eng.shard.n_samples.tolist()})
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training of the requested tasks (``sequential`` semantics), reply the updates."""
+    eng = engine_for(msg, context)
+    tasks = _tasks_of(msg, eng)
+    conf = msg.content["config"]
+    params = [torch.zeros(0)] * len(eng.models)
+    corrections = None
+    dims = {}
+    for s in tasks:
+        params[s] = M.record_vector(msg.content[f"w.{s}"])
+        dims[s] = params[s].numel()
+        if f"r.{s}" in msg.content:
+            corrections = corrections if corrections is not None else {}
+            corrections[s] = M.record_vector(msg.content[f"r.{s}"])[None, :]
+    if corrections is not None and set(corrections) != set(tasks):
+        raise DataError(f"client {eng.client}: corrections for some tasks only")
+    eng.need(tasks, dims)
+    eng.seed = int(conf["seed"])
+    clients = np.full(len(tasks), eng.client, dtype=np.int64)
+    try:
+        out = eng.train(params, clients, np.asarray(tasks, np.int64), int(conf["round"]),
+                        corrections)
+    except NumericalError as e:  # not a node failure: the server stops the run, as locally
+        return M.reply(msg, {"client": eng.client}, config={"numerical-error": str(e)})
+    vectors = {f"g.{s}": out.updates[s][0] for s in tasks}
+    return M.reply(msg, {"client": eng.client, "tasks": tasks,
+                         "train-loss": [float(x) for x in out.train_loss],
+                         "steps": [int(x) for x in out.steps]}, vectors)
+
+
+@client_app.query("probe")
+def probe(msg: Message, context: Context) -> Message:
+    """Mean training loss of the sent global models on this client's data (LVR probes)."""
+    eng = engine_for(msg, context)
+    tasks = _tasks_of(msg, eng)
+    params = [torch.zeros(0)] * len(eng.models)
+    dims = {}
+    for s in tasks:
+        params[s] = M.record_vector(msg.content[f"w.{s}"])
+        dims[s] = params[s].numel()
+    eng.need(tasks, dims)
+    clients = np.full(len(tasks), eng.client, dtype=np.int64)
+    loss = eng.probe_losses(params, clients, np.asarray(tasks, np.int64))
+    return M.reply(msg, {"client": eng.client, "tasks": tasks,
+                         "loss": [float(x) for x in loss]})

@@ -1,0 +1,72 @@
+"""The messages between mmfl's ServerApp and ClientApp (Flower 1.42 Message API).
+
+Every message is addressed to one SuperNode, i.e. one mmfl client i. Flat parameter vectors
+travel as one-array :class:`flwr.app.ArrayRecord` s of float32 numpy arrays.
+
+``query.discover`` (start-up and whenever a new node id appears)
+    content: ``config`` ConfigRecord (``shard-dir`` in simulation).
+    reply: ``metrics`` MetricRecord ``client`` (i, from the node config) and ``n-samples``
+    ((S,) n_{i,s} of the node's shard: the server checks it against its federation).
+
+``train`` (local training of one or more tasks of client i in round t)
+    content: ``config`` ConfigRecord ``round`` (t, 0-based), ``seed`` (experiment seed),
+    ``client`` (i), ``tasks`` (list of task indices s), ``task-names`` (their names), and
+    ``shard-dir`` in simulation; ``w.<s>`` ArrayRecord: w_s, the (D_s,) global parameters; with
+    SCAFFOLD also ``r.<s>``: the (D_s,) correction c_s - c_{i,s}.
+    reply: ``g.<s>`` ArrayRecord: the (D_s,) update G = w_s - w_{i,s} per task;
+    ``metrics`` MetricRecord ``client``, ``tasks``, ``train-loss`` and ``steps`` (lists in the
+    order of ``tasks``). A non-finite update is not an error reply: the reply's ``config``
+    holds ``numerical-error`` (the message) and the server raises
+    :class:`~mmfl.errors.NumericalError` exactly as the local engines do.
+
+``query.probe`` (LVR loss probes)
+    content: as ``train`` without ``round``/``seed``/``r.<s>``.
+    reply: ``metrics`` ``client``, ``tasks``, ``loss`` (mean training loss f_{i,s}(w_s) of the
+    global model on the client's samples).
+
+The ``pair`` packing sends one ``train`` message per assigned (client, task); ``node`` packs
+all the tasks of a client into one message (fewer, larger messages: in deployment every message
+costs seconds of fixed overhead, see FLOWER-NOTES section 4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+TRAIN = "train"
+DISCOVER = "query.discover"
+PROBE = "query.probe"
+
+
+def vector_record(v: torch.Tensor | np.ndarray) -> ArrayRecord:
+    """A (D,) float32 vector as a one-array ArrayRecord."""
+    a = v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    return ArrayRecord([np.ascontiguousarray(a, dtype=np.float32)])
+
+
+def record_vector(rec: ArrayRecord) -> torch.Tensor:
+    """The (D,) float32 tensor of a one-array ArrayRecord (a writable copy)."""
+    (a,) = rec.to_numpy_ndarrays()
+    return torch.from_numpy(np.array(a, dtype=np.float32, copy=True).reshape(-1))
+
+
+def request(kind: str, node: int, config: dict, vectors: dict[str, torch.Tensor],
+            group: str = "") -> Message:
+    """A message of type ``kind`` to node ``node`` with ``config`` and named vectors."""
+    content = RecordDict({"config": ConfigRecord(config)})
+    for name, v in vectors.items():
+        content[name] = vector_record(v)
+    return Message(content, dst_node_id=int(node), message_type=kind, group_id=group or None)
+
+
+def reply(msg: Message, metrics: dict, vectors: dict[str, torch.Tensor] | None = None,
+          config: dict | None = None) -> Message:
+    """The reply to ``msg`` with ``metrics``, named vectors and an optional ``config``."""
+    content = RecordDict({"metrics": MetricRecord(metrics)})
+    for name, v in (vectors or {}).items():
+        content[name] = vector_record(v)
+    if config:
+        content["config"] = ConfigRecord(config)
+    return Message(content, reply_to=msg)

@@ -1,0 +1,376 @@
+"""mmfl's Flower ServerApp and the ``flower`` engine it drives.
+
+``server_app`` runs one whole mmfl experiment: the ordinary :class:`~mmfl.experiment.runner.
+Runner` (allocator, aggregator, evaluation on the test sets, the usual run directory), with
+local training done by the ClientApps through :class:`FlowerEngine`. Its run config
+(``context.run_config``, deployment):
+
+* ``config-file`` (str): absolute path of the resolved mmfl config.toml;
+* ``out-dir`` (str): absolute path of the run directory to write;
+* ``round-timeout`` (float seconds): overrides ``flower.round_timeout`` (0 = no limit);
+* ``nodes`` (int): SuperNodes to wait for before round 1 (0 = one per client, N);
+* ``node-wait`` (float seconds): how long to wait for them (overrides ``flower.node_wait``);
+* ``resume`` (bool): continue the run directory's last checkpoint.
+
+Any error raises out of the ServerApp, so the Flower run ends as ``finished:failed``.
+
+The server builds the federation from the config too (test sets for evaluation, n_{i,s} and B_i
+for the allocator); the clients train from their own shards. At discovery every node reports
+its n_{i,s} and a shard that disagrees with the server's federation is an error.
+
+Faults. A pair whose node does not reply within the round timeout, or replies with an error
+(Flower's NODE_UNAVAILABLE, code 5, for a node the SuperLink has declared dead; code 2 for an
+exception in the ClientApp), is *missing*: :meth:`FlowerEngine.train` returns only the pairs
+that answered, and the runner drops the missing ones from the assignment exactly like
+stragglers past the deadline (``missing`` in rounds.csv and a note). The aggregation stays
+well defined (the remaining slots keep their coefficients d / (B p)), but it is unbiased only
+if failures are independent of the updates: like dropped stragglers, missing pairs make the
+estimate missing-not-at-random when, e.g., clients with large data (slow) fail more often.
+Errors are mapped to pairs through ``reply_to_message_id`` (never ``src_node_id``, which is the
+SuperLink's for NODE_UNAVAILABLE). Node ids are mapped to clients by a ``query.discover``
+message answered from the node config; new node ids are discovered at the start of every
+round, so a SuperNode that restarts (new node id) is used again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context, Message
+from flwr.serverapp import Grid, ServerApp
+
+from mmfl.engines.base import Engine, TrainOutput, check_corrections
+from mmfl.errors import ConfigError, MmflError, NumericalError
+from mmfl.flower import messages as M
+
+log = logging.getLogger(__name__)
+
+#: Seconds between two polls for replies.
+POLL = 0.05
+
+
+class FlowerError(MmflError):
+    """The Flower federation cannot run the experiment (e.g. nodes never connected)."""
+
+
+@dataclass(frozen=True)
+class FlowerSettings:
+    """How :class:`FlowerEngine` talks to the nodes (from ``[flower]`` and the run config).
+
+    Attributes:
+        round_timeout: seconds to wait for a round's replies; 0 = no limit.
+        pack: ``"pair"`` (one message per (client, task)) or ``"node"`` (one per client).
+        nodes: SuperNodes to wait for at start (0 = N, one per client).
+        node_wait: seconds to wait for them.
+        shard_dir: simulation only: the folder of the client shards, sent in every message.
+    """
+
+    round_timeout: float = 600.0
+    pack: str = "pair"
+    nodes: int = 0
+    node_wait: float = 120.0
+    shard_dir: str = ""
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> "FlowerSettings":
+        f = cfg.flower
+        base = {"round_timeout": f.round_timeout, "pack": f.pack, "node_wait": f.node_wait}
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+@dataclass
+class _Sent:
+    """One pushed message: its client and the task indices it carries."""
+
+    client: int
+    tasks: list[int]
+
+
+class FlowerEngine(Engine):
+    """Engine ``flower``: local training by the ClientApps of a Flower grid.
+
+    Evaluation (:meth:`evaluate`), :meth:`apply` and the model bookkeeping are the base
+    engine's, on the server. :meth:`train` sends the pairs to their nodes and returns a
+    :class:`TrainOutput` with the pairs that answered (see the module docstring on faults);
+    :meth:`probe_losses` asks the nodes too (``query.probe``) and gives NaN for a pair whose
+    node did not answer (the runner then treats that client as offline for the round).
+    """
+
+    def __init__(self, federation, *, seed: int, threads: int = 1, grid: Grid | None = None,
+                 settings: FlowerSettings | None = None):
+        if grid is None:
+            raise ConfigError("engine", "engine flower runs inside a Flower ServerApp (use "
+                              "mmfl run / mmfl.run, which start Flower's simulation)", "flower")
+        super().__init__(federation, seed=seed, threads=threads)
+        self.grid = grid
+        self.settings = settings or FlowerSettings()
+        if self.settings.pack not in ("pair", "node"):
+            raise ConfigError("flower.pack", "must be one of pair, node", self.settings.pack)
+        self._client_of: dict[int, int] = {}  # node id -> client
+        self._node_of: dict[int, int] = {}    # client -> node id (the latest discovered)
+        self._dims = self.num_parameters()
+        self._names = list(federation.population.task_names)
+        self.wait_for_nodes()
+
+    # -- nodes -------------------------------------------------------------------------------
+    def _config(self, **extra) -> dict:
+        conf = dict(extra)
+        if self.settings.shard_dir:
+            conf["shard-dir"] = self.settings.shard_dir
+        return conf
+
+    def wait_for_nodes(self) -> None:
+        """Wait (up to ``node_wait`` s) until the expected number of nodes is connected, then
+        discover them. Raises FlowerError naming what is missing."""
+        n_clients = self.federation.population.num_clients
+        want = self.settings.nodes or n_clients
+        deadline = time.monotonic() + self.settings.node_wait
+        while len(ids := list(self.grid.get_node_ids())) < want:
+            if time.monotonic() > deadline:
+                raise FlowerError(f"only {len(ids)} of {want} Flower nodes connected after "
+                                  f"{self.settings.node_wait:g} s (flower.node_wait)")
+            time.sleep(POLL)
+        self.discover()
+        found = len(self._node_of)
+        if found < min(want, n_clients):
+            raise FlowerError(f"only {found} of {min(want, n_clients)} Flower nodes answered "
+                              f"discovery within {self._timeout() or 'no limit'} s")
+        log.info("flower: %d nodes serve %d of %d clients", len(self._client_of), found,
+                 n_clients)
+
+    def discover(self) -> None:
+        """Map the node ids not seen before to their clients (``query.discover``); forget
+        nodes that left. A client whose node restarted maps to its newest node id."""
+        ids = [int(n) for n in self.grid.get_node_ids()]
+        current = set(ids)
+        for nid in [n for n in self._client_of if n not in current]:
+            client = self._client_of.pop(nid)
+            if self._node_of.get(client) == nid:
+                del self._node_of[client]
+        new = [n for n in ids if n not in self._client_of]
+        if not new:
+            return
+        msgs = [M.request(M.DISCOVER, nid, self._config(), {}) for nid in new]
+        pop = self.federation.population
+        for msg, rep in self._exchange(msgs):
+            if rep is None:
+                continue  # no answer yet: asked again next round
+            client = int(rep.content["metrics"]["client"])
+            if not 0 <= client < pop.num_clients:
+                raise FlowerError(f"node {msg.metadata.dst_node_id} is client {client}, but "
+                                  f"the federation has {pop.num_clients} clients")
+            n = np.asarray(rep.content["metrics"]["n-samples"], np.int64)
+            if n.shape != (pop.num_tasks,) or not np.array_equal(n, pop.n_samples[client]):
+                raise FlowerError(f"client {client}'s shard holds n = {n.tolist()} samples per "
+                                  f"task, the server's federation {pop.n_samples[client].tolist()}"
+                                  " (shard of another config?)")
+            self._client_of[msg.metadata.dst_node_id] = client
+            self._node_of[client] = msg.metadata.dst_node_id
+
+    # -- messaging ---------------------------------------------------------------------------
+    def _timeout(self) -> float | None:
+        return self.settings.round_timeout or None
+
+    def _exchange(self, msgs: list[Message]) -> list[tuple[Message, Message | None]]:
+        """Push ``msgs``, collect replies until all are in or the round timeout passes.
+        Returns (request, reply) for every request; reply None = no (valid) reply. Error
+        replies are logged and count as no reply; they are matched to their request through
+        ``reply_to_message_id``."""
+        if not msgs:
+            return []
+        accepted = {str(m) for m in self.grid.push_messages(msgs) if m}  # None: refused
+        # both grids write the id into the pushed message's metadata
+        ids = [msg.metadata.message_id if msg.metadata.message_id in accepted else None
+               for msg in msgs]
+        by_id = {mid: msg for msg, mid in zip(msgs, ids) if mid}
+        got: dict[str, Message] = {}
+        pending = set(by_id)
+        timeout = self._timeout()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            for rep in self.grid.pull_messages(list(pending)):
+                mid = rep.metadata.reply_to_message_id
+                if mid not in pending:
+                    continue
+                pending.discard(mid)
+                if rep.has_error():
+                    req = by_id[mid]
+                    log.warning("flower: node %s (%s) replied with error code %s: %s",
+                                req.metadata.dst_node_id, req.metadata.message_type,
+                                rep.error.code, rep.error.reason)
+                    continue
+                got[mid] = rep
+            if pending and deadline is not None and time.monotonic() > deadline:
+                log.warning("flower: %d of %d messages unanswered after %g s", len(pending),
+                            len(by_id), timeout)
+                break
+            if pending:
+                time.sleep(POLL)
+        return [(msg, got.get(mid) if mid else None) for msg, mid in zip(msgs, ids)]
+
+    def _requests(self, kind: str, params, clients, tasks, extra: dict, *, pack: str,
+                  corrections=None, group: str = "") -> tuple[list[Message], list[_Sent]]:
+        """Messages for the (client, task) pairs whose client has a node, packed per pair
+        (``pack = "pair"``) or per node (``"node"``); pairs without a node get none (they are
+        missing)."""
+        groups: dict[tuple, list[int]] = {}  # (client[, k]) -> positions k into the pairs
+        for k, i in enumerate(clients.tolist()):
+            if i not in self._node_of:
+                continue
+            key = (i,) if pack == "node" else (i, k)
+            groups.setdefault(key, []).append(k)
+        rows = {}  # position k -> row of its task's correction matrix
+        if corrections is not None:
+            for s in np.unique(tasks).tolist():
+                for r, k in enumerate(np.flatnonzero(tasks == s).tolist()):
+                    rows[k] = r
+        msgs, sent = [], []
+        for key, ks in groups.items():
+            i = key[0]
+            ts = [int(tasks[k]) for k in ks]
+            vectors = {f"w.{s}": params[s] for s in ts}
+            if corrections is not None:
+                vectors.update({f"r.{int(tasks[k])}": corrections[int(tasks[k])][rows[k]]
+                                for k in ks})
+            conf = self._config(client=i, tasks=ts, **{"task-names": [self._names[s] for s in ts]},
+                                **extra)
+            msgs.append(M.request(kind, self._node_of[i], conf, vectors, group))
+            sent.append(_Sent(i, ts))
+        return msgs, sent
+
+    # -- the engine interface ----------------------------------------------------------------
+    def train(self, params, clients, tasks, round, corrections=None) -> TrainOutput:
+        """Local training of the (client, task) pairs by their nodes (see :meth:`Engine.train`
+        for the arguments). Returns the pairs that answered, in the order given; a pair whose
+        node is unknown, silent past ``round_timeout`` or answered with an error is left out."""
+        clients, tasks = np.asarray(clients, np.int64), np.asarray(tasks, np.int64)
+        corrections = check_corrections(corrections, tasks, self._dims)
+        self.discover()
+        msgs, sent = self._requests(M.TRAIN, params, clients, tasks,
+                                    {"round": int(round), "seed": int(self.seed)},
+                                    pack=self.settings.pack, corrections=corrections,
+                                    group=str(round))
+        result: dict[tuple[int, int], tuple[torch.Tensor, float, int]] = {}
+        for (msg, rep), info in zip(self._exchange(msgs), sent):
+            if rep is None:
+                continue
+            if "config" in rep.content and "numerical-error" in rep.content["config"]:
+                raise NumericalError(str(rep.content["config"]["numerical-error"]))
+            met = rep.content["metrics"]
+            if int(met["client"]) != info.client or list(met["tasks"]) != info.tasks:
+                log.warning("flower: a reply from client %s does not match its request",
+                            met["client"])
+                continue
+            for j, s in enumerate(info.tasks):
+                g = M.record_vector(rep.content[f"g.{s}"])
+                if g.numel() != self._dims[s]:
+                    raise FlowerError(f"client {info.client} returned {g.numel()} parameters "
+                                      f"for task {self._names[s]}, expected {self._dims[s]}")
+                result[(info.client, s)] = (g, float(met["train-loss"][j]),
+                                            int(met["steps"][j]))
+        keep = np.array([(i, s) in result for i, s in zip(clients.tolist(), tasks.tolist())],
+                        dtype=bool)
+        if not keep.all():
+            log.warning("flower: round %d: %d of %d pairs missing", round + 1,
+                        int((~keep).sum()), len(keep))
+        kc, kt = clients[keep], tasks[keep]
+        updates = {}
+        for s in np.unique(kt).tolist():
+            updates[s] = torch.stack([result[(i, s)][0] for i in kc[kt == s].tolist()])
+        return TrainOutput(
+            clients=kc, tasks=kt, updates=updates,
+            train_loss=np.array([result[p][1] for p in zip(kc.tolist(), kt.tolist())],
+                                dtype=np.float64),
+            steps=np.array([result[p][2] for p in zip(kc.tolist(), kt.tolist())],
+                           dtype=np.int64),
+        )
+
+    def probe_losses(self, params, clients, tasks) -> np.ndarray:
+        """(U,) mean training loss f_{i,s}(w_s) of each pair, measured by its node (one
+        ``query.probe`` message per node); NaN where the node did not answer."""
+        clients, tasks = np.asarray(clients, np.int64), np.asarray(tasks, np.int64)
+        out = np.full(len(clients), np.nan)
+        self.discover()
+        # probes are always packed per node: a forward pass each, no update to return
+        msgs, sent = self._requests(M.PROBE, params, clients, tasks, {}, pack="node")
+        for (msg, rep), info in zip(self._exchange(msgs), sent):
+            if rep is None:
+                continue
+            met = rep.content["metrics"]
+            loss = dict(zip((int(s) for s in met["tasks"]), (float(x) for x in met["loss"])))
+            for k in np.flatnonzero(clients == info.client).tolist():
+                if int(tasks[k]) in loss:
+                    out[k] = loss[int(tasks[k])]
+        return out
+
+
+# -- the ServerApp -----------------------------------------------------------------------------
+
+def engine_factory(grid: Grid, cfg, settings: FlowerSettings):
+    """``federation -> FlowerEngine`` on ``grid`` (a Runner's ``engine_factory``)."""
+    def factory(federation):
+        return FlowerEngine(federation, seed=cfg.seed, threads=cfg.threads, grid=grid,
+                            settings=settings)
+
+    return factory
+
+
+def run_experiment(grid: Grid, cfg, out: str | Path, *, settings: FlowerSettings,
+                   resume: bool = False, data_dir: str | None = None, callbacks=()) -> dict:
+    """Run experiment ``cfg`` into ``out`` with engine ``flower`` on ``grid``; the summary."""
+    from mmfl.experiment.runner import Runner
+
+    runner = Runner(cfg, out, data_dir=data_dir, callbacks=callbacks,
+                    engine_factory=engine_factory(grid, cfg, settings))
+    return runner.run(resume=resume)
+
+
+class LogProgress:
+    """Callback: one log line per round (the ServerApp's output goes to Flower's run log)."""
+
+    def on_start(self, cfg, federation, start_round):
+        log.info("mmfl %s: %d clients, %d tasks, %d rounds (from round %d)", cfg.name,
+                 federation.population.num_clients, federation.population.num_tasks,
+                 cfg.rounds, start_round + 1)
+
+    def on_round(self, record):
+        acc = ("" if record.accuracy is None else " ".join(
+            f"{n}={a:.3f}" for n, a in zip(record.task_names, record.accuracy)))
+        log.info("round %d/%d: %d slots, %.2f s %s", record.round, record.rounds, record.slots,
+                 record.seconds, acc)
+
+    def on_end(self, summary):
+        log.info("mmfl done: mean accuracy %s", summary.get("mean_accuracy"))
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    """Deployment entry point: the run config names the experiment (module docstring)."""
+    from mmfl.experiment.config import load_config
+
+    rc = context.run_config
+    for key in ("config-file", "out-dir"):
+        if not str(rc.get(key, "")):
+            raise FlowerError(f"run config: {key} is required (absolute path)")
+    cfg = load_config(str(rc["config-file"]))
+    if cfg.engine != "flower":
+        cfg = cfg.replace(engine="flower")
+    settings = FlowerSettings.from_config(
+        cfg, round_timeout=_opt(rc, "round-timeout", float), nodes=_opt(rc, "nodes", int),
+        node_wait=_opt(rc, "node-wait", float))
+    run_experiment(grid, cfg, str(rc["out-dir"]), settings=settings,
+                   resume=bool(rc.get("resume", False)), callbacks=[LogProgress()])
+
+
+def _opt(rc, key: str, kind):
+    """run config value ``key`` as ``kind``, or None when absent."""
+    return kind(rc[key]) if key in rc else None

@@ -1,0 +1,152 @@
+"""Client shards: one ``.npz`` file per mmfl client holding only that client's training data.
+
+A Flower ClientApp (:mod:`mmfl.flower.client`) trains from its client's shard and nothing else;
+in deployment each SuperNode is given the absolute path of its shard (node config
+``data-file``), in simulation the shards of a run are written to a temporary folder
+(:mod:`mmfl.flower.simulation`). The server still builds the whole federation from the config
+(test sets for evaluation, the population n_{i,s} and B_i for the allocator); the shards are
+what the clients see.
+
+Layout of ``client-<i>.npz`` (plain numpy arrays, no pickle; loading one costs milliseconds):
+
+* ``meta``: a 0-d unicode array with a JSON document: ``format`` (``mmfl-shard-1``), ``client``
+  (i), ``num_clients`` (N) and ``tasks``: per task s (all S tasks, in config order) ``name``, ``model``, ``model_options``,
+  ``input_shape``, ``num_classes``, ``lr``, ``local_epochs``, ``batch_size`` and ``n`` (n_{i,s},
+  0 when the client does not hold the task).
+* ``x<s>``: (n_{i,s}, *input_shape) the client's training inputs of task s, in the order of its
+  index array ``client_indices[i]`` (dtype of the dataset).
+* ``y<s>``: (n_{i,s},) int64 labels.
+
+Keeping the samples in index order makes the client's local batches those of the ``sequential``
+engine: :func:`mmfl.engines.sequential.local_batches` shuffles positions ``0..n-1`` with the same
+stream, and ``x<s>[perm] == x_train[indices[perm]]``. The experiment seed (which derives that
+stream) and the round come with every train message, so a shard does not depend on them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmfl.errors import DataError
+
+FORMAT = "mmfl-shard-1"
+
+
+@dataclass(frozen=True)
+class TaskShard:
+    """One task as one client sees it.
+
+    Attributes:
+        index: s, the task's position in the experiment config.
+        name, model, lr, local_epochs, batch_size: from the task's config.
+        model_options: the model's resolved options (dict).
+        input_shape: shape of one input sample; num_classes: K.
+        x: (n, *input_shape) training inputs; y: (n,) int64 labels.
+    """
+
+    index: int
+    name: str
+    model: str
+    model_options: dict
+    input_shape: tuple[int, ...]
+    num_classes: int
+    lr: float
+    local_epochs: int
+    batch_size: int
+    x: np.ndarray
+    y: np.ndarray
+
+    @property
+    def num_samples(self) -> int:
+        return int(len(self.y))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A loaded client shard: client i, N, and its S tasks in config order."""
+
+    client: int
+    num_clients: int
+    tasks: tuple[TaskShard, ...]
+
+    @property
+    def n_samples(self) -> np.ndarray:
+        """(S,) int n_{i,s} of this client."""
+        return np.array([t.num_samples for t in self.tasks], dtype=np.int64)
+
+
+def shard_name(client: int) -> str:
+    """File name of client ``client``'s shard inside a shard folder."""
+    return f"client-{int(client)}.npz"
+
+
+def write_shards(federation, folder: str | Path) -> list[Path]:
+    """Write one shard per client of ``federation`` (a
+    :class:`~mmfl.experiment.federation.Federation`) into ``folder`` (created if missing);
+    returns the N absolute paths, path i being client i's (``folder/client-<i>.npz``).
+
+    Every shard lists all S tasks; a task the client does not hold has n = 0 samples.
+    """
+    folder = Path(folder).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    pop = federation.population
+    specs = []
+    for td in federation.tasks:
+        cfg, ds = td.config, td.dataset
+        specs.append({
+            "name": cfg.name, "model": cfg.model, "model_options": dict(cfg.model_options),
+            "input_shape": [int(d) for d in ds.input_shape], "num_classes": int(ds.num_classes),
+            "lr": float(cfg.lr), "local_epochs": int(cfg.local_epochs),
+            "batch_size": int(cfg.batch_size),
+        })
+    paths = []
+    for i in range(pop.num_clients):
+        arrays: dict[str, np.ndarray] = {}
+        tasks = []
+        for s, td in enumerate(federation.tasks):
+            idx = td.client_indices[i]
+            arrays[f"x{s}"] = np.ascontiguousarray(td.dataset.x_train[idx])
+            arrays[f"y{s}"] = np.ascontiguousarray(td.dataset.y_train[idx], dtype=np.int64)
+            tasks.append({**specs[s], "n": int(len(idx))})
+        meta = {"format": FORMAT, "client": i,
+                "num_clients": int(pop.num_clients), "tasks": tasks}
+        path = folder / shard_name(i)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        tmp.replace(path)  # a reader never sees half a file
+        paths.append(path)
+    return paths
+
+
+def load_shard(path: str | Path) -> Shard:
+    """Read a shard written by :func:`write_shards`. A missing or malformed file is a
+    one-line :class:`~mmfl.errors.DataError` naming it."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != FORMAT:
+                raise DataError(f"{path}: not an mmfl client shard (format "
+                                f"{meta.get('format')!r}, expected {FORMAT!r})")
+            tasks = []
+            for s, t in enumerate(meta["tasks"]):
+                x, y = z[f"x{s}"], z[f"y{s}"]
+                if len(x) != t["n"] or len(y) != t["n"]:
+                    raise DataError(f"{path}: task {t['name']} holds {len(y)} samples, its "
+                                    f"header says {t['n']}")
+                tasks.append(TaskShard(
+                    index=s, name=t["name"], model=t["model"],
+                    model_options=dict(t["model_options"]),
+                    input_shape=tuple(t["input_shape"]), num_classes=int(t["num_classes"]),
+                    lr=float(t["lr"]), local_epochs=int(t["local_epochs"]),
+                    batch_size=int(t["batch_size"]), x=x, y=y))
+    except FileNotFoundError:
+        raise DataError(f"{path}: client shard not found (write it with "
+                        "mmfl.flower.shards.write_shards)") from None
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: unreadable client shard ({type(e).__name__}: {e})") from None
+    return Shard(int(meta["client"]), int(meta["num_clients"]), tuple(tasks))

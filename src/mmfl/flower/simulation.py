@@ -1,0 +1,115 @@
+"""Engine ``flower`` of ``mmfl run``: the mmfl Flower apps under Flower's simulation engine.
+
+:func:`host_run` is what :class:`~mmfl.experiment.runner.Runner` calls for ``engine =
+"flower"``:
+
+1. build the federation and write one shard per client into a temporary folder
+   (:func:`mmfl.flower.shards.write_shards`; removed at the end): the ClientApps, which run in
+   Ray worker processes, read their client's data from there, like a SuperNode in deployment
+   reads its ``data-file``;
+2. ``flwr.simulation.run_simulation`` with one virtual SuperNode per mmfl client
+   (``partition-id`` i = client i), the Ray backend limited to ``flower.ray_cpus`` CPUs and one
+   CPU (one torch/OpenMP thread) per ClientApp;
+3. its ServerApp runs the same Runner with a :class:`~mmfl.flower.server.FlowerEngine` on the
+   simulation's grid, writing the usual run directory; an exception in it is re-raised here
+   (``run_simulation`` itself would only log it).
+
+``run_simulation`` gives an empty run config, so the settings travel in the ServerApp's closure
+and the shard folder in every message (``shard-dir``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from typing import Any
+
+from mmfl.experiment.federation import build_federation
+from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
+from mmfl.flower.shards import write_shards
+
+log = logging.getLogger(__name__)
+
+#: Environment of the Ray workers (inherited from this process while the simulation runs).
+WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+              "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+              "RAY_DEDUP_LOGS": "0"}
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]):
+    """Set environment variables that are not set yet; restore them afterwards."""
+    added = [k for k in values if k not in os.environ]
+    os.environ.update({k: values[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+@contextlib.contextmanager
+def _quiet(verbose: bool):
+    """Flower's and Ray's INFO chatter only with ``verbose``."""
+    names = ("flwr", "ray")
+    before = {n: logging.getLogger(n).level for n in names}
+    if not verbose:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for n, level in before.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def backend_config(ray_cpus: int) -> dict[str, Any]:
+    """Ray backend: ``ray_cpus`` CPUs in all, one per ClientApp, no GPU, no worker logs."""
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": int(ray_cpus), "num_gpus": 0, "log_to_driver": False}}
+
+
+def host_run(runner, *, resume: bool = False, client_app=None,
+             verbose: bool = False) -> dict[str, Any]:
+    """Run ``runner``'s experiment with engine ``flower`` under Flower's simulation engine;
+    returns the summary (the run directory is written as by any engine).
+
+    ``client_app`` replaces :data:`mmfl.flower.client.client_app` (tests inject faults this
+    way); ``verbose`` shows Flower's logs.
+    """
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    if client_app is None:
+        from mmfl.flower.client import client_app
+    cfg = runner.cfg
+    n = cfg.clients.count
+    result: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="mmfl-shards-") as shard_dir:
+        write_shards(build_federation(cfg, runner.data_dir), shard_dir)
+        settings = FlowerSettings.from_config(cfg, nodes=n, shard_dir=shard_dir)
+        app = ServerApp()
+
+        @app.main()
+        def main(grid: Grid, context: Context) -> None:
+            runner.engine_factory = engine_factory(grid, cfg, settings)
+            try:
+                result["summary"] = runner.run(resume=resume)
+            except BaseException as e:  # re-raised below: run_simulation only logs it
+                result["error"] = e
+            finally:
+                runner.engine_factory = None
+
+        with _environment(WORKER_ENV), _quiet(verbose):
+            run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
+                           backend_name="ray", backend_config=backend_config(cfg.flower.ray_cpus),
+                           verbose_logging=verbose)
+    if "error" in result:
+        raise result["error"]
+    if "summary" not in result:
+        raise FlowerError("Flower's simulation ended without running the experiment (rerun "
+                          "with -v to see Flower's log)")
+    return result["summary"]
