@@ -106,6 +106,40 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("name", help="mnist | fashion_mnist | emnist | cifar10")
     f.add_argument("--data-dir", default=None, help="target folder")
 
+    p = sub.add_parser(
+        "flower-local", help="run one experiment on a real Flower deployment on this machine",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start a Flower SuperLink and one SuperNode per client as separate "
+                    "processes on loopback\n(each SuperNode loads only its own client's data "
+                    "shard), submit mmfl's Flower app with\n`flwr run`, follow it round by "
+                    "round and write the usual run directory into --out.\nEvery process it "
+                    "started is stopped at the end, also on failure and Ctrl-C.\nProcess logs: "
+                    "OUT/flower/logs/ (kept on failure). See docs/flower.md.",
+        epilog="exit status: 0 completed, 1 the Flower run failed (the ServerApp traceback is "
+               "printed), 2 invalid\nconfiguration or input, 130 interrupted (resume with "
+               "--resume).")
+    _add_config_args(p)
+    p.add_argument("--out", required=True, help="run directory (the experiment's files; Flower's "
+                                                "working files and logs go to OUT/flower/)")
+    p.add_argument("--tls", action="store_true",
+                   help="serve the SuperLink over TLS with a CA and a certificate generated for "
+                        "this run (SAN 127.0.0.1, ::1, localhost); SuperNodes and flwr verify it")
+    p.add_argument("--auth", action="store_true",
+                   help="SuperNode authentication (implies --tls): an ECDSA key per node, "
+                        "registered with `flwr supernode register` before the node starts")
+    p.add_argument("--round-timeout", type=float, default=300.0, metavar="S",
+                   help="seconds the ServerApp waits for a round's replies; a node that has not "
+                        "answered by then misses the round (default 300)")
+    p.add_argument("--node-wait", type=float, default=120.0, metavar="S",
+                   help="seconds the ServerApp waits for all SuperNodes to connect (default 120)")
+    p.add_argument("--port", type=int, default=None, metavar="P",
+                   help="SuperLink port (default: a free port; SuperNode runtime ports are "
+                        "always picked free)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint")
+    p.add_argument("--keep-logs", action="store_true",
+                   help="keep OUT/flower/logs after a completed run (always kept on failure)")
+
     p = sub.add_parser("components", help="list datasets, models, samplers, aggregators, engines",
                        description="List every registered component and its options.")
     p.add_argument("kind", nargs="?", default=None,
@@ -142,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "components":
             return _cmd_components(args)
+        if args.command == "flower-local":
+            return _cmd_flower_local(args)
     except INPUT_ERRORS as e:
         print(f"mmfl: error: {e}", file=sys.stderr)
         return 2
@@ -395,6 +431,49 @@ def _cmd_report(args) -> int:
 
     path = write_report([Path(d) for d in args.dirs], Path(args.out), target=args.target)
     print(f"report: {path}")
+    return 0
+
+
+def _cmd_flower_local(args) -> int:
+    """``mmfl flower-local``: a SuperLink and one SuperNode per client on loopback
+    (mmfl.flower.local.LocalDeployment); the processes are stopped whatever happens."""
+    from mmfl.flower.local import FlowerRunError, LocalDeployment, Terminated
+
+    cfg = _load(args)
+    if not args.out.strip():
+        raise ConfigError("--out", "must be a folder path", args.out)
+    if args.node_wait <= 0:
+        raise ConfigError("--node-wait", "must be > 0 seconds", args.node_wait)
+
+    def progress(p) -> None:
+        row = p.row
+        acc = row.get("mean_accuracy") or ""
+        log.info("round %d/%d  slots %s  %s%.1fs", p.done, p.rounds, row.get("slots", "?"),
+                 f"mean accuracy {float(acc):.3f}  " if acc else "", p.seconds)
+
+    try:
+        with LocalDeployment(cfg, args.out, data_dir=args.data_dir, tls=args.tls, auth=args.auth,
+                             round_timeout=args.round_timeout, node_wait=args.node_wait,
+                             port=args.port, resume=args.resume,
+                             keep_logs=args.keep_logs) as dep:
+            summary = dep.run(progress=progress)
+    except FlowerRunError as e:
+        print(f"mmfl: error: {e}", file=sys.stderr)
+        if e.details:
+            print(e.details, file=sys.stderr)
+        return 1
+    except Terminated as e:
+        print(f"mmfl: terminated (signal {e.signum}); every Flower process was stopped; "
+              "continue with --resume", file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("mmfl: interrupted; every Flower process was stopped; continue with --resume",
+              file=sys.stderr)
+        return 130
+    tasks = ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in summary.get("tasks", {}).items())
+    print(f"done: {args.out}  mean accuracy {summary.get('mean_accuracy', float('nan')):.4f}  "
+          f"min {summary.get('min_accuracy', float('nan')):.4f}  ({tasks})  "
+          f"Flower run {dep.run_id}")
     return 0
 
 

@@ -265,7 +265,9 @@ class LocalDeployment:
             raise ConfigError("--round-timeout", "must be > 0 seconds", round_timeout)
         if port is not None and not 1 <= port <= 65535:
             raise ConfigError("--port", "must be a TCP port 1..65535", port)
-        self.cfg = cfg
+        # the ServerApp runs engine "flower"; the run directory's config.toml says so, and a
+        # resumed run compares against it
+        self.cfg = cfg if cfg.engine == "flower" else cfg.replace(engine="flower")
         self.out = Path(out).absolute()
         self.data_dir = data_dir
         self.auth = auth
@@ -616,8 +618,10 @@ class LocalDeployment:
             time.sleep(poll)
         self._times["run_s"] = time.perf_counter() - self._t_submit
         self._save_state()
-        text = self.server_log()
-        if self.status != "finished:completed":
+        completed = self.status == "finished:completed"
+        # the ServerApp's log explains a failure; after success it is only kept with keep_logs
+        text = self.server_log() if not completed or self.keep_logs else ""
+        if not completed:
             raise FlowerRunError(
                 f"Flower run {self.run_id} ended {self.status}; ServerApp log in "
                 f"{self.logs / 'serverapp.log'}", _server_traceback(text))
@@ -689,6 +693,7 @@ class LocalDeployment:
         first), wait up to ``grace`` seconds, SIGKILL the groups, then kill any process still
         carrying the marker. Ctrl-C is ignored meanwhile. After a completed run the working
         files are removed (see the module docstring)."""
+        t0 = time.perf_counter()
         procs = [p for p in (*self.nodes, self.superlink) if p is not None and p.popen]
         old_int = None
         if threading.current_thread() is threading.main_thread():
@@ -720,6 +725,8 @@ class LocalDeployment:
                 left = self.processes()
             if left:
                 log.warning("Flower processes still alive after stop: %s", left)
+            self._times["stop_s"] = time.perf_counter() - t0
+            log.debug("stopped %d Flower processes in %.1fs", len(procs), self._times["stop_s"])
             self._save_state()
             if completed and self.dir.exists():
                 self._clean(keep_logs=self.keep_logs)
