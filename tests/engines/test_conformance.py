@@ -2,8 +2,10 @@
 
 The same local-training problems (unequal client sizes, batch sizes that do not divide them,
 two local epochs) are solved by each engine in :data:`ENGINES`; updates and parameters must agree
-within 1e-5 and the run metrics within 1e-4. To add an engine (e.g. ``flower``) append its
-registry name to :data:`ENGINES` (and, if it needs options, an entry to :data:`MAKERS`).
+within 1e-5 and the run metrics within 1e-4. To add an engine append its registry name to
+:data:`ENGINES` (and, if it needs options, an entry to :data:`MAKERS`). Engine ``flower`` is
+checked on whole runs against ``vectorized`` (:func:`test_flower_run_matches_vectorized`,
+marker ``flower``).
 """
 
 from __future__ import annotations
@@ -449,3 +451,41 @@ def test_size_groups_bound_padding_and_match_sequential(fast_path):
     np.testing.assert_array_equal(a.steps, b.steps)
     np.testing.assert_allclose(b.train_loss, a.train_loss, rtol=0, atol=PARAM_TOL)
     assert float((a.updates[0] - b.updates[0]).abs().max()) <= PARAM_TOL
+
+
+# -- engine flower (Flower ClientApps under Flower's simulation engine, Ray) ---------------------
+# Not in ENGINES: a FlowerEngine exists only inside a Flower ServerApp, so it is checked on whole
+# runs; its train() against sequential, pair by pair, is in tests/flower/test_engine.py.
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.flower
+def test_flower_run_matches_vectorized(tmp_path):
+    """Same config and seed: the same assignments as ``vectorized`` every round, metrics within
+    METRIC_TOL and final parameters within PARAM_TOL."""
+    pytest.importorskip("flwr")
+    mmfl.run(_config(engine="vectorized"), tmp_path / "vec")
+    summary = mmfl.run(_config(engine="flower"), tmp_path / "flower")
+    assert summary["engine"] == "flower" and summary["status"] == "completed"
+    rv, rf = _metrics(tmp_path / "vec"), _metrics(tmp_path / "flower")
+    assert len(rv) == len(rf) == BASE["rounds"] * len(BASE["tasks"])
+    for x, y in zip(rv, rf):
+        for col in ("round", "task", "clients", "slots", "local_trainings", "local_steps"):
+            assert x[col] == y[col], (col, x, y)
+        for col in ("accuracy", "loss", "train_loss"):
+            assert (x[col] == "") == (y[col] == "")
+            if x[col]:
+                assert abs(float(x[col]) - float(y[col])) <= METRIC_TOL, (col, x, y)
+    for x, y in zip(_rows(tmp_path / "vec" / "rounds.csv"),
+                    _rows(tmp_path / "flower" / "rounds.csv")):
+        for col in ("available", "budget", "expected_slots", "slots", "local_trainings",
+                    "model_uploads", "missing", "note"):
+            assert x[col] == y[col], (col, x, y)
+        assert y["missing"] == "0"
+    pv, _ = checkpoint.load(tmp_path / "vec" / runner.CHECKPOINT)
+    pf, _ = checkpoint.load(tmp_path / "flower" / runner.CHECKPOINT)
+    for s in range(len(BASE["tasks"])):
+        np.testing.assert_allclose(pf[f"param.{s}"], pv[f"param.{s}"], rtol=0, atol=PARAM_TOL)
