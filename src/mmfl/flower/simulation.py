@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: Environment of the Ray workers (inherited from this process while the simulation runs).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-              "RAY_DEDUP_LOGS": "0"}
+              "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 @contextlib.contextmanager
@@ -52,12 +52,13 @@ def _environment(values: dict[str, str]):
 
 @contextlib.contextmanager
 def _quiet(verbose: bool):
-    """Flower's and Ray's INFO chatter only with ``verbose``."""
+    """Flower's and Ray's log only with ``verbose`` (errors always; the engine logs its own
+    warnings about missing replies)."""
     names = ("flwr", "ray")
     before = {n: logging.getLogger(n).level for n in names}
     if not verbose:
         for n in names:
-            logging.getLogger(n).setLevel(logging.WARNING)
+            logging.getLogger(n).setLevel(logging.ERROR)
     try:
         yield
     finally:
@@ -72,12 +73,12 @@ def backend_config(ray_cpus: int) -> dict[str, Any]:
 
 
 def host_run(runner, *, resume: bool = False, client_app=None,
-             verbose: bool = False) -> dict[str, Any]:
+             verbose: bool | None = None) -> dict[str, Any]:
     """Run ``runner``'s experiment with engine ``flower`` under Flower's simulation engine;
     returns the summary (the run directory is written as by any engine).
 
     ``client_app`` replaces :data:`mmfl.flower.client.client_app` (tests inject faults this
-    way); ``verbose`` shows Flower's logs.
+    way); ``verbose`` shows Flower's logs (default: when mmfl logs at DEBUG, ``mmfl -v``).
     """
     from flwr.app import Context
     from flwr.serverapp import Grid, ServerApp
@@ -85,6 +86,8 @@ def host_run(runner, *, resume: bool = False, client_app=None,
 
     if client_app is None:
         from mmfl.flower.client import client_app
+    if verbose is None:
+        verbose = logging.getLogger("mmfl").isEnabledFor(logging.DEBUG)
     cfg = runner.cfg
     n = cfg.clients.count
     result: dict[str, Any] = {}
