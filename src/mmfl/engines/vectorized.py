@@ -20,12 +20,16 @@ How unequal clients are handled (padding + masks, with the idle tail cut off):
   batch length ``min(n_i, batch_size)`` drops below half of the group's largest, so a few big
   clients do not pad the many small ones' batches to their length (and at most a client chunk).
 
-Two implementations of a step:
+Three implementations of a step:
 
 * Fast path for ``logreg`` and ``mlp`` (Linear-ReLU stacks): forward and backward written by hand
   with batched matmuls (``torch.bmm`` / ``baddbmm``) over the client dimension, the SGD update
   fused into the weight-gradient matmul. No autograd.
-* Generic path for any other model (``cnn``, user models): ``torch.func.vmap`` over
+* Fast path for the papers' ``cnn`` (:mod:`mmfl.engines.batched_cnn`): the K clients' convolutions
+  as one grouped convolution (``groups = K``), their linear layers as ``baddbmm``, one autograd
+  pass over the sum of the clients' losses (the clients share no parameter, so each gets its own
+  gradient). Client chunks keep the activations within :data:`ACTIVATION_BUDGET` floats.
+* Generic path for any other model (``lstm``, user models): ``torch.func.vmap`` over
   ``grad_and_value`` of a ``functional_call`` of the task's module, with the clients' stacked
   parameters as the vmapped argument. Large models are processed in client chunks so the
   stacked parameters and gradients stay within :data:`STACK_BUDGET` floats.
@@ -49,8 +53,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import vector_to_parameters
 
+from mmfl import rng
 from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_corrections, check_finite
-from mmfl.engines.sequential import local_batches
+from mmfl.engines.batched_cnn import cnn_spec, train_cnn
 from mmfl.registry import register
 from mmfl.tasks.models import MLP, LogReg
 
@@ -61,6 +66,10 @@ __all__ = ["BatchPlan", "VectorizedEngine", "batch_plan", "client_groups"]
 #: Upper bound on the floats of stacked per-client parameters (plus their gradients) that one
 #: client chunk of the generic path may hold (2**26 floats = 256 MiB per copy).
 STACK_BUDGET = 2**26
+
+#: Upper bound on the activation floats (batch rows x floats kept per sample) of one step of
+#: the batched CNN path (2**27 floats = 512 MiB); larger groups are cut into client chunks.
+ACTIVATION_BUDGET = 2**27
 
 #: Clients trained together have batch lengths ``min(n_i, batch_size)`` within this factor of
 #: each other, so padding rows stay below this factor of the real rows at every full step.
@@ -92,47 +101,63 @@ class BatchPlan:
 
 def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs: int,
                batch_size: int, seed: int, round: int) -> BatchPlan:
-    """Lay out the batches :func:`local_batches` yields for each client (ALGORITHMS.md s. 2).
+    """Lay out the batches :func:`~mmfl.engines.sequential.local_batches` yields for each client
+    (ALGORITHMS.md section 2), without calling it.
+
+    Client i (n_i samples) shuffles its indices in every epoch e with the e-th permutation of
+    ``stream(seed, "shuffle", round, i, task)`` and cuts it into ceil(n_i / B) consecutive
+    batches, so sample j of epoch e lands in step ``e * ceil(n_i / B) + j // B``, column
+    ``j % B``, with weight ``1 / min(B, n_i - (j // B) * B)``. The permutations come from
+    :func:`mmfl.rng.streams` (the same draws as ``local_batches``' ``stream``, derived for
+    all clients at once); the layout is computed with array arithmetic, not batch by batch.
 
     Args:
         indices: per listed client, its (n_i,) index array into the task's train set.
         clients: (K,) client ids (the keys of their shuffle streams), same order as ``indices``.
     """
-    per_client = [list(local_batches(ind, epochs, batch_size, seed, round, i, task))
-                  for i, ind in zip(clients.tolist(), indices)]
-    steps = np.fromiter(map(len, per_client), dtype=np.int64, count=len(per_client))
-    order = np.argsort(-steps, kind="stable")
-    steps = steps[order]
-    K, T = len(order), int(steps[0]) if len(steps) else 0
-    flat = [b for pos in order.tolist() for b in per_client[pos]]  # batches in (k, step) order
-    lens = np.fromiter(map(len, flat), dtype=np.int64, count=len(flat))
-    Bm = max(int(lens.max()), 1) if len(lens) else 1
+    K = len(indices)
+    n = np.fromiter(map(len, indices), dtype=np.int64, count=K)
+    per_epoch = -(-n // batch_size)  # ceil(n_i / B); 0 without data
+    order = np.argsort(-(epochs * per_epoch), kind="stable")
+    steps = epochs * per_epoch[order]
+    T = int(steps[0]) if K else 0
+    Bm = max(int(min(int(n.max()), batch_size)), 1) if K else 1
     idx = np.zeros((T, K, Bm), dtype=np.int64)
     weight = np.zeros((T, K, Bm), dtype=np.float32)
-    if len(flat):
-        # batch -> (step, client); sample -> (step, client, column)
-        first = np.cumsum(steps) - steps
-        k_of = np.repeat(np.arange(K), steps)
-        t_of = np.arange(len(flat)) - np.repeat(first, steps)
-        start = np.cumsum(lens) - lens
-        col = np.arange(int(lens.sum())) - np.repeat(start, lens)
-        where = (np.repeat(t_of, lens), np.repeat(k_of, lens), col)
-        idx[where] = np.concatenate(flat)
+    n_ord = n[order]
+    if T:
+        keys = np.stack([np.full(K, round), np.asarray(clients, np.int64)[order],
+                         np.full(K, task)], axis=1)
+        shuffled = []  # (client in order, epoch) segments of permuted sample indices
+        for pos, gen in zip(order.tolist(), rng.streams(seed, "shuffle", keys)):
+            ind = indices[pos]
+            if len(ind):
+                shuffled.extend(ind[gen.permutation(len(ind))] for _ in range(epochs))
+        seg = np.repeat(n_ord, epochs)  # (K * E,) segment lengths
+        j = np.arange(int(seg.sum())) - np.repeat(np.cumsum(seg) - seg, seg)
+        k_of = np.repeat(np.repeat(np.arange(K), epochs), seg)
+        e_of = np.repeat(np.tile(np.arange(epochs), K), seg)
+        full = j // batch_size
+        where = (e_of * per_epoch[order][k_of] + full, k_of, j % batch_size)
+        idx[where] = np.concatenate(shuffled)
         # the mean over a batch of b samples: weight 1/b each (float32, like nll_loss's mean)
-        weight[where] = np.repeat(np.float32(1.0) / lens.astype(np.float32), lens)
-    active = [int((steps > t).sum()) for t in range(T)]
+        blen = np.minimum(batch_size, n_ord[k_of] - full * batch_size)
+        weight[where] = np.float32(1.0) / blen.astype(np.float32)
+    active = np.searchsorted(-steps, -np.arange(T), side="left").tolist()
     return BatchPlan(order, steps, torch.from_numpy(idx), torch.from_numpy(weight), active)
 
 
 def client_groups(pairs: np.ndarray, sizes: np.ndarray, batch_size: int,
-                  chunk: int) -> list[np.ndarray]:
+                  chunk: int, max_rows: int = 0) -> list[np.ndarray]:
     """Split one task's pairs into the client groups that are trained together.
 
     Every step of a group is padded to the group's longest batch, so clients whose batch
     lengths ``min(n_i, batch_size)`` differ a lot waste compute on padding rows. The pairs are
     sorted by local data size (descending) and cut into runs whose batch lengths are within a
     factor of :data:`GROUP_RATIO` of the run's first (largest), each run further cut into chunks
-    of at most ``chunk`` clients. A client without data counts as batch length 1.
+    of at most ``chunk`` clients and (when ``max_rows`` > 0) at most ``max_rows`` batch rows,
+    i.e. ``len(group) * (the group's largest batch length) <= max_rows`` unless a single client
+    exceeds it. A client without data counts as batch length 1.
 
     Args:
         pairs: (K,) positions of the task's pairs (any integers; returned regrouped).
@@ -149,7 +174,8 @@ def client_groups(pairs: np.ndarray, sizes: np.ndarray, batch_size: int,
     while a < len(by_size):
         # first position whose batch length is below lens[a] / GROUP_RATIO (lens is descending)
         end = a + int(np.searchsorted(-lens[a:], -lens[a] / GROUP_RATIO, side="right"))
-        end = min(max(end, a + 1), a + chunk)
+        cap = chunk if max_rows <= 0 else min(chunk, max(1, max_rows // int(lens[a])))
+        end = min(max(end, a + 1), a + cap)
         groups.append(by_size[a:end])
         a = end
     return groups
@@ -191,9 +217,12 @@ class VectorizedEngine(Engine):
     def __init__(self, federation, *, seed: int, threads: int = 1, fast_path: bool = True):
         super().__init__(federation, seed=seed, threads=threads)
         self._layers = [_linear_stack(m) if fast_path else None for m in self.models]
+        self._cnn = [cnn_spec(m, tuple(td.dataset.input_shape)) if fast_path else None
+                     for m, td in zip(self.models, federation.tasks)]
         self._grad_fns: dict[int, object] = {}
-        for s, layers in enumerate(self._layers):
-            log.debug("task %d: %s path", s, "batched-matmul" if layers else "vmap")
+        for s, (layers, cnn) in enumerate(zip(self._layers, self._cnn)):
+            log.debug("task %d: %s path", s,
+                      "batched-matmul" if layers else "grouped-conv" if cnn else "vmap")
 
     # -- training -------------------------------------------------------------------------------
     def train(self, params, clients, tasks, round, corrections=None):
@@ -217,10 +246,12 @@ class VectorizedEngine(Engine):
             D = w.numel()
             sizes = np.array([len(td.client_indices[i]) for i in clients[sel]], dtype=np.int64)
             chunk = max(1, STACK_BUDGET // max(2 * D, 1))
+            cnn = self._cnn[s]
+            max_rows = ACTIVATION_BUDGET // cnn.sample_floats if cnn is not None else 0
             G = torch.empty((len(sel), D), dtype=w.dtype)
             pos_in_task = np.empty(len(clients), dtype=np.int64)
             pos_in_task[sel] = np.arange(len(sel))
-            for part in client_groups(sel, sizes, cfg.batch_size, chunk):
+            for part in client_groups(sel, sizes, cfg.batch_size, chunk, max_rows):
                 plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
                                   s, cfg.local_epochs, cfg.batch_size, self.seed, round)
                 rows = part[plan.order]
@@ -228,6 +259,9 @@ class VectorizedEngine(Engine):
                         else corrections[s][torch.from_numpy(pos_in_task[rows])])
                 if self._layers[s] is not None:
                     new, loss_sum = self._train_linear(s, w, plan, cfg.lr, corr)
+                elif cnn is not None:
+                    new, loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s], plan,
+                                              cfg.lr, corr)
                 else:
                     new, loss_sum = self._train_generic(s, w, plan, cfg.lr, corr)
                 G[pos_in_task[rows]] = w.unsqueeze(0) - new
