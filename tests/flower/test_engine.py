@@ -262,28 +262,38 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_run_with_a_failing_node_completes_and_records_missing_pairs(setup, tmp_path):
-    """The whole Runner on the grid: client 0's node fails every round; its assigned pairs
-    are dropped like stragglers and counted, and the run finishes."""
+@pytest.mark.parametrize("sampler", ["random", "gvr", "lvr"])
+def test_run_with_a_failing_node_completes_and_records_missing_pairs(setup, tmp_path, sampler):
+    """The whole Runner on the grid: client 0's node fails every training (and probe); its
+    pairs are dropped like stragglers and counted, and the run finishes. With gvr (full
+    computation) and lvr (probes) the client sits the rounds out: it is never assigned."""
     cfg, fed, paths = setup
     grid = FakeGrid(_deployed(paths))
     grid.errors[next(n for n, c in grid.nodes.items() if c["client-id"] == 0)] = 2
-    grid.error_types = {M.TRAIN}  # it answers discovery, then fails at every training
-    cfg = cfg.replace(rounds=6, **{"clients.active_rate": 1.0})  # every processor is active
+    grid.error_types = {M.TRAIN, M.PROBE}  # it answers discovery, then fails
+    cfg = config_from_dict({**CFG, "rounds": 4, "sampler": {"name": sampler},
+                            "clients": {**CFG["clients"],
+                                        "active_rate": 1.0 if sampler == "random" else 0.5}})
     summary = run_experiment(grid, cfg, tmp_path / "run",
                              settings=FlowerSettings(round_timeout=0.5, node_wait=2.0))
     assert summary["status"] == "completed"
     rounds = _rows(tmp_path / "run" / "rounds.csv")
-    assert len(rounds) == 6
+    assert len(rounds) == 4
     held = int((fed.population.n_samples[0] > 0).sum())
-    assert all(int(r["missing"]) >= 1 for r in rounds), "client 0 holds tasks every round"
-    assert sum(int(r["missing"]) for r in rounds) <= 6 * held
-    assert all("missing (no reply)" in r["note"] for r in rounds)
+    assert held >= 1
+    assert all(int(r["missing"]) == held for r in rounds), "client 0's pairs, every round"
     metrics = _rows(tmp_path / "run" / "metrics.csv")
     assert all(r["accuracy"] != "" for r in metrics)
-    # the trained pairs and uploads exclude client 0's
-    for r in rounds:
-        assert int(r["model_uploads"]) == int(r["local_trainings"]) - int(r["missing"])
+    if sampler == "random":  # every processor active: client 0 is assigned, then dropped
+        assert all("missing (no reply)" in r["note"] for r in rounds)
+        for r in rounds:  # its uploads never arrived
+            assert int(r["model_uploads"]) == int(r["local_trainings"]) - int(r["missing"])
+    else:  # measured first: offline for the round, so the sampler never assigns it
+        assert all("offline this round" in r["note"] for r in rounds)
+        assert all(int(r["available"]) == cfg.clients.count - 1 for r in rounds)
+        trained = [m for m in grid.sent if m.metadata.message_type == M.TRAIN
+                   and int(m.content["config"]["client"]) == 0]
+        assert len(trained) == (4 if sampler == "gvr" else 0)  # gvr: the full pass only
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["status"] == "completed"
 
 
@@ -296,3 +306,29 @@ def test_run_matches_sequential_engine(setup, tmp_path):
     assert (tmp_path / "seq" / "metrics.csv").read_text() == \
         (tmp_path / "fl" / "metrics.csv").read_text()
     assert a["tasks"] == b["tasks"]
+
+
+def test_server_app_reads_its_run_config(setup, tmp_path):
+    """Deployment entry point: run config config-file / out-dir / round-timeout / nodes /
+    node-wait / resume; the run directory appears at out-dir."""
+    from mmfl.experiment import tomlio
+    from mmfl.flower import server
+
+    cfg, fed, paths = setup
+    conf = tmp_path / "config.toml"
+    conf.write_text(tomlio.dumps(cfg.replace(rounds=2).to_dict()), encoding="utf-8")
+    rc = {"config-file": str(conf), "out-dir": str(tmp_path / "out"), "round-timeout": 5.0,
+          "nodes": 6, "node-wait": 2.0, "resume": False}
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config=rc)
+    server._main(FakeGrid(_deployed(paths)), ctx)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    # resume with more rounds continues the same directory
+    conf.write_text(tomlio.dumps(cfg.replace(rounds=3).to_dict()), encoding="utf-8")
+    server._main(FakeGrid(_deployed(paths)), Context(
+        run_id=2, node_id=1, node_config={}, state=RecordDict(), run_config={**rc, "resume": True}))
+    assert len(_rows(tmp_path / "out" / "rounds.csv")) == 3
+    bad = Context(run_id=3, node_id=1, node_config={}, state=RecordDict(),
+                  run_config={"out-dir": str(tmp_path / "x")})
+    with pytest.raises(FlowerError, match="config-file is required"):
+        server._main(FakeGrid(_deployed(paths)), bad)
