@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import uuid
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -15,17 +16,17 @@ import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import Context, Error, Message, RecordDict  # noqa: E402
-from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
-import mmfl  # noqa: E402
-from mmfl.engines.sequential import SequentialEngine  # noqa: E402
-from mmfl.experiment.config import config_from_dict  # noqa: E402
-from mmfl.experiment.federation import build_federation  # noqa: E402
-from mmfl.flower import client as fc  # noqa: E402
-from mmfl.flower import messages as M  # noqa: E402
-from mmfl.flower.server import FlowerEngine, FlowerError, FlowerSettings, run_experiment  # noqa
-from mmfl.flower.shards import load_shard, write_shards  # noqa: E402
+import mmfl
+from mmfl.engines.sequential import SequentialEngine
+from mmfl.experiment.config import config_from_dict
+from mmfl.experiment.federation import build_federation
+from mmfl.flower import client as fc
+from mmfl.flower import messages as M
+from mmfl.flower.server import FlowerEngine, FlowerError, FlowerSettings, run_experiment
+from mmfl.flower.shards import load_shard, write_shards
 
 TOL = 1e-6
 
@@ -59,7 +60,7 @@ class FakeGrid:
     raises gives an error reply with code 2, as in Flower.
     """
 
-    HANDLERS = {M.DISCOVER: fc.discover, M.TRAIN: fc.train, M.PROBE: fc.probe}
+    HANDLERS: ClassVar = {M.DISCOVER: fc.discover, M.TRAIN: fc.train, M.PROBE: fc.probe}
 
     def __init__(self, nodes: dict[int, dict]):
         self.nodes = dict(nodes)
@@ -144,7 +145,7 @@ def test_missing_shard_is_a_one_line_data_error(tmp_path):
 @pytest.mark.parametrize("pack", ["pair", "node"])
 @pytest.mark.parametrize("with_corrections", [False, True])
 def test_train_matches_sequential(setup, pack, with_corrections):
-    cfg, fed, paths = setup
+    _cfg, fed, paths = setup
     grid = FakeGrid(_deployed(paths))
     eng = _engine(fed, grid, pack=pack)
     seq = SequentialEngine(fed, seed=7)
@@ -172,7 +173,7 @@ def test_train_matches_sequential(setup, pack, with_corrections):
 
 
 def test_probes_match_the_engine_loop(setup):
-    cfg, fed, paths = setup
+    _cfg, fed, paths = setup
     eng = _engine(fed, FakeGrid(_deployed(paths)))
     params = eng.init_params()
     clients, tasks = _pairs(fed)
@@ -183,7 +184,7 @@ def test_probes_match_the_engine_loop(setup):
 
 
 def test_silent_and_failed_nodes_leave_their_pairs_out(setup):
-    cfg, fed, paths = setup
+    _cfg, fed, paths = setup
     grid = FakeGrid(_deployed(paths))
     eng = _engine(fed, grid, round_timeout=0.2)
     params = eng.init_params()
@@ -202,7 +203,7 @@ def test_silent_and_failed_nodes_leave_their_pairs_out(setup):
 
 
 def test_restarted_node_is_used_again(setup):
-    cfg, fed, paths = setup
+    _cfg, fed, paths = setup
     grid = FakeGrid(_deployed(paths))
     eng = _engine(fed, grid)
     params = eng.init_params()
@@ -221,7 +222,7 @@ def test_restarted_node_is_used_again(setup):
 
 def test_simulation_node_config_and_shard_dir(setup):
     """partition-id plus the message's shard-dir (what run_simulation gives)."""
-    cfg, fed, paths = setup
+    _cfg, fed, paths = setup
     grid = FakeGrid({10 + i: {"partition-id": i, "num-partitions": len(paths)}
                      for i in range(len(paths))})
     eng = _engine(fed, grid, shard_dir=str(paths[0].parent))
@@ -231,7 +232,7 @@ def test_simulation_node_config_and_shard_dir(setup):
 
 
 def test_waiting_for_nodes_has_a_deadline(setup):
-    cfg, fed, paths = setup
+    _cfg, fed, paths = setup
     nodes = _deployed(paths)
     nodes.pop(next(iter(nodes)))
     with pytest.raises(FlowerError, match=r"only 5 of 6 Flower nodes connected after 0.2 s"):
@@ -239,7 +240,7 @@ def test_waiting_for_nodes_has_a_deadline(setup):
 
 
 def test_shard_of_another_config_is_rejected(setup, tmp_path):
-    cfg, fed, paths = setup
+    _cfg, fed, _paths = setup
     other = build_federation(config_from_dict({**CFG, "seed": 8}))
     bad = write_shards(other, tmp_path)
     with pytest.raises(FlowerError, match="shard of another config"):
@@ -247,7 +248,7 @@ def test_shard_of_another_config_is_rejected(setup, tmp_path):
 
 
 def test_non_finite_update_stops_the_run(setup):
-    cfg, fed, paths = setup
+    _cfg, fed, paths = setup
     eng = _engine(fed, FakeGrid(_deployed(paths)))
     params = eng.init_params()
     params[1] = params[1].clone()
@@ -299,7 +300,7 @@ def test_run_with_a_failing_node_completes_and_records_missing_pairs(setup, tmp_
 
 def test_run_matches_sequential_engine(setup, tmp_path):
     """Without faults the flower engine's run directory equals the sequential engine's."""
-    cfg, fed, paths = setup
+    cfg, _fed, paths = setup
     a = mmfl.run(cfg.replace(engine="sequential"), tmp_path / "seq")
     b = run_experiment(FakeGrid(_deployed(paths)), cfg, tmp_path / "fl",
                        settings=FlowerSettings(node_wait=2.0))
@@ -314,7 +315,7 @@ def test_server_app_reads_its_run_config(setup, tmp_path):
     from mmfl.experiment import tomlio
     from mmfl.flower import server
 
-    cfg, fed, paths = setup
+    cfg, _fed, paths = setup
     conf = tmp_path / "config.toml"
     conf.write_text(tomlio.dumps(cfg.replace(rounds=2).to_dict()), encoding="utf-8")
     rc = {"config-file": str(conf), "out-dir": str(tmp_path / "out"), "round-timeout": 5.0,

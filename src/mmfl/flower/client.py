@@ -20,7 +20,6 @@ a new ClientApp process, so loading is kept cheap: one ``.npz`` read, models bui
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +36,8 @@ from mmfl.experiment.federation import TaskData
 from mmfl.flower import messages as M
 from mmfl.flower.shards import Shard, load_shard, shard_name
 
-log = logging.getLogger(__name__)
-
-torch.set_num_threads(1)  # one ClientApp = one core (Ray gives each actor num_cpus = 1)
+#: torch threads of a ClientApp: one core each (Ray gives each actor num_cpus = 1).
+THREADS = 1
 
 
 @dataclass(frozen=True)
@@ -114,7 +112,7 @@ def _shard_path(msg: Message, context: Context) -> tuple[int, Path]:
         raise DataError("node config has neither client-id nor partition-id")
     if "data-file" in nc:
         return client, Path(str(nc["data-file"]))
-    conf = msg.content["config"] if "config" in msg.content else {}
+    conf = msg.content.get("config", {})
     if "shard-dir" not in conf:
         raise DataError(f"client {client}: no data-file in the node config and no shard-dir "
                         "in the message")
@@ -123,6 +121,7 @@ def _shard_path(msg: Message, context: Context) -> tuple[int, Path]:
 
 def engine_for(msg: Message, context: Context) -> ShardEngine:
     """This node's :class:`ShardEngine` (cached per process while the file is unchanged)."""
+    torch.set_num_threads(THREADS)
     client, path = _shard_path(msg, context)
     key = str(path.resolve())
     try:

@@ -50,8 +50,18 @@ from mmfl.flower import messages as M
 
 log = logging.getLogger(__name__)
 
-#: Seconds between two polls for replies.
-POLL = 0.05
+#: Seconds between two polls for replies (or nodes): the first wait, growing by half each poll
+#: up to the last, so a fast simulation round is not held up and a slow deployment round
+#: does not flood the SuperLink with requests.
+POLL = (0.01, 0.5)
+
+
+def _polls():
+    """Waits between polls: POLL[0], growing geometrically to POLL[1]."""
+    wait = POLL[0]
+    while True:
+        yield wait
+        wait = min(wait * 1.5, POLL[1])
 
 
 class FlowerError(MmflError):
@@ -77,7 +87,7 @@ class FlowerSettings:
     shard_dir: str = ""
 
     @classmethod
-    def from_config(cls, cfg, **overrides) -> "FlowerSettings":
+    def from_config(cls, cfg, **overrides) -> FlowerSettings:
         f = cfg.flower
         base = {"round_timeout": f.round_timeout, "pack": f.pack, "node_wait": f.node_wait}
         base.update({k: v for k, v in overrides.items() if v is not None})
@@ -131,11 +141,12 @@ class FlowerEngine(Engine):
         n_clients = self.federation.population.num_clients
         want = self.settings.nodes or n_clients
         deadline = time.monotonic() + self.settings.node_wait
+        waits = _polls()
         while len(ids := list(self.grid.get_node_ids())) < want:
             if time.monotonic() > deadline:
                 raise FlowerError(f"only {len(ids)} of {want} Flower nodes connected after "
                                   f"{self.settings.node_wait:g} s (flower.node_wait)")
-            time.sleep(POLL)
+            time.sleep(next(waits))
         self.discover()
         found = len(self._node_of)
         if found < min(want, n_clients):
@@ -193,6 +204,7 @@ class FlowerEngine(Engine):
         pending = set(by_id)
         timeout = self._timeout()
         deadline = None if timeout is None else time.monotonic() + timeout
+        waits = _polls()
         while pending:
             for rep in self.grid.pull_messages(list(pending)):
                 mid = rep.metadata.reply_to_message_id
@@ -211,7 +223,7 @@ class FlowerEngine(Engine):
                             len(by_id), timeout)
                 break
             if pending:
-                time.sleep(POLL)
+                time.sleep(next(waits))
         return [(msg, got.get(mid) if mid else None) for msg, mid in zip(msgs, ids)]
 
     def _requests(self, kind: str, params, clients, tasks, extra: dict, *, pack: str,

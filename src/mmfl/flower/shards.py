@@ -62,7 +62,7 @@ class TaskShard:
 
     @property
     def num_samples(self) -> int:
-        return int(len(self.y))
+        return len(self.y)
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def write_shards(federation, folder: str | Path) -> list[Path]:
             idx = td.client_indices[i]
             arrays[f"x{s}"] = np.ascontiguousarray(td.dataset.x_train[idx])
             arrays[f"y{s}"] = np.ascontiguousarray(td.dataset.y_train[idx], dtype=np.int64)
-            tasks.append({**specs[s], "n": int(len(idx))})
+            tasks.append({**specs[s], "n": len(idx)})
         meta = {"format": FORMAT, "client": i,
                 "num_clients": int(pop.num_clients), "tasks": tasks}
         path = folder / shard_name(i)

@@ -101,7 +101,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
             runner.engine_factory = engine_factory(grid, cfg, settings)
             try:
                 result["summary"] = runner.run(resume=resume)
-            except BaseException as e:  # re-raised below: run_simulation only logs it
+            except BaseException as e:  # noqa: BLE001 - re-raised below; Flower would only log it
                 result["error"] = e
             finally:
                 runner.engine_factory = None
