@@ -333,3 +333,18 @@ def test_server_app_reads_its_run_config(setup, tmp_path):
                   run_config={"out-dir": str(tmp_path / "x")})
     with pytest.raises(FlowerError, match="config-file is required"):
         server._main(FakeGrid(_deployed(paths)), bad)
+
+
+def test_a_silent_new_node_is_not_asked_every_round(setup):
+    _cfg, fed, paths = setup
+    grid = FakeGrid(_deployed(paths))
+    eng = _engine(fed, grid, round_timeout=0.05)
+    params = eng.init_params()
+    clients, tasks = _pairs(fed)
+    grid.nodes[555] = {"client-id": 3, "data-file": str(paths[3])}
+    grid.silent.add(555)
+    for t in range(4):  # discover() calls 2..5: asked at 2, then RETRY_AFTER = 3 later
+        out = eng.train(params, clients, tasks, t)
+        assert len(out.clients) == len(clients)  # client 3 keeps its old node
+    asked = [m for m in grid.sent if m.metadata.dst_node_id == 555]
+    assert [m.metadata.message_type for m in asked] == [M.DISCOVER, M.DISCOVER]

@@ -64,6 +64,10 @@ def _polls():
         wait = min(wait * 1.5, POLL[1])
 
 
+#: A node that did not answer discovery is asked again this many rounds later.
+RETRY_AFTER = 3
+
+
 class FlowerError(MmflError):
     """The Flower federation cannot run the experiment (e.g. nodes never connected)."""
 
@@ -124,6 +128,8 @@ class FlowerEngine(Engine):
             raise ConfigError("flower.pack", "must be one of pair, node", self.settings.pack)
         self._client_of: dict[int, int] = {}  # node id -> client
         self._node_of: dict[int, int] = {}    # client -> node id (the latest discovered)
+        self._calls = 0                       # discover() calls so far
+        self._retry: dict[int, int] = {}      # node id -> call from which to ask it again
         self._dims = self.num_parameters()
         self._names = list(federation.population.task_names)
         self.wait_for_nodes()
@@ -157,21 +163,26 @@ class FlowerEngine(Engine):
 
     def discover(self) -> None:
         """Map the node ids not seen before to their clients (``query.discover``); forget
-        nodes that left. A client whose node restarted maps to its newest node id."""
+        nodes that left. A client whose node restarted maps to its newest node id. A node
+        that does not answer is asked again :data:`RETRY_AFTER` calls later (so a silent node
+        does not cost every round a discovery timeout)."""
+        self._calls += 1
         ids = [int(n) for n in self.grid.get_node_ids()]
         current = set(ids)
         for nid in [n for n in self._client_of if n not in current]:
             client = self._client_of.pop(nid)
             if self._node_of.get(client) == nid:
                 del self._node_of[client]
-        new = [n for n in ids if n not in self._client_of]
+        new = [n for n in ids if n not in self._client_of
+               and self._retry.get(n, 0) <= self._calls]
         if not new:
             return
         msgs = [M.request(M.DISCOVER, nid, self._config(), {}) for nid in new]
         pop = self.federation.population
         for msg, rep in self._exchange(msgs):
-            if rep is None:
-                continue  # no answer yet: asked again next round
+            if rep is None:  # no answer (yet): asked again a few rounds later
+                self._retry[msg.metadata.dst_node_id] = self._calls + RETRY_AFTER
+                continue
             client = int(rep.content["metrics"]["client"])
             if not 0 <= client < pop.num_clients:
                 raise FlowerError(f"node {msg.metadata.dst_node_id} is client {client}, but "
