@@ -150,3 +150,19 @@ def test_mmfl_run_command_with_engine_flower(tmp_path):
     for name in ("config.toml", "metrics.csv", "rounds.csv", "summary.json"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert 'engine = "flower"' in (tmp_path / "run" / "config.toml").read_text()
+
+
+def test_an_existing_run_directory_fails_before_flower_starts(tmp_path, monkeypatch):
+    """Input errors (here: --out already holds a run) come before the simulation starts."""
+    pytest.importorskip("flwr")
+    import flwr.simulation
+
+    def started(*args, **kwargs):
+        raise AssertionError("the simulation should not start")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", started)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("round\n")
+    with pytest.raises(mmfl.ResultsError, match="already holds a run"):
+        mmfl.run(_config(), out)

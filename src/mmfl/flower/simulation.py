@@ -84,6 +84,8 @@ def host_run(runner, *, resume: bool = False, client_app=None,
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
+    from mmfl.experiment.runner import check_out_dir
+
     if client_app is None:
         from mmfl.flower.client import client_app
     if verbose is None:
@@ -91,8 +93,10 @@ def host_run(runner, *, resume: bool = False, client_app=None,
     cfg = runner.cfg
     n = cfg.clients.count
     result: dict[str, Any] = {}
+    check_out_dir(cfg, runner.out, resume=resume)  # input errors before Ray starts
+    federation = build_federation(cfg, runner.data_dir)
     with tempfile.TemporaryDirectory(prefix="mmfl-shards-") as shard_dir:
-        write_shards(build_federation(cfg, runner.data_dir), shard_dir)
+        write_shards(federation, shard_dir)
         settings = FlowerSettings.from_config(cfg, nodes=n, shard_dir=shard_dir)
         app = ServerApp()
 
