@@ -39,6 +39,7 @@ import csv
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -69,6 +70,7 @@ FLOWER_ENV = {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "PYTHONUNBUFFERED": "1",
 }
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 #: One thread per ClientApp: N SuperNodes share the machine's cores.
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
                                "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
@@ -126,11 +128,11 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     return False
 
 
-def marked_processes(token: str) -> list[int]:
-    """PIDs of live processes whose environment holds ``MMFL_FLOWER_LOCAL=<token>`` (by scanning
-    ``/proc``; zombies are ignored). Empty on systems without ``/proc``."""
-    needle = f"{MARKER}={token}".encode()
-    pids = []
+def processes_with_env(name: str, value: str) -> list[int]:
+    """PIDs of live processes (zombies ignored) whose environment holds ``name=value``, found
+    by scanning ``/proc`` (processes of other users are skipped). Empty without ``/proc``."""
+    needle = f"{name}={value}".encode()
+    pids: list[int] = []
     proc = Path("/proc")
     if not proc.is_dir():
         return pids
@@ -138,8 +140,7 @@ def marked_processes(token: str) -> list[int]:
         if not d.name.isdigit() or int(d.name) == os.getpid():
             continue
         try:
-            env = (d / "environ").read_bytes()
-            if needle not in env.split(b"\0"):
+            if needle not in (d / "environ").read_bytes().split(b"\0"):
                 continue
             state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (OSError, IndexError):
@@ -147,6 +148,12 @@ def marked_processes(token: str) -> list[int]:
         if state not in ("Z", "X"):
             pids.append(int(d.name))
     return pids
+
+
+def marked_processes(token: str) -> list[int]:
+    """PIDs of live processes of the deployment whose marker is ``token``
+    (``MMFL_FLOWER_LOCAL=<token>`` in their environment)."""
+    return processes_with_env(MARKER, token)
 
 
 def descendants(pid: int) -> list[int]:
@@ -561,6 +568,7 @@ class LocalDeployment:
         ``logs/serverapp.log``."""
         out = self.flwr("log", str(self.run_id), CONNECTION, "--show", log_name="flwr-log",
                         check=False, timeout=60.0)
+        out = _ANSI.sub("", out)
         with contextlib.suppress(OSError):
             (self.logs / "serverapp.log").write_text(out, encoding="utf-8")
         return out
@@ -596,15 +604,19 @@ class LocalDeployment:
         than ``finished:completed``, a process dies, or ``timeout`` seconds pass.
         """
         seen = len(self.rounds_done()) if self.resume else 0
-        last_status = 0.0
-        t0 = time.monotonic()
-        while True:
+
+        def report() -> int:
             rows = self.rounds_done()
             for k in range(seen, len(rows)):
                 if progress is not None:
                     progress(RunProgress(self.cfg.rounds, int(rows[k]["round"]), rows[k],
                                          time.perf_counter() - self._t_submit))
-            seen = max(seen, len(rows))
+            return max(seen, len(rows))
+
+        last_status = 0.0
+        t0 = time.monotonic()
+        while True:
+            seen = report()
             self._check_processes()
             if time.monotonic() - last_status >= status_every or (
                     seen >= self.cfg.rounds and (self.out / "summary.json").exists()):
@@ -616,6 +628,7 @@ class LocalDeployment:
                 raise FlowerRunError(f"run {self.run_id} did not finish within {timeout:.0f}s "
                                      f"(status {self.status})")
             time.sleep(poll)
+        seen = report()  # rows written between the last look and the end of the run
         self._times["run_s"] = time.perf_counter() - self._t_submit
         self._save_state()
         completed = self.status == "finished:completed"
@@ -634,8 +647,15 @@ class LocalDeployment:
     def wait_round(self, r: int, timeout: float = 300.0) -> None:
         """Block until ``rounds.csv`` holds round ``r`` (for fault injection in tests)."""
         deadline = time.monotonic() + timeout
+        last_status = time.monotonic()
         while len(self.rounds_done()) < r:
             self._check_processes()
+            if time.monotonic() - last_status > 4.0:
+                last_status = time.monotonic()
+                self.status = self.run_status()
+                if self.status.startswith("finished"):
+                    raise FlowerRunError(f"Flower run {self.run_id} ended {self.status} before "
+                                         f"round {r}", _server_traceback(self.server_log()))
             if time.monotonic() > deadline:
                 raise FlowerRunError(f"round {r} not finished within {timeout:.0f}s")
             time.sleep(0.3)

@@ -1,0 +1,346 @@
+"""``mmfl flower-local``: real Flower processes (SuperLink + 3 SuperNodes) on loopback.
+
+Every test checks that no process of its deployment survives; the ``reaper`` fixture kills
+whatever a failing test leaves behind (by the FLWR_HOME inside the test's tmp_path), so a
+failure never leaks processes or ports into later tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from testkit import ROOT
+
+pytest.importorskip("flwr")
+
+from mmfl.flower import local  # noqa: E402
+from mmfl.flower.local import FlowerRunError, LocalDeployment, processes_with_env  # noqa: E402
+
+pytestmark = [pytest.mark.flower]
+
+TINY3 = """
+name = "flower_local_tiny"
+seed = 1
+rounds = {rounds}
+engine = "vectorized"
+
+[clients]
+count = 3
+active_rate = 1.0
+processors = 1
+
+[sampler]
+name = "full"
+
+[[tasks]]
+name = "digits"
+dataset = "digits"
+model = "logreg"
+lr = 0.1
+local_epochs = 1
+batch_size = 64
+[tasks.partition]
+kind = "iid"
+"""
+
+
+def write_config(folder: Path, rounds: int = 2) -> Path:
+    p = folder / "tiny3.toml"
+    p.write_text(TINY3.format(rounds=rounds), encoding="utf-8")
+    return p
+
+
+def survivors(out: Path) -> list[int]:
+    """Live processes started for the run directory ``out`` (their FLWR_HOME is inside it)."""
+    return processes_with_env("FLWR_HOME", str(Path(out).absolute() / "flower" / "home"))
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return "?"
+
+
+def assert_no_survivors(out: Path, wait: float = 5.0) -> None:
+    deadline = time.monotonic() + wait
+    while (left := survivors(out)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, "processes survived: " + "; ".join(f"{p}: {cmdline(p)}" for p in left)
+
+
+@pytest.fixture
+def reaper(tmp_path):
+    """Kills, after the test, the CLI subprocesses it registered and every process whose
+    FLWR_HOME lies in tmp_path (a failing test must not leave Flower running)."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+    for _ in range(3):
+        left = [pid for d in tmp_path.iterdir() if d.is_dir() for pid in survivors(d)]
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if not left:
+            break
+        time.sleep(0.5)
+
+
+def start_cli(*args: str) -> subprocess.Popen:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen([sys.executable, "-m", "mmfl.cli", "flower-local", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+def rounds_csv(out: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(out / "rounds.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def check_run_dir(out: Path, rounds: int) -> dict:
+    for name in ("config.toml", "metrics.csv", "rounds.csv", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["engine"] == "flower"
+    assert 0.0 <= summary["mean_accuracy"] <= 1.0 and "digits" in summary["tasks"]
+    assert [int(r["round"]) for r in rounds_csv(out)] == list(range(1, rounds + 1))
+    dep = json.loads((out / "flower" / "deployment.json").read_text())
+    assert dep["status"] == "finished:completed"
+    assert len(dep["nodes"]) == 3
+    return dep
+
+
+# -- real deployments ----------------------------------------------------------------------------
+@pytest.mark.timeout(300)
+def test_loopback_three_supernodes(tmp_path, reaper):
+    """3 SuperNodes as real processes over real gRPC, 2 rounds, the usual run directory, and no
+    process left afterwards; the working files are cleaned, the logs kept (--keep-logs)."""
+    out = tmp_path / "run"
+    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--round-timeout", "60",
+                  "--keep-logs")
+    reaper.append(p)
+    rc, stdout, stderr = finish(p)
+    assert rc == 0, stderr
+    assert "done:" in stdout and "round 2/2" in stderr
+    dep = check_run_dir(out, 2)
+    assert dep["tls"] is False and dep["superlink"].startswith("127.0.0.1:")
+    assert len({n["port"] for n in dep["nodes"]}) == 3  # one runtime port per SuperNode
+    logs = out / "flower" / "logs"
+    assert {f"node{i}.log" for i in range(3)} <= {f.name for f in logs.iterdir()}
+    assert (logs / "serverapp.log").read_text().strip()
+    assert not (out / "flower" / "shards").exists() and not (out / "flower" / "home").exists()
+    assert all(int(r["missing"]) == 0 for r in rounds_csv(out))
+    assert_no_survivors(out)
+
+
+@pytest.mark.timeout(300)
+def test_fault_killed_supernode_run_finishes(tmp_path, reaper):
+    """SIGKILL one SuperNode right after round 1: round 2 completes after the round timeout
+    with the replies it has (the missing slot recorded); the node, restarted at once, joins
+    under a new node id, is discovered and trains again in round 3; the run finishes."""
+    from mmfl.experiment.config import load_config
+
+    out = tmp_path / "run"
+    cfg = load_config(write_config(tmp_path, rounds=3))
+    with LocalDeployment(cfg, out, round_timeout=25, node_wait=90, keep_logs=True) as dep:
+        dep.prepare()
+        dep.start()
+        dep.submit()
+        dep.wait_round(1, timeout=180)
+        killed = dep.nodes[2].popen.pid
+        dep.kill_node(2)
+        assert dep.nodes[2].popen.poll() is not None
+        assert killed not in dep.processes()
+        dep.restart_node(2)
+        summary = dep.wait(timeout=180)
+        assert dep.nodes[2].alive
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    rows = rounds_csv(out)
+    assert [int(r["missing"]) for r in rows] == [0, 1, 0], rows
+    assert [int(r["model_uploads"]) for r in rows] == [3, 2, 3]
+    assert "missing" in rows[1]["note"]
+    assert dep.processes() == []
+    assert_no_survivors(out)
+
+
+@pytest.mark.timeout(300)
+def test_tls_run(tmp_path, reaper):
+    """--tls: certificates generated for the run; SuperNodes and flwr verify the SuperLink."""
+    out = tmp_path / "run"
+    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--tls", "--keep-logs",
+                  "--round-timeout", "60")
+    reaper.append(p)
+    rc, _, stderr = finish(p)
+    assert rc == 0, stderr
+    dep = check_run_dir(out, 2)
+    assert dep["tls"] is True and dep["auth"] is False
+    assert "--insecure" not in (out / "flower" / "logs" / "node0.log").read_text().splitlines()[0]
+    assert not (out / "flower" / "tls").exists()  # throw-away keys are removed after success
+    assert_no_survivors(out)
+
+
+@pytest.mark.timeout(300)
+def test_auth_run(tmp_path, reaper):
+    """--auth: one ECDSA key per SuperNode, registered with `flwr supernode register`; the
+    SuperLink only admits registered nodes (FLOWER-NOTES s. 6)."""
+    out = tmp_path / "run"
+    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--auth", "--keep-logs",
+                  "--round-timeout", "60")
+    reaper.append(p)
+    rc, _, stderr = finish(p)
+    assert rc == 0, stderr
+    dep = check_run_dir(out, 2)
+    assert dep["tls"] is True and dep["auth"] is True
+    ids = [n["node_id"] for n in dep["nodes"]]
+    assert all(isinstance(i, int) for i in ids) and len(set(ids)) == 3
+    assert not (out / "flower" / "keys").exists()
+    assert_no_survivors(out)
+
+
+@pytest.mark.timeout(240)
+def test_sigint_stops_every_process(tmp_path, reaper):
+    """Ctrl-C (SIGINT to `mmfl flower-local`) while the ServerApp runs: exit 130, nothing left,
+    logs kept for diagnosis."""
+    out = tmp_path / "run"
+    p = start_cli(str(write_config(tmp_path, rounds=20)), "--out", str(out))
+    reaper.append(p)
+    deployment = out / "flower" / "deployment.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and p.poll() is None:
+        if deployment.exists():
+            try:
+                if json.loads(deployment.read_text()).get("run_id"):
+                    break
+            except json.JSONDecodeError:
+                pass
+        time.sleep(0.3)
+    assert p.poll() is None, p.communicate()[1]
+    time.sleep(4)  # the ServerApp and SuperNodes are busy now
+    assert len(survivors(out)) >= 5  # SuperLink + 3 SuperNodes + superexecs/apps
+    p.send_signal(signal.SIGINT)
+    rc, _, stderr = finish(p, timeout=60)
+    assert rc == 130, stderr
+    assert "interrupted" in stderr
+    assert (out / "flower" / "logs" / "superlink.log").exists()
+    assert_no_survivors(out)
+
+
+@pytest.mark.timeout(240)
+def test_failing_serverapp_exit_1(tmp_path, reaper):
+    """A ServerApp that raises (its run directory cannot be written) ends the Flower run
+    ``finished:failed``: exit 1, the ServerApp traceback printed, nothing left running."""
+    out = tmp_path / "run"
+    (out / "federation.json").mkdir(parents=True)  # the runner cannot write this file
+    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--round-timeout", "30")
+    reaper.append(p)
+    rc, _, stderr = finish(p)
+    assert rc == 1, stderr
+    assert "finished:failed" in stderr
+    assert "Traceback" in stderr and "federation.json" in stderr
+    assert (out / "flower" / "logs" / "serverapp.log").read_text().strip()
+    assert_no_survivors(out)
+
+
+# -- cheap checks --------------------------------------------------------------------------------
+def test_invalid_options_exit_2(tmp_path):
+    cfg = write_config(tmp_path)
+    for extra, key in ((["--round-timeout", "0"], "--round-timeout"),
+                       (["--port", "70000"], "--port"),
+                       (["--set", "rounds=0"], "rounds")):
+        p = start_cli(str(cfg), "--out", str(tmp_path / "x"), *extra)
+        rc, _, stderr = finish(p, timeout=120)
+        assert rc == 2, stderr
+        assert key in stderr and "Traceback" not in stderr
+        assert not survivors(tmp_path / "x")
+
+
+def test_existing_run_is_an_input_error(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("round,task,accuracy,loss\n")
+    p = start_cli(str(write_config(tmp_path)), "--out", str(out))
+    rc, _, stderr = finish(p, timeout=120)
+    assert rc == 2 and "already holds a run" in stderr
+    assert not (out / "flower").exists()
+
+
+def test_generated_certificates(tmp_path):
+    from cryptography import x509
+
+    from mmfl.flower.certs import make_node_key, make_tls_files
+
+    files = make_tls_files(tmp_path / "tls", ("10.1.2.3", "server.example"))
+    cert = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(a) for a in san.get_values_for_type(x509.IPAddress)} >= {"127.0.0.1", "10.1.2.3"}
+    assert {"localhost", "server.example"} <= set(san.get_values_for_type(x509.DNSName))
+    assert cert.issuer == ca.subject
+    cert.verify_directly_issued_by(ca)
+    assert files.server_key.stat().st_mode & 0o077 == 0
+    priv, pub = make_node_key(tmp_path / "keys" / "node0")
+    assert pub.read_text().startswith("ecdsa-sha2-nistp384 ")
+    assert priv.stat().st_mode & 0o077 == 0
+
+
+def test_app_directory_is_shipped():
+    import tomllib
+
+    conf = tomllib.loads((local.APP_DIR / "pyproject.toml").read_text())
+    flwr = conf["tool"]["flwr"]["app"]
+    assert flwr["components"] == {"serverapp": "mmfl.flower.server:server_app",
+                                  "clientapp": "mmfl.flower.client:client_app"}
+    assert set(flwr["config"]) == {"config-file", "out-dir", "round-timeout", "nodes",
+                                   "node-wait", "resume"}
+
+
+def test_stop_kills_detached_grandchildren(tmp_path):
+    """Processes that leave the process group (as Flower's superexec does) are still found by
+    the marker and stopped."""
+    from mmfl.experiment.config import load_config
+
+    cfg = load_config(write_config(tmp_path))
+    dep = LocalDeployment(cfg, tmp_path / "run", grace=1.0)
+    dep._env = {**os.environ, local.MARKER: dep.token}
+    code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+            "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
+    proc = local._Proc("fake", [sys.executable, "-c", code], tmp_path, tmp_path / "fake.log",
+                       dep._env)
+    dep._spawn(proc)
+    dep.superlink = proc
+    deadline = time.monotonic() + 20
+    while len(dep.processes()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(dep.processes()) == 2
+    dep.stop()
+    assert dep.processes() == []
+
+
+def test_flower_run_error_without_app(tmp_path):
+    from mmfl.experiment.config import load_config
+
+    cfg = load_config(write_config(tmp_path))
+    with pytest.raises(Exception, match="without pyproject.toml"):
+        LocalDeployment(cfg, tmp_path / "run", app_dir=tmp_path / "none").prepare()
+    assert issubclass(FlowerRunError, Exception)
