@@ -8,7 +8,7 @@ kernel call:
   weights as (K * C_out, C_in, k, k) and ``groups = K``, so output channels ``k*C_out ...``
   are exactly client k's convolution of its own batch; ReLU and max-pooling act per channel;
 * a ``Linear(F_in, F_out)`` of K clients is one ``torch.baddbmm`` with weights stored
-  transposed, (K, F_in, F_out), and biases (K, F_out).
+  transposed, (K, F_in, F_out) (so their gradients are contiguous), and biases (K, F_out).
 
 A step of the K clients minimises the sum of their losses,
 ``L = sum_k sum_j c_{k,j} * nll(f(w_k; x_{k,j}), y_{k,j})`` with ``c_{k,j} = 1 / |batch_k|`` on
@@ -86,17 +86,17 @@ def cnn_spec(model: torch.nn.Module, input_shape: tuple[int, ...]) -> CNNSpec | 
 
 
 def _stack(spec: CNNSpec, v: torch.Tensor) -> list[torch.Tensor]:
-    """Per-parameter stacked views of (K, D) flat client vectors ``v``, in the layout above:
+    """Per-parameter stacked copies of (K, D) flat client vectors ``v``, in the layout above:
     conv weights (K*C_out, C_in, kh, kw), conv biases (K*C_out,), fc weights transposed
-    (K, in, out), fc biases (K, out). Returns new contiguous tensors (always copies: with
-    K = 1 a reshape of ``v`` could be a view, and the SGD steps update them in place)."""
+    (K, in, out), fc biases (K, out). Always copies (with K = 1 a reshape of ``v`` could be a
+    view of it, and the SGD steps update these tensors in place)."""
     K = v.shape[0]
     out, off = [], 0
     for j, (shape, n) in enumerate(zip(spec.shapes, spec.sizes)):
         part = v[:, off:off + n]
         if j < 4:  # conv: client-major channels
             t = part.reshape(K * shape[0], *shape[1:])
-        elif len(shape) == 2:  # fc weight (out, in) -> (K, in, out)
+        elif len(shape) == 2:  # fc weight (out, in) -> (K, in, out): contiguous gradients
             t = part.reshape(K, *shape).transpose(1, 2)
         else:
             t = part.reshape(K, n)
@@ -105,14 +105,19 @@ def _stack(spec: CNNSpec, v: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _unstack(spec: CNNSpec, P: list[torch.Tensor], K: int) -> torch.Tensor:
-    """Inverse of :func:`_stack`: (K, D) flat client vectors."""
-    parts = []
-    for j, (shape, t) in enumerate(zip(spec.shapes, P)):
-        if j >= 4 and len(shape) == 2:
-            t = t.transpose(1, 2)
-        parts.append(t.reshape(K, -1))
-    return torch.cat(parts, dim=1)
+def _updates(spec: CNNSpec, w: torch.Tensor, P: list[torch.Tensor]) -> torch.Tensor:
+    """(K, D) updates ``w - w_k`` of the stacked trained parameters ``P`` (one pass each)."""
+    K = P[-1].shape[0]
+    G = torch.empty((K, w.numel()), dtype=w.dtype)
+    off = 0
+    for t, shape, n in zip(P, spec.shapes, spec.sizes):
+        if t.dim() == 3:  # fc weight, stored (K, in, out)
+            torch.sub(w[off:off + n].view(1, *shape), t.transpose(1, 2),
+                      out=G[:, off:off + n].view(K, *shape))
+        else:
+            torch.sub(w[off:off + n], t.view(K, n), out=G[:, off:off + n])
+        off += n
+    return G
 
 
 def _forward(spec: CNNSpec, p: list[torch.Tensor], xb: torch.Tensor, k: int) -> torch.Tensor:
@@ -136,7 +141,7 @@ def train_cnn(spec: CNNSpec, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, 
         corr: (K, D) SCAFFOLD corrections in ``plan.order``, or None.
 
     Returns:
-        (K, D) trained flat parameters (in ``plan.order``) and (K,) summed batch losses.
+        (K, D) updates ``G_k = w - w_k`` (in ``plan.order``) and (K,) summed batch losses.
     """
     K = len(plan.order)
     P = _stack(spec, w.detach().unsqueeze(0).expand(K, -1))
@@ -159,8 +164,6 @@ def train_cnn(spec: CNNSpec, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, 
             for j, (v, g) in enumerate(zip(P, grads)):
                 if R is not None:  # SCAFFOLD: g + c - c_i
                     g = g + R[j][:rows[j]]
-                v[:rows[j]].sub_(lr * g)
+                v[:rows[j]].sub_(g.mul_(lr))  # g is a fresh tensor: scale it in place
             loss_acc[:k] += per_client.detach()
-    with torch.no_grad():
-        new = _unstack(spec, P, K)
-    return new, loss_acc.numpy()
+    return _updates(spec, w.detach(), P), loss_acc.numpy()

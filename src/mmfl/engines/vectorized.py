@@ -258,13 +258,13 @@ class VectorizedEngine(Engine):
                 corr = (None if corrections is None
                         else corrections[s][torch.from_numpy(pos_in_task[rows])])
                 if self._layers[s] is not None:
-                    new, loss_sum = self._train_linear(s, w, plan, cfg.lr, corr)
+                    upd, loss_sum = self._train_linear(s, w, plan, cfg.lr, corr)
                 elif cnn is not None:
-                    new, loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s], plan,
+                    upd, loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s], plan,
                                               cfg.lr, corr)
                 else:
-                    new, loss_sum = self._train_generic(s, w, plan, cfg.lr, corr)
-                G[pos_in_task[rows]] = w.unsqueeze(0) - new
+                    upd, loss_sum = self._train_generic(s, w, plan, cfg.lr, corr)
+                G.index_copy_(0, torch.from_numpy(pos_in_task[rows]), upd)
                 steps[rows] = plan.steps
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
             # a row sum is finite when the row is (up to overflow, which the exact check sorts out)
@@ -289,7 +289,8 @@ class VectorizedEngine(Engine):
         with SCAFFOLD corrections ``corr`` ((K, D) in ``plan.order``) ``W -= lr * (dW + r_W)``.
 
         Returns:
-            (K, D) trained flat parameters (in ``plan.order``) and (K,) summed batch losses.
+            (K, D) updates ``G_k = w - w_k`` of the trained flat parameters w_k (in
+            ``plan.order``) and (K,) summed batch losses.
         """
         layers = self._layers[s]
         K = len(plan.order)
@@ -339,9 +340,15 @@ class VectorizedEngine(Engine):
                 bs[l][:k].sub_(db.mul_(lr))
                 if l > 0:
                     dz = torch.ops.aten.threshold_backward(dprev, prev, 0)  # relu'
-        new = torch.cat([t for Wt, b in zip(Ws, bs)
-                         for t in (Wt.transpose(1, 2).reshape(K, -1), b)], dim=1)
-        return new, loss_acc.numpy()
+        G = torch.empty((K, w.numel()), dtype=w.dtype)
+        off = 0
+        for Wt, b in zip(Ws, bs):  # G = w - w_k, one pass per tensor, back in (out, in) order
+            _, i, o = Wt.shape
+            torch.sub(w[off:off + o * i].view(1, o, i), Wt.transpose(1, 2),
+                      out=G[:, off:off + o * i].view(K, o, i))
+            torch.sub(w[off + o * i:off + o * i + o], b, out=G[:, off + o * i:off + o * i + o])
+            off += o * i + o
+        return G, loss_acc.numpy()
 
     def _grad_fn(self, s: int):
         """vmap over clients of (grad, value) of the weighted nll of the task's module."""
@@ -391,7 +398,7 @@ class VectorizedEngine(Engine):
                 loss_acc[:k] += value
         with torch.no_grad():
             new = torch.cat([v.reshape(K, -1) for v in P.values()], dim=1)
-        return new, loss_acc.numpy()
+        return torch.sub(w, new, out=new), loss_acc.numpy()
 
     # -- the LVR probe -----------------------------------------------------------------------
     @torch.no_grad()
