@@ -51,9 +51,9 @@ from mmfl.flower import messages as M
 log = logging.getLogger(__name__)
 
 #: Seconds between two polls for replies (or nodes): the first wait, growing by half each poll
-#: up to the last, so a fast simulation round is not held up and a slow deployment round
-#: does not flood the SuperLink with requests.
-POLL = (0.01, 0.5)
+#: up to the last, so a fast simulation round is not held up (a reply waits at most 0.1 s to be
+#: collected) and a slow deployment round asks the SuperLink at most 10 times a second.
+POLL = (0.005, 0.1)
 
 
 def _polls():
