@@ -166,3 +166,44 @@ def test_an_existing_run_directory_fails_before_flower_starts(tmp_path, monkeypa
     (out / "metrics.csv").write_text("round\n")
     with pytest.raises(mmfl.ResultsError, match="already holds a run"):
         mmfl.run(_config(), out)
+
+
+@pytest.mark.flower
+def test_ctrl_c_interrupts_the_run_and_it_resumes(tmp_path):
+    """SIGINT to ``mmfl run`` with engine flower: exit 130, the run is recorded as interrupted
+    and the process ends (the ServerApp's thread stops waiting); --resume then finishes it
+    with the metrics of an uninterrupted run."""
+    pytest.importorskip("flwr")
+    import json
+    import signal
+    import time
+
+    from mmfl.experiment import tomlio
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(tomlio.dumps(_config(rounds=400).to_dict()), encoding="utf-8")
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mmfl.cli", "run", str(cfg), "--out", str(out),
+           "--progress", "log"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "rounds.csv").exists() or len(_rows(out / "rounds.csv")) < 2:
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no round finished"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted"
+    done = len(_rows(out / "rounds.csv"))
+    assert 2 <= done < 400
+    cfg.write_text(tomlio.dumps(_config(rounds=done + 1).to_dict()), encoding="utf-8")
+    res = subprocess.run([*cmd[:-2], "--progress", "none", "--resume"], capture_output=True,
+                         text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr[-2000:]
+    mmfl.run(_config(rounds=done + 1, engine="sequential"), tmp_path / "seq")
+    assert (out / "metrics.csv").read_text() == (tmp_path / "seq" / "metrics.csv").read_text()

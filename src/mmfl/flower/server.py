@@ -35,6 +35,7 @@ round, so a SuperNode that restarts (new node id) is used again.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,16 +115,21 @@ class FlowerEngine(Engine):
     :class:`TrainOutput` with the pairs that answered (see the module docstring on faults);
     :meth:`probe_losses` asks the nodes too (``query.probe``) and gives NaN for a pair whose
     node did not answer (the runner then treats that client as offline for the round).
+
+    ``stop``: when this event is set (the simulation host was interrupted), waiting for nodes
+    or replies raises KeyboardInterrupt, so the runner records the run as interrupted and the
+    ServerApp's thread ends instead of waiting out the round timeout.
     """
 
     def __init__(self, federation, *, seed: int, threads: int = 1, grid: Grid | None = None,
-                 settings: FlowerSettings | None = None):
+                 settings: FlowerSettings | None = None, stop: threading.Event | None = None):
         if grid is None:
             raise ConfigError("engine", "engine flower runs inside a Flower ServerApp (use "
                               "mmfl run / mmfl.run, which start Flower's simulation)", "flower")
         super().__init__(federation, seed=seed, threads=threads)
         self.grid = grid
         self.settings = settings or FlowerSettings()
+        self._stop = stop
         if self.settings.pack not in ("pair", "node"):
             raise ConfigError("flower.pack", "must be one of pair, node", self.settings.pack)
         self._client_of: dict[int, int] = {}  # node id -> client
@@ -149,6 +155,7 @@ class FlowerEngine(Engine):
         deadline = time.monotonic() + self.settings.node_wait
         waits = _polls()
         while len(ids := list(self.grid.get_node_ids())) < want:
+            self._check_stop()
             if time.monotonic() > deadline:
                 raise FlowerError(f"only {len(ids)} of {want} Flower nodes connected after "
                                   f"{self.settings.node_wait:g} s (flower.node_wait)")
@@ -196,6 +203,10 @@ class FlowerEngine(Engine):
             self._node_of[client] = msg.metadata.dst_node_id
 
     # -- messaging ---------------------------------------------------------------------------
+    def _check_stop(self) -> None:
+        if self._stop is not None and self._stop.is_set():
+            raise KeyboardInterrupt("the Flower simulation was interrupted")
+
     def _timeout(self) -> float | None:
         return self.settings.round_timeout or None
 
@@ -234,6 +245,7 @@ class FlowerEngine(Engine):
                             len(by_id), timeout)
                 break
             if pending:
+                self._check_stop()
                 time.sleep(next(waits))
         return [(msg, got.get(mid) if mid else None) for msg, mid in zip(msgs, ids)]
 
@@ -335,11 +347,12 @@ class FlowerEngine(Engine):
 
 # -- the ServerApp -----------------------------------------------------------------------------
 
-def engine_factory(grid: Grid, cfg, settings: FlowerSettings):
+def engine_factory(grid: Grid, cfg, settings: FlowerSettings,
+                   stop: threading.Event | None = None):
     """``federation -> FlowerEngine`` on ``grid`` (a Runner's ``engine_factory``)."""
     def factory(federation):
         return FlowerEngine(federation, seed=cfg.seed, threads=cfg.threads, grid=grid,
-                            settings=settings)
+                            settings=settings, stop=stop)
 
     return factory
 

@@ -12,7 +12,9 @@
    CPU (one torch/OpenMP thread) per ClientApp;
 3. its ServerApp runs the same Runner with a :class:`~mmfl.flower.server.FlowerEngine` on the
    simulation's grid, writing the usual run directory; an exception in it is re-raised here
-   (``run_simulation`` itself would only log it).
+   (``run_simulation`` itself would only log it). When the caller is interrupted (Ctrl-C
+   reaches ``run_simulation`` in the calling thread), the engine is told to stop: the runner
+   records the run as interrupted (resumable with ``--resume``) and the ServerApp's thread ends.
 
 ``run_simulation`` gives an empty run config, so the settings travel in the ServerApp's closure
 and the shard folder in every message (``shard-dir``).
@@ -24,6 +26,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import threading
 from typing import Any
 
 from mmfl.experiment.federation import build_federation
@@ -31,6 +34,9 @@ from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
 from mmfl.flower.shards import write_shards
 
 log = logging.getLogger(__name__)
+
+#: Seconds an interrupted host waits for the ServerApp's thread to record the interruption.
+STOP_WAIT = 60.0
 
 #: Environment of the Ray workers (inherited from this process while the simulation runs).
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
@@ -93,6 +99,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
     cfg = runner.cfg
     n = cfg.clients.count
     result: dict[str, Any] = {}
+    stop, done = threading.Event(), threading.Event()
     check_out_dir(cfg, runner.out, resume=resume)  # input errors before Ray starts
     federation = build_federation(cfg, runner.data_dir)
     with tempfile.TemporaryDirectory(prefix="mmfl-shards-") as shard_dir:
@@ -102,18 +109,25 @@ def host_run(runner, *, resume: bool = False, client_app=None,
 
         @app.main()
         def main(grid: Grid, context: Context) -> None:
-            runner.engine_factory = engine_factory(grid, cfg, settings)
+            runner.engine_factory = engine_factory(grid, cfg, settings, stop)
             try:
                 result["summary"] = runner.run(resume=resume)
             except BaseException as e:  # noqa: BLE001 - re-raised below; Flower would only log it
                 result["error"] = e
             finally:
                 runner.engine_factory = None
+                done.set()
 
         with _environment(WORKER_ENV), _quiet(verbose):
-            run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
-                           backend_name="ray", backend_config=backend_config(cfg.flower.ray_cpus),
-                           verbose_logging=verbose)
+            try:
+                run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
+                               backend_name="ray",
+                               backend_config=backend_config(cfg.flower.ray_cpus),
+                               verbose_logging=verbose)
+            except BaseException:  # Ctrl-C: stop the ServerApp's thread, then re-raise
+                stop.set()
+                done.wait(STOP_WAIT)
+                raise
     if "error" in result:
         raise result["error"]
     if "summary" not in result:
