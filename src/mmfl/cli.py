@@ -135,10 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, metavar="P",
                    help="SuperLink port (default: a free port; SuperNode runtime ports are "
                         "always picked free)")
+    p.add_argument("--host", default="127.0.0.1", metavar="H",
+                   help="address the SuperLink listens on and SuperNodes connect to (default "
+                        "127.0.0.1; 0.0.0.0 = every interface, local processes use loopback); "
+                        "added to the TLS certificate")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("--keep-logs", action="store_true",
                    help="keep OUT/flower/logs after a completed run (always kept on failure)")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="write the shards, config, app, FLWR_HOME, certificates and keys and "
+                        "OUT/flower/commands.sh (the command of every process, e.g. to run them "
+                        "on several machines), print it and start nothing")
 
     p = sub.add_parser("components", help="list datasets, models, samplers, aggregators, engines",
                        description="List every registered component and its options.")
@@ -454,8 +462,12 @@ def _cmd_flower_local(args) -> int:
     try:
         with LocalDeployment(cfg, args.out, data_dir=args.data_dir, tls=args.tls, auth=args.auth,
                              round_timeout=args.round_timeout, node_wait=args.node_wait,
-                             port=args.port, resume=args.resume,
+                             port=args.port, host=args.host, resume=args.resume,
                              keep_logs=args.keep_logs) as dep:
+            if args.prepare_only:
+                print(dep.commands())
+                print(f"prepared: {dep.dir} (nothing started)")
+                return 0
             summary = dep.run(progress=progress)
     except FlowerRunError as e:
         print(f"mmfl: error: {e}", file=sys.stderr)

@@ -188,12 +188,12 @@ def test_fault_killed_supernode_run_finishes(tmp_path, reaper):
 def test_tls_run(tmp_path, reaper):
     """--tls: certificates generated for the run; SuperNodes and flwr verify the SuperLink."""
     out = tmp_path / "run"
-    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--tls", "--keep-logs",
-                  "--round-timeout", "60")
+    p = start_cli(str(write_config(tmp_path, rounds=1)), "--out", str(out), "--tls",
+                  "--keep-logs", "--round-timeout", "60")
     reaper.append(p)
     rc, _, stderr = finish(p)
     assert rc == 0, stderr
-    dep = check_run_dir(out, 2)
+    dep = check_run_dir(out, 1)
     assert dep["tls"] is True and dep["auth"] is False
     assert "--insecure" not in (out / "flower" / "logs" / "node0.log").read_text().splitlines()[0]
     assert not (out / "flower" / "tls").exists()  # throw-away keys are removed after success
@@ -205,12 +205,12 @@ def test_auth_run(tmp_path, reaper):
     """--auth: one ECDSA key per SuperNode, registered with `flwr supernode register`; the
     SuperLink only admits registered nodes (FLOWER-NOTES s. 6)."""
     out = tmp_path / "run"
-    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--auth", "--keep-logs",
-                  "--round-timeout", "60")
+    p = start_cli(str(write_config(tmp_path, rounds=1)), "--out", str(out), "--auth",
+                  "--keep-logs", "--round-timeout", "60")
     reaper.append(p)
     rc, _, stderr = finish(p)
     assert rc == 0, stderr
-    dep = check_run_dir(out, 2)
+    dep = check_run_dir(out, 1)
     assert dep["tls"] is True and dep["auth"] is True
     ids = [n["node_id"] for n in dep["nodes"]]
     assert all(isinstance(i, int) for i in ids) and len(set(ids)) == 3
@@ -247,18 +247,29 @@ def test_sigint_stops_every_process(tmp_path, reaper):
 
 
 @pytest.mark.timeout(240)
-def test_failing_serverapp_exit_1(tmp_path, reaper):
-    """A ServerApp that raises (its run directory cannot be written) ends the Flower run
-    ``finished:failed``: exit 1, the ServerApp traceback printed, nothing left running."""
+def test_failing_serverapp_exit_1(tmp_path, reaper, monkeypatch, capsys):
+    """A ServerApp that raises (here: its experiment file is broken after the deployment was
+    prepared) ends the Flower run ``finished:failed``: `mmfl flower-local` exits 1 with the
+    ServerApp traceback, keeps the logs, and nothing is left running."""
+    from mmfl import cli
+
+    prepare = LocalDeployment.prepare
+
+    def broken_prepare(self):
+        prepare(self)
+        (self.dir / "experiment.toml").write_text("rounds = [\n", encoding="utf-8")
+
+    monkeypatch.setattr(LocalDeployment, "prepare", broken_prepare)
     out = tmp_path / "run"
-    (out / "federation.json").mkdir(parents=True)  # the runner cannot write this file
-    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--round-timeout", "30")
-    reaper.append(p)
-    rc, _, stderr = finish(p)
-    assert rc == 1, stderr
-    assert "finished:failed" in stderr
-    assert "Traceback" in stderr and "federation.json" in stderr
-    assert (out / "flower" / "logs" / "serverapp.log").read_text().strip()
+    rc = cli.main(["flower-local", str(write_config(tmp_path)), "--out", str(out),
+                   "--round-timeout", "30"])
+    err = capsys.readouterr().err
+    assert rc == 1, err
+    assert "finished:failed" in err
+    assert "Traceback" in err and "experiment.toml" in err
+    assert "Traceback" in (out / "flower" / "logs" / "serverapp.log").read_text()
+    assert json.loads((out / "flower" / "deployment.json").read_text())["status"] == \
+        "finished:failed"
     assert_no_survivors(out)
 
 
@@ -344,3 +355,30 @@ def test_flower_run_error_without_app(tmp_path):
     with pytest.raises(Exception, match="without pyproject.toml"):
         LocalDeployment(cfg, tmp_path / "run", app_dir=tmp_path / "none").prepare()
     assert issubclass(FlowerRunError, Exception)
+
+
+def test_prepare_only_writes_commands(tmp_path):
+    """--prepare-only: every file of the deployment and the command of every process; nothing
+    is started."""
+    out = tmp_path / "run"
+    p = start_cli(str(write_config(tmp_path)), "--out", str(out), "--prepare-only", "--tls",
+                  "--host", "0.0.0.0", "--port", "9399")
+    rc, stdout, stderr = finish(p, timeout=120)
+    assert rc == 0, stderr
+    fl = out / "flower"
+    for name in ("experiment.toml", "run-config.toml", "app/pyproject.toml", "home/config.toml",
+                 "tls/ca.crt", "commands.sh"):
+        assert (fl / name).is_file(), name
+    assert sorted(f.name for f in (fl / "shards").iterdir()) == [
+        "client-0.npz", "client-1.npz", "client-2.npz"]
+    text = (fl / "commands.sh").read_text()
+    assert text.strip() in stdout
+    assert "flower-superlink --host 0.0.0.0 --port 9399" in text
+    assert text.count("flower-supernode --superlink 127.0.0.1:9399") == 3
+    assert "client-id=2" in text and "--root-certificates" in text and "flwr run" in text
+    assert 'address = "127.0.0.1:9399"' in (fl / "home" / "config.toml").read_text()
+    import tomllib
+
+    rc_keys = tomllib.loads((fl / "run-config.toml").read_text())
+    assert rc_keys["out-dir"] == str(out) and rc_keys["nodes"] == 3
+    assert not survivors(out)

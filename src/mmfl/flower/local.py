@@ -303,6 +303,7 @@ class LocalDeployment:
         self._keys: list[Path] = []
         self._prepared = False
         self._t_submit = 0.0
+        self._submitted_at = float("inf")
         self._times: dict[str, float] = {}
         self._old_handlers: dict[int, Any] = {}
 
@@ -384,6 +385,7 @@ class LocalDeployment:
                           for i in range(self.num_clients)]
         self.port = self.port or free_port()
         self._write_connection()
+        self._write_run_config()
         bindir = str(Path(flower_executable("flower-superlink")).parent)
         self._env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
                      MARKER: self.token,  # Flower starts flower-superexec etc. from PATH:
@@ -392,9 +394,16 @@ class LocalDeployment:
         self._times["prepare_s"] = time.perf_counter() - t0
         self._save_state()
 
+    @property
+    def address(self) -> str:
+        """host:port where SuperNodes and ``flwr`` reach the SuperLink (loopback when it listens
+        on every interface)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+
     def _write_connection(self) -> None:
         lines = ["[superlink]", f'default = "{CONNECTION}"', "",
-                 f"[superlink.{CONNECTION}]", f'address = "127.0.0.1:{self.port}"']
+                 f"[superlink.{CONNECTION}]", f'address = "{self.address}"']
         if self.tls:
             lines.append(f"root-certificates = {_toml_str(str(self._tls_files.ca_cert))}")
         else:
@@ -437,6 +446,31 @@ class LocalDeployment:
         if not self._prepared:
             self.prepare()
         t0 = time.perf_counter()
+        self.superlink = self._superlink_proc()
+        self._spawn(self.superlink)
+        self._wait_port(timeout)
+        self._times["superlink_start_s"] = time.perf_counter() - t0
+        if self.auth:
+            from concurrent.futures import ThreadPoolExecutor
+
+            def register(i: int) -> int:
+                pub = self._keys[i].with_name(self._keys[i].name + ".pub")
+                out = self.flwr("supernode", "register", str(pub), CONNECTION, "--name",
+                                f"client{i}", "--format", "json", log_name="flwr-register")
+                return int(self._json(out, "flwr supernode register")["node-id"])
+
+            with ThreadPoolExecutor(max_workers=4) as pool:  # each call is a Python start-up
+                self.node_ids = dict(enumerate(pool.map(register, range(self.num_clients))))
+        self.nodes = [self._node_proc(i) for i in range(self.num_clients)]
+        for p in self.nodes:
+            self._spawn(p)
+        self._times["start_s"] = time.perf_counter() - t0
+        self._save_state()
+        log.info("Flower SuperLink on %s:%d (%s), %d SuperNodes; logs in %s", self.host,
+                 self.port, "TLS + node auth" if self.auth else "TLS" if self.tls else "insecure",
+                 len(self.nodes), self.logs)
+
+    def _superlink_proc(self) -> _Proc:
         argv = [flower_executable("flower-superlink"), "--host", self.host,
                 "--port", str(self.port), "--disable-runtime-dependency-installation"]
         if self.tls:
@@ -449,29 +483,11 @@ class LocalDeployment:
             argv.append("--enable-supernode-auth")
         env = dict(self._env)
         env.setdefault("OMP_NUM_THREADS", str(self.cfg.threads))
-        self.superlink = _Proc("superlink", argv, self.dir / "superlink",
-                               self.logs / "superlink.log", env)
-        self._spawn(self.superlink)
-        self._wait_port(timeout)
-        self._times["superlink_start_s"] = time.perf_counter() - t0
-        if self.auth:
-            for i, key in enumerate(self._keys):
-                out = self.flwr("supernode", "register", str(key.with_name(key.name + ".pub")),
-                                CONNECTION, "--name", f"client{i}", "--format", "json",
-                                log_name="flwr-register")
-                self.node_ids[i] = int(self._json(out, "flwr supernode register")["node-id"])
-        self.nodes = [self._node_proc(i) for i in range(self.num_clients)]
-        for p in self.nodes:
-            self._spawn(p)
-        self._times["start_s"] = time.perf_counter() - t0
-        self._save_state()
-        log.info("Flower SuperLink on %s:%d (%s), %d SuperNodes; logs in %s", self.host,
-                 self.port, "TLS + node auth" if self.auth else "TLS" if self.tls else "insecure",
-                 len(self.nodes), self.logs)
+        return _Proc("superlink", argv, self.dir / "superlink", self.logs / "superlink.log", env)
 
     def _wait_port(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        probe = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        probe = self.address.rsplit(":", 1)[0].strip("[]")
         while not port_open(probe, self.port):
             if not self.superlink.alive:
                 raise FlowerRunError(
@@ -486,7 +502,7 @@ class LocalDeployment:
 
     def _node_proc(self, i: int) -> _Proc:
         used = {self.port} | {self._node_port(p) for p in self.nodes if p is not None}
-        argv = [flower_executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}",
+        argv = [flower_executable("flower-supernode"), "--superlink", self.address,
                 "--port", str(free_port(avoid=used)),
                 "--node-config", f"client-id={i} data-file={_toml_str(str(self.shards[i]))}"]
         if self.tls:
@@ -497,6 +513,49 @@ class LocalDeployment:
             argv += ["--auth-supernode-private-key", str(self._keys[i])]
         return _Proc(f"node{i}", argv, self.dir / "nodes" / f"node{i}",
                      self.logs / f"node{i}.log", {**self._env, **ONE_THREAD})
+
+    def commands(self) -> str:
+        """A shell script of what :meth:`start` and :meth:`submit` run: the SuperLink, the key
+        registrations (``auth``), one SuperNode per client and ``flwr run``, with this
+        deployment's paths and ports. Written as ``OUT/flower/commands.sh`` by
+        ``mmfl flower-local --prepare-only``; the starting point for running the same on
+        several machines (docs/flower.md)."""
+        import shlex
+
+        if not self._prepared:
+            self.prepare()
+        link = self._superlink_proc()
+        nodes = [self._node_proc(i) for i in range(self.num_clients)]
+        envs = " ".join(f"{k}={v}" for k, v in FLOWER_ENV.items() if k != "PYTHONUNBUFFERED")
+        lines = [
+            "#!/bin/sh",
+            f"# Flower deployment of {self.cfg.name} ({self.num_clients} clients), written by "
+            "mmfl flower-local --prepare-only.",
+            "# Start each process in its own terminal (or append ' &'), in this order.",
+            f"export FLWR_HOME={shlex.quote(str(self.home))} {envs}",
+            "",
+            "# 1. SuperLink (the server machine); the ServerApp runs in its working directory",
+            f"cd {shlex.quote(str(link.cwd))} && {shlex.join(link.argv)}",
+        ]
+        if self.auth:
+            lines += ["", "# 2. register every SuperNode's public key (SuperLink running)"]
+            lines += [shlex.join([flower_executable("flwr"), "supernode", "register",
+                                  str(k.with_name(k.name + ".pub")), CONNECTION])
+                      for k in self._keys]
+        lines += ["", "# 3. one SuperNode per client (client i's machine needs only its shard"
+                  + (", ca.crt" if self.tls else "") + (" and key" if self.auth else "") + ")"]
+        lines += [f"OMP_NUM_THREADS=1 {shlex.join(p.argv)}" for p in nodes]
+        lines += ["", "# 4. submit the experiment and follow it",
+                  shlex.join([flower_executable("flwr"), "run", str(self.dir / "app"),
+                              CONNECTION, "--run-config", str(self.dir / "run-config.toml"),
+                              "--stream"]),
+                  f"# then: flwr ls {CONNECTION}   flwr log RUN_ID {CONNECTION} --show   "
+                  f"flwr stop RUN_ID {CONNECTION}", ""]
+        text = "\n".join(lines)
+        path = self.dir / "commands.sh"
+        path.write_text(text, encoding="utf-8")
+        path.chmod(0o755)
+        return text
 
     # -- 3. the flwr CLI ------------------------------------------------------------------------
     def flwr(self, *args: str, timeout: float = 120.0, log_name: str = "flwr",
@@ -531,11 +590,8 @@ class LocalDeployment:
             raise FlowerRunError(f"{what} failed: {obj.get('error-message', obj)}")
         return obj
 
-    def submit(self) -> str:
-        """``flwr run`` the app with the run config (config-file, out-dir, round-timeout, nodes,
-        node-wait, resume); returns the run id."""
-        overrides = self.dir / "run-config.toml"
-        overrides.write_text("\n".join([
+    def _write_run_config(self) -> None:
+        (self.dir / "run-config.toml").write_text("\n".join([
             f"config-file = {_toml_str(str(self.dir / 'experiment.toml'))}",
             f"out-dir = {_toml_str(str(self.out))}",
             f"round-timeout = {self.round_timeout!r}",
@@ -543,8 +599,14 @@ class LocalDeployment:
             f"node-wait = {self.node_wait!r}",
             f"resume = {'true' if self.resume else 'false'}",
         ]) + "\n", encoding="utf-8")
-        out = self.flwr("run", str(self.dir / "app"), CONNECTION, "--run-config", str(overrides),
-                        "--format", "json", log_name="flwr-run")
+
+    def submit(self) -> str:
+        """``flwr run`` the app with the run config (``run-config.toml``: config-file, out-dir,
+        round-timeout, nodes, node-wait, resume); returns the run id."""
+        self._submitted_at = time.time()
+        out = self.flwr("run", str(self.dir / "app"), CONNECTION, "--run-config",
+                        str(self.dir / "run-config.toml"), "--format", "json",
+                        log_name="flwr-run")
         self.run_id = str(self._json(out, "flwr run")["run-id"])
         self._t_submit = time.perf_counter()
         self.status = "submitted"
@@ -594,8 +656,19 @@ class LocalDeployment:
                 log.warning("SuperNode %s exited (status %s); see %s", p.name,
                             p.popen.returncode, p.log)
 
+    def _summary_status(self) -> str | None:
+        """``status`` of ``OUT/summary.json`` if the ServerApp wrote it since the submission
+        (``running`` between evaluations; ``completed``/``failed`` at the end), else None."""
+        path = self.out / "summary.json"
+        try:
+            if path.stat().st_mtime < self._submitted_at:
+                return None
+            return str(json.loads(path.read_text(encoding="utf-8")).get("status"))
+        except (OSError, ValueError, AttributeError):
+            return None
+
     def wait(self, *, progress: Callable[[RunProgress], None] | None = None,
-             poll: float = 1.0, status_every: float = 4.0,
+             poll: float = 1.0, status_every: float = 10.0,
              timeout: float | None = None) -> dict[str, Any]:
         """Follow the run until Flower reports it finished; returns ``summary.json``.
 
@@ -618,8 +691,10 @@ class LocalDeployment:
         while True:
             seen = report()
             self._check_processes()
-            if time.monotonic() - last_status >= status_every or (
-                    seen >= self.cfg.rounds and (self.out / "summary.json").exists()):
+            # `flwr ls` costs a Python start-up: ask every status_every seconds (to notice a
+            # failure), and at once when summary.json says the experiment is over
+            ended = self._summary_status() not in (None, "running")
+            if ended or time.monotonic() - last_status >= status_every:
                 last_status = time.monotonic()
                 self.status = self.run_status()
                 if self.status.startswith("finished"):
