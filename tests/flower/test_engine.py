@@ -15,6 +15,8 @@ import pytest
 import torch
 
 pytest.importorskip("flwr")
+pytestmark = pytest.mark.flower  # needs flwr (no Ray, seconds); the runner's part of missing
+# pairs is also checked without Flower in tests/experiment/test_missing_pairs.py
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity

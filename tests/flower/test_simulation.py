@@ -152,6 +152,7 @@ def test_mmfl_run_command_with_engine_flower(tmp_path):
     assert 'engine = "flower"' in (tmp_path / "run" / "config.toml").read_text()
 
 
+@pytest.mark.flower
 def test_an_existing_run_directory_fails_before_flower_starts(tmp_path, monkeypatch):
     """Input errors (here: --out already holds a run) come before the simulation starts."""
     pytest.importorskip("flwr")
