@@ -490,7 +490,8 @@ class Runner:
         writer.append("metrics.csv", rows)
         fair = fairness_stats(acc) if acc is not None else {}
         writer.append("rounds.csv", [{
-            "round": t + 1, "available": int(np.sum(state.available)), "budget": self.federation.budget,
+            "round": t + 1, "available": int(np.sum(state.available)),  # minus silent nodes
+            "budget": self.federation.budget,
             "expected_slots": assignment.expected_slots, "slots": trained_assignment.num_slots,
             **cost.as_dict(), "local_steps": steps,
             "stale_bytes": self._state_bytes(),
