@@ -222,6 +222,9 @@ class FlowerEngine(Engine):
         ids = [msg.metadata.message_id if msg.metadata.message_id in accepted else None
                for msg in msgs]
         by_id = {mid: msg for msg, mid in zip(msgs, ids) if mid}
+        if len(by_id) < len(msgs):
+            log.warning("flower: the SuperLink refused %d of %d messages", len(msgs) - len(by_id),
+                        len(msgs))
         got: dict[str, Message] = {}
         pending = set(by_id)
         timeout = self._timeout()
