@@ -533,6 +533,8 @@ class LocalDeployment:
             "mmfl flower-local --prepare-only.",
             "# Start each process in its own terminal (or append ' &'), in this order.",
             f"export FLWR_HOME={shlex.quote(str(self.home))} {envs}",
+            "# the SuperLink and SuperNodes start flower-superexec from PATH: the same environment",
+            f"export PATH={shlex.quote(str(Path(flower_executable('flwr')).parent))}:\"$PATH\"",
             "",
             "# 1. SuperLink (the server machine); the ServerApp runs in its working directory",
             f"cd {shlex.quote(str(link.cwd))} && {shlex.join(link.argv)}",
