@@ -127,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", action="store_true",
                    help="SuperNode authentication (implies --tls): an ECDSA key per node, "
                         "registered with `flwr supernode register` before the node starts")
-    p.add_argument("--round-timeout", type=float, default=300.0, metavar="S",
+    p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds the ServerApp waits for a round's replies; a node that has not "
-                        "answered by then misses the round (default 300)")
-    p.add_argument("--node-wait", type=float, default=120.0, metavar="S",
-                   help="seconds the ServerApp waits for all SuperNodes to connect (default 120)")
+                        "answered by then misses the round (0 = no limit; default: the "
+                        "config's flower.round_timeout, 600)")
+    p.add_argument("--node-wait", type=float, default=None, metavar="S",
+                   help="seconds the ServerApp waits for all SuperNodes to connect and answer "
+                        "discovery (default: the config's flower.node_wait, 120)")
     p.add_argument("--port", type=int, default=None, metavar="P",
                    help="SuperLink port (default: a free port; SuperNode runtime ports are "
                         "always picked free)")
@@ -450,8 +452,6 @@ def _cmd_flower_local(args) -> int:
     cfg = _load(args)
     if not args.out.strip():
         raise ConfigError("--out", "must be a folder path", args.out)
-    if args.node_wait <= 0:
-        raise ConfigError("--node-wait", "must be > 0 seconds", args.node_wait)
 
     def progress(p) -> None:
         row = p.row

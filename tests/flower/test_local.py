@@ -276,7 +276,8 @@ def test_failing_serverapp_exit_1(tmp_path, reaper, monkeypatch, capsys):
 # -- cheap checks --------------------------------------------------------------------------------
 def test_invalid_options_exit_2(tmp_path):
     cfg = write_config(tmp_path)
-    for extra, key in ((["--round-timeout", "0"], "--round-timeout"),
+    for extra, key in ((["--round-timeout", "-1"], "--round-timeout"),
+                       (["--node-wait", "0"], "--node-wait"),
                        (["--port", "70000"], "--port"),
                        (["--set", "rounds=0"], "rounds")):
         p = start_cli(str(cfg), "--out", str(tmp_path / "x"), *extra)

@@ -250,8 +250,10 @@ class LocalDeployment:
         auth: SuperNode authentication (implies ``tls``): one ECDSA key per node, registered
             with ``flwr supernode register`` before the node starts.
         round_timeout: seconds the ServerApp waits for the replies of a round (run config
-            ``round-timeout``); a node that does not answer in time misses the round.
-        node_wait: seconds the ServerApp waits for all SuperNodes to connect (``node-wait``).
+            ``round-timeout``; 0 = no limit); a node that does not answer in time misses the
+            round. Default: the config's ``flower.round_timeout``.
+        node_wait: seconds the ServerApp waits for all SuperNodes to connect and answer
+            discovery (``node-wait``). Default: the config's ``flower.node_wait``.
         port: SuperLink port (default: a free one).
         host: address the SuperLink listens on (``127.0.0.1``; ``0.0.0.0`` lets other machines
             connect, see docs/flower.md).
@@ -264,12 +266,21 @@ class LocalDeployment:
     """
 
     def __init__(self, cfg, out: str | Path, *, data_dir: str | None = None, tls: bool = False,
-                 auth: bool = False, round_timeout: float = 300.0, node_wait: float = 120.0,
+                 auth: bool = False, round_timeout: float | None = None,
+                 node_wait: float | None = None,
                  port: int | None = None, host: str = "127.0.0.1", resume: bool = False,
                  keep_logs: bool = False, app_dir: str | Path | None = None,
                  shard_writer: Callable | None = None, grace: float = 8.0):
-        if round_timeout <= 0:
-            raise ConfigError("--round-timeout", "must be > 0 seconds", round_timeout)
+        flower = getattr(cfg, "flower", None)  # the config's [flower] table gives the defaults
+        if round_timeout is None:
+            round_timeout = getattr(flower, "round_timeout", 600.0)
+        if node_wait is None:
+            node_wait = getattr(flower, "node_wait", 120.0)
+        if round_timeout < 0:
+            raise ConfigError("--round-timeout", "must be >= 0 seconds (0 = no limit)",
+                              round_timeout)
+        if node_wait <= 0:
+            raise ConfigError("--node-wait", "must be > 0 seconds", node_wait)
         if port is not None and not 1 <= port <= 65535:
             raise ConfigError("--port", "must be a TCP port 1..65535", port)
         # the ServerApp runs engine "flower"; the run directory's config.toml says so, and a
