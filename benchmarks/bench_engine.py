@@ -12,6 +12,9 @@ Every number in the printed table is measured in this run, on this machine:
   the same model whose per-step batch holds K * batch_size samples, i.e. all active clients'
   batches together, fed by index gathers from the same train tensor.
 * ``vec/central``: throughput ratio (target >= 50%).
+* cases: the ``cnn`` runs the engine's grouped-convolution path (``cnn digits iid``, and the
+  papers' CNN with FC 512 on 28x28 ``fashion_mnist``); ``(vmap path)`` is the same digits case
+  with ``fast_path=False`` (the generic ``torch.func`` path), for comparison in the same run.
 * ``>1e-5``: clients whose vectorized update differs from the sequential one by more than 1e-5
   (a ReLU pre-activation within float32 rounding of 0 flips now and then at this scale; the
   sequential engine run with 2 threads instead of 1 differs from itself in the same way).

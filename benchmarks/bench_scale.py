@@ -254,7 +254,7 @@ def full_computation_throughput(model: str, train_samples: int, max_pairs: int =
         tasks, clients = tasks[pick], clients[pick]
     E, batch = cfg.tasks[0].local_epochs, cfg.tasks[0].batch_size
     samples = int(fed.population.n_samples[clients, tasks].sum()) * E
-    eng.train(params, clients[:2], tasks[:2], 0)  # warm-up (vmap tracing for cnn)
+    eng.train(params, clients[:2], tasks[:2], 0)  # warm-up (first-call set-up, allocator)
     t0 = time.perf_counter()
     eng.train(params, clients, tasks, 0)
     secs = time.perf_counter() - t0
@@ -317,7 +317,8 @@ def main(argv=None) -> int:
                     help="cnn throughput: train this many random pairs of task 0 (0 = all 600)")
     ap.add_argument("--skip", default="cnn:gvr",
                     help="model:sampler round timings to skip (comma-separated; cnn:gvr trains "
-                         "all 600 pairs of a padded layout per round: tens of minutes on a CPU)")
+                         "all 600 pairs per round: with --cnn-train 6000 about 150,000 CNN "
+                         "sample-steps, minutes per round on a CPU)")
     ap.add_argument("--profile-dir", default=None, help="scale: write cProfile stats per N here")
     ap.add_argument("--child-scale", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
