@@ -20,8 +20,8 @@ from testkit import ROOT
 
 pytest.importorskip("flwr")
 
-from mmfl.flower import local  # noqa: E402
-from mmfl.flower.local import FlowerRunError, LocalDeployment, processes_with_env  # noqa: E402
+from mmfl.flower import local
+from mmfl.flower.local import FlowerRunError, LocalDeployment, processes_with_env
 
 pytestmark = [pytest.mark.flower]
 

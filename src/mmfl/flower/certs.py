@@ -69,7 +69,7 @@ def make_tls_files(folder: str | Path, hosts: tuple[str, ...] = (), *,
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now(_dt.timezone.utc) - _dt.timedelta(minutes=5)
+    now = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=days)
 
     ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)

@@ -48,9 +48,10 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Self
 
 from mmfl.errors import ConfigError, MmflError
 
@@ -181,8 +182,8 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fo
         import ctypes
 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
+    except (OSError, AttributeError):  # no glibc: the marker scan in stop() still cleans up
+        return
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -319,7 +320,7 @@ class LocalDeployment:
         self._old_handlers: dict[int, Any] = {}
 
     # -- context manager: always stop ---------------------------------------------------------
-    def __enter__(self) -> "LocalDeployment":
+    def __enter__(self) -> Self:
         self._install_signal_handlers()
         return self
 
@@ -447,7 +448,8 @@ class LocalDeployment:
             proc.popen = subprocess.Popen(
                 proc.argv, cwd=proc.cwd, env=proc.env, stdin=subprocess.DEVNULL, stdout=logf,
                 stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)
+                # only async-signal-safe work between fork and exec (one prctl call)
+                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)  # noqa: PLW1509
         proc.stopped = False
         log.debug("started %s (pid %d): %s", proc.name, proc.popen.pid, " ".join(proc.argv))
 
@@ -540,8 +542,8 @@ class LocalDeployment:
         envs = " ".join(f"{k}={v}" for k, v in FLOWER_ENV.items() if k != "PYTHONUNBUFFERED")
         lines = [
             "#!/bin/sh",
-            f"# Flower deployment of {self.cfg.name} ({self.num_clients} clients), written by "
-            "mmfl flower-local --prepare-only.",
+            (f"# Flower deployment of {self.cfg.name} ({self.num_clients} clients), written "
+             "by mmfl flower-local --prepare-only."),
             "# Start each process in its own terminal (or append ' &'), in this order.",
             f"export FLWR_HOME={shlex.quote(str(self.home))} {envs}",
             "# the SuperLink and SuperNodes start flower-superexec from PATH: the same environment",
@@ -562,8 +564,8 @@ class LocalDeployment:
                   shlex.join([flower_executable("flwr"), "run", str(self.dir / "app"),
                               CONNECTION, "--run-config", str(self.dir / "run-config.toml"),
                               "--stream"]),
-                  f"# then: flwr ls {CONNECTION}   flwr log RUN_ID {CONNECTION} --show   "
-                  f"flwr stop RUN_ID {CONNECTION}", ""]
+                  (f"# then: flwr ls {CONNECTION}   flwr log RUN_ID {CONNECTION} --show   "
+                   f"flwr stop RUN_ID {CONNECTION}"), ""]
         text = "\n".join(lines)
         path = self.dir / "commands.sh"
         path.write_text(text, encoding="utf-8")
@@ -577,7 +579,8 @@ class LocalDeployment:
         appended to ``logs/<log_name>.log``; a non-zero exit raises FlowerRunError (``check``)."""
         argv = [flower_executable("flwr"), *args]
         try:
-            r = subprocess.run(argv, cwd=self.dir, env={**self._env, "COLUMNS": "200"},
+            r = subprocess.run(argv, check=False, cwd=self.dir,
+                               env={**self._env, "COLUMNS": "200"},
                                capture_output=True, text=True, timeout=timeout,
                                start_new_session=True)
         except subprocess.TimeoutExpired:
