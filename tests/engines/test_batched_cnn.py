@@ -120,3 +120,17 @@ def test_activation_chunks_and_single_clients(federation, monkeypatch, scaffold)
                     None if corr is None else {0: corr[0][:1]})
     assert torch.equal(params[0], before)
     assert float((one.updates[0][0] - ref.updates[0][0]).abs().max()) <= TOL
+
+
+def test_client_groups_respect_the_row_budget():
+    sizes = np.array([3, 50, 7, 7, 40, 2, 9, 60, 5, 5, 5, 30])
+    pairs = np.arange(len(sizes))
+    for max_rows in (0, 1, 20, 64, 1000):
+        groups = vec.client_groups(pairs, sizes, 16, chunk=5, max_rows=max_rows)
+        assert sorted(np.concatenate(groups).tolist()) == pairs.tolist()
+        for g in groups:
+            rows = len(g) * int(np.minimum(sizes[g], 16).max())
+            assert len(g) <= 5
+            assert max_rows == 0 or rows <= max_rows or len(g) == 1
+    assert len(vec.client_groups(pairs, sizes, 16, chunk=5, max_rows=20)) > len(
+        vec.client_groups(pairs, sizes, 16, chunk=5))
