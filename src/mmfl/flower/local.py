@@ -20,6 +20,8 @@ Layout of the run directory ``OUT`` (the experiment's own files, ``config.toml``
       shards/            one data shard per client (node config ``data-file``)
       superlink/, nodes/node<i>/   working directories of the processes
       tls/, keys/        generated certificates and SuperNode keys (``tls`` / ``auth``)
+      commands.sh        the command of every process (:meth:`LocalDeployment.commands`,
+                         ``--prepare-only``)
 
 After a completed run everything under ``OUT/flower`` except ``deployment.json`` (and ``logs/``
 with ``keep_logs``) is removed; after a failure or interruption all of it is kept for diagnosis.
@@ -802,14 +804,16 @@ class LocalDeployment:
     def stop(self, *, completed: bool = False) -> None:
         """Stop every process of the deployment: SIGTERM to each process group (SuperNodes
         first), wait up to ``grace`` seconds, SIGKILL the groups, then kill any process still
-        carrying the marker. Ctrl-C is ignored meanwhile. After a completed run the working
+        carrying the marker. SIGINT, SIGTERM and SIGHUP are ignored meanwhile. After a
+        completed run the working
         files are removed (see the module docstring)."""
         t0 = time.perf_counter()
         procs = [p for p in (*self.nodes, self.superlink) if p is not None and p.popen]
-        old_int = None
+        saved: dict[int, Any] = {}  # a second Ctrl-C or SIGTERM must not cut the cleanup short
         if threading.current_thread() is threading.main_thread():
-            with contextlib.suppress(ValueError):
-                old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                with contextlib.suppress(ValueError, OSError):
+                    saved[sig] = signal.signal(sig, signal.SIG_IGN)
         try:
             for p in procs:
                 self._signal_group(p, signal.SIGTERM)
@@ -842,9 +846,9 @@ class LocalDeployment:
             if completed and self.dir.exists():
                 self._clean(keep_logs=self.keep_logs)
         finally:
-            if old_int is not None:
-                with contextlib.suppress(ValueError):
-                    signal.signal(signal.SIGINT, old_int)
+            for sig, handler in saved.items():
+                with contextlib.suppress(ValueError, OSError, TypeError):
+                    signal.signal(sig, handler)
 
     def _clean(self, *, keep_logs: bool) -> None:
         keep = {"deployment.json"} | ({"logs"} if keep_logs else set())
