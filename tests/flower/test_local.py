@@ -383,3 +383,48 @@ def test_prepare_only_writes_commands(tmp_path):
     rc_keys = tomllib.loads((fl / "run-config.toml").read_text())
     assert rc_keys["out-dir"] == str(out) and rc_keys["nodes"] == 3
     assert not survivors(out)
+
+
+SIGTERM_SCRIPT = """
+import os, sys, time
+from mmfl.experiment.config import load_config
+from mmfl.flower import local
+
+dep = local.LocalDeployment(load_config(sys.argv[1]), sys.argv[2], grace=1.0)
+dep._env = {**os.environ, local.MARKER: dep.token}
+code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
+        "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
+try:
+    with dep:
+        proc = local._Proc("fake", [sys.executable, "-c", code], dep.out, dep.out / "f.log", dep._env)
+        dep.out.mkdir(parents=True, exist_ok=True)
+        dep._spawn(proc)
+        dep.superlink = proc
+        while len(dep.processes()) < 2:
+            time.sleep(0.1)
+        print(dep.token, flush=True)
+        time.sleep(60)
+except local.Terminated as e:
+    sys.exit(128 + e.signum)
+"""
+
+
+def test_sigterm_stops_every_process(tmp_path):
+    """SIGTERM to a process running a deployment raises Terminated in it; leaving the ``with``
+    block stops the children, also those in sessions of their own."""
+    script = tmp_path / "term.py"
+    script.write_text(SIGTERM_SCRIPT, encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.Popen([sys.executable, str(script), str(write_config(tmp_path)),
+                          str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        token = p.stdout.readline().strip()
+        assert len(local.marked_processes(token)) == 2
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 128 + signal.SIGTERM
+        assert local.marked_processes(token) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
