@@ -287,6 +287,20 @@ def test_invalid_options_exit_2(tmp_path):
         assert not survivors(tmp_path / "x")
 
 
+def test_port_in_use_is_an_input_error(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        p = start_cli(str(write_config(tmp_path)), "--out", str(tmp_path / "run"), "--port",
+                      str(port))
+        rc, _, stderr = finish(p, timeout=120)
+    assert rc == 2 and "--port: is in use" in stderr, stderr
+    assert not survivors(tmp_path / "run")
+
+
 def test_existing_run_is_an_input_error(tmp_path):
     out = tmp_path / "run"
     out.mkdir()

@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from mmfl.errors import ConfigError, MmflError
+from mmfl.errors import ConfigError, MmflError, ResultsError
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,6 @@ class LocalDeployment:
         the app copy, FLWR_HOME with its connection, and (``tls``/``auth``) certificates and
         keys. Raises the usual input errors (ConfigError, DataError, ResultsError) before any
         process starts."""
-        from mmfl.experiment import tomlio
         from mmfl.experiment.config import resolve_data_dir
         from mmfl.experiment.federation import build_federation
         from mmfl.experiment.runner import check_out_dir
@@ -368,8 +367,28 @@ class LocalDeployment:
         check_out_dir(self.cfg, self.out, resume=self.resume)
         if not (self.app_dir / "pyproject.toml").is_file():
             raise MmflError(f"{self.app_dir}: Flower app directory without pyproject.toml")
+        bindir = str(Path(flower_executable("flower-superlink")).parent)  # Flower installed?
+        if self.port is not None and port_open(self.address.rsplit(":", 1)[0].strip("[]"),
+                                               self.port):
+            raise ConfigError("--port", "is in use on this machine", self.port)
         data_dir = resolve_data_dir(self.cfg, self.data_dir)
         federation = build_federation(self.cfg, data_dir)
+        try:
+            self._write_files(federation)
+        except OSError as e:
+            raise ResultsError(f"{e.filename or self.dir}: cannot write the deployment's files "
+                               f"({e.strerror or e})") from None
+        self._env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
+                     MARKER: self.token,  # Flower starts flower-superexec etc. from PATH:
+                     "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
+        self._prepared = True
+        self._times["prepare_s"] = time.perf_counter() - t0
+        self._save_state()
+
+    def _write_files(self, federation) -> None:
+        """Everything :meth:`prepare` writes under ``OUT/flower`` (see the module docstring)."""
+        from mmfl.experiment import tomlio
+
         if self.dir.exists():  # a previous (failed or interrupted) deployment of this run
             shutil.rmtree(self.dir)
         for d in (self.logs, self.home, self.dir / "superlink"):
@@ -400,13 +419,6 @@ class LocalDeployment:
         self.port = self.port or free_port()
         self._write_connection()
         self._write_run_config()
-        bindir = str(Path(flower_executable("flower-superlink")).parent)
-        self._env = {**os.environ, **FLOWER_ENV, "FLWR_HOME": str(self.home),
-                     MARKER: self.token,  # Flower starts flower-superexec etc. from PATH:
-                     "PATH": bindir + os.pathsep + os.environ.get("PATH", "")}
-        self._prepared = True
-        self._times["prepare_s"] = time.perf_counter() - t0
-        self._save_state()
 
     @property
     def address(self) -> str:
