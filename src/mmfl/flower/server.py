@@ -160,19 +160,29 @@ class FlowerEngine(Engine):
                 raise FlowerError(f"only {len(ids)} of {want} Flower nodes connected after "
                                   f"{self.settings.node_wait:g} s (flower.node_wait)")
             time.sleep(next(waits))
-        self.discover()
+        # the first discovery may wait for the rest of node_wait, not only a round timeout:
+        # a node's first ClientApp (process start, imports) can take longer than a round
+        need = min(want, n_clients)
+        while True:
+            left = max(deadline - time.monotonic(), 0.0)
+            self.discover(timeout=max(left, self._timeout() or 0.0) or None, retry=False)
+            if len(self._node_of) >= need or time.monotonic() > deadline:
+                break
+            self._check_stop()
+            time.sleep(0.5)  # error replies come back at once: do not flood the nodes
         found = len(self._node_of)
-        if found < min(want, n_clients):
-            raise FlowerError(f"only {found} of {min(want, n_clients)} Flower nodes answered "
-                              f"discovery within {self._timeout() or 'no limit'} s")
+        if found < need:
+            raise FlowerError(f"only {found} of {need} Flower nodes answered discovery within "
+                              f"{self.settings.node_wait:g} s (flower.node_wait)")
         log.info("flower: %d nodes serve %d of %d clients", len(self._client_of), found,
                  n_clients)
 
-    def discover(self) -> None:
+    def discover(self, *, timeout: float | None = None, retry: bool = True) -> None:
         """Map the node ids not seen before to their clients (``query.discover``); forget
         nodes that left. A client whose node restarted maps to its newest node id. A node
         that does not answer is asked again :data:`RETRY_AFTER` calls later (so a silent node
-        does not cost every round a discovery timeout)."""
+        does not cost every round a discovery timeout); ``retry=False`` asks every unknown
+        node now. ``timeout``: seconds to wait for the answers (default: the round timeout)."""
         self._calls += 1
         ids = [int(n) for n in self.grid.get_node_ids()]
         current = set(ids)
@@ -181,12 +191,12 @@ class FlowerEngine(Engine):
             if self._node_of.get(client) == nid:
                 del self._node_of[client]
         new = [n for n in ids if n not in self._client_of
-               and self._retry.get(n, 0) <= self._calls]
+               and (not retry or self._retry.get(n, 0) <= self._calls)]
         if not new:
             return
         msgs = [M.request(M.DISCOVER, nid, self._config(), {}) for nid in new]
         pop = self.federation.population
-        for msg, rep in self._exchange(msgs):
+        for msg, rep in self._exchange(msgs, timeout=timeout):
             if rep is None:  # no answer (yet): asked again a few rounds later
                 self._retry[msg.metadata.dst_node_id] = self._calls + RETRY_AFTER
                 continue
@@ -210,8 +220,10 @@ class FlowerEngine(Engine):
     def _timeout(self) -> float | None:
         return self.settings.round_timeout or None
 
-    def _exchange(self, msgs: list[Message]) -> list[tuple[Message, Message | None]]:
-        """Push ``msgs``, collect replies until all are in or the round timeout passes.
+    def _exchange(self, msgs: list[Message], *, timeout: float | None = None
+                  ) -> list[tuple[Message, Message | None]]:
+        """Push ``msgs``, collect replies until all are in or ``timeout`` (default: the round
+        timeout) passes.
         Returns (request, reply) for every request; reply None = no (valid) reply. Error
         replies are logged and count as no reply; they are matched to their request through
         ``reply_to_message_id``."""
@@ -227,7 +239,7 @@ class FlowerEngine(Engine):
                         len(msgs))
         got: dict[str, Message] = {}
         pending = set(by_id)
-        timeout = self._timeout()
+        timeout = self._timeout() if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
         waits = _polls()
         while pending:
@@ -397,6 +409,12 @@ def _main(grid: Grid, context: Context) -> None:
     from mmfl.experiment.config import load_config
 
     rc = context.run_config
+    root = logging.getLogger("mmfl")  # the flwr-serverapp process configures no mmfl handler
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
     for key in ("config-file", "out-dir"):
         if not str(rc.get(key, "")):
             raise FlowerError(f"run config: {key} is required (absolute path)")
