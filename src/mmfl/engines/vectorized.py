@@ -23,8 +23,9 @@ How unequal clients are handled (padding + masks, with the idle tail cut off):
 Three implementations of a step:
 
 * Fast path for ``logreg`` and ``mlp`` (Linear-ReLU stacks): forward and backward written by hand
-  with batched matmuls (``torch.bmm`` / ``baddbmm``) over the client dimension, the SGD update
-  fused into the weight-gradient matmul. No autograd.
+  with batched matmuls (``torch.bmm``) over the client dimension; the clients' weights and
+  weight gradients live in scratch buffers the engine reuses across steps and rounds, and the
+  updates are written into the returned tensor directly where the row order allows. No autograd.
 * Fast path for the papers' ``cnn`` (:mod:`mmfl.engines.batched_cnn`): the K clients' convolutions
   as one grouped convolution (``groups = K``), their linear layers as ``baddbmm``, one autograd
   pass over the sum of the clients' losses (the clients share no parameter, so each gets its own
@@ -35,7 +36,9 @@ Three implementations of a step:
   stacked parameters and gradients stay within :data:`STACK_BUDGET` floats.
 
 Per-client state exists only inside :meth:`VectorizedEngine.train`; between rounds the engine
-holds the global flat vectors only (index arrays into the shared dataset, no per-client copies).
+holds the global flat vectors only (index arrays into the shared dataset, no per-client copies)
+and, for the batched-matmul path, its scratch buffers (each at most :data:`SCRATCH_BUDGET`
+floats; their contents are overwritten before use).
 
 :meth:`VectorizedEngine.probe_losses` is the batched LVR probe: the mean training loss of the
 current global model on each client's local data (``Engine.probe_losses`` of the base class is the plain
@@ -70,6 +73,12 @@ STACK_BUDGET = 2**26
 #: Upper bound on the activation floats (batch rows x floats kept per sample) of one step of
 #: the batched CNN path (2**27 floats = 512 MiB); larger groups are cut into client chunks.
 ACTIVATION_BUDGET = 2**27
+
+#: Scratch buffers of the batched-matmul path (the clients' stacked weights, weight gradients and
+#: corrections) of up to this many floats each are kept by the engine and reused in the next
+#: round: a fresh buffer of that size costs a page fault per 4 KiB when first written, which is
+#: a large part of a short round. Larger ones are allocated per round.
+SCRATCH_BUDGET = 2**22
 
 #: Clients trained together have batch lengths ``min(n_i, batch_size)`` within this factor of
 #: each other, so padding rows stay below this factor of the real rows at every full step.
@@ -132,7 +141,9 @@ def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs
         for pos, gen in zip(order.tolist(), rng.streams(seed, "shuffle", keys)):
             ind = indices[pos]
             if len(ind):
-                shuffled.extend(ind[gen.permutation(len(ind))] for _ in range(epochs))
+                # permutation(ind) shuffles a copy of ind with the swaps (and draws) that
+                # permutation(len(ind)) applies to arange: ind[permutation(len(ind))]
+                shuffled.extend(gen.permutation(ind) for _ in range(epochs))
         seg = np.repeat(n_ord, epochs)  # (K * E,) segment lengths
         j = np.arange(int(seg.sum())) - np.repeat(np.cumsum(seg) - seg, seg)
         k_of = np.repeat(np.repeat(np.arange(K), epochs), seg)
@@ -220,6 +231,7 @@ class VectorizedEngine(Engine):
         self._cnn = [cnn_spec(m, tuple(td.dataset.input_shape)) if fast_path else None
                      for m, td in zip(self.models, federation.tasks)]
         self._grad_fns: dict[int, object] = {}
+        self._scratch_bufs: dict[str, torch.Tensor] = {}
         for s, (layers, cnn) in enumerate(zip(self._layers, self._cnn)):
             log.debug("task %d: %s path", s,
                       "batched-matmul" if layers else "grouped-conv" if cnn else "vmap")
@@ -252,19 +264,26 @@ class VectorizedEngine(Engine):
             pos_in_task = np.empty(len(clients), dtype=np.int64)
             pos_in_task[sel] = np.arange(len(sel))
             for part in client_groups(sel, sizes, cfg.batch_size, chunk, max_rows):
+                if self._layers[s] is not None:
+                    # the caller's order within the group: clients with equal step counts then
+                    # keep it in plan.order, and a group of the whole task with equal steps
+                    # writes its updates straight into G (the clients train independently, so
+                    # their order changes no result)
+                    part = np.sort(part)
                 plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
                                   s, cfg.local_epochs, cfg.batch_size, self.seed, round)
                 rows = part[plan.order]
-                corr = (None if corrections is None
-                        else corrections[s][torch.from_numpy(pos_in_task[rows])])
-                if self._layers[s] is not None:
-                    upd, loss_sum = self._train_linear(s, w, plan, cfg.lr, corr)
-                elif cnn is not None:
-                    upd, loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s], plan,
-                                              cfg.lr, corr)
+                dest = torch.from_numpy(pos_in_task[rows])
+                corr = None if corrections is None else corrections[s][dest]
+                if self._layers[s] is not None:  # writes its updates into G's rows dest
+                    loss_sum = self._train_linear(s, w, plan, cfg.lr, corr, G, dest)
                 else:
-                    upd, loss_sum = self._train_generic(s, w, plan, cfg.lr, corr)
-                G.index_copy_(0, torch.from_numpy(pos_in_task[rows]), upd)
+                    if cnn is not None:
+                        upd, loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s],
+                                                  plan, cfg.lr, corr)
+                    else:
+                        upd, loss_sum = self._train_generic(s, w, plan, cfg.lr, corr)
+                    G.index_copy_(0, dest, upd)
                 steps[rows] = plan.steps
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
             # a row sum is finite when the row is (up to overflow, which the exact check sorts out)
@@ -276,9 +295,21 @@ class VectorizedEngine(Engine):
         return TrainOutput(clients=clients, tasks=tasks, updates=updates, train_loss=losses,
                            steps=steps)
 
+    def _scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """An uninitialised float32 buffer of ``shape`` for one use inside a call; buffers of up
+        to :data:`SCRATCH_BUDGET` floats are kept and reused by later calls (one per ``name``,
+        shared by all tasks, grown to the largest size asked for)."""
+        n = int(np.prod(shape))
+        buf = self._scratch_bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32)
+            if n <= SCRATCH_BUDGET:
+                self._scratch_bufs[name] = buf
+        return buf[:n].view(shape)
+
     @torch.no_grad()
     def _train_linear(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
-                      corr: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
+                      corr: torch.Tensor | None, G: torch.Tensor, dest: torch.Tensor) -> np.ndarray:
         """Hand-written batched SGD for Linear(-ReLU-Linear)* + log_softmax models.
 
         Per client k (batch X (b, d0), labels y, weights c = 1/b on real samples):
@@ -288,29 +319,42 @@ class VectorizedEngine(Engine):
         The update is ``W -= lr * dW`` as in the sequential engine, after dz_{l-1} is formed;
         with SCAFFOLD corrections ``corr`` ((K, D) in ``plan.order``) ``W -= lr * (dW + r_W)``.
 
-        Returns:
-            (K, D) updates ``G_k = w - w_k`` of the trained flat parameters w_k (in
-            ``plan.order``) and (K,) summed batch losses.
+        The K clients' weights live in one scratch buffer (W_l stored transposed, (K, in, out),
+        so the forward matmul reads it contiguously), the weight gradients in another; both are
+        reused across steps and rounds, so a short round allocates (and page-faults) little.
+
+        Writes the (K, D) updates ``G_k = w - w_k`` of the trained flat parameters w_k (in
+        ``plan.order``) into rows ``dest`` of ``G`` and returns the (K,) summed batch losses.
         """
         layers = self._layers[s]
         K = len(plan.order)
+        shapes = [tuple(lin.weight.shape) for lin in layers]  # (out, in) per layer
+        D = w.numel()
+        P = self._scratch("weights", (K, D))  # per client: W_1^T, b_1, W_2^T, b_2, ...
+        R = None if corr is None else self._scratch("corrections", (K, D))
         Ws, bs = [], []
         rW: list[torch.Tensor | None] = []
         rb: list[torch.Tensor | None] = []
         off = 0
-        for lin in layers:
-            o, i = lin.weight.shape
-            # stored transposed, (K, in, out): the forward matmul then reads it contiguously
-            Ws.append(w[off:off + o * i].view(o, i).t().expand(K, i, o).contiguous())
-            rW.append(None if corr is None
-                      else corr[:, off:off + o * i].view(K, o, i).transpose(1, 2).contiguous())
+        for o, i in shapes:
+            Wt = P[:, off:off + o * i].view(K, i, o)
+            Wt.copy_(w[off:off + o * i].view(o, i).t().contiguous().expand(K, i, o))
+            Ws.append(Wt)
+            if R is not None:
+                r = R[:, off:off + o * i].view(K, i, o)
+                r.copy_(corr[:, off:off + o * i].view(K, o, i).transpose(1, 2))
+                rW.append(r)
             off += o * i
-            bs.append(w[off:off + o].view(1, o).repeat(K, 1))
+            b = P[:, off:off + o]
+            b.copy_(w[off:off + o].expand(K, o))
+            bs.append(b)
             rb.append(None if corr is None else corr[:, off:off + o])
             off += o
+        dW_buf = self._scratch("weight_grad", (K * max(o * i for o, i in shapes),))
         X = self.train_x[s].reshape(len(self.train_x[s]), -1)
         labels = self.train_y[s][plan.idx].unsqueeze(3)  # (T, K, Bm, 1)
         weights = plan.weight.unsqueeze(3)                # (T, K, Bm, 1)
+        neg_weights = weights.neg()
         loss_acc = torch.zeros(K, dtype=torch.float64)
         L = len(layers)
         Bm = plan.idx.shape[2]
@@ -328,11 +372,13 @@ class VectorizedEngine(Engine):
             logp_y = z.gather(2, y3).sub_(se.log())
             loss_acc[:k] -= logp_y.mul_(c3).sum((1, 2))
             # dz = c * (softmax - onehot(y))
-            dz = e.mul_(c3 / se).scatter_add_(2, y3, c3.neg())
+            dz = e.mul_(c3 / se).scatter_add_(2, y3, neg_weights[t, :k])
             for l in range(L - 1, -1, -1):
                 prev, Wt = acts[l], Ws[l][:k]
+                o, i = shapes[l]
                 dprev = torch.bmm(dz, Wt.transpose(1, 2)) if l > 0 else None
-                dW, db = torch.bmm(prev.transpose(1, 2), dz), dz.sum(1)
+                dW = torch.bmm(prev.transpose(1, 2), dz, out=dW_buf[:k * i * o].view(k, i, o))
+                db = dz.sum(1)
                 if corr is not None:  # SCAFFOLD: g + c - c_i
                     dW.add_(rW[l][:k])
                     db.add_(rb[l][:k])
@@ -340,15 +386,22 @@ class VectorizedEngine(Engine):
                 bs[l][:k].sub_(db.mul_(lr))
                 if l > 0:
                     dz = torch.ops.aten.threshold_backward(dprev, prev, 0)  # relu'
-        G = torch.empty((K, w.numel()), dtype=w.dtype)
+        # G_k = w - w_k, back in (out, in) order: straight into G's rows when they are 0..K-1
+        # in order, otherwise via a scratch (K, D) and one row gather/scatter
+        direct = K == len(G) and bool((dest == torch.arange(K)).all())
+        U = G if direct else self._scratch("updates", (K, D))
         off = 0
-        for Wt, b in zip(Ws, bs):  # G = w - w_k, one pass per tensor, back in (out, in) order
-            _, i, o = Wt.shape
+        for (o, i), Wt, b in zip(shapes, Ws, bs):
             torch.sub(w[off:off + o * i].view(1, o, i), Wt.transpose(1, 2),
-                      out=G[:, off:off + o * i].view(K, o, i))
-            torch.sub(w[off + o * i:off + o * i + o], b, out=G[:, off + o * i:off + o * i + o])
+                      out=U[:, off:off + o * i].view(K, o, i))
+            torch.sub(w[off + o * i:off + o * i + o], b, out=U[:, off + o * i:off + o * i + o])
             off += o * i + o
-        return G, loss_acc.numpy()
+        if not direct:
+            if K == len(G):  # one group holds the task's pairs: G = U[dest^-1]
+                torch.index_select(U, 0, torch.argsort(dest), out=G)
+            else:
+                G.index_copy_(0, dest, U)
+        return loss_acc.numpy()
 
     def _grad_fn(self, s: int):
         """vmap over clients of (grad, value) of the weighted nll of the task's module."""
