@@ -218,7 +218,7 @@ def test_auth_run(tmp_path, reaper):
     assert_no_survivors(out)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_sigint_stops_every_process(tmp_path, reaper):
     """Ctrl-C (SIGINT to `mmfl flower-local`) while the ServerApp runs: exit 130, nothing left,
     logs kept for diagnosis."""
@@ -239,7 +239,7 @@ def test_sigint_stops_every_process(tmp_path, reaper):
     time.sleep(4)  # the ServerApp and SuperNodes are busy now
     assert len(survivors(out)) >= 5  # SuperLink + 3 SuperNodes + superexecs/apps
     p.send_signal(signal.SIGINT)
-    rc, _, stderr = finish(p, timeout=60)
+    rc, _, stderr = finish(p, timeout=180)  # cleanup waits 8 s per stage; slow under load
     assert rc == 130, stderr
     assert "interrupted" in stderr
     assert (out / "flower" / "logs" / "superlink.log").exists()

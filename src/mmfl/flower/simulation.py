@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import tempfile
 import threading
 from typing import Any
@@ -34,6 +35,28 @@ from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
 from mmfl.flower.shards import write_shards
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(stop: threading.Event):
+    """Ctrl-C also sets ``stop``, so the ServerApp's thread ends the run (recorded as
+    interrupted; the runner re-raises KeyboardInterrupt there) even when Flower's or Ray's code
+    in the main thread swallows the KeyboardInterrupt. Only where Python's default handler is
+    in place (the main thread of ``mmfl run``; sweep workers ignore SIGINT on purpose)."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+
+    def on_sigint(signum, frame):
+        stop.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 #: Seconds an interrupted host waits for the ServerApp's thread to record the interruption.
 STOP_WAIT = 60.0
@@ -118,7 +141,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
                 runner.engine_factory = None
                 done.set()
 
-        with _environment(WORKER_ENV), _quiet(verbose):
+        with _environment(WORKER_ENV), _quiet(verbose), _stop_on_sigint(stop):
             try:
                 run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
                                backend_name="ray",
