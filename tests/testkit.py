@@ -85,3 +85,12 @@ def write_file(path: Path, raw: bytes) -> Path:
     else:
         path.write_bytes(raw)
     return path
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: a shell that runs the test
+    suite in the background (``cmd &``) starts it with SIGINT ignored, and the child would
+    inherit that; restore the default so that Python raises KeyboardInterrupt there."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

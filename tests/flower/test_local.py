@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testkit import ROOT
+from testkit import ROOT, default_sigint
 
 pytest.importorskip("flwr")
 
@@ -102,7 +102,8 @@ def start_cli(*args: str) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen([sys.executable, "-m", "mmfl.cli", "flower-local", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=default_sigint)  # noqa: PLW1509 - one signal() call
 
 
 def finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:

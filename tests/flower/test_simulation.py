@@ -186,7 +186,10 @@ def test_ctrl_c_interrupts_the_run_and_it_resumes(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "mmfl.cli", "run", str(cfg), "--out", str(out),
            "--progress", "log"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    from testkit import default_sigint
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=default_sigint)  # noqa: PLW1509 - one signal() call
     try:
         deadline = time.monotonic() + 240
         while not (out / "rounds.csv").exists() or len(_rows(out / "rounds.csv")) < 2:
