@@ -7,14 +7,16 @@ kernel call:
   the inputs are laid out as (B, K * C_in, H, W) (client k's channels at ``k*C_in ...``), the
   weights as (K * C_out, C_in, k, k) and ``groups = K``, so output channels ``k*C_out ...``
   are exactly client k's convolution of its own batch; ReLU and max-pooling act per channel;
-* a ``Linear(F_in, F_out)`` of K clients is one ``torch.baddbmm`` with weights stored
-  transposed, (K, F_in, F_out) (so their gradients are contiguous), and biases (K, F_out).
+* a ``Linear(F_in, F_out)`` of K clients is one ``torch.baddbmm`` with weights (K, F_out, F_in)
+  (the flat vector's own order, so stacking and the updates are contiguous copies) and biases
+  (K, F_out); its backward and SGD step are written by hand, the step fused into one
+  ``baddbmm_`` that never stores the weight gradient.
 
 A step of the K clients minimises the sum of their losses,
 ``L = sum_k sum_j c_{k,j} * nll(f(w_k; x_{k,j}), y_{k,j})`` with ``c_{k,j} = 1 / |batch_k|`` on
 real samples and 0 on padding (the :class:`~mmfl.engines.vectorized.BatchPlan` weights). The
-clients share no parameter, so ``dL / dw_k`` is client k's own batch-mean gradient; autograd
-computes all of them in one backward pass, and every client takes its SGD step
+clients share no parameter, so ``dL / dw_k`` is client k's own batch-mean gradient; one
+autograd pass computes the conv layers' gradients of all clients, and every client takes its SGD step
 ``w_k <- w_k - lr * (dL/dw_k + r_k)`` (ALGORITHMS.md section 2; ``r_k`` the SCAFFOLD correction,
 none for plain SGD), exactly as the sequential engine does one client at a time.
 
@@ -31,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mmfl.engines.batched_ops import linear_sgd_, nll_and_grad_
 from mmfl.tasks.models import CNN
 
 __all__ = ["CNNSpec", "cnn_spec", "train_cnn"]
@@ -87,83 +90,89 @@ def cnn_spec(model: torch.nn.Module, input_shape: tuple[int, ...]) -> CNNSpec | 
 
 def _stack(spec: CNNSpec, v: torch.Tensor) -> list[torch.Tensor]:
     """Per-parameter stacked copies of (K, D) flat client vectors ``v``, in the layout above:
-    conv weights (K*C_out, C_in, kh, kw), conv biases (K*C_out,), fc weights transposed
-    (K, in, out), fc biases (K, out). Always copies (with K = 1 a reshape of ``v`` could be a
-    view of it, and the SGD steps update these tensors in place)."""
+    conv weights (K*C_out, C_in, kh, kw), conv biases (K*C_out,), fc weights (K, out, in), fc
+    biases (K, out); each a contiguous copy (the SGD steps update them in place)."""
     K = v.shape[0]
     out, off = [], 0
     for j, (shape, n) in enumerate(zip(spec.shapes, spec.sizes)):
-        part = v[:, off:off + n]
-        if j < 4:  # conv: client-major channels
-            t = part.reshape(K * shape[0], *shape[1:])
-        elif len(shape) == 2:  # fc weight (out, in) -> (K, in, out): contiguous gradients
-            t = part.reshape(K, *shape).transpose(1, 2)
-        else:
-            t = part.reshape(K, n)
-        out.append(t.clone(memory_format=torch.contiguous_format))
+        t = torch.empty((K, n), dtype=v.dtype)
+        t.copy_(v[:, off:off + n])
+        out.append(t.view(K * shape[0], *shape[1:]) if j < 4 else t.view(K, *shape))
         off += n
     return out
 
 
-def _updates(spec: CNNSpec, w: torch.Tensor, P: list[torch.Tensor]) -> torch.Tensor:
-    """(K, D) updates ``w - w_k`` of the stacked trained parameters ``P`` (one pass each)."""
-    K = P[-1].shape[0]
-    G = torch.empty((K, w.numel()), dtype=w.dtype)
-    off = 0
-    for t, shape, n in zip(P, spec.shapes, spec.sizes):
-        if t.dim() == 3:  # fc weight, stored (K, in, out)
-            torch.sub(w[off:off + n].view(1, *shape), t.transpose(1, 2),
-                      out=G[:, off:off + n].view(K, *shape))
-        else:
-            torch.sub(w[off:off + n], t.view(K, n), out=G[:, off:off + n])
-        off += n
-    return G
-
-
-def _forward(spec: CNNSpec, p: list[torch.Tensor], xb: torch.Tensor, k: int) -> torch.Tensor:
-    """Logits of k clients: ``xb`` (B, k*C_in, H, W) -> (k, B, num_classes)."""
+def _forward_convs(spec: CNNSpec, p: list[torch.Tensor], xb: torch.Tensor,
+                   k: int) -> torch.Tensor:
+    """Flattened conv features of k clients: ``xb`` (B, k*C_in, H, W) -> (k, B, C2*h*w), each
+    client's features in :meth:`CNN.forward`'s flatten order."""
     B = xb.shape[0]
     a = F.max_pool2d(F.relu(F.conv2d(xb, p[0], p[1], padding=spec.paddings[0], groups=k)), 2)
     a = F.max_pool2d(F.relu(F.conv2d(a, p[2], p[3], padding=spec.paddings[1], groups=k)), 2)
-    feats = a.reshape(B, k, -1).transpose(0, 1)  # (k, B, C2*h*w), each client's flatten order
-    hid = F.relu(torch.baddbmm(p[5].unsqueeze(1), feats, p[4]))
-    return torch.baddbmm(p[7].unsqueeze(1), hid, p[6])
+    return a.reshape(B, k, -1).transpose(0, 1)
 
 
 def train_cnn(spec: CNNSpec, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, plan,
-              lr: float, corr: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
+              lr: float, corr: torch.Tensor | None, out: torch.Tensor) -> np.ndarray:
     """SGD of K clients from the global (D,) vector ``w`` along a batch plan.
+
+    A step: the conv layers run forward under autograd up to the features ``f`` (k, B, F);
+    the two linear layers and the loss are done by hand (``h = relu(f W3^T + b3)``,
+    ``z = h W4^T + b4``, ``dz`` from :func:`~mmfl.engines.batched_ops.nll_and_grad_`,
+    ``dh = (dz W4) * [h > 0]``, ``df = dh W3``), each linear layer stepped with one fused
+    ``baddbmm_`` (:func:`~mmfl.engines.batched_ops.linear_sgd_`), then one autograd pass from
+    ``f`` with incoming gradient ``df`` gives the conv gradients, and the conv parameters step.
+    Every gradient is taken at the step's starting parameters, as in the sequential engine.
 
     Args:
         X, Y: the task's train inputs (n, C, H, W) float32 and labels (n,) int64.
         plan: a :class:`~mmfl.engines.vectorized.BatchPlan` of K clients (``idx``/``weight``
             (T, K, Bm); the first ``plan.active[t]`` clients take step t).
         corr: (K, D) SCAFFOLD corrections in ``plan.order``, or None.
+        out: (K, D) float32 tensor (may be a row block of a larger one) that receives the
+            updates ``G_k = w - w_k`` in ``plan.order``.
 
     Returns:
-        (K, D) updates ``G_k = w - w_k`` (in ``plan.order``) and (K,) summed batch losses.
+        (K,) summed batch losses (float64) in ``plan.order``.
     """
     K = len(plan.order)
-    P = _stack(spec, w.detach().unsqueeze(0).expand(K, -1))
+    w = w.detach()
+    P = _stack(spec, w.unsqueeze(0).expand(K, -1))
     R = None if corr is None else _stack(spec, corr)
     shape = tuple(X.shape[1:])
     Bm = plan.idx.shape[2]
     labels = Y[plan.idx].unsqueeze(3)  # (T, K, Bm, 1)
+    weights = plan.weight.unsqueeze(3)  # (T, K, Bm, 1)
+    neg_weights = weights.neg()
     loss_acc = torch.zeros(K, dtype=torch.float64)
     for t, k in enumerate(plan.active):
         # client k's rows of the stacked tensors are a prefix of length k (* C_out for convs)
         rows = [k * s[0] if j < 4 else k for j, s in enumerate(spec.shapes)]
-        leaves = [v[:r].detach().requires_grad_() for v, r in zip(P, rows)]
+        leaves = [v[:r].detach().requires_grad_() for v, r in zip(P[:4], rows)]
         xb = X.index_select(0, plan.idx[t, :k].reshape(-1)).view(k, Bm, *shape)
         xb = xb.transpose(0, 1).reshape(Bm, k * shape[0], *shape[1:])
         with torch.enable_grad():
-            logp = torch.log_softmax(_forward(spec, leaves, xb, k), dim=2)
-            per_client = -(logp.gather(2, labels[t, :k]).squeeze(2) * plan.weight[t, :k]).sum(1)
-            grads = torch.autograd.grad(per_client.sum(), leaves)
+            feats = _forward_convs(spec, leaves, xb, k)
         with torch.no_grad():
-            for j, (v, g) in enumerate(zip(P, grads)):
+            f = feats.detach()
+            W3, b3, W4, b4 = (v[:k] for v in P[4:])
+            h = torch.baddbmm(b3.unsqueeze(1), f, W3.transpose(1, 2)).relu_()
+            z = torch.baddbmm(b4.unsqueeze(1), h, W4.transpose(1, 2))
+            loss, dz = nll_and_grad_(z, labels[t, :k], weights[t, :k], neg_weights[t, :k])
+            dh = torch.ops.aten.threshold_backward(torch.bmm(dz, W4), h, 0)
+            df = torch.bmm(dh, W3)
+            r = [None] * 4 if R is None else [v[:k] for v in R[4:]]
+            linear_sgd_(W4, b4, dz, h, lr, r[2], r[3])
+            linear_sgd_(W3, b3, dh, f, lr, r[0], r[1])
+        grads = torch.autograd.grad(feats, leaves, grad_outputs=df)
+        with torch.no_grad():
+            for j, g in enumerate(grads):
                 if R is not None:  # SCAFFOLD: g + c - c_i
                     g = g + R[j][:rows[j]]
-                v[:rows[j]].sub_(g.mul_(lr))  # g is a fresh tensor: scale it in place
-            loss_acc[:k] += per_client.detach()
-    return _updates(spec, w.detach(), P), loss_acc.numpy()
+                P[j][:rows[j]].sub_(g.mul_(lr))  # g is a fresh tensor: scale it in place
+            loss_acc[:k] += loss
+    off = 0
+    for t, n in zip(P, spec.sizes):
+        torch.sub(w[off:off + n], t.view(K, n), out=out[:, off:off + n])
+        off += n
+    return loss_acc.numpy()

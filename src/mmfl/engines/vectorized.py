@@ -27,9 +27,10 @@ Three implementations of a step:
   weight gradients live in scratch buffers the engine reuses across steps and rounds, and the
   updates are written into the returned tensor directly where the row order allows. No autograd.
 * Fast path for the papers' ``cnn`` (:mod:`mmfl.engines.batched_cnn`): the K clients' convolutions
-  as one grouped convolution (``groups = K``), their linear layers as ``baddbmm``, one autograd
-  pass over the sum of the clients' losses (the clients share no parameter, so each gets its own
-  gradient). Client chunks keep the activations within :data:`ACTIVATION_BUDGET` floats.
+  as one grouped convolution (``groups = K``) with one autograd pass for their gradients (the
+  clients share no parameter, so each gets its own), their linear layers as ``baddbmm`` with a
+  hand-written backward and a fused SGD step. Client chunks keep the activations within
+  :data:`ACTIVATION_BUDGET` floats.
 * Generic path for any other model (``lstm``, user models): ``torch.func.vmap`` over
   ``grad_and_value`` of a ``functional_call`` of the task's module, with the clients' stacked
   parameters as the vmapped argument. Large models are processed in client chunks so the
@@ -59,6 +60,7 @@ from torch.nn.utils import vector_to_parameters
 from mmfl import rng
 from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_corrections, check_finite
 from mmfl.engines.batched_cnn import cnn_spec, train_cnn
+from mmfl.engines.batched_ops import nll_and_grad_
 from mmfl.registry import register
 from mmfl.tasks.models import MLP, LogReg
 
@@ -264,26 +266,26 @@ class VectorizedEngine(Engine):
             pos_in_task = np.empty(len(clients), dtype=np.int64)
             pos_in_task[sel] = np.arange(len(sel))
             for part in client_groups(sel, sizes, cfg.batch_size, chunk, max_rows):
-                if self._layers[s] is not None:
-                    # the caller's order within the group: clients with equal step counts then
-                    # keep it in plan.order, and a group of the whole task with equal steps
-                    # writes its updates straight into G (the clients train independently, so
-                    # their order changes no result)
-                    part = np.sort(part)
+                # the caller's order within the group: clients with equal step counts then keep
+                # it in plan.order, and a group whose rows of G are consecutive gets its updates
+                # written straight into them (the clients train independently, so their order
+                # changes no result)
+                part = np.sort(part)
                 plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
                                   s, cfg.local_epochs, cfg.batch_size, self.seed, round)
                 rows = part[plan.order]
-                dest = torch.from_numpy(pos_in_task[rows])
-                corr = None if corrections is None else corrections[s][dest]
-                if self._layers[s] is not None:  # writes its updates into G's rows dest
-                    loss_sum = self._train_linear(s, w, plan, cfg.lr, corr, G, dest)
+                dest = pos_in_task[rows]
+                corr = None if corrections is None else corrections[s][torch.from_numpy(dest)]
+                U, direct = self._rows_of(G, dest)
+                if self._layers[s] is not None:
+                    loss_sum = self._train_linear(s, w, plan, cfg.lr, corr, U)
+                elif cnn is not None:
+                    loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s], plan,
+                                         cfg.lr, corr, U)
                 else:
-                    if cnn is not None:
-                        upd, loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s],
-                                                  plan, cfg.lr, corr)
-                    else:
-                        upd, loss_sum = self._train_generic(s, w, plan, cfg.lr, corr)
-                    G.index_copy_(0, dest, upd)
+                    loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U)
+                if not direct:
+                    G.index_copy_(0, torch.from_numpy(dest), U)
                 steps[rows] = plan.steps
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
             # a row sum is finite when the row is (up to overflow, which the exact check sorts out)
@@ -307,9 +309,19 @@ class VectorizedEngine(Engine):
                 self._scratch_bufs[name] = buf
         return buf[:n].view(shape)
 
+    def _rows_of(self, G: torch.Tensor, dest: np.ndarray) -> tuple[torch.Tensor, bool]:
+        """Where a group's (K, D) updates are written, and whether that is ``G`` itself: rows
+        ``dest`` of ``G`` when they are consecutive and ascending, else a scratch buffer the
+        caller copies into them."""
+        K = len(dest)
+        a = int(dest[0])
+        if bool((dest == np.arange(a, a + K)).all()):
+            return G[a:a + K], True
+        return self._scratch("updates", (K, G.shape[1])), False
+
     @torch.no_grad()
     def _train_linear(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
-                      corr: torch.Tensor | None, G: torch.Tensor, dest: torch.Tensor) -> np.ndarray:
+                      corr: torch.Tensor | None, out: torch.Tensor) -> np.ndarray:
         """Hand-written batched SGD for Linear(-ReLU-Linear)* + log_softmax models.
 
         Per client k (batch X (b, d0), labels y, weights c = 1/b on real samples):
@@ -324,7 +336,7 @@ class VectorizedEngine(Engine):
         reused across steps and rounds, so a short round allocates (and page-faults) little.
 
         Writes the (K, D) updates ``G_k = w - w_k`` of the trained flat parameters w_k (in
-        ``plan.order``) into rows ``dest`` of ``G`` and returns the (K,) summed batch losses.
+        ``plan.order``) into ``out`` and returns the (K,) summed batch losses.
         """
         layers = self._layers[s]
         K = len(plan.order)
@@ -364,15 +376,8 @@ class VectorizedEngine(Engine):
             for l in range(L):
                 z = torch.bmm(acts[-1], Ws[l][:k]).add_(bs[l][:k].unsqueeze(1))
                 acts.append(torch.relu_(z) if l + 1 < L else z)
-            # log_softmax by hand (torch's kernel is slow for a short last dim on CPU):
-            # logp = z - m - log(sum exp(z - m)); only logp[y] and softmax are needed
-            z.sub_(z.amax(2, keepdim=True))
-            e = z.exp()
-            se = e.sum(2, keepdim=True)
-            logp_y = z.gather(2, y3).sub_(se.log())
-            loss_acc[:k] -= logp_y.mul_(c3).sum((1, 2))
-            # dz = c * (softmax - onehot(y))
-            dz = e.mul_(c3 / se).scatter_add_(2, y3, neg_weights[t, :k])
+            loss, dz = nll_and_grad_(z, y3, c3, neg_weights[t, :k])
+            loss_acc[:k] += loss
             for l in range(L - 1, -1, -1):
                 prev, Wt = acts[l], Ws[l][:k]
                 o, i = shapes[l]
@@ -386,21 +391,13 @@ class VectorizedEngine(Engine):
                 bs[l][:k].sub_(db.mul_(lr))
                 if l > 0:
                     dz = torch.ops.aten.threshold_backward(dprev, prev, 0)  # relu'
-        # G_k = w - w_k, back in (out, in) order: straight into G's rows when they are 0..K-1
-        # in order, otherwise via a scratch (K, D) and one row gather/scatter
-        direct = K == len(G) and bool((dest == torch.arange(K)).all())
-        U = G if direct else self._scratch("updates", (K, D))
+        # G_k = w - w_k, back in (out, in) order
         off = 0
         for (o, i), Wt, b in zip(shapes, Ws, bs):
             torch.sub(w[off:off + o * i].view(1, o, i), Wt.transpose(1, 2),
-                      out=U[:, off:off + o * i].view(K, o, i))
-            torch.sub(w[off + o * i:off + o * i + o], b, out=U[:, off + o * i:off + o * i + o])
+                      out=out[:, off:off + o * i].view(K, o, i))
+            torch.sub(w[off + o * i:off + o * i + o], b, out=out[:, off + o * i:off + o * i + o])
             off += o * i + o
-        if not direct:
-            if K == len(G):  # one group holds the task's pairs: G = U[dest^-1]
-                torch.index_select(U, 0, torch.argsort(dest), out=G)
-            else:
-                G.index_copy_(0, dest, U)
         return loss_acc.numpy()
 
     def _grad_fn(self, s: int):
@@ -418,7 +415,7 @@ class VectorizedEngine(Engine):
         return self._grad_fns[s]
 
     def _train_generic(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
-                       corr: torch.Tensor | None = None) -> tuple[torch.Tensor, np.ndarray]:
+                       corr: torch.Tensor | None, out: torch.Tensor) -> np.ndarray:
         """vmap(grad(functional_call)) SGD for any model; same arguments and returns as
         :meth:`_train_linear`."""
         model = self.models[s]
@@ -450,8 +447,12 @@ class VectorizedEngine(Engine):
                     v[:k].sub_(lr * gn)
                 loss_acc[:k] += value
         with torch.no_grad():
-            new = torch.cat([v.reshape(K, -1) for v in P.values()], dim=1)
-        return torch.sub(w, new, out=new), loss_acc.numpy()
+            off = 0
+            for v in P.values():
+                n = v[0].numel()
+                torch.sub(w[off:off + n], v.reshape(K, n), out=out[:, off:off + n])
+                off += n
+        return loss_acc.numpy()
 
     # -- the LVR probe -----------------------------------------------------------------------
     @torch.no_grad()
