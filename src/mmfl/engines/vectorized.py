@@ -139,20 +139,22 @@ def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs
     if T:
         keys = np.stack([np.full(K, round), np.asarray(clients, np.int64)[order],
                          np.full(K, task)], axis=1)
-        shuffled = []  # (client in order, epoch) segments of permuted sample indices
-        for pos, gen in zip(order.tolist(), rng.streams(seed, "shuffle", keys)):
-            ind = indices[pos]
-            if len(ind):
-                # permutation(ind) shuffles a copy of ind with the swaps (and draws) that
-                # permutation(len(ind)) applies to arange: ind[permutation(len(ind))]
-                shuffled.extend(gen.permutation(ind) for _ in range(epochs))
+        # (client in order, epoch) segments of sample indices, each shuffled in place with the
+        # draws local_batches' permutation(ind) makes (a shuffle of a copy of ind)
         seg = np.repeat(n_ord, epochs)  # (K * E,) segment lengths
+        shuffled = np.concatenate([indices[pos] for pos in order.tolist()
+                                   for _ in range(epochs)]).astype(np.int64, copy=False)
+        ends, lens = np.cumsum(seg).tolist(), seg.tolist()
+        for k, gen in enumerate(rng.streams(seed, "shuffle", keys)):
+            for e in range(k * epochs, (k + 1) * epochs):
+                if lens[e]:
+                    gen.shuffle(shuffled[ends[e] - lens[e]:ends[e]])
         j = np.arange(int(seg.sum())) - np.repeat(np.cumsum(seg) - seg, seg)
         k_of = np.repeat(np.repeat(np.arange(K), epochs), seg)
         e_of = np.repeat(np.tile(np.arange(epochs), K), seg)
         full = j // batch_size
         where = (e_of * per_epoch[order][k_of] + full, k_of, j % batch_size)
-        idx[where] = np.concatenate(shuffled)
+        idx[where] = shuffled
         # the mean over a batch of b samples: weight 1/b each (float32, like nll_loss's mean)
         blen = np.minimum(batch_size, n_ord[k_of] - full * batch_size)
         weight[where] = np.float32(1.0) / blen.astype(np.float32)
