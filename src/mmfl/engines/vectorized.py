@@ -333,9 +333,13 @@ class VectorizedEngine(Engine):
         The update is ``W -= lr * dW`` as in the sequential engine, after dz_{l-1} is formed;
         with SCAFFOLD corrections ``corr`` ((K, D) in ``plan.order``) ``W -= lr * (dW + r_W)``.
 
-        The K clients' weights live in one scratch buffer (W_l stored transposed, (K, in, out),
-        so the forward matmul reads it contiguously), the weight gradients in another; both are
-        reused across steps and rounds, so a short round allocates (and page-faults) little.
+        The K clients' flat parameter vectors are the rows of one (K, D) scratch buffer, so each
+        W_l is a (K, out, in) view in the flat vector's own order (stacking is one broadcast
+        copy and the updates one subtraction; batched matmuls read the views transposed where
+        needed, which costs nothing); the weight gradients live in another buffer. Both are
+        reused across steps and rounds, so a short round allocates (and page-faults) little. At
+        step 0 every client still holds ``w``, so the matmuls with W_l there are one ``mm`` of
+        all clients' rows.
 
         Writes the (K, D) updates ``G_k = w - w_k`` of the trained flat parameters w_k (in
         ``plan.order``) into ``out`` and returns the (K,) summed batch losses.
@@ -343,27 +347,17 @@ class VectorizedEngine(Engine):
         layers = self._layers[s]
         K = len(plan.order)
         shapes = [tuple(lin.weight.shape) for lin in layers]  # (out, in) per layer
-        D = w.numel()
-        P = self._scratch("weights", (K, D))  # per client: W_1^T, b_1, W_2^T, b_2, ...
-        R = None if corr is None else self._scratch("corrections", (K, D))
-        Ws, bs = [], []
-        rW: list[torch.Tensor | None] = []
-        rb: list[torch.Tensor | None] = []
+        P = self._scratch("weights", (K, w.numel()))  # row k: client k's flat vector
+        P.copy_(w.expand_as(P))
+        Ws, bs, rW, rb = [], [], [], []
         off = 0
         for o, i in shapes:
-            Wt = P[:, off:off + o * i].view(K, i, o)
-            Wt.copy_(w[off:off + o * i].view(o, i).t().contiguous().expand(K, i, o))
-            Ws.append(Wt)
-            if R is not None:
-                r = R[:, off:off + o * i].view(K, i, o)
-                r.copy_(corr[:, off:off + o * i].view(K, o, i).transpose(1, 2))
-                rW.append(r)
-            off += o * i
-            b = P[:, off:off + o]
-            b.copy_(w[off:off + o].expand(K, o))
-            bs.append(b)
-            rb.append(None if corr is None else corr[:, off:off + o])
-            off += o
+            Ws.append(P[:, off:off + o * i].view(K, o, i))
+            bs.append(P[:, off + o * i:off + o * i + o])
+            if corr is not None:
+                rW.append(corr[:, off:off + o * i].view(K, o, i))
+                rb.append(corr[:, off + o * i:off + o * i + o])
+            off += o * i + o
         dW_buf = self._scratch("weight_grad", (K * max(o * i for o, i in shapes),))
         X = self.train_x[s].reshape(len(self.train_x[s]), -1)
         labels = self.train_y[s][plan.idx].unsqueeze(3)  # (T, K, Bm, 1)
@@ -373,33 +367,34 @@ class VectorizedEngine(Engine):
         L = len(layers)
         Bm = plan.idx.shape[2]
         for t, k in enumerate(plan.active):
-            y3, c3 = labels[t, :k], weights[t, :k]
             acts = [X.index_select(0, plan.idx[t, :k].reshape(-1)).view(k, Bm, X.shape[1])]
             for l in range(L):
-                z = torch.bmm(acts[-1], Ws[l][:k]).add_(bs[l][:k].unsqueeze(1))
+                a, W = acts[-1], Ws[l]
+                if t == 0:  # every client still holds w: one matmul of all rows
+                    z = torch.mm(a.view(k * Bm, -1), W[0].t()).view(k, Bm, -1)
+                else:
+                    z = torch.bmm(a, W[:k].transpose(1, 2))
+                z.add_(bs[l][:k].unsqueeze(1))
                 acts.append(torch.relu_(z) if l + 1 < L else z)
-            loss, dz = nll_and_grad_(z, y3, c3, neg_weights[t, :k])
+            loss, dz = nll_and_grad_(z, labels[t, :k], weights[t, :k], neg_weights[t, :k])
             loss_acc[:k] += loss
             for l in range(L - 1, -1, -1):
-                prev, Wt = acts[l], Ws[l][:k]
+                prev, W = acts[l], Ws[l][:k]
                 o, i = shapes[l]
-                dprev = torch.bmm(dz, Wt.transpose(1, 2)) if l > 0 else None
-                dW = torch.bmm(prev.transpose(1, 2), dz, out=dW_buf[:k * i * o].view(k, i, o))
+                dprev = None
+                if l > 0:  # dz_l W_l, before W_l steps
+                    dprev = (torch.mm(dz.view(k * Bm, o), W[0]).view(k, Bm, i) if t == 0
+                             else torch.bmm(dz, W))
+                dW = torch.bmm(dz.transpose(1, 2), prev, out=dW_buf[:k * o * i].view(k, o, i))
                 db = dz.sum(1)
                 if corr is not None:  # SCAFFOLD: g + c - c_i
                     dW.add_(rW[l][:k])
                     db.add_(rb[l][:k])
-                Wt.sub_(dW.mul_(lr))
+                W.sub_(dW.mul_(lr))
                 bs[l][:k].sub_(db.mul_(lr))
                 if l > 0:
                     dz = torch.ops.aten.threshold_backward(dprev, prev, 0)  # relu'
-        # G_k = w - w_k, back in (out, in) order
-        off = 0
-        for (o, i), Wt, b in zip(shapes, Ws, bs):
-            torch.sub(w[off:off + o * i].view(1, o, i), Wt.transpose(1, 2),
-                      out=out[:, off:off + o * i].view(K, o, i))
-            torch.sub(w[off + o * i:off + o * i + o], b, out=out[:, off + o * i:off + o * i + o])
-            off += o * i + o
+        torch.sub(w, P, out=out)  # G_k = w - w_k
         return loss_acc.numpy()
 
     def _grad_fn(self, s: int):
