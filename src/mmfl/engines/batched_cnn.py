@@ -58,6 +58,11 @@ class CNNSpec:
     def sizes(self) -> list[int]:
         return [math.prod(s) for s in self.shapes]
 
+    @property
+    def conv_floats(self) -> int:
+        """Parameters of the two conv layers (one client)."""
+        return sum(self.sizes[:4])
+
 
 def cnn_spec(model: torch.nn.Module, input_shape: tuple[int, ...]) -> CNNSpec | None:
     """The :class:`CNNSpec` of ``model`` if it is exactly the built-in CNN, else None.
