@@ -188,6 +188,17 @@ def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fo
         return
 
 
+def poll_until(done: Callable[[], bool], *, every: float, timeout: float | None,
+               expired: Callable[[], Exception]) -> None:
+    """Call ``done()`` every ``every`` seconds until it returns True; raise ``expired()`` once
+    ``timeout`` seconds (None: no limit) have passed. ``done`` may raise to stop early."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not done():
+        if deadline is not None and time.monotonic() > deadline:
+            raise expired()
+        time.sleep(every)
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -320,6 +331,7 @@ class LocalDeployment:
         self._submitted_at = float("inf")
         self._times: dict[str, float] = {}
         self._old_handlers: dict[int, Any] = {}
+        self._status_at = 0.0  # monotonic time of the last `flwr ls`
 
     # -- context manager: always stop ---------------------------------------------------------
     def __enter__(self) -> Self:
@@ -513,19 +525,21 @@ class LocalDeployment:
         return _Proc("superlink", argv, self.dir / "superlink", self.logs / "superlink.log", env)
 
     def _wait_port(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
         probe = self.address.rsplit(":", 1)[0].strip("[]")
-        while not port_open(probe, self.port):
+
+        def serving() -> bool:
+            if port_open(probe, self.port):
+                return True
             if not self.superlink.alive:
                 raise FlowerRunError(
                     f"flower-superlink exited with status {self.superlink.popen.returncode} "
                     f"before serving port {self.port}; see {self.superlink.log}",
                     _tail(self.superlink.log))
-            if time.monotonic() > deadline:
-                raise FlowerRunError(f"flower-superlink did not open port {self.port} within "
-                                     f"{timeout:.0f}s; see {self.superlink.log}",
-                                     _tail(self.superlink.log))
-            time.sleep(0.2)
+            return False
+
+        poll_until(serving, every=0.2, timeout=timeout, expired=lambda: FlowerRunError(
+            f"flower-superlink did not open port {self.port} within {timeout:.0f}s; see "
+            f"{self.superlink.log}", _tail(self.superlink.log)))
 
     def _node_proc(self, i: int) -> _Proc:
         used = {self.port} | {self._node_port(p) for p in self.nodes if p is not None}
@@ -716,23 +730,19 @@ class LocalDeployment:
                                          time.perf_counter() - self._t_submit))
             return max(seen, len(rows))
 
-        last_status = 0.0
-        t0 = time.monotonic()
-        while True:
+        self._status_at = -float("inf")  # ask at once
+
+        def finished() -> bool:
+            nonlocal seen
             seen = report()
             self._check_processes()
             # `flwr ls` costs a Python start-up: ask every status_every seconds (to notice a
             # failure), and at once when summary.json says the experiment is over
             ended = self._summary_status() not in (None, "running")
-            if ended or time.monotonic() - last_status >= status_every:
-                last_status = time.monotonic()
-                self.status = self.run_status()
-                if self.status.startswith("finished"):
-                    break
-            if timeout is not None and time.monotonic() - t0 > timeout:
-                raise FlowerRunError(f"run {self.run_id} did not finish within {timeout:.0f}s "
-                                     f"(status {self.status})")
-            time.sleep(poll)
+            return self._finished(status_every, now=ended)
+
+        poll_until(finished, every=poll, timeout=timeout, expired=lambda: FlowerRunError(
+            f"run {self.run_id} did not finish within {timeout:.0f}s (status {self.status})"))
         seen = report()  # rows written between the last look and the end of the run
         self._times["run_s"] = time.perf_counter() - self._t_submit
         self._save_state()
@@ -751,19 +761,27 @@ class LocalDeployment:
 
     def wait_round(self, r: int, timeout: float = 300.0) -> None:
         """Block until ``rounds.csv`` holds round ``r`` (for fault injection in tests)."""
-        deadline = time.monotonic() + timeout
-        last_status = time.monotonic()
-        while len(self.rounds_done()) < r:
+        self._status_at = time.monotonic()
+
+        def reached() -> bool:
+            if len(self.rounds_done()) >= r:
+                return True
             self._check_processes()
-            if time.monotonic() - last_status > 4.0:
-                last_status = time.monotonic()
-                self.status = self.run_status()
-                if self.status.startswith("finished"):
-                    raise FlowerRunError(f"Flower run {self.run_id} ended {self.status} before "
-                                         f"round {r}", _server_traceback(self.server_log()))
-            if time.monotonic() > deadline:
-                raise FlowerRunError(f"round {r} not finished within {timeout:.0f}s")
-            time.sleep(0.3)
+            if self._finished(4.0):
+                raise FlowerRunError(f"Flower run {self.run_id} ended {self.status} before "
+                                     f"round {r}", _server_traceback(self.server_log()))
+            return False
+
+        poll_until(reached, every=0.3, timeout=timeout, expired=lambda: FlowerRunError(
+            f"round {r} not finished within {timeout:.0f}s"))
+
+    def _finished(self, every: float, *, now: bool = False) -> bool:
+        """Whether Flower reports the run finished; ``self.status`` is refreshed with
+        ``flwr ls`` only when ``every`` seconds have passed since the last look, or ``now``."""
+        if now or time.monotonic() - self._status_at >= every:
+            self._status_at = time.monotonic()
+            self.status = self.run_status()
+        return self.status is not None and self.status.startswith("finished")
 
     def run(self, *, progress: Callable[[RunProgress], None] | None = None,
             timeout: float | None = None) -> dict[str, Any]:
