@@ -293,6 +293,8 @@ def part_paper(models: list[str], samplers: list[str], cnn_train: int, cnn_pairs
             label = f"{ts}/task" if ts else "full"
             print(f"{model:<5} {sampler:<7} {label:>10} {mean:>8.2f}  {secs}")
             sys.stdout.flush()
+    if passes <= 0:
+        return
     print("\n   gvr full computation (all 600 pairs, E=5; cnn: --cnn-pairs random pairs of task 0) "
           "vs centralized loop of one model, per-step batch = sum_i min(500, n_i) over one "
           "task's (listed) clients")
@@ -329,7 +331,8 @@ def main(argv=None) -> int:
                          "all 600 pairs per round: with --cnn-train 6000 about 150,000 CNN "
                          "sample-steps, minutes per round on a CPU)")
     ap.add_argument("--passes", type=int, default=2,
-                    help="paper throughput: alternating vec/central passes (best of each)")
+                    help="paper throughput: alternating vec/central passes (best of each; "
+                         "0 = skip the throughput table)")
     ap.add_argument("--profile-dir", default=None, help="scale: write cProfile stats per N here")
     ap.add_argument("--child-scale", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
