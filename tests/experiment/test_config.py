@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from mmfl.errors import ConfigError, ConfigFileError
@@ -24,7 +26,7 @@ def test_valid_config_resolves_defaults_and_is_frozen(tiny_config):
     assert cfg.tasks[1].dataset_options["num_samples"] == 1200
     assert cfg.tasks[1].dataset_options["test_fraction"] == 0.2  # default filled
     assert cfg.tasks[0].partition.options["class_ratio"] == 0.3
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.rounds = 5  # frozen
 
 

@@ -24,7 +24,7 @@ def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
         f"clients N = {pop.num_clients}; processors P = {pop.num_processors} "
         f"(B_i: {', '.join(f'{v} x{c}' for v, c in zip(cap_vals, cap_counts))}); "
         f"budget m = {fed.budget} updates per round; availability {cfg.clients.availability:g}",
-        f"tasks per client: "
+        "tasks per client: "
         + ", ".join(f"{k}: {c}" for k, c in zip(*np.unique(pop.holds.sum(1), return_counts=True))),
     ]
     for s, td in enumerate(fed.tasks):

@@ -81,9 +81,7 @@ def dumps(doc: dict[str, Any], _prefix: str = "") -> str:
     lines: list[str] = []
     tables: list[tuple[str, Any]] = []
     for k, v in doc.items():
-        if isinstance(v, dict) and not _inline(v):
-            tables.append((k, v))
-        elif _is_table_array(v):
+        if (isinstance(v, dict) and not _inline(v)) or _is_table_array(v):
             tables.append((k, v))
         else:
             lines.append(f"{_key(k)} = {_scalar(v)}")

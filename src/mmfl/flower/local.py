@@ -612,7 +612,8 @@ class LocalDeployment:
                                capture_output=True, text=True, timeout=timeout,
                                start_new_session=True)
         except subprocess.TimeoutExpired:
-            raise FlowerRunError(f"`flwr {' '.join(args)}` did not answer within {timeout:.0f}s")
+            raise FlowerRunError(
+                f"`flwr {' '.join(args)}` did not answer within {timeout:.0f}s") from None
         with contextlib.suppress(OSError), open(self.logs / f"{log_name}.log", "a") as f:
             f.write(f"$ flwr {' '.join(args)}  (exit {r.returncode})\n{r.stdout}{r.stderr}\n")
         if check and r.returncode != 0:
