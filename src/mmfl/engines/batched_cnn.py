@@ -16,9 +16,10 @@ A step of the K clients minimises the sum of their losses,
 ``L = sum_k sum_j c_{k,j} * nll(f(w_k; x_{k,j}), y_{k,j})`` with ``c_{k,j} = 1 / |batch_k|`` on
 real samples and 0 on padding (the :class:`~mmfl.engines.vectorized.BatchPlan` weights). The
 clients share no parameter, so ``dL / dw_k`` is client k's own batch-mean gradient; one
-autograd pass computes the conv layers' gradients of all clients, and every client takes its SGD step
-``w_k <- w_k - lr * (dL/dw_k + r_k)`` (ALGORITHMS.md section 2; ``r_k`` the SCAFFOLD correction,
-none for plain SGD), exactly as the sequential engine does one client at a time.
+autograd pass computes the conv layers' gradients of all clients, and every client takes its
+SGD step ``w_k <- w_k - lr * (dL/dw_k + r_k)`` (ALGORITHMS.md section 2; ``r_k`` the
+SCAFFOLD correction, none for plain SGD), exactly as the sequential engine does one client at a
+time.
 
 Only the built-in CNN class qualifies (:func:`cnn_spec`); any other model goes through the
 generic ``torch.func`` path of the vectorized engine.
@@ -33,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmfl.engines.batched_ops import linear_sgd_, nll_and_grad_
+from mmfl.engines.batched_ops import linear_sgd_, nll_and_grad_, write_updates
 from mmfl.tasks.models import CNN
 
 __all__ = ["CNNSpec", "cnn_spec", "train_cnn"]
@@ -176,8 +177,5 @@ def train_cnn(spec: CNNSpec, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, 
                     g = g + R[j][:rows[j]]
                 P[j][:rows[j]].sub_(g.mul_(lr))  # g is a fresh tensor: scale it in place
             loss_acc[:k] += loss
-    off = 0
-    for t, n in zip(P, spec.sizes):
-        torch.sub(w[off:off + n], t.view(K, n), out=out[:, off:off + n])
-        off += n
+    write_updates(out, w, P)
     return loss_acc.numpy()

@@ -3,14 +3,15 @@
 Both hand-written paths of the vectorized engine (the ``mlp``/``logreg`` batched matmuls and the
 papers' ``cnn``) end a forward pass in K clients' logits and need the weighted negative
 log-likelihood and its gradient with respect to those logits; the CNN path also steps its linear
-layers with one fused batched matmul.
+layers with one fused batched matmul. The CNN and the generic ``torch.func`` path keep one stacked
+tensor per parameter and write the clients' updates from them with :func:`write_updates`.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["linear_sgd_", "nll_and_grad_"]
+__all__ = ["linear_sgd_", "nll_and_grad_", "write_updates"]
 
 
 def nll_and_grad_(z: torch.Tensor, y: torch.Tensor, c: torch.Tensor,
@@ -59,3 +60,21 @@ def linear_sgd_(W: torch.Tensor, b: torch.Tensor, dz: torch.Tensor, a: torch.Ten
         W.sub_(rW, alpha=lr)
         db.add_(rb)
     b.sub_(db, alpha=lr)
+
+
+def write_updates(out: torch.Tensor, w: torch.Tensor, stacked) -> None:
+    """``out[k] = w - w_k`` from per-parameter stacked trained parameters.
+
+    Args:
+        out: (K, D) float32 destination (may be a row block of a larger tensor).
+        w: (D,) the global flat vector the clients started from.
+        stacked: per parameter, in flat-vector order, a contiguous tensor holding K clients'
+            copies client-major (any shape of K * n_j elements, e.g. (K, *shape) or a grouped
+            conv weight (K * C_out, C_in, kh, kw)).
+    """
+    K = out.shape[0]
+    off = 0
+    for t in stacked:
+        n = t.numel() // K
+        torch.sub(w[off:off + n], t.view(K, n), out=out[:, off:off + n])
+        off += n

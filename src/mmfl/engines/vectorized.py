@@ -39,8 +39,8 @@ Three implementations of a step:
 
 Per-client state exists only inside :meth:`VectorizedEngine.train`; between rounds the engine
 holds the global flat vectors only (index arrays into the shared dataset, no per-client copies)
-and, for the batched-matmul path, its scratch buffers (each at most :data:`SCRATCH_BUDGET`
-floats; their contents are overwritten before use).
+and its scratch buffers (each at most :data:`SCRATCH_BUDGET` floats; their contents are
+overwritten before use).
 
 :meth:`VectorizedEngine.probe_losses` is the batched LVR probe: the mean training loss of the
 current global model on each client's local data (``Engine.probe_losses`` of the base class is the plain
@@ -61,7 +61,7 @@ from torch.nn.utils import vector_to_parameters
 from mmfl import rng
 from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_corrections, check_finite
 from mmfl.engines.batched_cnn import cnn_spec, train_cnn
-from mmfl.engines.batched_ops import nll_and_grad_
+from mmfl.engines.batched_ops import nll_and_grad_, write_updates
 from mmfl.registry import register
 from mmfl.tasks.models import MLP, LogReg
 
@@ -85,9 +85,9 @@ ACTIVATION_BUDGET = 2**27
 #: calls of 4), on the 2-core development VM with 32 MiB of L3.
 CNN_CACHE_BUDGET = 2**22
 
-#: Scratch buffers of the batched-matmul path (the clients' stacked weights, weight gradients and
-#: corrections) of up to this many floats each are kept by the engine and reused in the next
-#: round: a fresh buffer of that size costs a page fault per 4 KiB when first written, which is
+#: Scratch buffers (the batched-matmul path's stacked weights and weight gradients, and the
+#: staging buffer of updates whose rows of the output are not consecutive) of up to this many
+#: floats each are kept by the engine and reused in the next round: a fresh buffer of that size costs a page fault per 4 KiB when first written, which is
 #: a large part of a short round. Larger ones are allocated per round.
 SCRATCH_BUDGET = 2**22
 
@@ -457,11 +457,7 @@ class VectorizedEngine(Engine):
                     v[:k].sub_(lr * gn)
                 loss_acc[:k] += value
         with torch.no_grad():
-            off = 0
-            for v in P.values():
-                n = v[0].numel()
-                torch.sub(w[off:off + n], v.reshape(K, n), out=out[:, off:off + n])
-                off += n
+            write_updates(out, w, P.values())
         return loss_acc.numpy()
 
     # -- the LVR probe -----------------------------------------------------------------------

@@ -325,7 +325,7 @@ class LocalDeployment:
         self.status: str | None = None
         self._env: dict[str, str] = {}
         self._tls_files = None
-        self._keys: list[Path] = []
+        self._keys: list[tuple[Path, Path]] = []  # (private, public) key file per SuperNode
         self._prepared = False
         self._t_submit = 0.0
         self._submitted_at = float("inf")
@@ -380,8 +380,7 @@ class LocalDeployment:
         if not (self.app_dir / "pyproject.toml").is_file():
             raise MmflError(f"{self.app_dir}: Flower app directory without pyproject.toml")
         bindir = str(Path(flower_executable("flower-superlink")).parent)  # Flower installed?
-        if self.port is not None and port_open(self.address.rsplit(":", 1)[0].strip("[]"),
-                                               self.port):
+        if self.port is not None and port_open(self.connect_host, self.port):
             raise ConfigError("--port", "is in use on this machine", self.port)
         data_dir = resolve_data_dir(self.cfg, self.data_dir)
         federation = build_federation(self.cfg, data_dir)
@@ -426,17 +425,22 @@ class LocalDeployment:
         if self.auth:
             from mmfl.flower.certs import make_node_key
 
-            self._keys = [make_node_key(self.dir / "keys" / f"node{i}")[0]
+            self._keys = [make_node_key(self.dir / "keys" / f"node{i}")
                           for i in range(self.num_clients)]
         self.port = self.port or free_port()
         self._write_connection()
         self._write_run_config()
 
     @property
+    def connect_host(self) -> str:
+        """The host SuperNodes and ``flwr`` connect to: ``host``, or loopback when the SuperLink
+        listens on every interface."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+
+    @property
     def address(self) -> str:
-        """host:port where SuperNodes and ``flwr`` reach the SuperLink (loopback when it listens
-        on every interface)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        """host:port where SuperNodes and ``flwr`` reach the SuperLink."""
+        host = self.connect_host
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     def _write_connection(self) -> None:
@@ -493,9 +497,9 @@ class LocalDeployment:
             from concurrent.futures import ThreadPoolExecutor
 
             def register(i: int) -> int:
-                pub = self._keys[i].with_name(self._keys[i].name + ".pub")
-                out = self.flwr("supernode", "register", str(pub), CONNECTION, "--name",
-                                f"client{i}", "--format", "json", log_name="flwr-register")
+                out = self.flwr("supernode", "register", str(self._keys[i][1]), CONNECTION,
+                                "--name", f"client{i}", "--format", "json",
+                                log_name="flwr-register")
                 return int(self._json(out, "flwr supernode register")["node-id"])
 
             with ThreadPoolExecutor(max_workers=4) as pool:  # each call is a Python start-up
@@ -525,10 +529,8 @@ class LocalDeployment:
         return _Proc("superlink", argv, self.dir / "superlink", self.logs / "superlink.log", env)
 
     def _wait_port(self, timeout: float) -> None:
-        probe = self.address.rsplit(":", 1)[0].strip("[]")
-
         def serving() -> bool:
-            if port_open(probe, self.port):
+            if port_open(self.connect_host, self.port):
                 return True
             if not self.superlink.alive:
                 raise FlowerRunError(
@@ -551,7 +553,7 @@ class LocalDeployment:
         else:
             argv.append("--insecure")
         if self.auth:
-            argv += ["--auth-supernode-private-key", str(self._keys[i])]
+            argv += ["--auth-supernode-private-key", str(self._keys[i][0])]
         return _Proc(f"node{i}", argv, self.dir / "nodes" / f"node{i}",
                      self.logs / f"node{i}.log", {**self._env, **ONE_THREAD})
 
@@ -583,8 +585,8 @@ class LocalDeployment:
         if self.auth:
             lines += ["", "# 2. register every SuperNode's public key (SuperLink running)"]
             lines += [shlex.join([flower_executable("flwr"), "supernode", "register",
-                                  str(k.with_name(k.name + ".pub")), CONNECTION])
-                      for k in self._keys]
+                                  str(pub), CONNECTION])
+                      for _, pub in self._keys]
         lines += ["", "# 3. one SuperNode per client (client i's machine needs only its shard"
                   + (", ca.crt" if self.tls else "") + (" and key" if self.auth else "") + ")"]
         lines += [f"OMP_NUM_THREADS=1 {shlex.join(p.argv)}" for p in nodes]
