@@ -50,6 +50,7 @@ class TaskConfig:
     test_samples: int = 0
     start_round: int = 0
     stop_round: int = 0
+    class_mask: str = "none"
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class ExperimentConfig:
                         **d["sampler"]["options"]}
         for t in d["tasks"]:
             t["partition"] = {"kind": t["partition"]["kind"], **t["partition"]["options"]}
+        _drop_new_defaults(d)
         order = [*TOP, "server", "clients", "system", "sampler", "tasks",
                  *(["flower"] if "flower" in d else [])]
         return {k: d[k] for k in order}
@@ -143,6 +145,23 @@ class ExperimentConfig:
         for k, v in overrides.items():
             _set_dotted(raw, k, v)
         return config_from_dict(raw)
+
+
+#: Keys added after the first release, written to config.toml only when they differ from their
+#: default: the config.toml (and so the checkpoint fingerprint) of a run that does not use them
+#: stays what it always was, so older run directories still resume.
+_NEW_KEYS = {"": ("variant", "eval_last"), "clients": ("processor_levels",),
+             "tasks": ("class_mask", "test_subset")}
+
+
+def _drop_new_defaults(d: dict[str, Any]) -> None:
+    schemas = {"": TOP, "clients": CLIENTS, "tasks": TASK}
+    for section, keys in _NEW_KEYS.items():
+        tables = [d] if section == "" else d[section] if section == "tasks" else [d[section]]
+        for table in tables:
+            for k in keys:
+                if k in table and table[k] == _plain(schemas[section][k].default):
+                    del table[k]
 
 
 def _plain(x: Any) -> Any:
@@ -213,6 +232,10 @@ TASK = {
     "test_samples": Option(int, 0, ">= 0", "Use a random subset of the test set (0 = all)."),
     "start_round": Option(int, 0, ">= 0", "First round the model is trained (it joins late)."),
     "stop_round": Option(int, 0, ">= 0", "Round from which it is no longer trained (0 = never)."),
+    "class_mask": Option(str, "none", "one of none|zero|exclude",
+                         "Local training only: 'zero' sets the loss scores of the classes the "
+                         "client holds no sample of to 0 (the authors' code, with their CNN's "
+                         "probabilities as scores), 'exclude' removes them from the softmax."),
 }
 TASK_TABLES = ("partition", "dataset_options", "model_options")
 FLOWER = {
