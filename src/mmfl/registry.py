@@ -48,6 +48,13 @@ class Option:
     default: Any
     check: str = ""
     doc: str = ""
+    #: The value under ``variant = "authors"`` (the authors' code's choice, see
+    #: docs/reproduction.md); None: the same as ``default``.
+    authors: Any = None
+
+    def default_for(self, variant: str = "paper") -> Any:
+        """The default under ``variant`` ("paper" or "authors")."""
+        return self.authors if variant == "authors" and self.authors is not None else self.default
 
 
 @dataclass
@@ -158,15 +165,19 @@ def check_value(key: str, value: Any, spec: Option) -> Any:
     return value
 
 
-def resolve_options(prefix: str, given: dict[str, Any], specs: dict[str, Option]) -> dict[str, Any]:
-    """Validate ``given`` against ``specs`` (unknown keys are errors) and fill in defaults."""
+def resolve_options(prefix: str, given: dict[str, Any], specs: dict[str, Option],
+                    variant: str = "paper") -> dict[str, Any]:
+    """Validate ``given`` against ``specs`` (unknown keys are errors) and fill in defaults: each
+    option's paper default, or with ``variant="authors"`` its authors' value where it has one
+    (:attr:`Option.authors`). A given value always wins."""
     out: dict[str, Any] = {}
     for k in given:
         if k not in specs:
             valid = ", ".join(sorted(specs)) or "none"
             raise ConfigError(f"{prefix}.{k}", f"unknown option; valid options: {valid}", given[k])
     for k, spec in specs.items():
-        out[k] = check_value(f"{prefix}.{k}", given[k], spec) if k in given else spec.default
+        out[k] = (check_value(f"{prefix}.{k}", given[k], spec) if k in given
+                  else spec.default_for(variant))
     return out
 
 

@@ -199,7 +199,7 @@ def test_unknown_kind():
 
 
 def test_options_tables_validate():
-    assert set(PARTITION_OPTIONS) == {"iid", "dirichlet", "classes", "natural"}
+    assert set(PARTITION_OPTIONS) == {"iid", "dirichlet", "classes", "natural", "class_ranges"}
     assert registry.resolve_options("p", {}, PARTITION_OPTIONS["classes"])["class_ratio"] == 0.3
     assert registry.resolve_options("p", {}, PARTITION_OPTIONS["dirichlet"])["alpha"] == 0.5
     from mmfl.errors import ConfigError

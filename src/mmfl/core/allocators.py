@@ -64,6 +64,8 @@ class Allocator:
     #: (full computation: every eligible pair trains and reports ||G|| / eta), "stale" (keep a
     #: store of last updates even if the aggregator does not need one).
     requires: frozenset[str] = frozenset()
+    #: when True the runner calls :meth:`observe` after every aggregation
+    observes: bool = False
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
         self.options = dict(options or {})
@@ -74,10 +76,22 @@ class Allocator:
         """The assignment of round ``state.round``; every random draw comes from ``rng``."""
         raise NotImplementedError
 
+    def requires_at(self, round: int) -> frozenset[str]:
+        """The signals to gather before round ``round``'s allocation (:attr:`requires` by
+        default; a sampler whose needs change over the rounds overrides this)."""
+        return self.requires
+
     def probe_pairs(self, state: RoundState) -> np.ndarray:
         """(N, S) bool: pairs whose local loss is probed this round (when "local_loss" is
         required); all eligible pairs by default."""
         return state.eligible
+
+    def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
+        """Called by the runner after aggregation with the round's aggregated pairs ((U,)
+        clients and tasks) and the state whose signals hold, for those pairs, ``update_norm``
+        (||G|| / eta_s) and, with a stale store, ``stale_dot`` / ``stale_norm_sq`` of the h
+        stored before this round; no-op by default."""
+        return None
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Checkpointable state (numpy arrays only); stateless allocators return ``{}``."""
@@ -314,7 +328,8 @@ _DRAW_OPT = Option(
     "one of independent|fixed",
     "independent: every processor is active independently with probability q_b (ALGORITHMS.md "
     "section 1); fixed: exactly round(m) eligible processors, chosen without replacement "
-    "(needs an integer budget). Inclusion probabilities are the same.",
+    "(needs an integer budget; the authors' code). Inclusion probabilities are the same.",
+    authors="fixed",
 )
 
 
@@ -332,9 +347,11 @@ _DRAW_OPT = Option(
             str,
             "true",
             "one of true|authors",
-            "true: aggregate with the true inclusion probability q_b / |S_i|; authors: report "
-            "p = C / S with C = m / P as the authors' code does (biased when clients hold fewer "
-            "than S tasks or have several processors; compatibility only).",
+            "true: aggregate with the true inclusion probability q_b / |S_i| and the 1/B_i share "
+            "(unbiased); authors: every slot weighted d * S / C with C = m / P and no 1/B_i "
+            "share, as the authors' code does (E[coefficient] = B_i * d * (S / |S_i|) * q_b / C:"
+            " biased towards clients with several processors or fewer tasks).",
+            authors="authors",
         ),
     },
     doc="Uniform processor sampling, then a uniform model among the client's held tasks.",
@@ -350,11 +367,13 @@ class RandomAllocator(Allocator):
         draw: "independent" (default; section 1 rule via :func:`draw`) or "fixed" (exactly
             round(m) processors without replacement; raises ValueError for a fractional m).
         probability: "true" (default) or "authors". With "authors" every slot reports
-            p = C / S where C = m / P (P all processors), the value the authors' code divides
-            by. That is the true probability only when every client holds all S tasks, has one
-            processor and is available; otherwise unbiased aggregation with it is BIASED (e.g.
-            clients holding one task are up-weighted S-fold). ``Assignment.probabilities`` keeps
-            the true matrix either way.
+            p = C / S where C = m / P (P all processors; the authors' code uses the configured
+            active rate, equal to m / P up to the floor in m = floor(C P)) and share 1 instead
+            of 1/B_i, so its coefficient is d_{i,s} S / C, the authors' ``main.py`` rule. Its
+            expectation per client is B_i d_{i,s} (S / |S_i|) q_b / C: the true value d_{i,s}
+            only when every client has one processor, holds all S tasks and q_b = C; otherwise
+            it is BIASED (clients with B_i processors are up-weighted B_i-fold, clients holding
+            fewer tasks S/|S_i|-fold). ``Assignment.probabilities`` keeps the true matrix.
     """
 
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
@@ -377,7 +396,7 @@ class RandomAllocator(Allocator):
                 client=a.client,
                 task=a.task,
                 probability=np.full(a.num_slots, authors_p),
-                share=a.share,
+                share=np.ones(a.num_slots),
                 probabilities=a.probabilities,
                 note="; ".join(x for x in (a.note, extra) if x),
             )
@@ -581,7 +600,7 @@ FAIR_OPTIONS = {
                     "always the worst model)."),
     "loss_proxy": Option(str, "loss", "one of loss|error",
                          "loss: the models' current test loss; error: 100 * (1 - accuracy) "
-                         "as in the authors' code."),
+                         "as in the authors' code.", authors="error"),
     "weights": Option(str, "uniform", "one of uniform|data",
                       "uniform: w_s = 1; data: w_s = model s's share of all samples."),
 }

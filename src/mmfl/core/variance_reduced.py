@@ -21,6 +21,8 @@ for ``fairvr``, with per-model budgets. The measurement ("signal") each needs is
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from mmfl.core.allocators import (FAIR_OPTIONS, Allocator, FairAllocator, FullAllocator,
@@ -64,15 +66,55 @@ def _require(value: np.ndarray | None, what: str) -> np.ndarray:
     return value
 
 
-@register("sampler", "gvr", doc="MMFL-GVR: optimal sampling by update norms (full computation).")
+GVR_OPTIONS = {
+    "d_index": Option(str, "paper", "one of paper|authors",
+                      "paper: slot k of client i is weighted d_{i,s}; authors: the authors' "
+                      "aggregation index bug, d_{c_k,s} with c_k the client of the k-th active "
+                      "slot of ANY model (slots in processor order), biased when S > 1",
+                      authors="authors"),
+}
+
+
+@register("sampler", "gvr", options=GVR_OPTIONS,
+          doc="MMFL-GVR: optimal sampling by update norms (full computation).")
 class GVRAllocator(OptimalAllocator):
     """MMFL-GVR (the ICDCS poster's method): every eligible pair trains, reports ||G|| / eta_s,
-    and the active ones are sampled optimally; unbiased aggregation."""
+    and the active ones are sampled optimally; unbiased aggregation.
+
+    ``d_index = "authors"`` reproduces the authors' GVR aggregation: per model s they walk the
+    model's active slots in processor order and weight the k-th with d_{c_k, s}, where c_k is the
+    client of the k-th active slot over all models (the list they pass is the round's whole
+    active list, not the model's). Expressed here as the slot's ``share`` times
+    d_{c_k,s} / d_{i,s}, so the unbiased aggregator applies d_{c_k,s} / (B_i p); a c_k that does
+    not hold s contributes 0.
+    """
 
     requires = frozenset({"updates"})
 
     def client_scores(self, state):
         return _require(state.signals.update_norm, "update_norm")
+
+    def allocate(self, state, rng):
+        a = super().allocate(state, rng)
+        if self.options.get("d_index", "paper") != "authors" or a.num_slots == 0:
+            return a
+        return dataclasses.replace(a, share=authors_index_share(a, state.population.data_weight))
+
+
+def authors_index_share(a: Assignment, d: np.ndarray) -> np.ndarray:
+    """(K,) shares of the authors' GVR index bug (see :class:`GVRAllocator`): slot j, the k-th
+    slot of its model in processor order, gets share_j * d[c_k, s_j] / d[i_j, s_j] with c_k the
+    client of the k-th slot overall in processor order."""
+    order = np.argsort(a.processor, kind="stable")
+    overall = a.client[order]                       # c_0, c_1, ... in processor order
+    share = np.array(a.share, dtype=np.float64)
+    for s in np.unique(a.task).tolist():
+        mine = order[a.task[order] == s]            # model s's slots in processor order
+        wrong = overall[:len(mine)]
+        right = d[a.client[mine], s]
+        share[mine] = share[mine] * np.divide(d[wrong, s], right, out=np.zeros(len(mine)),
+                                              where=right > 0)
+    return share
 
 
 LVR_OPTIONS = {
@@ -81,7 +123,8 @@ LVR_OPTIONS = {
                         "(otherwise its last value is reused)"),
     "loss_weighting": Option(str, "paper", "one of paper|authors",
                              "paper: U = d * loss / B; authors: the authors' code divides the "
-                             "loss by n_{i,s}, cancelling d (U = loss / (B * sum_j n_j))"),
+                             "loss by n_{i,s}, cancelling d (U = loss / (B * sum_j n_j))",
+                             authors="authors"),
 }
 
 
@@ -147,33 +190,110 @@ class StaleVRAllocator(OptimalAllocator):
         return np.sqrt(np.maximum(0.0, g2 - 2 * beta * dot + beta**2 * h2))
 
 
-@register("sampler", "stalevre", options={"b0": B0},
+STALEVRE_OPTIONS = {
+    "b0": B0,
+    "init": Option(str, "full", "one of full|authors",
+                   "round 0: full: every pair trains once (every h filled, the full update); "
+                   "authors: a random round (exactly m processors, weights d S / C: the "
+                   "authors' random rule), then one full computation before round 1 gives the "
+                   "first scores, and h fills as pairs become active", authors="authors"),
+    "score": Option(str, "stored", "one of stored|authors",
+                    "stored: (1 - betahat) ||h|| / eta from the store every round; authors: "
+                    "||G - betahat h|| / eta computed by the server when the pair was last "
+                    "aggregated (from the round-0/1 full computation before that), kept until "
+                    "the pair is active again", authors="authors"),
+    "budget": Option(str, "fixed", "one of fixed|walk",
+                     "fixed: budget m every round; walk: round t+1 is sampled with the number "
+                     "of active slots of round t as its budget, as the authors' code does (a "
+                     "random walk that starts at m)", authors="walk"),
+}
+
+
+@register("sampler", "stalevre", options=STALEVRE_OPTIONS,
           doc="MMFL-StaleVRE: optimal sampling from stored updates only (no extra client cost).")
 class StaleVREAllocator(OptimalAllocator):
-    """MMFL-StaleVRE: score = (1 - betahat) ||h|| / eta_s, estimating ||G - betahat h|| with the
-    stored update h standing in for G; no client computes anything beyond the active pairs.
+    """MMFL-StaleVRE: optimal sampling with scores that need no client computation beyond the
+    active pairs; aggregated with StaleVRE's decaying betahat (section 6).
 
-    Round 0 is full participation (every client trains every model once, so that every pair has
-    an h). A pair that has never been active since (a client that joined later) has no h: it gets
-    its task's largest score so that it is explored.
+    Scores (option ``score``): "stored" (default) = (1 - betahat) ||h|| / eta_s, estimating
+    ||G - betahat h|| with the stored update h standing in for G; "authors" = ||G - betahat h||
+    / eta_s evaluated by the server on the pair's last upload (G, the h stored before it and the
+    betahat it was aggregated with), kept until the pair is active again.
+
+    Round 0 (option ``init``): "full" (default) is full participation (every client trains
+    every model once, so every pair has an h); "authors" is a random round with the authors'
+    random rule (exactly m processors, weights d S / C, see :class:`RandomAllocator`) and a full
+    computation before round 1 whose ||G|| / eta_s are the first scores; h fills as pairs become
+    active. Budget (option ``budget``): "walk" samples round t+1 with the number of round t's
+    active slots as m (the authors' code), "fixed" always with m.
+
+    A pair without a score (a client that joined later, or no h under "stored") gets its task's
+    largest score so that it is explored.
     """
 
     requires = frozenset({"stale"})
     default_aggregator = "stalevre"
 
+    def __init__(self, options, population, seed=0):
+        super().__init__(options, population, seed)
+        self._score = np.full(population.n_samples.shape, np.nan)
+        self._last_slots = -1
+        self.observes = self._opt("score") == "authors"
+
+    def _opt(self, name: str) -> str:
+        return str(self.options.get(name, STALEVRE_OPTIONS[name].default))
+
+    def requires_at(self, round):
+        if round == 1 and self._opt("init") == "authors":
+            return self.requires | {"updates"}
+        return self.requires
+
     def allocate(self, state, rng):
         if state.round == 0:
-            return FullAllocator(self.options, self.population, self.seed).allocate(state, rng)
-        return super().allocate(state, rng)
+            if self._opt("init") == "authors":
+                opts = {"draw": "fixed", "probability": "authors"}
+                a = RandomAllocator(opts, self.population, self.seed).allocate(state, rng)
+            else:
+                a = FullAllocator(self.options, self.population, self.seed).allocate(state, rng)
+        else:
+            if self._opt("budget") == "walk" and self._last_slots >= 0:
+                state = dataclasses.replace(state, budget=float(self._last_slots))
+            a = super().allocate(state, rng)
+        self._last_slots = a.num_slots
+        return a
 
     def client_scores(self, state):
         sig = state.signals
-        h = np.sqrt(np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq")))
-        beta = _require(sig.beta, "beta")
-        score = np.abs(1.0 - beta) * h
-        unseen = state.eligible & (h == 0)
+        if self._opt("score") == "authors":
+            if sig.update_norm is not None:  # a full computation (init = "authors", round 1)
+                self._score = np.where(np.isnan(sig.update_norm), self._score, sig.update_norm)
+            score = np.nan_to_num(self._score, nan=0.0)
+            unseen = state.eligible & np.isnan(self._score)
+        else:
+            h = np.sqrt(np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq")))
+            beta = _require(sig.beta, "beta")
+            score = np.abs(1.0 - beta) * h
+            unseen = state.eligible & (h == 0)
         top = np.where(state.eligible, score, 0.0).max(axis=0)
         return np.where(unseen, top[None, :], score)
+
+    def observe(self, clients, tasks, state):
+        if self._opt("score") != "authors" or len(clients) == 0:
+            return
+        sig = state.signals
+        g2 = np.square(_require(sig.update_norm, "update_norm")[clients, tasks])
+        h2 = np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq")[clients, tasks])
+        dot = np.nan_to_num(_require(sig.stale_dot, "stale_dot")[clients, tasks])
+        beta = np.nan_to_num(_require(sig.beta, "beta")[clients, tasks])
+        self._score[clients, tasks] = np.sqrt(np.maximum(0.0, g2 - 2 * beta * dot + beta**2 * h2))
+
+    def state_dict(self):
+        return {"score": self._score.copy(), "last_slots": np.array([self._last_slots])}
+
+    def load_state_dict(self, state):
+        if "score" in state:  # checkpoints written before these options have no state
+            self._score = np.array(state["score"], dtype=np.float64)
+            self._last_slots = int(np.asarray(state["last_slots"]).reshape(-1)[0])
 
 
 @register("sampler", "fairvr", options={**LVR_OPTIONS, **FAIR_OPTIONS},

@@ -51,6 +51,7 @@ class TaskConfig:
     start_round: int = 0
     stop_round: int = 0
     class_mask: str = "none"
+    test_subset: str = "random"
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,8 @@ class ClientsConfig:
 
     count: int = 50
     active_rate: float = 0.1
-    processors: int | tuple[tuple[int, float], ...] = 1
+    processors: int | tuple[tuple[int, float], ...] | str = 1
+    processor_levels: tuple[float, float, float] = (0.25, 0.5, 0.25)
     tasks_per_client: int | tuple[tuple[int, float], ...] = 0
     budget: int = 0
     availability: float = 1.0
@@ -115,6 +117,8 @@ class ExperimentConfig:
     data_dir: str
     stale_dtype: str
     stale_on_disk: bool
+    variant: str
+    eval_last: int
     clients: ClientsConfig
     system: SystemConfig
     sampler: SamplerConfig
@@ -124,8 +128,9 @@ class ExperimentConfig:
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a TOML-shaped nested dict (what ``config.toml`` holds);
         :func:`config_from_dict` of it gives back an equal config. The ``[flower]`` table
-        appears only for engine ``flower`` or when it differs from its defaults, so runs of the
-        other engines keep the config.toml (and checkpoint fingerprint) they always had."""
+        appears only for engine ``flower`` or when it differs from its defaults, and so do the
+        keys of :data:`_NEW_KEYS`, so runs that do not use them keep the config.toml (and
+        checkpoint fingerprint) they always had."""
         d = _plain(self)
         if self.engine != "flower" and self.flower == FlowerConfig():
             d.pop("flower")
@@ -137,7 +142,7 @@ class ExperimentConfig:
         _drop_new_defaults(d)
         order = [*TOP, "server", "clients", "system", "sampler", "tasks",
                  *(["flower"] if "flower" in d else [])]
-        return {k: d[k] for k in order}
+        return {k: d[k] for k in order if k in d}
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
         """A re-validated copy with dotted-key overrides, e.g. ``cfg.replace(**{"sampler.name": "full"})``."""
@@ -148,20 +153,30 @@ class ExperimentConfig:
 
 
 #: Keys added after the first release, written to config.toml only when they differ from their
-#: default: the config.toml (and so the checkpoint fingerprint) of a run that does not use them
-#: stays what it always was, so older run directories still resume.
-_NEW_KEYS = {"": ("variant", "eval_last"), "clients": ("processor_levels",),
-             "tasks": ("class_mask", "test_subset")}
+#: paper default: the config.toml (and so the checkpoint fingerprint) of a run that does not use
+#: them stays what it always was, so older run directories still resume. (table, key, default);
+#: "tasks.dataset_options" means that table of every task.
+_NEW_KEYS = (
+    ("", "variant", "paper"), ("", "eval_last", 0), ("clients", "processor_levels", [0.25, 0.5, 0.25]),
+    ("tasks", "class_mask", "none"), ("tasks", "test_subset", "random"),
+    ("tasks.dataset_options", "normalize", "standard"),
+    ("sampler", "d_index", "paper"), ("sampler", "init", "full"), ("sampler", "score", "stored"),
+    ("sampler", "budget", "fixed"),
+)
 
 
 def _drop_new_defaults(d: dict[str, Any]) -> None:
-    schemas = {"": TOP, "clients": CLIENTS, "tasks": TASK}
-    for section, keys in _NEW_KEYS.items():
-        tables = [d] if section == "" else d[section] if section == "tasks" else [d[section]]
+    for section, key, default in _NEW_KEYS:
+        if section == "":
+            tables = [d]
+        elif section.startswith("tasks"):
+            sub = section.partition(".")[2]
+            tables = [t[sub] if sub else t for t in d["tasks"]]
+        else:
+            tables = [d[section]]
         for table in tables:
-            for k in keys:
-                if k in table and table[k] == _plain(schemas[section][k].default):
-                    del table[k]
+            if key in table and table[key] == default:
+                del table[key]
 
 
 def _plain(x: Any) -> Any:
@@ -191,6 +206,12 @@ TOP = {
     "stale_dtype": Option(str, "float32", "one of float32|float16",
                           "Storage of the last update per (client, task) for stale-update methods."),
     "stale_on_disk": Option(bool, False, "", "Keep stale updates in a memory-mapped file in the run directory."),
+    "variant": Option(str, "paper", "one of paper|authors",
+                      "Estimator choices: the papers' (default) or the authors' code's, for every "
+                      "sampler/aggregator option that has an authors' value (each option given "
+                      "explicitly still wins); see docs/reproduction.md."),
+    "eval_last": Option(int, 0, ">= 0", "Also evaluate every round of the last k rounds "
+                        "(the papers' metric is the mean over the last 20 rounds)."),
 }
 SERVER = {"lr": Option(float, 1.0, "> 0", "Global (server) learning rate eta_g.")}
 SYSTEM = {
@@ -206,7 +227,13 @@ SYSTEM = {
 CLIENTS = {
     "count": Option(int, 50, "1..10000000", "Number of clients N."),
     "active_rate": Option(float, 0.1, "(0..1]", "C: budget m = floor(C * P) updates per round."),
-    "processors": Option("table", 1, "", "B_i: an int, or a table {value = probability}."),
+    "processors": Option("table", 1, "", "B_i: an int, a table {value = probability}, or "
+                         "\"authors\": the authors' rule (see processor_levels)."),
+    "processor_levels": Option(
+        "table", (0.25, 0.5, 0.25), "",
+        "With processors = \"authors\": probabilities [p1, p2, p3] that client i has "
+        "B_i = 1, max(1, k_i // 2) or k_i processors, k_i = the number of tasks it holds (the "
+        "authors' client_cpu straggler / common / expert levels)."),
     "tasks_per_client": Option(
         "table", 0, "", "Tasks each client holds: 0 = all, an int, or {count = probability}."
     ),
@@ -229,7 +256,12 @@ TASK = {
     "local_epochs": Option(int, 1, ">= 1", "Local epochs E_s."),
     "batch_size": Option(int, 32, ">= 1", "Local batch size (>= client size = full batch)."),
     "train_samples": Option(int, 0, ">= 0", "Use a random subset of the training set (0 = all)."),
-    "test_samples": Option(int, 0, ">= 0", "Use a random subset of the test set (0 = all)."),
+    "test_samples": Option(int, 0, ">= 0", "Evaluate on a subset of the test set of this size "
+                           "(0 = all), chosen by test_subset."),
+    "test_subset": Option(str, "random", "one of random|first|last",
+                          "Which test_samples images: a random subset (fixed for the seed), the "
+                          "first k in file order (the authors' --validation: the first 30%), or "
+                          "the last k (the authors' default: the last 70%)."),
     "start_round": Option(int, 0, ">= 0", "First round the model is trained (it joins late)."),
     "stop_round": Option(int, 0, ">= 0", "Round from which it is no longer trained (0 = never)."),
     "class_mask": Option(str, "none", "one of none|zero|exclude",
@@ -374,6 +406,16 @@ def _distribution(key: str, value: Any, *, lo: int, hi: int | None) -> int | tup
     return tuple(sorted(items))
 
 
+def _levels(key: str, value: Any) -> tuple[float, float, float]:
+    """Three probabilities (numbers in [0, 1] summing to 1)."""
+    ok = (isinstance(value, (list, tuple)) and len(value) == 3
+          and all(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p <= 1
+                  for p in value))
+    if not ok or abs(sum(value) - 1.0) > 1e-6:
+        raise ConfigError(key, "must be three probabilities [p1, p2, p3] summing to 1", value)
+    return tuple(float(p) for p in value)
+
+
 def _component(kind: str, key: str, name: str) -> registry.Entry:
     return registry.get(kind, name, key=key)
 
@@ -403,6 +445,14 @@ def _task(i: int, raw: Any) -> TaskConfig:
     if "quantity_skew" in part_raw:
         part_raw.update(_quantity_skew(prefix + "partition.quantity_skew", part_raw.pop("quantity_skew")))
     part_opts = registry.resolve_options(prefix + "partition", part_raw, PARTITION_OPTIONS[kind])
+    if "sample_ranges" in part_opts:
+        from mmfl.tasks.partition import ranges_option
+
+        try:
+            part_opts["sample_ranges"] = tuple(ranges_option(part_opts["sample_ranges"]))
+        except ValueError as e:
+            raise ConfigError(prefix + "partition.sample_ranges", str(e).split(" (got")[0],
+                              part_opts["sample_ranges"]) from None
     return TaskConfig(
         **vals,
         partition=PartitionConfig(kind, MappingProxyType(part_opts)),
@@ -431,7 +481,9 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
 
     craw = _table("clients", raw.get("clients", {}))
     cl = _fixed("clients.", craw, CLIENTS)
-    cl["processors"] = _distribution("clients.processors", cl["processors"], lo=1, hi=1024)
+    if cl["processors"] != "authors":
+        cl["processors"] = _distribution("clients.processors", cl["processors"], lo=1, hi=1024)
+    cl["processor_levels"] = _levels("clients.processor_levels", cl["processor_levels"])
 
     traw = raw.get("tasks")
     if not isinstance(traw, list) or not traw:
@@ -454,7 +506,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     fixed = {k: sraw.pop(k) for k in list(sraw) if k in SAMPLER_FIXED}
     sv = _fixed("sampler.", fixed, SAMPLER_FIXED)
     entry = _component("sampler", "sampler.name", sv["name"])
-    opts = registry.resolve_options("sampler", sraw, entry.options)
+    opts = registry.resolve_options("sampler", sraw, entry.options, top["variant"])
     if sv["aggregator"] != "default":
         _component("aggregator", "sampler.aggregator", sv["aggregator"])
     sampler = SamplerConfig(sv["name"], sv["aggregator"], MappingProxyType(opts))

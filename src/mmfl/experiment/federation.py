@@ -55,9 +55,24 @@ def draw_distribution(spec: int | tuple, size: int, rng: np.random.Generator) ->
     return rng.choice(values, size=size, p=probs / probs.sum())
 
 
-def draw_capacity(cfg: ExperimentConfig) -> np.ndarray:
-    """(N,) int B_i drawn from ``clients.processors``."""
-    return draw_distribution(cfg.clients.processors, cfg.clients.count, stream(cfg.seed, "processors"))
+def draw_capacity(cfg: ExperimentConfig, member: np.ndarray) -> np.ndarray:
+    """(N,) int B_i drawn from ``clients.processors``; with ``"authors"`` by
+    :func:`authors_processors` from the tasks each client holds (``member``, (N, S) bool)."""
+    rng = stream(cfg.seed, "processors")
+    if cfg.clients.processors == "authors":
+        return authors_processors(member.sum(axis=1), cfg.clients.processor_levels, rng)
+    return draw_distribution(cfg.clients.processors, cfg.clients.count, rng)
+
+
+def authors_processors(held: np.ndarray, levels: tuple[float, float, float],
+                       rng: np.random.Generator) -> np.ndarray:
+    """(N,) int B_i by the authors' ``client_cpu`` rule: client i, holding k_i = ``held[i]``
+    tasks, is a straggler (B_i = 1), common (B_i = max(1, k_i // 2)) or expert (B_i = k_i) with
+    probabilities ``levels``; B_i >= 1 always."""
+    held = np.maximum(np.asarray(held, np.int64), 1)
+    choice = rng.choice(3, size=len(held), p=np.asarray(levels) / sum(levels))
+    options = np.stack([np.ones_like(held), np.maximum(1, held // 2), held], axis=1)
+    return options[np.arange(len(held)), choice]
 
 
 def membership(cfg: ExperimentConfig) -> np.ndarray:
@@ -86,7 +101,9 @@ def load_dataset(task: TaskConfig, data_dir: Path | None, seed: int):
 
 
 def _subsample(ds, task: TaskConfig, s: int, seed: int):
-    """Deterministic random subsets of the train / test splits (``train_samples``, ``test_samples``)."""
+    """Deterministic subsets of the train / test splits (``train_samples``, ``test_samples``):
+    random (sorted indices drawn from the task's stream), or for the test split with
+    ``test_subset`` "first" / "last" the first / last ``test_samples`` in file order."""
     import dataclasses
 
     changes = {}
@@ -94,7 +111,12 @@ def _subsample(ds, task: TaskConfig, s: int, seed: int):
     for split, limit in (("train", task.train_samples), ("test", task.test_samples)):
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
         if limit and limit < len(y):
-            idx = np.sort(rng.choice(len(y), size=limit, replace=False))
+            if split == "test" and task.test_subset == "first":
+                idx = np.arange(limit)
+            elif split == "test" and task.test_subset == "last":
+                idx = np.arange(len(y) - limit, len(y))
+            else:
+                idx = np.sort(rng.choice(len(y), size=limit, replace=False))
             changes[f"x_{split}"], changes[f"y_{split}"] = x[idx], y[idx]
             if split == "train" and getattr(ds, "groups", None) is not None:
                 changes["groups"] = ds.groups[idx]
@@ -105,9 +127,9 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
     """Draw processors and membership, check the budget, load and partition every task."""
     from mmfl.tasks.partition import partition
 
-    capacity = draw_capacity(cfg)
-    budget = budget_of(cfg.clients, int(capacity.sum()))
     member = membership(cfg)
+    capacity = draw_capacity(cfg, member)
+    budget = budget_of(cfg.clients, int(capacity.sum()))
     n_clients, n_tasks = member.shape
     n_samples = np.zeros((n_clients, n_tasks), dtype=np.int64)
     tasks = []
@@ -122,6 +144,7 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
             parts = partition(
                 ds.y_train, holders, task.partition.kind, dict(task.partition.options),
                 ds.num_classes, stream(cfg.seed, "partition", s), groups=ds.groups,
+                num_clients=n_clients,
             )
         except ValueError as e:
             raise ConfigError(f"tasks[{s}].partition", str(e), task.partition.kind) from None

@@ -10,8 +10,9 @@ One loop drives every engine. Per round t (0-based; files count completed rounds
    dropped from the assignment like stragglers past the deadline and counted in rounds.csv;
 4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models; stale updates
    h and SCAFFOLD's control variates are updated from the round's G;
-5. evaluation every ``eval_every`` rounds (and the last), rows appended to the run directory,
-   checkpoint every ``checkpoint_every`` rounds (and the last).
+5. evaluation every ``eval_every`` rounds, in each of the last ``eval_last`` rounds and in the
+   last round, rows appended to the run directory, checkpoint every ``checkpoint_every``
+   rounds (and the last).
 """
 
 from __future__ import annotations
@@ -118,6 +119,12 @@ def check_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
             f"= {cfg.eval_every}; its forced final evaluation would make an extended run differ "
             "from a fresh one"
         )
+    if old_rounds != cfg.rounds and cfg.eval_last:
+        raise ResultsError(
+            f"{out}: eval_last = {cfg.eval_last} evaluates the last rounds of the run, which "
+            f"moved from round {old_rounds} to {cfg.rounds}; an extended run would differ from "
+            "a fresh one (start a new run)"
+        )
     return (out / CHECKPOINT).exists()
 
 
@@ -160,7 +167,8 @@ class Runner:
         agg = registry.get("aggregator", agg_name, key="sampler.aggregator")
         self.aggregator_name = agg_name
         shared = {k: v for k, v in cfg.sampler.options.items() if k in agg.options}  # e.g. beta, b0
-        self.aggregator = agg.obj(registry.resolve_options("sampler", shared, agg.options), pop)
+        self.aggregator = agg.obj(
+            registry.resolve_options("sampler", shared, agg.options, cfg.variant), pop)
         eng = registry.get("engine", cfg.engine, key="engine")
         if self.engine_factory is not None:
             self.engine = self.engine_factory(fed)
@@ -317,7 +325,7 @@ class Runner:
         (LVR), a full-computation pass that trains every eligible pair (GVR, StaleVR), and the
         stale-update quantities; then the aggregator's beta. Returns the state and the extras
         (``full``: the full pass's TrainOutput, ``probes``, ``full_pairs`` counts)."""
-        req = self.allocator.requires
+        req = self.allocator.requires_at(t)
         pop = state.population
         lr = self._task_lr
         sig: dict[str, np.ndarray] = {}
@@ -346,11 +354,7 @@ class Runner:
                 extra["missing"] += int(lost.sum())
                 extra["notes"].append(f"{int(lost.sum())} pairs missing from the full "
                                       "computation (clients offline this round)")
-            norm = np.full(pop.n_samples.shape, np.nan)
-            for s, g in full.updates.items():
-                g_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)  # no float64 copy
-                norm[full.clients[full.tasks == s], s] = g_norm.numpy() / lr[s]
-            sig["update_norm"] = norm
+            sig["update_norm"] = _update_norms(full, pop.n_samples.shape, lr)
             if self.store is not None:
                 sig["stale_dot"] = self._stale_dots(full)
             extra["full"], extra["full_pairs"] = full, len(clients)
@@ -395,6 +399,15 @@ class Runner:
                        np.zeros(len(out.clients)))
         duration, on_time = round_clock(secs, dl)
         return first + duration, ~on_time
+
+    def _observed(self, state: RoundState, out) -> RoundState:
+        """``state`` with ``signals.update_norm`` (||G|| / eta_s) of the trained pairs of
+        ``out`` added where the round had no full computation (for ``Allocator.observe``)."""
+        if state.signals.update_norm is not None:
+            return state
+        norm = _update_norms(out, self.federation.population.n_samples.shape, self._task_lr)
+        sig = dataclasses.replace(state.signals, update_norm=norm)
+        return dataclasses.replace(state, signals=sig)
 
     def _stale_dots(self, out) -> np.ndarray:
         """(N, S) <G, h> / eta_s^2 for the pairs of ``out`` (NaN elsewhere), h as stored now."""
@@ -444,6 +457,8 @@ class Runner:
             post = dataclasses.replace(state.signals, stale_dot=self._stale_dots(out))
             state = dataclasses.replace(state, signals=post)
         plan = dataclasses.replace(self.aggregator.plan(assignment, state), server_lr=cfg.server_lr)
+        if self.allocator.observes:
+            self.allocator.observe(plan.client, plan.task, self._observed(state, out))
         st.params = self.engine.apply(st.params, out, plan, self.store)
         if self.store is not None:
             for s in out.updates:
@@ -454,7 +469,7 @@ class Runner:
 
         last = t + 1 == cfg.rounds
         acc = loss = None
-        if (t + 1) % cfg.eval_every == 0 or last:
+        if (t + 1) % cfg.eval_every == 0 or last or t >= cfg.rounds - cfg.eval_last:
             acc, loss = self.engine.evaluate(st.params)
             st.task_accuracies, st.task_losses = acc, loss
             st.history.append((t + 1, acc, loss))
@@ -588,6 +603,15 @@ def _offline(state: RoundState, clients: np.ndarray) -> RoundState:
     available[np.asarray(clients, np.int64)] = False
     return dataclasses.replace(state, available=available)
 
+
+
+def _update_norms(out, shape: tuple[int, int], lr: np.ndarray) -> np.ndarray:
+    """(N, S) ||G_{i,s}|| / eta_s for the pairs of the TrainOutput ``out`` (NaN elsewhere)."""
+    norm = np.full(shape, np.nan)
+    for s, g in out.updates.items():
+        g_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)  # no float64 copy
+        norm[out.clients[out.tasks == s], s] = g_norm.numpy() / lr[s]
+    return norm
 
 def _pairs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(clients, tasks) of the True entries of an (N, S) mask, sorted by (task, client)."""

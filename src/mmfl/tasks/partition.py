@@ -16,6 +16,15 @@ Partition kinds (options in :data:`PARTITION_OPTIONS`):
   classes from position j * c (mod K), so with h * c >= K every class is held by some holder and
   classes are held about equally often. Each class is split equally among its holders.
 - ``natural``: the dataset's own groups (e.g. ``synthetic`` devices) mapped onto holders.
+- ``class_ranges``: the authors' non-IID rule (their ``dataset.noniid``), see
+  :func:`class_ranges_partition`: per-client sample counts drawn from ranges for groups of
+  clients, classes chosen greedily by the most samples left, samples taken in dataset order.
+
+Two readings of "90% of the clients get 10% of the data": ``skew_clients = 0.9, skew_data =
+0.1`` (``iid``, ``classes``) gives the data-poor 90% of the holders 10% of the samples in all;
+the authors' ``--unbalance 0.9 0.1`` scales the per-client range of the first 90% of clients by
+0.1 (``class_ranges`` with ``sample_ranges = [[0.9, 9, 15], [0.1, 90, 150]]``), so the poor
+90% hold about 47% of the samples and the rich 10% about 53%.
 
 Quantity skew (``iid`` and ``classes``): a fraction ``skew_clients`` of the holders, drawn by
 ``rng``, share only a fraction ``skew_data`` of the samples (the papers: 90% of the clients get
@@ -60,6 +69,16 @@ PARTITION_OPTIONS: dict[str, dict[str, Option]] = {
         **_SKEW_OPTIONS,
     },
     "natural": {},
+    "class_ranges": {
+        "class_ratio": Option(float, 0.3, "(0..1]",
+                              "each client holds int(class_ratio * K) classes (at least 1)"),
+        "sample_ranges": Option(
+            "table", ((1.0, 90, 150),), "",
+            "[[fraction, min, max], ...]: the first fraction of ALL clients (by client index) "
+            "draws n_i uniformly in min..max, the next fraction the next range, ... The authors' "
+            "Fashion-MNIST at data_ratio 0.3 is [[1.0, 90, 150]]; with --unbalance 0.9 0.1 it "
+            "is [[0.9, 9, 15], [0.1, 90, 150]]"),
+    },
 }
 PARTITION_KINDS = tuple(PARTITION_OPTIONS)
 
@@ -342,6 +361,7 @@ def partition(
     num_classes: int,
     rng: np.random.Generator,
     groups: np.ndarray | None = None,
+    num_clients: int | None = None,
 ) -> list[np.ndarray]:
     """Split a training set among its holders.
 
@@ -353,6 +373,8 @@ def partition(
         num_classes: K.
         rng: the generator.
         groups: (n,) int natural group of each sample; required by ``natural``.
+        num_clients: N, all clients of the federation (``class_ranges`` draws for every client
+            in index order, holders or not; default ``max(holders) + 1``).
 
     Returns:
         h sorted, disjoint int64 index arrays into range(n), one per holder in ``holders`` order.
@@ -424,6 +446,13 @@ def partition(
             counts = split_counts(len(idx), share[owners, c], min_each=1)
             owner[idx] = np.repeat(owners, counts)
 
+    elif kind == "class_ranges":
+        holders = np.asarray(holders, np.int64)
+        n_all = int(num_clients) if num_clients is not None else int(holders.max()) + 1
+        parts = class_ranges_partition(labels, n_all, float(opts["class_ratio"]),
+                                       ranges_option(opts["sample_ranges"]), K, rng)
+        return [np.sort(parts[i]) for i in holders.tolist()]
+
     else:  # natural
         if groups is None:
             raise ValueError("partition kind 'natural' needs a dataset with natural groups "
@@ -439,6 +468,88 @@ def partition(
         owner = (rank % h).astype(np.int64)
 
     return _grouped(owner, h)
+
+
+def ranges_option(value: Any) -> list[tuple[float, int, int]]:
+    """Validate ``sample_ranges``: [[fraction, min, max], ...], fractions summing to 1."""
+    bad = ValueError("sample_ranges must be a list of [fraction, min, max] with fractions in "
+                     f"(0, 1] summing to 1 and integers 0 <= min <= max (got {value!r})")
+    if not isinstance(value, (list, tuple)) or not value:
+        raise bad
+    out = []
+    for row in value:
+        if not isinstance(row, (list, tuple)) or len(row) != 3:
+            raise bad
+        f, lo, hi = row
+        if (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi))
+                or not 0 <= lo <= hi):
+            raise bad
+        out.append((float(f), int(lo), int(hi)))
+    if abs(sum(f for f, _, _ in out) - 1.0) > 1e-6:
+        raise bad
+    return out
+
+
+def class_ranges_partition(labels: np.ndarray, num_clients: int, class_ratio: float,
+                           ranges: list[tuple[float, int, int]], num_classes: int,
+                           rng: np.random.Generator) -> list[np.ndarray]:
+    """The authors' non-IID split (their ``utility/dataset.py`` ``noniid``), for all N clients.
+
+    Clients are visited in index order 0..N-1. Group g of ``ranges`` = (fraction f_g, lo_g,
+    hi_g) covers clients int(F_{g-1} N) .. int(F_g N) - 1 (F the cumulative fractions; the last
+    group ends at N), so the same clients are the rich ones in every task. Client i:
+
+    1. draws n_i uniformly in lo_g..hi_g;
+    2. chooses c = max(1, int(class_ratio * K)) classes one at a time, each the class with the
+       most samples not yet given to any client (ties uniformly at random), without repeats;
+    3. takes its n_i samples round-robin over its c classes, starting at a uniformly random one
+       of them, each time the next sample of that class in dataset order that no earlier client
+       took (an exhausted class is skipped; a client gets fewer than n_i only when all its
+       classes are exhausted).
+
+    Every task restarts from the beginning of the dataset, so tasks on the same dataset share
+    their first images (as in the authors' code).
+
+    Returns:
+        N int64 index arrays (in the order taken; callers sort them).
+    """
+    labels = np.asarray(labels)
+    K = int(num_classes)
+    c = max(1, int(class_ratio * K + 1e-9))
+    by_class = [np.flatnonzero(labels == k) for k in range(K)]
+    left = np.array([len(b) for b in by_class], dtype=np.int64)
+    taken = np.zeros(K, dtype=np.int64)
+    bounds = np.cumsum([f for f, _, _ in ranges])
+    ends = [int(b * num_clients + 1e-9) for b in bounds[:-1]] + [num_clients]
+    group = np.searchsorted(np.asarray(ends), np.arange(num_clients), side="right")
+    parts = []
+    for i in range(num_clients):
+        _, lo, hi = ranges[int(group[i])]
+        n_i = int(rng.integers(lo, hi + 1))
+        temp = left.astype(np.float64)
+        chosen = []
+        for _ in range(c):
+            best = np.flatnonzero(temp == temp.max())
+            k = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+            temp[k] = -1.0
+            chosen.append(k)
+        u = int(rng.integers(c))
+        out = []
+        for _ in range(n_i):
+            for _ in range(c):  # skip exhausted classes
+                if taken[chosen[u]] < len(by_class[chosen[u]]):
+                    break
+                u = (u + 1) % c
+            k = chosen[u]
+            if taken[k] >= len(by_class[k]):
+                break
+            out.append(by_class[k][taken[k]])
+            taken[k] += 1
+            left[k] -= 1
+            u = (u + 1) % c
+        parts.append(np.asarray(out, dtype=np.int64))
+    return parts
 
 
 def partition_summary(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> dict:

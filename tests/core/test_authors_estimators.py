@@ -1,0 +1,183 @@
+"""The authors' estimator choices (``variant = "authors"``), each against the paper's version.
+
+random's d S / C weights (Monte-Carlo: E[coefficient] = B_i d (S / |S_i|)), GVR's aggregation
+index bug (a hand-worked example), StaleVRE's round 0, scores and budget walk, and the
+variant switch that selects them (docs/reproduction.md).
+"""
+
+import numpy as np
+import pytest
+
+from mmfl import registry
+from mmfl.core.aggregation import UnbiasedAggregator, unbiased_plan
+from mmfl.core.allocators import RandomAllocator
+from mmfl.core.variance_reduced import (GVRAllocator, StaleVREAllocator, authors_index_share)
+from mmfl.types import Assignment, Population, RoundState, Signals
+
+# 4 clients, 3 tasks, B = (1, 2, 1, 3); clients hold 3, 2, 1 and 3 tasks
+N_SAMPLES = np.array([[30, 10, 20], [60, 0, 5], [0, 90, 0], [10, 20, 40]])
+CAPACITY = np.array([1, 2, 1, 3])
+POP = Population(N_SAMPLES, CAPACITY, ("a", "b", "c"))
+
+
+def test_random_authors_coefficient_expectation_is_B_d_S_over_held():
+    """E[coefficient_{i,s}] = B_i d_{i,s} (S / |S_i|) (m / P) / C = B_i d_{i,s} S / |S_i|."""
+    m = 3.0
+    alloc = RandomAllocator({"draw": "fixed", "probability": "authors"}, POP, 0)
+    rng = np.random.default_rng(5)
+    reps = 40_000
+    coef = np.zeros((reps, *N_SAMPLES.shape))
+    state = RoundState(0, POP, m, np.ones(4, bool))
+    for r in range(reps):
+        a = alloc.allocate(state, rng)
+        assert (a.share == 1).all()  # no 1/B_i share, as in the authors' main.py
+        plan = unbiased_plan(a, POP)
+        coef[r, plan.client, plan.task] = plan.coefficient
+    held = POP.holds.sum(axis=1)
+    expect = CAPACITY[:, None] * POP.data_weight * (POP.num_tasks / held)[:, None]
+    mean, se = coef.mean(axis=0), coef.std(axis=0, ddof=1) / np.sqrt(reps)
+    assert np.all(np.abs(mean - expect) <= 4 * se + 1e-12), (mean, expect)
+    # ... which is not the unbiased d: biased towards multi-processor clients
+    assert mean[3, 2] > 2 * POP.data_weight[3, 2]
+
+
+def test_random_authors_slot_weight():
+    a = RandomAllocator({"draw": "fixed", "probability": "authors"}, POP, 0).allocate(
+        RoundState(0, POP, 3.0, np.ones(4, bool)), np.random.default_rng(0))
+    plan = unbiased_plan(a, POP)
+    c = 3.0 / POP.num_processors
+    # coefficient per slot d S / C (a pair drawn by two processors counts twice)
+    per_slot = POP.data_weight[a.client, a.task] * POP.num_tasks / c
+    total = np.zeros(N_SAMPLES.shape)
+    np.add.at(total, (a.client, a.task), per_slot)
+    np.testing.assert_allclose(plan.coefficient, total[plan.client, plan.task])
+    assert a.num_slots == 3  # exactly m processors
+
+
+def test_gvr_index_bug_hand_worked():
+    # slots in processor order: (client 0, task 0), (1, 2), (3, 0), (3, 1), (3, 2)
+    a = Assignment(processor=np.array([0, 2, 4, 5, 6]), client=np.array([0, 1, 3, 3, 3]),
+                   task=np.array([0, 2, 0, 1, 2]), probability=np.full(5, 0.5),
+                   share=1.0 / CAPACITY[[0, 1, 3, 3, 3]], probabilities=np.zeros((7, 3)))
+    share = authors_index_share(a, POP.data_weight)
+    d = POP.data_weight
+    # overall client list c = (0, 1, 3, 3, 3). task 0's slots (client 0, client 3) use c_0 = 0
+    # and c_1 = 1; task 1's slot (client 3) uses c_0 = 0; task 2's (client 1, client 3) use
+    # c_0 = 0 and c_1 = 1
+    want = np.array([d[0, 0] / d[0, 0], d[0, 2] / d[1, 2], d[1, 0] / d[3, 0], d[0, 1] / d[3, 1],
+                     d[1, 2] / d[3, 2]]) * a.share
+    np.testing.assert_allclose(share, want)
+    # the aggregated weight is then d[c_k] share / (B_i p): (3, 0) gets d[1, 0] / (3 * 0.5)
+    plan = unbiased_plan(Assignment(a.processor, a.client, a.task, a.probability, share,
+                                    a.probabilities), POP)
+    k = np.flatnonzero((plan.client == 3) & (plan.task == 0))[0]
+    assert plan.coefficient[k] == pytest.approx(0.6 / 1.5)
+    # a c_k that does not hold the model contributes 0: slots (2, 1), (3, 0) -> c = (2, 3),
+    # task 0's slot uses d[2, 0] = 0
+    b = Assignment(processor=np.array([3, 4]), client=np.array([2, 3]), task=np.array([1, 0]),
+                   probability=np.full(2, 0.5), share=np.array([1.0, 1 / 3]),
+                   probabilities=np.zeros((7, 3)))
+    np.testing.assert_allclose(authors_index_share(b, d), [1.0, 0.0])
+
+
+def test_gvr_index_bug_only_with_authors_option():
+    norm = np.where(POP.holds, 1.0 + np.arange(12).reshape(4, 3), np.nan)
+    state = RoundState(0, POP, 3.0, np.ones(4, bool), signals=Signals(update_norm=norm))
+    paper = GVRAllocator({}, POP, 0).allocate(state, np.random.default_rng(3))
+    np.testing.assert_allclose(paper.share, 1.0 / CAPACITY[paper.client])
+    authors = GVRAllocator({"d_index": "authors"}, POP, 0).allocate(state, np.random.default_rng(3))
+    np.testing.assert_array_equal(authors.client, paper.client)  # same draw
+    np.testing.assert_allclose(authors.share, authors_index_share(paper, POP.data_weight))
+
+
+def _stalevre(**opts):
+    return StaleVREAllocator({"b0": 1.0, **opts}, POP, 0)
+
+
+def test_stalevre_authors_round_zero_is_the_authors_random_round():
+    alloc = _stalevre(init="authors")
+    a = alloc.allocate(RoundState(0, POP, 3.0, np.ones(4, bool)), np.random.default_rng(1))
+    assert a.num_slots == 3 and (a.share == 1).all()
+    np.testing.assert_allclose(a.probability, (3.0 / POP.num_processors) / POP.num_tasks)
+    assert "updates" in alloc.requires_at(1)  # one full computation before round 1 ...
+    assert "updates" not in alloc.requires_at(0) and "updates" not in alloc.requires_at(2)
+    assert _stalevre().requires_at(1) == frozenset({"stale"})  # ... only with init = authors
+
+
+def test_stalevre_authors_scores_and_budget_walk():
+    alloc = _stalevre(init="authors", score="authors", budget="walk")
+    assert alloc.observes
+    norm = np.where(POP.holds, [[1.0, 2, 3], [4, 0, 5], [0, 6, 0], [7, 8, 9]], np.nan)
+    beta = np.ones(N_SAMPLES.shape)
+    zeros = np.zeros(N_SAMPLES.shape)
+    rng = np.random.default_rng(2)
+    a0 = alloc.allocate(RoundState(0, POP, 3.0, np.ones(4, bool)), rng)
+    # round 1: scores = the full computation's norms
+    sig = Signals(update_norm=norm, stale_norm_sq=zeros, stale_dot=zeros, beta=beta)
+    s1 = RoundState(1, POP, 3.0, np.ones(4, bool), signals=sig)
+    np.testing.assert_allclose(alloc.client_scores(s1), np.nan_to_num(norm))
+    a1 = alloc.allocate(s1, rng)
+    # observe: the server's ||G - beta h|| / eta of the aggregated pairs replaces their score
+    g = np.full(N_SAMPLES.shape, 2.0)
+    h2 = np.full(N_SAMPLES.shape, 4.0)      # ||h||^2
+    dot = np.full(N_SAMPLES.shape, 3.0)     # <G, h>
+    b = np.full(N_SAMPLES.shape, 0.5)
+    alloc.observe(np.array([0, 3]), np.array([1, 2]),
+                  RoundState(1, POP, 3.0, np.ones(4, bool),
+                             signals=Signals(update_norm=g, stale_norm_sq=h2, stale_dot=dot,
+                                             beta=b)))
+    want = np.sqrt(4.0 - 2 * 0.5 * 3.0 + 0.25 * 4.0)  # ||G||^2 - 2 b <G,h> + b^2 ||h||^2
+    s2 = RoundState(2, POP, 3.0, np.ones(4, bool),
+                    signals=Signals(stale_norm_sq=zeros, beta=beta))
+    sc = alloc.client_scores(s2)
+    assert sc[0, 1] == pytest.approx(want) and sc[3, 2] == pytest.approx(want)
+    assert sc[1, 0] == 4.0  # untouched pairs keep their last score
+    # budget walk: round 2 is sampled with budget = round 1's number of slots
+    captured = {}
+    orig = StaleVREAllocator.__mro__[1].allocate
+
+    def spy(self, state, rng):
+        captured["budget"] = state.budget
+        return orig(self, state, rng)
+
+    StaleVREAllocator.__mro__[1].allocate = spy
+    try:
+        alloc.allocate(s2, rng)
+    finally:
+        StaleVREAllocator.__mro__[1].allocate = orig
+    assert a0.num_slots == 3
+    assert captured["budget"] == a1.num_slots
+    # checkpointed state round-trips
+    other = _stalevre(init="authors", score="authors", budget="walk")
+    other.load_state_dict(alloc.state_dict())
+    np.testing.assert_array_equal(other._score, alloc._score)
+    assert other._last_slots == alloc._last_slots
+
+
+def test_stalevre_paper_state_dict_from_old_checkpoint():
+    alloc = _stalevre()
+    alloc.load_state_dict({})  # checkpoints written before these options
+    assert alloc._last_slots == -1
+
+
+def test_variant_defaults_per_option():
+    entry = registry.get("sampler", "stalevre")
+    paper = registry.resolve_options("sampler", {}, entry.options)
+    authors = registry.resolve_options("sampler", {}, entry.options, "authors")
+    assert paper == {"b0": 0.9, "init": "full", "score": "stored", "budget": "fixed"}
+    assert authors == {"b0": 1.0, "init": "authors", "score": "authors", "budget": "walk"}
+    given = registry.resolve_options("sampler", {"b0": 0.8}, entry.options, "authors")
+    assert given["b0"] == 0.8 and given["init"] == "authors"  # an explicit option wins
+    for name, key, value in (("random", "probability", "authors"), ("random", "draw", "fixed"),
+                             ("lvr", "loss_weighting", "authors"), ("gvr", "d_index", "authors"),
+                             ("fairvr", "loss_weighting", "authors"),
+                             ("fedfair", "loss_proxy", "error")):
+        opts = registry.get("sampler", name).options
+        assert registry.resolve_options("s", {}, opts, "authors")[key] == value
+        assert registry.resolve_options("s", {}, opts)[key] != value
+
+
+def test_stalevre_aggregator_b0_follows_the_variant():
+    agg = registry.get("aggregator", "stalevre")
+    assert registry.resolve_options("s", {}, agg.options, "authors")["b0"] == 1.0
+    assert isinstance(UnbiasedAggregator({}, POP), UnbiasedAggregator)
