@@ -164,3 +164,19 @@ def test_paper1_authors_configs(name):
         assert (t.test_samples, t.test_subset) == (3000, "first")
         assert t.dataset_options["normalize"] == "half"
     assert cfg.variant == ("authors" if name == "paper1_authors" else "paper")
+
+
+@pytest.mark.parametrize("sampler", ["fedfair", "fairvr"])
+def test_fair_refresh_every_round_matches_evaluating_every_round(tmp_path, sampler):
+    def accs(eval_every, refresh):
+        out = tmp_path / f"{eval_every}{refresh}"
+        cfg = _cfg(tmp_path, [f"eval_every={eval_every}", f"sampler.refresh={refresh}",
+                              "sampler.alpha=8"],
+                   sampler=sampler, rounds=6)
+        mmfl.run(cfg, out)
+        rows = mmfl.read_results(out).metrics
+        return [(r["round"], r["task"], r["accuracy"]) for r in rows if r["round"] in ("3", "6")]
+
+    every = accs(1, "evaluation")
+    assert accs(3, "round") == every          # fresh f_s: the same allocations
+    assert accs(3, "evaluation") != every     # stale f_s (the default): other allocations

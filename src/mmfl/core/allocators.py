@@ -55,10 +55,13 @@ class Allocator:
         default_aggregator: registry name of the aggregator used when the config says "default".
         needs_task_losses: when True the runner fills ``RoundState.task_losses`` and
             ``RoundState.task_accuracies`` (latest test-split values, (S,)) before allocating.
+        needs_fresh_task_losses: when True those values are of the current global models: the
+            runner evaluates them before allocating if the previous round was not evaluated.
     """
 
     default_aggregator: str = "unbiased"
     needs_task_losses: bool = False
+    needs_fresh_task_losses: bool = False
     #: signals the runner gathers before :meth:`allocate` (see :class:`~mmfl.types.Signals`):
     #: "local_loss" (probe the global model on the pairs of :meth:`probe_pairs`), "updates"
     #: (full computation: every eligible pair trains and reports ||G|| / eta), "stale" (keep a
@@ -603,6 +606,11 @@ FAIR_OPTIONS = {
                          "as in the authors' code.", authors="error"),
     "weights": Option(str, "uniform", "one of uniform|data",
                       "uniform: w_s = 1; data: w_s = model s's share of all samples."),
+    "refresh": Option(str, "evaluation", "one of evaluation|round",
+                      "evaluation: f_s from the latest evaluation (stale by up to eval_every - 1 "
+                      "rounds); round: the runner evaluates the global models before every "
+                      "allocation whose previous round was not evaluated (as the authors' code, "
+                      "which evaluates every round).", authors="round"),
 }
 
 
@@ -625,6 +633,10 @@ class FairAllocator(Allocator):
 
     default_aggregator = "average"
     needs_task_losses = True
+
+    def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
+        super().__init__(options, population, seed)
+        self.needs_fresh_task_losses = self.options.get("refresh", "evaluation") == "round"
 
     def _losses(self, state: RoundState) -> np.ndarray:
         s_count = state.population.num_tasks

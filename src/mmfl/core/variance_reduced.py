@@ -309,6 +309,7 @@ class FairVRAllocator(_LossScores, Allocator):
         super().__init__(options, population, seed)
         self._init_cache()
         self._fair = FairAllocator(options, population, seed)
+        self.needs_fresh_task_losses = self._fair.needs_fresh_task_losses
 
     def budgets(self, state: RoundState) -> np.ndarray:
         """(S,) m_s = m * pi_s."""

@@ -161,7 +161,7 @@ _NEW_KEYS = (
     ("tasks", "class_mask", "none"), ("tasks", "test_subset", "random"),
     ("tasks.dataset_options", "normalize", "standard"),
     ("sampler", "d_index", "paper"), ("sampler", "init", "full"), ("sampler", "score", "stored"),
-    ("sampler", "budget", "fixed"),
+    ("sampler", "budget", "fixed"), ("sampler", "refresh", "evaluation"),
 )
 
 

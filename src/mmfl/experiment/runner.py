@@ -421,6 +421,9 @@ class Runner:
         cfg, pop = self.cfg, self.federation.population
         t_start = time.perf_counter()
         available = self._availability(t)
+        if self.allocator.needs_fresh_task_losses and t > 0 and (
+                not st.history or st.history[-1][0] != t):  # round t-1 was not evaluated
+            st.task_accuracies, st.task_losses = self.engine.evaluate(st.params)
         state = RoundState(t, pop, float(self.federation.budget), available, None,
                            st.task_losses, st.task_accuracies,
                            task_active=self._task_active(t))
