@@ -113,9 +113,8 @@ def test_new_keys_stay_out_of_config_toml_unless_set(tmp_path):
         assert key not in d
     assert "class_mask" not in d["tasks"][0] and "test_subset" not in d["tasks"][0]
     assert "processor_levels" not in d["clients"]
-    d = _cfg(tmp_path, ["variant=authors", "sampler.name=stalevre"]).to_dict()
-    assert d["variant"] == "authors"
-    assert d["sampler"]["init"] == "authors" and d["sampler"]["b0"] == 1.0
+    d = _cfg(tmp_path, ["variant=authors", "sampler.name=gvr"]).to_dict()
+    assert d["variant"] == "authors" and d["sampler"]["d_index"] == "authors"
 
 
 SAMPLERS = sorted(registry.names("sampler"))
@@ -128,8 +127,12 @@ def test_every_sampler_runs_with_the_authors_variant(tmp_path, sampler):
     assert summary["status"] == "completed"
 
 
-def test_stalevre_authors_costs_one_full_computation_before_round_1(tmp_path):
-    cfg = _cfg(tmp_path, ["variant=authors"], sampler="stalevre", rounds=3)
+MAIN_PY_STALEVRE = ["sampler.init=random", "sampler.score=last", "sampler.budget=walk",
+                    "sampler.b0=1.0"]
+
+
+def test_stalevre_random_init_costs_one_full_computation_before_round_1(tmp_path):
+    cfg = _cfg(tmp_path, MAIN_PY_STALEVRE, sampler="stalevre", rounds=3)
     mmfl.run(cfg, tmp_path / "r")
     rows = mmfl.read_results(tmp_path / "r").rounds
     fed = build_federation(cfg)
@@ -139,8 +142,8 @@ def test_stalevre_authors_costs_one_full_computation_before_round_1(tmp_path):
     assert int(rows[2]["local_trainings"]) < pairs              # then stored scores only
 
 
-def test_stalevre_authors_resume_is_exact(tmp_path):
-    cfg = _cfg(tmp_path, ["variant=authors"], sampler="stalevre", rounds=4)
+def test_stalevre_main_py_path_resume_is_exact(tmp_path):
+    cfg = _cfg(tmp_path, MAIN_PY_STALEVRE, sampler="stalevre", rounds=4)
     mmfl.run(cfg, tmp_path / "a")
     short = cfg.replace(rounds=2)
     mmfl.run(short, tmp_path / "b")

@@ -28,8 +28,8 @@ from mmfl.types import AggregationPlan, Assignment, Population, RoundState
 B0 = Option(float, 0.9, "0..1",
             "beta of a pair right after it was active (StaleVRE's b0; 0.9 as in the authors' "
             "one-model-per-client code: with 1.0 and score = stored, a pair whose beta never "
-            "decays scores 0 and is never sampled again); 1.0 in the authors' multi-model code",
-            authors=1.0)
+            "decays scores 0 and is never sampled again); 0.9 in the authors' main2.py, which "
+            "their StaleVRE experiments run (1.0 in main.py's approximation path)")
 BETA = Option(float, 0.5, "0..1", "fixed stale-update coefficient beta (FedStale)")
 
 

@@ -192,20 +192,20 @@ class StaleVRAllocator(OptimalAllocator):
 
 STALEVRE_OPTIONS = {
     "b0": B0,
-    "init": Option(str, "full", "one of full|authors",
+    "init": Option(str, "full", "one of full|random",
                    "round 0: full: every pair trains once (every h filled, the full update); "
-                   "authors: a random round (exactly m processors, weights d S / C: the "
-                   "authors' random rule), then one full computation before round 1 gives the "
-                   "first scores, and h fills as pairs become active", authors="authors"),
-    "score": Option(str, "stored", "one of stored|authors",
-                    "stored: (1 - betahat) ||h|| / eta from the store every round; authors: "
-                    "||G - betahat h|| / eta computed by the server when the pair was last "
-                    "aggregated (from the round-0/1 full computation before that), kept until "
-                    "the pair is active again", authors="authors"),
+                   "random: the authors' main.py approximation path, a random round (exactly m "
+                   "processors, weights d S / C: their random rule), then one full computation "
+                   "before round 1 gives the first scores, and h fills as pairs become active"),
+    "score": Option(str, "stored", "one of stored|last",
+                    "stored: (1 - betahat) ||h|| / eta from the store every round; last: the "
+                    "authors' main.py approximation path, ||G - betahat h|| / eta computed by "
+                    "the server when the pair was last aggregated (from the full computation "
+                    "before that), kept until the pair is active again"),
     "budget": Option(str, "fixed", "one of fixed|walk",
                      "fixed: budget m every round; walk: round t+1 is sampled with the number "
-                     "of active slots of round t as its budget, as the authors' code does (a "
-                     "random walk that starts at m)", authors="walk"),
+                     "of active slots of round t as its budget, as the authors' main.py "
+                     "approximation path does (a random walk that starts at m)"),
 }
 
 
@@ -216,16 +216,23 @@ class StaleVREAllocator(OptimalAllocator):
     active pairs; aggregated with StaleVRE's decaying betahat (section 6).
 
     Scores (option ``score``): "stored" (default) = (1 - betahat) ||h|| / eta_s, estimating
-    ||G - betahat h|| with the stored update h standing in for G; "authors" = ||G - betahat h||
-    / eta_s evaluated by the server on the pair's last upload (G, the h stored before it and the
+    ||G - betahat h|| with the stored update h standing in for G; "last" = ||G - betahat h|| /
+    eta_s evaluated by the server on the pair's last upload (G, the h stored before it and the
     betahat it was aggregated with), kept until the pair is active again.
 
     Round 0 (option ``init``): "full" (default) is full participation (every client trains
-    every model once, so every pair has an h); "authors" is a random round with the authors'
+    every model once, so every pair has an h); "random" is a random round with the authors'
     random rule (exactly m processors, weights d S / C, see :class:`RandomAllocator`) and a full
     computation before round 1 whose ||G|| / eta_s are the first scores; h fills as pairs become
     active. Budget (option ``budget``): "walk" samples round t+1 with the number of round t's
-    active slots as m (the authors' code), "fixed" always with m.
+    active slots as m, "fixed" always with m.
+
+    ``init = "random"``, ``score = "last"``, ``budget = "walk"`` and ``b0 = 1`` are the
+    ``--approximation --stale`` path of the authors' ``main.py`` (commit 59e4b2c), which their
+    scripts never ran (it stops on a missing argument); their StaleVRE experiments run
+    ``main2.py``, whose variant (a random probe set trained every round) is documented in
+    docs/reproduction.md and is not this class. ``variant = "authors"`` therefore leaves these
+    options at the papers' values.
 
     A pair without a score (a client that joined later, or no h under "stored") gets its task's
     largest score so that it is explored.
@@ -238,19 +245,19 @@ class StaleVREAllocator(OptimalAllocator):
         super().__init__(options, population, seed)
         self._score = np.full(population.n_samples.shape, np.nan)
         self._last_slots = -1
-        self.observes = self._opt("score") == "authors"
+        self.observes = self._opt("score") == "last"
 
     def _opt(self, name: str) -> str:
         return str(self.options.get(name, STALEVRE_OPTIONS[name].default))
 
     def requires_at(self, round):
-        if round == 1 and self._opt("init") == "authors":
+        if round == 1 and self._opt("init") == "random":
             return self.requires | {"updates"}
         return self.requires
 
     def allocate(self, state, rng):
         if state.round == 0:
-            if self._opt("init") == "authors":
+            if self._opt("init") == "random":
                 opts = {"draw": "fixed", "probability": "authors"}
                 a = RandomAllocator(opts, self.population, self.seed).allocate(state, rng)
             else:
@@ -264,8 +271,8 @@ class StaleVREAllocator(OptimalAllocator):
 
     def client_scores(self, state):
         sig = state.signals
-        if self._opt("score") == "authors":
-            if sig.update_norm is not None:  # a full computation (init = "authors", round 1)
+        if self._opt("score") == "last":
+            if sig.update_norm is not None:  # a full computation (init = "random", round 1)
                 self._score = np.where(np.isnan(sig.update_norm), self._score, sig.update_norm)
             score = np.nan_to_num(self._score, nan=0.0)
             unseen = state.eligible & np.isnan(self._score)
@@ -278,7 +285,7 @@ class StaleVREAllocator(OptimalAllocator):
         return np.where(unseen, top[None, :], score)
 
     def observe(self, clients, tasks, state):
-        if self._opt("score") != "authors" or len(clients) == 0:
+        if self._opt("score") != "last" or len(clients) == 0:
             return
         sig = state.signals
         g2 = np.square(_require(sig.update_norm, "update_norm")[clients, tasks])
