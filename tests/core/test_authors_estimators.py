@@ -164,9 +164,10 @@ def test_variant_defaults_per_option():
     entry = registry.get("sampler", "stalevre")
     paper = registry.resolve_options("sampler", {}, entry.options)
     authors = registry.resolve_options("sampler", {}, entry.options, "authors")
-    assert paper == {"b0": 0.9, "init": "full", "score": "stored", "budget": "fixed"}
+    assert paper == {"b0": 0.9, "schedule": "paper", "init": "full", "score": "stored",
+                     "budget": "fixed"}
     # main.py's approximation path is named options only (their scripts ran main2.py)
-    assert authors == paper
+    assert authors == {**paper, "schedule": "authors"}
     entry = registry.get("sampler", "random")
     given = registry.resolve_options("sampler", {"draw": "independent"}, entry.options, "authors")
     assert given == {"draw": "independent", "probability": "authors"}  # an explicit option wins
@@ -182,3 +183,18 @@ def test_variant_defaults_per_option():
 def test_stalevre_aggregator_b0_is_the_samplers():
     agg = registry.get("aggregator", "stalevre")
     assert registry.resolve_options("s", {}, agg.options, "authors")["b0"] == 0.9
+
+
+@pytest.mark.parametrize("schedule, expect", [
+    ("paper", [0.0, 0.7, 0.5, 0.3, 0.1]),     # b0 - r (t - L), r = 0.2, active in round L = 0
+    ("authors", [0.0, 0.9, 0.7, 0.5, 0.3]),   # b0 - r (t - L - 1): the first decay a round later
+])
+def test_stalevre_schedule(schedule, expect):
+    from mmfl.core.stale import StaleVREAggregator
+
+    pop = Population(np.array([[10]]), np.array([1]), ("a",))
+    agg = StaleVREAggregator({"b0": 0.9, "schedule": schedule}, pop)
+    agg.last[0, 0], agg.rate[0, 0] = 0, 0.2
+    got = [float(agg.beta(RoundState(t, pop, 1.0, np.ones(1, bool)))[0, 0]) if t else 0.0
+           for t in range(5)]
+    np.testing.assert_allclose(got[1:], expect[1:])

@@ -104,16 +104,25 @@ class StaleVRAggregator(StaleAggregator):
         return np.divide(np.nan_to_num(sig.stale_dot), hn, out=np.zeros_like(hn), where=hn > 0)
 
 
-@register("aggregator", "stalevre", options={"b0": B0},
+SCHEDULE = Option(str, "paper", "one of paper|authors",
+                  "StaleVRE's betahat after an activation in round L: paper = b0 - r (t - L) "
+                  "(the decay starts the round after); authors = b0 - r (t - L - 1), the "
+                  "authors' code (their record is reset to b0 after that round's decay, so "
+                  "the first decay comes one round later)", authors="authors")
+
+
+@register("aggregator", "stalevre", options={"b0": B0, "schedule": SCHEDULE},
           doc="Stale-update aggregation with beta decaying linearly in staleness (StaleVRE).")
 class StaleVREAggregator(StaleAggregator):
     """StaleVRE's estimated beta (ALGORITHMS.md section 6).
 
     State per pair: the round ``last`` it was last active (-1 never) and a decay rate r. In round
     t the coefficient is betahat = max(0, b0 - r (t - last)) (equivalently: reset to b0 when
-    active, then betahat <- max(0, betahat - r) every round). When the pair is active again after
-    dt = t - last rounds, beta* = <G_new, h_old> / ||h_old||^2 (beta* = b0 when h_old = 0) and
-    r <- (b0 - beta*) / dt; on its first activation r = 0.
+    active, then betahat <- max(0, betahat - r) every round); with ``schedule = "authors"``
+    betahat = max(0, b0 - r (t - last - 1)) (b0 in the round after the activation, as the
+    authors' code). When the pair is active again after dt = t - last rounds, beta* = <G_new,
+    h_old> / ||h_old||^2 (beta* = b0 when h_old = 0) and r <- (b0 - beta*) / dt; on its first
+    activation r = 0.
     """
 
     def __init__(self, options, population):
@@ -128,6 +137,8 @@ class StaleVREAggregator(StaleAggregator):
 
     def beta(self, state):
         dt = state.round - self.last
+        if self.options.get("schedule", "paper") == "authors":
+            dt = dt - 1
         return np.where(self.last >= 0, np.maximum(0.0, self.b0 - self.rate * dt), 0.0)
 
     def plan(self, assignment, state):

@@ -29,7 +29,7 @@ from mmfl.core.allocators import (FAIR_OPTIONS, Allocator, FairAllocator, FullAl
                                   RandomAllocator, draw, fedfair_distribution, _DRAW_OPT)
 from mmfl.core.probabilities import (optimal_probabilities_info,
                                      optimal_probabilities_per_model_info)
-from mmfl.core.stale import B0, BETA
+from mmfl.core.stale import B0, BETA, SCHEDULE
 from mmfl.registry import Option, register
 from mmfl.rng import stream
 from mmfl.types import Assignment, RoundState
@@ -192,6 +192,7 @@ class StaleVRAllocator(OptimalAllocator):
 
 STALEVRE_OPTIONS = {
     "b0": B0,
+    "schedule": SCHEDULE,
     "init": Option(str, "full", "one of full|random",
                    "round 0: full: every pair trains once (every h filled, the full update); "
                    "random: the authors' main.py approximation path, a random round (exactly m "

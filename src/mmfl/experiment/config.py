@@ -162,6 +162,7 @@ _NEW_KEYS = (
     ("tasks.dataset_options", "normalize", "standard"),
     ("sampler", "d_index", "paper"), ("sampler", "init", "full"), ("sampler", "score", "stored"),
     ("sampler", "budget", "fixed"), ("sampler", "refresh", "evaluation"),
+    ("sampler", "schedule", "paper"),
 )
 
 

@@ -1,0 +1,106 @@
+"""The differential table of docs/reproduction.md: mmfl against the authors' code, per round.
+
+Reads the authors' per-round CSVs (one folder per run, ``<method>_s<seed>/rounds.csv`` with
+columns ``round, seconds, train_seconds, eval_seconds, acc_task0..acc_task{S-1}``, written by
+the logging patch listed in docs/reproduction.md) and mmfl sweep folders (``mmfl sweep ...
+--grid sampler.name=... --seeds ...``: ``sampler.name=<method>/seed=<seed>/metrics.csv`` and
+``timing.csv``), and prints, for each method and side, the mean test accuracy over the models
+and the worst model's accuracy at the chosen rounds as mean ± std over the seeds, and the
+seconds per round (mean over rounds 2.., training + evaluation; round 1 carries start-up work).
+
+    .venv/bin/python scripts/differential.py --authors /path/to/authors_runs \
+        --mmfl runs/diff_authors [--mmfl-label mmfl] --methods random,lvr --rounds 1,5,10,20,30
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from pathlib import Path
+
+import numpy as np
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def authors_run(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(R, S) accuracies and (R,) seconds per round of one run of the authors' code."""
+    rows = _rows(folder / "rounds.csv")
+    tasks = sorted(k for k in rows[0] if k.startswith("acc_task"))
+    acc = np.array([[float(r[k]) for k in tasks] for r in rows])
+    return acc, np.array([float(r["seconds"]) for r in rows])
+
+
+def mmfl_run(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(R, S) accuracies (NaN where a round was not evaluated) and (R,) seconds per round."""
+    rows = _rows(folder / "metrics.csv")
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    rounds = max(int(r["round"]) for r in rows)
+    acc = np.full((rounds, len(tasks)), np.nan)
+    for r in rows:
+        if r["accuracy"] != "":
+            acc[int(r["round"]) - 1, tasks.index(r["task"])] = float(r["accuracy"])
+    secs = np.array([float(r["round_seconds"]) for r in _rows(folder / "timing.csv")])
+    return acc, secs
+
+
+def collect(kind: str, root: Path, method: str, label: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    if kind == "authors":
+        folders = sorted(root.glob(f"{method}_s*"))
+        return [authors_run(f) for f in folders if (f / "rounds.csv").exists()]
+    folders = sorted((root / f"sampler.name={method}").glob("seed=*"))
+    return [mmfl_run(f) for f in folders if (f / "metrics.csv").exists()]
+
+
+def fmt(values: list[float]) -> str:
+    v = np.asarray(values, dtype=float)
+    if len(v) == 0 or np.isnan(v).all():
+        return "-"
+    v = v[~np.isnan(v)]
+    return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def table(sides: list[tuple[str, str, Path]], methods: list[str], rounds: list[int]) -> str:
+    head = ["method", "code", "seeds"] + [f"round {r}: mean / worst" for r in rounds] + ["s/round"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        for label, kind, root in sides:
+            runs = collect(kind, root, m, label)
+            if not runs:
+                continue
+            cells = [m, label, str(len(runs))]
+            for r in rounds:
+                mean = [a[r - 1].mean() for a, _ in runs if len(a) >= r]
+                worst = [a[r - 1].min() for a, _ in runs if len(a) >= r]
+                cells.append(f"{fmt(mean)} / {fmt(worst)}" if mean else "-")
+            secs = [s[1:].mean() if len(s) > 1 else s.mean() for _, s in runs]
+            cells.append(fmt(secs).replace(".000", ""))
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--authors", type=Path, help="folder of the authors' runs")
+    ap.add_argument("--mmfl", type=Path, action="append", default=[],
+                    help="mmfl sweep folder (repeatable)")
+    ap.add_argument("--mmfl-label", action="append", default=[],
+                    help="label of each --mmfl folder (default: mmfl, mmfl 2, ...)")
+    ap.add_argument("--methods", default="random,lvr")
+    ap.add_argument("--rounds", default="1,5,10,20,30")
+    args = ap.parse_args(argv)
+    sides = []
+    if args.authors:
+        sides.append(("authors", "authors", args.authors))
+    for k, root in enumerate(args.mmfl):
+        label = args.mmfl_label[k] if k < len(args.mmfl_label) else ("mmfl" if k == 0 else f"mmfl {k + 1}")
+        sides.append((label, "mmfl", root))
+    print(table(sides, args.methods.split(","), [int(r) for r in args.rounds.split(",")]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
