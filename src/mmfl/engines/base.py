@@ -97,8 +97,34 @@ class Engine:
         their order in ``clients``/``tasks``; every local step of pair k then uses the corrected
         gradient, y <- y - eta_s (g(y) + r_k). None (the default) is plain SGD; all-zero
         corrections give exactly the same result.
+
+        A task whose ``class_mask`` is not ``"none"`` trains on the nll of
+        :func:`~mmfl.tasks.masking.training_log_probs` with the client's held classes
+        (:meth:`held_classes`); :meth:`evaluate` and :meth:`probe_losses` stay unmasked.
         """
         raise NotImplementedError
+
+    def class_mask(self, s: int) -> str:
+        """Task s's ``class_mask`` (``"none"``, ``"zero"`` or ``"exclude"``; see
+        :mod:`mmfl.tasks.masking`): how its local training loss treats absent classes."""
+        return str(getattr(self.federation.tasks[s].config, "class_mask", "none"))
+
+    def held_classes(self, s: int) -> torch.Tensor:
+        """(N, K) bool: True where client i holds a training sample of class c in task s
+        (:func:`~mmfl.tasks.masking.held_class_matrix`). Computed on first use and kept; only
+        the engines' masked training (``class_mask`` other than ``"none"``) asks for it."""
+        from mmfl.tasks.masking import held_class_matrix
+
+        cache = self.__dict__.setdefault("_held_classes", {})
+        if s not in cache:
+            td = self.federation.tasks[s]
+            cache[s] = torch.from_numpy(held_class_matrix(
+                td.client_indices, self.train_y[s].numpy(), self.task_classes(s)))
+        return cache[s]
+
+    def task_classes(self, s: int) -> int:
+        """K_s, the number of classes of task s (its models' output width)."""
+        return int(self.federation.tasks[s].dataset.num_classes)
 
     def apply(self, params: list[torch.Tensor], out: TrainOutput, plan: AggregationPlan,
               store=None) -> list[torch.Tensor]:

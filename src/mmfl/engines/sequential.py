@@ -5,6 +5,8 @@ Batches: in local epoch e of round t, client i shuffles its indices with the e-t
 drawn from ``stream(seed, "shuffle", t, i, s)`` and takes consecutive batches of ``batch_size``
 (the last one may be smaller; ``batch_size >= n_{i,s}`` is full-batch gradient descent).
 With SCAFFOLD corrections r = c_s - c_{i,s} every step is ``p <- p - lr * (grad + r)``.
+A task with ``class_mask`` other than ``"none"`` takes the nll of
+:func:`~mmfl.tasks.masking.training_log_probs` of the output with the client's held classes.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from mmfl.engines.base import Engine, TrainOutput, check_corrections, check_finite
 from mmfl.registry import register
 from mmfl.rng import stream
+from mmfl.tasks.masking import training_log_probs
 
 
 def local_batches(indices: np.ndarray, epochs: int, batch_size: int, seed: int, round: int,
@@ -52,12 +55,17 @@ class SequentialEngine(Engine):
                 corr = [v.view_as(p) for v, p in zip(
                     torch.split(r, [p.numel() for p in model.parameters()]), model.parameters())]
             x, y = self.train_x[s], self.train_y[s]
+            mode = self.class_mask(s)
+            held = None if mode == "none" else self.held_classes(s)[i:i + 1]  # (1, K)
             total = 0.0
             for batch in local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
                                        self.seed, round, i, s):
                 b = torch.from_numpy(batch)
                 model.zero_grad(set_to_none=True)
-                loss = F.nll_loss(model(x[b]), y[b])
+                out = model(x[b])
+                if held is not None:  # class masking (mmfl.tasks.masking), training only
+                    out = training_log_probs(model, out, held, mode)
+                loss = F.nll_loss(out, y[b])
                 loss.backward()
                 with torch.no_grad():
                     if corr is None:

@@ -32,10 +32,20 @@ Three implementations of a step:
   hand-written backward and a fused SGD step. Client chunks keep the activations within
   :data:`ACTIVATION_BUDGET` floats and, for speed, a chunk's working set within
   :data:`CNN_CACHE_BUDGET` floats.
-* Generic path for any other model (``lstm``, user models): ``torch.func.vmap`` over
-  ``grad_and_value`` of a ``functional_call`` of the task's module, with the clients' stacked
-  parameters as the vmapped argument. Large models are processed in client chunks so the
-  stacked parameters and gradients stay within :data:`STACK_BUDGET` floats.
+* Generic path for any other model (``lstm``, ``authors_cnn``, user models):
+  ``torch.func.vmap`` over ``grad_and_value`` of a ``functional_call`` of the task's module,
+  with the clients' stacked parameters as the vmapped argument. Large models are processed in
+  client chunks so the stacked parameters and gradients stay within :data:`STACK_BUDGET` floats.
+  For a model with convolutions the clients of one vmap call are further limited so that their
+  activations stay within :data:`GENERIC_CONV_BUDGET` floats (vmapped convolutions with
+  per-client weights run as grouped convolutions, which slow down once they leave the cache).
+
+Class masking (``tasks[].class_mask`` other than ``"none"``, :mod:`mmfl.tasks.masking`): the
+loss of every client is the nll of :func:`~mmfl.tasks.masking.training_log_probs` of its output
+with its own held classes, a (K_classes,) bool row passed to the vmapped loss as one more
+vmapped argument. Only the generic path implements it: a masked task whose model would take a
+fast path (``logreg``, ``mlp``, ``cnn``) goes through the generic path instead (slower, same
+results as the sequential engine). ``"none"`` tasks are untouched.
 
 Per-client state exists only inside :meth:`VectorizedEngine.train`; between rounds the engine
 holds the global flat vectors only (index arrays into the shared dataset, no per-client copies)
@@ -63,6 +73,7 @@ from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_corrections
 from mmfl.engines.batched_cnn import cnn_spec, train_cnn
 from mmfl.engines.batched_ops import nll_and_grad_, write_updates
 from mmfl.registry import register
+from mmfl.tasks.masking import training_log_probs
 from mmfl.tasks.models import MLP, LogReg
 
 log = logging.getLogger(__name__)
@@ -84,6 +95,15 @@ ACTIVATION_BUDGET = 2**27
 #: ms in chunks of 25 (conv1 forward on 28x28: 97 ms for 100 clients in one call, 14 ms in 25
 #: calls of 4), on the 2-core development VM with 32 MiB of L3.
 CNN_CACHE_BUDGET = 2**22
+
+#: Client chunks of the generic path for a model with convolutions (``authors_cnn``, a masked
+#: ``cnn``, user models) are cut so that the batch rows of one vmap call times the model's
+#: activation floats per sample (:func:`_activation_floats`) stay within this many floats
+#: (2**22 = 16 MiB; at least one client per call). ``authors_cnn`` on 28x28 (38k floats per
+#: sample), one round of 120 clients x 5 full-batch steps of 150 samples on the 2-core
+#: development VM: 70 s in vmap calls of 20 clients (the STACK_BUDGET chunk), 39 s in calls of
+#: one client (the sequential engine: 44 s). Models without convolutions are not cut.
+GENERIC_CONV_BUDGET = 2**22
 
 #: Scratch buffers (the batched-matmul path's stacked weights and weight gradients, and the
 #: staging buffer of updates whose rows of the output are not consecutive) of up to this many
@@ -205,6 +225,28 @@ def client_groups(pairs: np.ndarray, sizes: np.ndarray, batch_size: int,
     return groups
 
 
+def _activation_floats(model: nn.Module, x: torch.Tensor) -> int:
+    """Floats of the outputs of ``model``'s leaf modules for the input batch ``x`` (one sample):
+    an estimate of the activations one sample keeps for the backward pass (functional ops such
+    as ``F.max_pool2d`` are not counted)."""
+    total = 0
+
+    def hook(mod, inputs, output):
+        nonlocal total
+        if isinstance(output, torch.Tensor):
+            total += output.numel()
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
 def _linear_stack(model: nn.Module) -> list[nn.Linear] | None:
     """The Linear layers of a Linear-ReLU-...-Linear-log_softmax model, or None if it is not one.
 
@@ -240,10 +282,13 @@ class VectorizedEngine(Engine):
 
     def __init__(self, federation, *, seed: int, threads: int = 1, fast_path: bool = True):
         super().__init__(federation, seed=seed, threads=threads)
-        self._layers = [_linear_stack(m) if fast_path else None for m in self.models]
-        self._cnn = [cnn_spec(m, tuple(td.dataset.input_shape)) if fast_path else None
-                     for m, td in zip(self.models, federation.tasks)]
+        # the fast paths have no class masking: masked tasks take the generic path
+        fast = [fast_path and self.class_mask(s) == "none" for s in range(self.num_tasks)]
+        self._layers = [_linear_stack(m) if f else None for m, f in zip(self.models, fast)]
+        self._cnn = [cnn_spec(m, tuple(td.dataset.input_shape)) if f else None
+                     for m, td, f in zip(self.models, federation.tasks, fast)]
         self._grad_fns: dict[int, object] = {}
+        self._conv_rows: dict[int, int] = {}
         self._scratch_bufs: dict[str, torch.Tensor] = {}
         for s, (layers, cnn) in enumerate(zip(self._layers, self._cnn)):
             log.debug("task %d: %s path", s,
@@ -277,6 +322,8 @@ class VectorizedEngine(Engine):
                 max_rows = ACTIVATION_BUDGET // cnn.sample_floats
                 per_client = cfg.batch_size * cnn.sample_floats + 2 * cnn.conv_floats
                 chunk = min(chunk, max(1, CNN_CACHE_BUDGET // per_client))
+            elif self._layers[s] is None:
+                max_rows = self._generic_rows(s)
             G = torch.empty((len(sel), D), dtype=w.dtype)
             pos_in_task = np.empty(len(clients), dtype=np.int64)
             pos_in_task[sel] = np.arange(len(sel))
@@ -298,7 +345,9 @@ class VectorizedEngine(Engine):
                     loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s], plan,
                                          cfg.lr, corr, U)
                 else:
-                    loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U)
+                    held = (None if self.class_mask(s) == "none"
+                            else self.held_classes(s)[torch.from_numpy(clients[rows])])
+                    loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U, held)
                 if not direct:
                     G.index_copy_(0, torch.from_numpy(dest), U)
                 steps[rows] = plan.steps
@@ -311,6 +360,18 @@ class VectorizedEngine(Engine):
             updates[s] = G
         return TrainOutput(clients=clients, tasks=tasks, updates=updates, train_loss=losses,
                            steps=steps)
+
+    def _generic_rows(self, s: int) -> int:
+        """Most batch rows per vmap call of the generic path for task s: for a model with
+        convolutions :data:`GENERIC_CONV_BUDGET` // its activation floats per sample, else 0
+        (no limit). Computed on first use (one forward pass of one sample)."""
+        if s not in self._conv_rows:
+            model, x = self.models[s], self.train_x[s]
+            rows = 0
+            if len(x) and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+                rows = max(1, GENERIC_CONV_BUDGET // max(_activation_floats(model, x[:1]), 1))
+            self._conv_rows[s] = rows
+        return self._conv_rows[s]
 
     def _scratch(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """An uninitialised float32 buffer of ``shape`` for one use inside a call; buffers of up
@@ -411,23 +472,36 @@ class VectorizedEngine(Engine):
         return loss_acc.numpy()
 
     def _grad_fn(self, s: int):
-        """vmap over clients of (grad, value) of the weighted nll of the task's module."""
+        """vmap over clients of (grad, value) of the weighted nll of the task's module.
+
+        Arguments per client: parameters, x (Bm, ...), y (Bm,), weights c (Bm,), and for a
+        masked task (``class_mask`` other than ``"none"``) its held classes (K_classes,) bool.
+        """
         if s not in self._grad_fns:
             from torch.func import functional_call, grad_and_value, vmap
 
             model = self.models[s]
+            mode = self.class_mask(s)
 
-            def loss(p, x, y, c):
-                logp = functional_call(model, p, (x,))
-                return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
+            if mode == "none":
+                def loss(p, x, y, c):
+                    logp = functional_call(model, p, (x,))
+                    return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
+            else:
+                def loss(p, x, y, c, m):
+                    logp = training_log_probs(model, functional_call(model, p, (x,)),
+                                              m.unsqueeze(0), mode)
+                    return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
 
             self._grad_fns[s] = vmap(grad_and_value(loss))
         return self._grad_fns[s]
 
     def _train_generic(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
-                       corr: torch.Tensor | None, out: torch.Tensor) -> np.ndarray:
+                       corr: torch.Tensor | None, out: torch.Tensor,
+                       held: torch.Tensor | None = None) -> np.ndarray:
         """vmap(grad(functional_call)) SGD for any model; same arguments and returns as
-        :meth:`_train_linear`."""
+        :meth:`_train_linear`, plus ``held``: for a masked task the clients' (K, K_classes)
+        bool held classes in ``plan.order`` (None for ``class_mask = "none"``)."""
         model = self.models[s]
         K = len(plan.order)
         P: dict[str, torch.Tensor] = {}
@@ -448,7 +522,9 @@ class VectorizedEngine(Engine):
             flat = ib.reshape(-1)
             xb = X.index_select(0, flat).view(k, ib.shape[1], *shape)
             yb = Y.index_select(0, flat).view(k, ib.shape[1])
-            g, value = fn({n: v[:k] for n, v in P.items()}, xb, yb, plan.weight[t, :k])
+            args = (xb, yb, plan.weight[t, :k]) if held is None else (
+                xb, yb, plan.weight[t, :k], held[:k])
+            g, value = fn({n: v[:k] for n, v in P.items()}, *args)
             with torch.no_grad():
                 for n, v in P.items():
                     # out of place: torch.func may return one tensor as the gradient of two

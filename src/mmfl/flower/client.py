@@ -11,11 +11,12 @@ and where that client's data is from its node config:
   message's ``shard-dir``.
 
 Local training is :class:`ShardEngine`: engine ``sequential``'s own ``train`` (the same
-:func:`~mmfl.engines.sequential.local_batches`, SGD step, SCAFFOLD correction and finiteness
-check, imported, not copied) on an engine whose data are the shard's samples, so a ClientApp's
-update equals the ``sequential`` engine's for the same pair bit for bit. Loaded shards are cached
-per process (a Ray actor in simulation serves many messages; in deployment every message starts
-a new ClientApp process, so loading is kept cheap: one ``.npz`` read, models built on demand).
+:func:`~mmfl.engines.sequential.local_batches`, SGD step, SCAFFOLD correction, class
+masking and finiteness check, imported, not copied) on an engine whose data are the shard's
+samples, so a ClientApp's update equals the ``sequential`` engine's for the same pair bit for
+bit. Loaded shards are cached per process (a Ray actor in simulation serves many messages; in
+deployment every message starts a new ClientApp process, so loading is kept cheap: one ``.npz``
+read, models built on demand).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ShardEngine(SequentialEngine):
         for t in shard.tasks:
             cfg = TaskConfig(name=t.name, dataset="", model=t.model, lr=t.lr,
                              local_epochs=t.local_epochs, batch_size=t.batch_size,
-                             model_options=dict(t.model_options))
+                             model_options=dict(t.model_options), class_mask=t.class_mask)
             positions = {shard.client: np.arange(t.num_samples, dtype=np.int64)}
             tasks.append(TaskData(cfg, None, positions))
         self.federation = _ClientFederation(tuple(tasks))
@@ -79,6 +80,10 @@ class ShardEngine(SequentialEngine):
         self.train_x = [_tensor(t.x, np.float32) for t in shard.tasks]
         self.train_y = [_tensor(t.y, np.int64) for t in shard.tasks]
         self.test_x, self.test_y = [], []
+
+    def task_classes(self, s: int) -> int:
+        """K_s from the shard (there is no dataset here); sizes the held-class masks."""
+        return int(self.shard.tasks[s].num_classes)
 
     def need(self, tasks, dims: dict[int, int] | None = None) -> None:
         """Build the models of ``tasks`` (task indices) that are not built yet; ``dims``

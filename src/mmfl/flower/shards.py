@@ -12,7 +12,8 @@ Layout of ``client-<i>.npz`` (plain numpy arrays, no pickle; loading one costs m
 * ``meta``: a 0-d unicode array with a JSON document: ``format`` (``mmfl-shard-1``), ``client``
   (i), ``num_clients`` (N) and ``tasks``: per task s (all S tasks, in config order) ``name``, ``model``, ``model_options``,
   ``input_shape``, ``num_classes``, ``lr``, ``local_epochs``, ``batch_size`` and ``n`` (n_{i,s},
-  0 when the client does not hold the task).
+  0 when the client does not hold the task), and ``class_mask`` only when it is not ``"none"``
+  (so shards of configs without class masking are unchanged).
 * ``x<s>``: (n_{i,s}, *input_shape) the client's training inputs of task s, in the order of its
   index array ``client_indices[i]`` (dtype of the dataset).
 * ``y<s>``: (n_{i,s},) int64 labels.
@@ -42,7 +43,7 @@ class TaskShard:
 
     Attributes:
         index: s, the task's position in the experiment config.
-        name, model, lr, local_epochs, batch_size: from the task's config.
+        name, model, lr, local_epochs, batch_size, class_mask: from the task's config.
         model_options: the model's resolved options (dict).
         input_shape: shape of one input sample; num_classes: K.
         x: (n, *input_shape) training inputs; y: (n,) int64 labels.
@@ -59,6 +60,7 @@ class TaskShard:
     batch_size: int
     x: np.ndarray
     y: np.ndarray
+    class_mask: str = "none"
 
     @property
     def num_samples(self) -> int:
@@ -103,6 +105,9 @@ def write_shards(federation, folder: str | Path) -> list[Path]:
             "lr": float(cfg.lr), "local_epochs": int(cfg.local_epochs),
             "batch_size": int(cfg.batch_size),
         })
+        mask = str(getattr(cfg, "class_mask", "none"))
+        if mask != "none":
+            specs[-1]["class_mask"] = mask
     paths = []
     for i in range(pop.num_clients):
         arrays: dict[str, np.ndarray] = {}
@@ -143,7 +148,8 @@ def load_shard(path: str | Path) -> Shard:
                     model_options=dict(t["model_options"]),
                     input_shape=tuple(t["input_shape"]), num_classes=int(t["num_classes"]),
                     lr=float(t["lr"]), local_epochs=int(t["local_epochs"]),
-                    batch_size=int(t["batch_size"]), x=x, y=y))
+                    batch_size=int(t["batch_size"]), x=x, y=y,
+                    class_mask=str(t.get("class_mask", "none"))))
     except FileNotFoundError:
         raise DataError(f"{path}: client shard not found (write it with "
                         "mmfl.flower.shards.write_shards)") from None

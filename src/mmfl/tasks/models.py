@@ -23,8 +23,8 @@ from mmfl.registry import Option, get, register, resolve_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CNN", "CharLSTM", "MLP", "LogReg", "build_model", "make_cnn", "make_logreg",
-           "make_lstm", "make_mlp", "num_parameters"]
+__all__ = ["CNN", "AuthorsCNN", "CharLSTM", "MLP", "LogReg", "build_model", "make_authors_cnn",
+           "make_cnn", "make_logreg", "make_lstm", "make_mlp", "num_parameters"]
 
 
 def _flat_size(input_shape: Sequence[int]) -> int:
@@ -86,6 +86,75 @@ class CNN(nn.Module):
         return F.log_softmax(self.fc2(x), dim=1)
 
 
+class AuthorsCNN(nn.Module):
+    """The ``MnistCNN`` of the authors' public code (haoran-zh/mmfl-Dec, ``utility/model_list.py``)
+    for "Towards Optimal Heterogeneous Client Sampling in Multi-Model FL", quirks included.
+
+    Layers (on (1, 28, 28) inputs; any (C, H, W) works, flattened size 64 * (H//4) * (W//4)):
+    conv1 = Conv2d(C, 32, 3x3, stride 1, padding 1) -> MaxPool2d(2) -> conv2 = Conv2d(32, 64,
+    3x3, padding 1) -> MaxPool2d(2) -> flatten (64 * 7 * 7 = 3136) -> fc1 = Linear(3136,
+    hidden=512) -> fc2 = Linear(hidden, num_classes) -> ReLU -> Softmax.
+
+    The quirks, kept on purpose: **no nonlinearity** after either convolution nor between fc1
+    and fc2 (the network is piecewise linear only through the max-pools and the final ReLU);
+    the ReLU acts on the logits, and the model's output is the softmax ``q`` of those, which
+    their ``CrossEntropyLoss`` then log-softmaxes again ("double softmax"): the loss is
+    ``-log_softmax(q)[y]`` with q in [0, 1], so it never drops below ``log(1 + (K-1)/e)``
+    (about 1.46 for K = 10) and its gradients are small.
+
+    mmfl's model contract is that ``forward`` returns log-probabilities for ``F.nll_loss``, so
+    :meth:`forward` returns ``log_softmax(q)``: ``nll(forward(x), y)`` is exactly their
+    ``CrossEntropyLoss()(q, y)``, and ``argmax`` (their prediction) is the same. :meth:`scores`
+    returns ``q`` itself, what their loss (and their class masking,
+    :mod:`mmfl.tasks.masking`) sees; :meth:`scores_from_log_probs` recovers it from the output.
+
+    Initialisation as theirs: conv weights ``kaiming_uniform_`` with torch's defaults (a = 0,
+    fan_in, leaky_relu gain: bound sqrt(6 / fan_in)), conv biases torch's default uniform
+    (+-1/sqrt(fan_in)), linear weights ``xavier_normal_``, linear biases 0 (re-initialised
+    after construction, in module order, as their constructor and ``init_param`` do).
+    """
+
+    def __init__(self, input_shape: Sequence[int], num_classes: int, hidden: int = 512):
+        super().__init__()
+        c, h, w = (int(d) for d in input_shape)
+        self.conv1 = nn.Conv2d(c, 32, kernel_size=3, stride=1, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, kernel_size=3, stride=1, padding=1)
+        self.fc1 = nn.Linear(64 * (h // 2 // 2) * (w // 2 // 2), hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+        for m in self.modules():
+            if type(m) is nn.Conv2d:
+                nn.init.kaiming_uniform_(m.weight)
+            elif type(m) is nn.Linear:
+                nn.init.xavier_normal_(m.weight)
+        for m in self.modules():
+            if type(m) is nn.Linear:
+                nn.init.zeros_(m.bias)
+
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, num_classes) ``q = softmax(relu(fc2(fc1(features))))``, the
+        authors' model output (probabilities; their loss log-softmaxes them again)."""
+        x = F.max_pool2d(self.conv1(x), 2)
+        x = F.max_pool2d(self.conv2(x), 2)
+        x = self.fc2(self.fc1(x.flatten(1)))
+        return F.softmax(F.relu(x), dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, H, W) -> (B, num_classes) log-probabilities ``log_softmax(q)``."""
+        return F.log_softmax(self.scores(x), dim=1)
+
+    @staticmethod
+    def scores_from_log_probs(logp: torch.Tensor) -> torch.Tensor:
+        """The scores q (..., K) from this model's output ``logp = log_softmax(q)`` (..., K).
+
+        ``logp = q - logsumexp(q)`` and ``sum(q) = 1``, so ``q = logp - mean(logp) + 1/K``
+        (exact up to float rounding, about 1e-7 in float32). Pure tensor arithmetic, so it
+        runs inside ``torch.func.vmap`` / ``functional_call``; gradients through it equal those
+        through q (the softmax's backward removes the constant component the mean subtracts).
+        """
+        k = logp.shape[-1]
+        return logp - logp.mean(dim=-1, keepdim=True) + 1.0 / k
+
+
 @register("model", "logreg", options={})
 def make_logreg(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Logistic regression on the flattened input."""
@@ -117,6 +186,21 @@ def make_cnn(options: dict, input_shape: tuple[int, ...], num_classes: int) -> n
     if len(shape) != 3 or shape[1] < 4 or shape[2] < 4:
         raise ConfigError("model", "cnn needs image input (C, H, W) with H, W >= 4", shape)
     return CNN(shape, num_classes, hidden=int(options.get("hidden", 512)))
+
+
+@register(
+    "model",
+    "authors_cnn",
+    options={"hidden": Option(int, 512, "> 0", "width of fc1")},
+)
+def make_authors_cnn(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The authors' MnistCNN (haoran-zh/mmfl-Dec), quirks included: two 3x3 conv + pool layers
+    without ReLU, fc 512 without ReLU, ReLU + softmax on the logits (see :class:`AuthorsCNN`)."""
+    shape = tuple(int(d) for d in input_shape)
+    if len(shape) != 3 or shape[1] < 4 or shape[2] < 4:
+        raise ConfigError("model", "authors_cnn needs image input (C, H, W) with H, W >= 4",
+                          shape)
+    return AuthorsCNN(shape, num_classes, hidden=int(options.get("hidden", 512)))
 
 
 def build_model(
