@@ -239,17 +239,26 @@ def _count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
         return int(counter.get_total_flops())
+
+    def flops(mod, output) -> int:
+        if isinstance(mod, torch.nn.Linear):
+            return 2 * mod.in_features * mod.out_features * (output.numel() // mod.out_features)
+        return 2 * mod.weight[0].numel() * output.numel()  # conv: Cin/groups * kernel per output
+
+    return sum_over_forward(model, x, [m for m in model.modules() if isinstance(m, _COUNTED)],
+                            flops)
+
+
+def sum_over_forward(model: torch.nn.Module, x: torch.Tensor, modules, count) -> int:
+    """One no-grad forward pass of ``model`` on ``x`` with a hook on each of ``modules``;
+    returns the sum of ``count(module, output)`` over the modules' calls."""
     total = 0
 
     def hook(mod, inputs, output):
         nonlocal total
-        if isinstance(mod, torch.nn.Linear):
-            total += 2 * mod.in_features * mod.out_features * (output.numel() // mod.out_features)
-        else:  # convolution: each output element uses Cin/groups * kernel weights
-            per_out = mod.weight[0].numel()
-            total += 2 * per_out * output.numel()
+        total += int(count(mod, output))
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _COUNTED)]
+    handles = [m.register_forward_hook(hook) for m in modules]
     try:
         with torch.no_grad():
             model(x)

@@ -69,7 +69,8 @@ from torch import nn
 from torch.nn.utils import vector_to_parameters
 
 from mmfl import rng
-from mmfl.engines.base import EVAL_BATCH, Engine, TrainOutput, check_corrections, check_finite
+from mmfl.engines.base import (EVAL_BATCH, Engine, TrainOutput, check_corrections, check_finite,
+                               sum_over_forward)
 from mmfl.engines.batched_cnn import cnn_spec, train_cnn
 from mmfl.engines.batched_ops import nll_and_grad_, write_updates
 from mmfl.registry import register
@@ -229,22 +230,9 @@ def _activation_floats(model: nn.Module, x: torch.Tensor) -> int:
     """Floats of the outputs of ``model``'s leaf modules for the input batch ``x`` (one sample):
     an estimate of the activations one sample keeps for the backward pass (functional ops such
     as ``F.max_pool2d`` are not counted)."""
-    total = 0
-
-    def hook(mod, inputs, output):
-        nonlocal total
-        if isinstance(output, torch.Tensor):
-            total += output.numel()
-
     leaves = [m for m in model.modules() if not any(True for _ in m.children())]
-    handles = [m.register_forward_hook(hook) for m in leaves]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return total
+    return sum_over_forward(model, x, leaves,
+                            lambda mod, out: out.numel() if isinstance(out, torch.Tensor) else 0)
 
 
 def _linear_stack(model: nn.Module) -> list[nn.Linear] | None:
