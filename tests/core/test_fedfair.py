@@ -103,7 +103,8 @@ def test_registration_and_flags():
     assert e.options["alpha"].default == 3.0
     assert FairAllocator.needs_task_losses and FairAllocator.default_aggregator == "average"
     opts = registry.resolve_options("sampler", {"alpha": 1}, e.options)
-    assert opts == {"alpha": 1.0, "loss_proxy": "loss", "weights": "uniform", "draw": "independent"}
+    assert opts == {"alpha": 1.0, "loss_proxy": "loss", "weights": "uniform", "refresh": "evaluation",
+                    "draw": "independent"}
 
 
 def test_huge_alpha_picks_the_worst_model_without_nan():
