@@ -5,11 +5,12 @@ columns ``round, seconds, train_seconds, eval_seconds, acc_task0..acc_task{S-1}`
 the logging patch listed in docs/reproduction.md) and mmfl sweep folders (``mmfl sweep ...
 --grid sampler.name=... --seeds ...``: ``sampler.name=<method>/seed=<seed>/metrics.csv`` and
 ``timing.csv``), and prints, for each method and side, the mean test accuracy over the models
-and the worst model's accuracy at the chosen rounds as mean ± std over the seeds, and the
-seconds per round (mean over rounds 2.., training + evaluation; round 1 carries start-up work).
+and the worst model's accuracy at the chosen rounds (and, with ``--window``, their means over
+a window of rounds) as mean ± std over the seeds, and the seconds per round (mean over rounds 2.., training + evaluation; round 1 carries start-up work).
 
     .venv/bin/python scripts/differential.py --authors /path/to/authors_runs \
-        --mmfl runs/diff_authors [--mmfl-label mmfl] --methods random,lvr --rounds 1,5,10,20,30
+        --mmfl runs/diff_authors [--mmfl-label mmfl] --methods random,lvr --rounds 1,5,10,20,30 \
+        [--window 21-30]
 """
 
 from __future__ import annotations
@@ -63,8 +64,12 @@ def fmt(values: list[float]) -> str:
     return f"{v.mean():.3f} ± {v.std(ddof=1):.3f}" if len(v) > 1 else f"{v[0]:.3f}"
 
 
-def table(sides: list[tuple[str, str, Path]], methods: list[str], rounds: list[int]) -> str:
-    head = ["method", "code", "seeds"] + [f"round {r}: mean / worst" for r in rounds] + ["s/round"]
+def table(sides: list[tuple[str, str, Path]], methods: list[str], rounds: list[int],
+          window: tuple[int, int] | None = None) -> str:
+    head = ["method", "code", "seeds"] + [f"round {r}: mean / worst" for r in rounds]
+    if window:
+        head.append(f"rounds {window[0]}-{window[1]}: mean / worst")
+    head.append("s/round")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in methods:
         for label, kind, root in sides:
@@ -76,6 +81,12 @@ def table(sides: list[tuple[str, str, Path]], methods: list[str], rounds: list[i
                 mean = [a[r - 1].mean() for a, _ in runs if len(a) >= r]
                 worst = [a[r - 1].min() for a, _ in runs if len(a) >= r]
                 cells.append(f"{fmt(mean)} / {fmt(worst)}" if mean else "-")
+            if window:
+                a, b = window
+                done = [acc for acc, _ in runs if len(acc) >= b]
+                mean = [np.nanmean(acc[a - 1:b].mean(axis=1)) for acc in done]
+                worst = [np.nanmean(acc[a - 1:b].min(axis=1)) for acc in done]
+                cells.append(f"{fmt(mean)} / {fmt(worst)}" if done else "-")
             secs = [s[1:].mean() if len(s) > 1 else s.mean() for _, s in runs]
             cells.append(fmt(secs).replace(".000", ""))
             lines.append("| " + " | ".join(cells) + " |")
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="label of each --mmfl folder (default: mmfl, mmfl 2, ...)")
     ap.add_argument("--methods", default="random,lvr")
     ap.add_argument("--rounds", default="1,5,10,20,30")
+    ap.add_argument("--window", default="", help="FIRST-LAST: also the mean over these rounds "
+                    "(runs that reached LAST)")
     args = ap.parse_args(argv)
     sides = []
     if args.authors:
@@ -98,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     for k, root in enumerate(args.mmfl):
         label = args.mmfl_label[k] if k < len(args.mmfl_label) else ("mmfl" if k == 0 else f"mmfl {k + 1}")
         sides.append((label, "mmfl", root))
-    print(table(sides, args.methods.split(","), [int(r) for r in args.rounds.split(",")]))
+    window = tuple(int(v) for v in args.window.split("-")) if args.window else None
+    rounds = [int(r) for r in args.rounds.split(",")] if args.rounds else []
+    print(table(sides, args.methods.split(","), rounds, window))
     return 0
 
 

@@ -404,14 +404,14 @@ def test_flop_count_matches_pytorch_flop_counter(name, shape):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmfl.engines.base import _count_flops
+    from mmfl.engines.base import count_flops
     from mmfl.tasks.models import build_model
 
     model = build_model(name, {}, shape, 10, 0)
     x = torch.zeros(1, *shape)
     with FlopCounterMode(display=False) as counter:
         model(x)
-    assert _count_flops(model, x) == counter.get_total_flops() > 0
+    assert count_flops(model, x) == counter.get_total_flops() > 0
 
 
 @pytest.mark.parametrize("fast_path", [True, False])

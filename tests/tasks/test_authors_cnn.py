@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mmfl import registry
-from mmfl.engines.base import _count_flops
+from mmfl.engines.base import count_flops
 from mmfl.errors import ConfigError
 from mmfl.tasks.models import AuthorsCNN, build_model, num_parameters
 
@@ -132,7 +132,7 @@ def test_flop_count_is_analytic(model):
     """Only Conv2d/Linear carry parameters, so the analytic counter applies: 2 FLOPs per
     multiply-add of conv1 (28x28 outputs), conv2 (14x14 outputs), fc1, fc2."""
     want = 2 * (32 * 9 * 28 * 28 + 64 * 32 * 9 * 14 * 14 + 3136 * 512 + 512 * 10)
-    assert _count_flops(model, _x(1)) == want
+    assert count_flops(model, _x(1)) == want
 
 
 def test_vectorized_fast_paths_decline_it(model):

@@ -183,7 +183,7 @@ class Engine:
         out = []
         for s, model in enumerate(self.models):
             x = self.test_x[s][:1] if len(self.test_x[s]) else self.train_x[s][:1]
-            out.append(float(max(_count_flops(model, x), 1)))
+            out.append(float(max(count_flops(model, x), 1)))
         return out
 
     def num_parameters(self) -> list[int]:
@@ -229,8 +229,9 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
 _COUNTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
 
-def _count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Forward FLOPs of ``model`` on the batch ``x`` (one sample)."""
+def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
+    """Forward FLOPs of ``model`` on the batch ``x`` (one sample): analytic for models built
+    from Linear and Conv layers, PyTorch's FLOP counter otherwise."""
     counted = sum(p.numel() for m in model.modules() if isinstance(m, _COUNTED)
                   for p in m.parameters(recurse=False))
     if counted != sum(p.numel() for p in model.parameters()):
