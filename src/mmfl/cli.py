@@ -499,7 +499,8 @@ def _cmd_components(args) -> int:
             print(f"  {name:14s} {doc}")
             for oname, o in options.items():
                 rule = f" [{o.check}]" if o.check else ""
-                print(f"      {oname} = {o.default!r}{rule}  {o.doc}")
+                theirs = f" (variant authors: {o.authors!r})" if o.authors is not None else ""
+                print(f"      {oname} = {o.default!r}{rule}{theirs}  {o.doc}")
     return 0
 
 
