@@ -97,6 +97,10 @@ class Signals:
         stale_dot: <G_{i,s}, h_{i,s}> / eta_s^2 with the stored stale update h (StaleVR).
         stale_norm_sq: ||h_{i,s}||^2 / eta_s^2 (0 where nothing is stored yet).
         beta: beta_{i,s}, the stale-update coefficient the aggregator will use (section 6).
+        probe_norm_sq: ||G~_{i,s}||^2 / eta_s^2 of each pair's latest probe update G~ (a random
+            probe set trains before sampling, StaleVRE's ``score = "probe"``); 0 where never
+            probed.
+        probe_dot: <G~_{i,s}, h_{i,s}> / eta_s^2 (0 where either is missing).
     """
 
     local_loss: np.ndarray | None = None
@@ -104,6 +108,8 @@ class Signals:
     stale_dot: np.ndarray | None = None
     stale_norm_sq: np.ndarray | None = None
     beta: np.ndarray | None = None
+    probe_norm_sq: np.ndarray | None = None
+    probe_dot: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

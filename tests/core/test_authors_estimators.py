@@ -166,8 +166,8 @@ def test_variant_defaults_per_option():
     authors = registry.resolve_options("sampler", {}, entry.options, "authors")
     assert paper == {"b0": 0.9, "schedule": "paper", "init": "full", "score": "stored",
                      "budget": "fixed"}
-    # main.py's approximation path is named options only (their scripts ran main2.py)
-    assert authors == {**paper, "schedule": "authors"}
+    # main2.py's choices (their StaleVRE experiments); main.py's path is named options only
+    assert authors == {**paper, "schedule": "authors", "init": "computation", "score": "probe"}
     entry = registry.get("sampler", "random")
     given = registry.resolve_options("sampler", {"draw": "independent"}, entry.options, "authors")
     assert given == {"draw": "independent", "probability": "authors"}  # an explicit option wins
@@ -198,3 +198,34 @@ def test_stalevre_schedule(schedule, expect):
     got = [float(agg.beta(RoundState(t, pop, 1.0, np.ones(1, bool)))[0, 0]) if t else 0.0
            for t in range(5)]
     np.testing.assert_allclose(got[1:], expect[1:])
+
+
+def test_stalevre_probe_scores_hand_worked():
+    alloc = _stalevre(init="computation", score="probe")
+    assert alloc.requires == {"stale", "probe"}
+    assert alloc.requires_at(0) == {"stale", "updates"}  # round 0: every pair trains once
+    assert alloc.requires_at(1) == {"stale", "probe"}
+    # round 0 is sampled optimally from the full computation's norms
+    norm = np.where(POP.holds, [[1.0, 2, 3], [4, 0, 5], [0, 6, 0], [7, 8, 9]], np.nan)
+    s0 = RoundState(0, POP, 3.0, np.ones(4, bool), signals=Signals(update_norm=norm))
+    np.testing.assert_allclose(alloc.client_scores(s0), np.nan_to_num(norm))
+    # later: ||G~ - beta h|| / eta from the probe and stale stores
+    g2 = np.array([[4.0, 0, 0], [0, 0, 0], [0, 9, 0], [1, 0, 0]])    # ||G~||^2 (0: never probed)
+    h2 = np.array([[4.0, 1, 0], [0, 0, 0], [0, 0, 0], [1, 0, 0]])    # ||h||^2
+    dot = np.array([[3.0, 0, 0], [0, 0, 0], [0, 0, 0], [1, 0, 0]])   # <G~, h>
+    beta = np.full((4, 3), 0.5)
+    s1 = RoundState(1, POP, 3.0, np.ones(4, bool), signals=Signals(
+        probe_norm_sq=g2, probe_dot=dot, stale_norm_sq=h2, beta=beta))
+    sc = alloc.client_scores(s1)
+    assert sc[0, 0] == pytest.approx(np.sqrt(4 - 2 * 0.5 * 3 + 0.25 * 4))
+    assert sc[0, 1] == pytest.approx(0.5)        # never probed: beta ||h||
+    assert sc[2, 1] == pytest.approx(3.0)        # probed, no h: ||G~||
+    assert sc[3, 0] == pytest.approx(np.sqrt(1 - 1 + 0.25))
+    assert sc[1, 0] == 0.0                       # neither: 0, never sampled (as main2.py)
+
+
+def test_stalevre_probe_set_is_the_authors_random_draw():
+    alloc = _stalevre(init="computation", score="probe")
+    clients, tasks = alloc.probe_set(RoundState(1, POP, 3.0, np.ones(4, bool)),
+                                     np.random.default_rng(0))
+    assert 1 <= len(clients) <= 3 and POP.holds[clients, tasks].all()

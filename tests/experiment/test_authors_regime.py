@@ -183,3 +183,21 @@ def test_fair_refresh_every_round_matches_evaluating_every_round(tmp_path, sampl
     every = accs(1, "evaluation")
     assert accs(3, "round") == every          # fresh f_s: the same allocations
     assert accs(3, "evaluation") != every     # stale f_s (the default): other allocations
+
+
+def test_stalevre_authors_main2_costs_and_resume(tmp_path):
+    """variant = authors: round 0 trains every pair once, later rounds a probe set and the
+    sampled pairs; the probe store is checkpointed, so a resumed run equals a whole one."""
+    cfg = _cfg(tmp_path, ["variant=authors"], sampler="stalevre", rounds=4)
+    assert cfg.sampler.options["score"] == "probe"
+    mmfl.run(cfg, tmp_path / "a")
+    rows = mmfl.read_results(tmp_path / "a").rounds
+    fed = build_federation(cfg)
+    pairs = int(fed.population.holds.sum())
+    assert int(rows[0]["local_trainings"]) == pairs
+    for r in rows[1:]:  # probe set (<= m pairs) + the sampled pairs, each uploading a model
+        assert int(r["local_trainings"]) == int(r["model_uploads"])
+        assert int(r["local_trainings"]) > int(r["slots"]) - 1
+    mmfl.run(cfg.replace(rounds=2), tmp_path / "b")
+    mmfl.run(cfg, tmp_path / "b", resume=True)
+    assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()

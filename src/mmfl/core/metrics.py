@@ -108,7 +108,8 @@ class RoundCost:
         return {k: int(v) for k, v in asdict(self).items()}
 
 
-def round_cost(assignment: Assignment, *, full_computation: int = 0, probes: int = 0) -> RoundCost:
+def round_cost(assignment: Assignment, *, full_computation: int = 0, probes: int = 0,
+               probe_trainings: int = 0) -> RoundCost:
     """Client-side cost of a round (ALGORITHMS.md section 5, "Cost accounting").
 
     Args:
@@ -116,12 +117,15 @@ def round_cost(assignment: Assignment, *, full_computation: int = 0, probes: int
         full_computation: pairs that trained before sampling to report an update norm (GVR,
             StaleVR: every eligible pair); 0 when only the active pairs train.
         probes: pairs that evaluated the global model's local loss for sampling (LVR).
+        probe_trainings: pairs of a random probe set that trained and uploaded their update
+            before sampling (StaleVRE's ``score = "probe"``, the authors' main2.py).
 
     Returns:
-        local_trainings = full_computation or U (two processors of one client drawing the same
-        model train once); forward_passes = probes; scalar_uploads = probes + full_computation
-        (one score each); model_uploads = U.
+        local_trainings = (full_computation or U) + probe_trainings (two processors of one
+        client drawing the same model train once); forward_passes = probes; scalar_uploads =
+        probes + full_computation (one score each); model_uploads = U + probe_trainings.
     """
     u = int(assignment.pairs()[0].size)
-    return RoundCost(local_trainings=full_computation or u, forward_passes=probes,
-                     scalar_uploads=probes + full_computation, model_uploads=u)
+    return RoundCost(local_trainings=(full_computation or u) + probe_trainings,
+                     forward_passes=probes, scalar_uploads=probes + full_computation,
+                     model_uploads=u + probe_trainings)

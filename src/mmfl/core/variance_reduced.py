@@ -193,16 +193,21 @@ class StaleVRAllocator(OptimalAllocator):
 STALEVRE_OPTIONS = {
     "b0": B0,
     "schedule": SCHEDULE,
-    "init": Option(str, "full", "one of full|random",
+    "init": Option(str, "full", "one of full|random|computation",
                    "round 0: full: every pair trains once (every h filled, the full update); "
-                   "random: the authors' main.py approximation path, a random round (exactly m "
-                   "processors, weights d S / C: their random rule), then one full computation "
-                   "before round 1 gives the first scores, and h fills as pairs become active"),
-    "score": Option(str, "stored", "one of stored|last",
-                    "stored: (1 - betahat) ||h|| / eta from the store every round; last: the "
-                    "authors' main.py approximation path, ||G - betahat h|| / eta computed by "
-                    "the server when the pair was last aggregated (from the full computation "
-                    "before that), kept until the pair is active again"),
+                   "computation: every pair trains once for its score ||G|| / eta, the round is "
+                   "sampled optimally from those and aggregated like every later round (the "
+                   "authors' main2.py); random: a random round with the authors' random rule, "
+                   "then one full computation before round 1 gives the first scores (main.py's "
+                   "approximation path)", authors="computation"),
+    "score": Option(str, "stored", "one of stored|probe|last",
+                    "stored: (1 - betahat) ||h|| / eta from the store every round; probe: every "
+                    "round a random probe set of m processors trains first (the authors' "
+                    "random rule), and each pair scores ||G~ - betahat h|| / eta with G~ its "
+                    "latest probe update (0 if never probed: such pairs score betahat ||h||, "
+                    "and 0 without h); the authors' main2.py, which their StaleVRE experiments "
+                    "run; last: ||G - betahat h|| / eta computed by the server when the pair was "
+                    "last aggregated (main.py's approximation path)", authors="probe"),
     "budget": Option(str, "fixed", "one of fixed|walk",
                      "fixed: budget m every round; walk: round t+1 is sampled with the number "
                      "of active slots of round t as its budget, as the authors' main.py "
@@ -216,30 +221,35 @@ class StaleVREAllocator(OptimalAllocator):
     """MMFL-StaleVRE: optimal sampling with scores that need no client computation beyond the
     active pairs; aggregated with StaleVRE's decaying betahat (section 6).
 
-    Scores (option ``score``): "stored" (default) = (1 - betahat) ||h|| / eta_s, estimating
-    ||G - betahat h|| with the stored update h standing in for G; "last" = ||G - betahat h|| /
-    eta_s evaluated by the server on the pair's last upload (G, the h stored before it and the
-    betahat it was aggregated with), kept until the pair is active again.
+    Scores (option ``score``):
+
+    * "stored" (default, the paper) = (1 - betahat) ||h|| / eta_s, estimating ||G - betahat h||
+      with the stored update h standing in for G;
+    * "probe" (the authors' ``main2.py``, which their StaleVRE experiments run): before sampling,
+      a random probe set (exactly m processors, a uniform held model each) trains, and its
+      updates G~ are kept per pair; every pair scores ||G~ - betahat h|| / eta_s with its latest
+      G~ (0 if never probed). So about 2 m pairs train per round, and a pair never probed nor
+      aggregated scores 0 (it is never sampled);
+    * "last" (the authors' ``main.py`` approximation path) = ||G - betahat h|| / eta_s evaluated
+      by the server on the pair's last upload (G, the h stored before it and the betahat it was
+      aggregated with), kept until the pair is active again.
 
     Round 0 (option ``init``): "full" (default) is full participation (every client trains
-    every model once, so every pair has an h); "random" is a random round with the authors'
-    random rule (exactly m processors, weights d S / C, see :class:`RandomAllocator`) and a full
-    computation before round 1 whose ||G|| / eta_s are the first scores; h fills as pairs become
-    active. Budget (option ``budget``): "walk" samples round t+1 with the number of round t's
-    active slots as m, "fixed" always with m.
+    every model once, so every pair has an h); "computation" trains every pair once for its
+    score ||G|| / eta_s and samples the round optimally from those (``main2.py``); "random" is
+    a random round with the authors' random rule (exactly m processors, weights d S / C, see
+    :class:`RandomAllocator`) and a full computation before round 1 whose ||G|| / eta_s are the
+    first scores (``main.py``). Budget (option ``budget``): "walk" samples round t+1 with the
+    number of round t's active slots as m (``main.py``), "fixed" always with m.
 
-    ``init = "random"``, ``score = "last"``, ``budget = "walk"`` and ``b0 = 1`` are the
-    ``--approximation --stale`` path of the authors' ``main.py`` (commit 59e4b2c), which their
-    scripts never ran (it stops on a missing argument); their StaleVRE experiments run
-    ``main2.py``, whose variant (a random probe set trained every round) is documented in
-    docs/reproduction.md and is not this class. ``variant = "authors"`` therefore leaves these
-    options at the papers' values.
+    ``variant = "authors"`` selects ``main2.py``'s choices: init "computation", score "probe",
+    b0 0.9, schedule "authors". ``main.py``'s path (init "random", score "last", budget "walk",
+    b0 1.0) never ran in their scripts (``main.py --stale`` stops on a missing argument).
 
-    A pair without a score (a client that joined later, or no h under "stored") gets its task's
-    largest score so that it is explored.
+    Under "stored" and "last", a pair without a score (a client that joined later, or no h
+    under "stored") gets its task's largest score so that it is explored.
     """
 
-    requires = frozenset({"stale"})
     default_aggregator = "stalevre"
 
     def __init__(self, options, population, seed=0):
@@ -247,17 +257,30 @@ class StaleVREAllocator(OptimalAllocator):
         self._score = np.full(population.n_samples.shape, np.nan)
         self._last_slots = -1
         self.observes = self._opt("score") == "last"
+        self.requires = frozenset({"stale", "probe"} if self._opt("score") == "probe"
+                                  else {"stale"})
 
     def _opt(self, name: str) -> str:
         return str(self.options.get(name, STALEVRE_OPTIONS[name].default))
 
     def requires_at(self, round):
+        need = set(self.requires)
+        if round == 0:
+            need.discard("probe")
+            if self._opt("init") == "computation":
+                need.add("updates")
         if round == 1 and self._opt("init") == "random":
-            return self.requires | {"updates"}
-        return self.requires
+            need.add("updates")
+        return frozenset(need)
+
+    def probe_set(self, state: RoundState, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """(clients (U,), tasks (U,)) of the round's random probe set (``score = "probe"``):
+        exactly m processors, each with a uniform held model (pairs drawn twice merged)."""
+        opts = {"draw": "fixed", "probability": "authors"}
+        return RandomAllocator(opts, self.population, self.seed).allocate(state, rng).pairs()
 
     def allocate(self, state, rng):
-        if state.round == 0:
+        if state.round == 0 and self._opt("init") != "computation":
             if self._opt("init") == "random":
                 opts = {"draw": "fixed", "probability": "authors"}
                 a = RandomAllocator(opts, self.population, self.seed).allocate(state, rng)
@@ -272,6 +295,14 @@ class StaleVREAllocator(OptimalAllocator):
 
     def client_scores(self, state):
         sig = state.signals
+        if state.round == 0 and self._opt("init") == "computation":
+            return np.nan_to_num(_require(sig.update_norm, "update_norm"), nan=0.0)
+        if self._opt("score") == "probe":
+            g2 = np.nan_to_num(_require(sig.probe_norm_sq, "probe_norm_sq"))
+            dot = np.nan_to_num(_require(sig.probe_dot, "probe_dot"))
+            h2 = np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq"))
+            beta = np.nan_to_num(_require(sig.beta, "beta"))
+            return np.sqrt(np.maximum(0.0, g2 - 2 * beta * dot + beta**2 * h2))
         if self._opt("score") == "last":
             if sig.update_norm is not None:  # a full computation (init = "random", round 1)
                 self._score = np.where(np.isnan(sig.update_norm), self._score, sig.update_norm)

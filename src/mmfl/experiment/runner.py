@@ -185,6 +185,13 @@ class Runner:
             self.store = StaleStore(
                 pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
                 path=(self.out / "stale") if cfg.stale_on_disk else None)
+        self.probe_store = None  # latest probe update G~ per pair (StaleVRE score = "probe")
+        if "probe" in self.allocator.requires:
+            from mmfl.engines.stale import StaleStore
+
+            self.probe_store = StaleStore(
+                pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
+                path=(self.out / "probe") if cfg.stale_on_disk else None)
         self.controls = None  # SCAFFOLD's c_{i,s} and c_s (mmfl.core.scaffold)
         if "control_variates" in self.allocator.requires:
             from mmfl.engines.stale import ControlVariates
@@ -220,11 +227,14 @@ class Runner:
     def _stateful(self) -> list[tuple[str, object]]:
         objs = [("allocator", self.allocator), ("aggregator", self.aggregator)]
         objs += [("stale", self.store)] if self.store is not None else []
+        objs += [("probe", self.probe_store)] if self.probe_store is not None else []
         return objs + ([("controls", self.controls)] if self.controls is not None else [])
 
     def _state_bytes(self) -> int:
-        """Server memory of per-pair state: stale updates h plus SCAFFOLD control variates."""
-        return sum(x.nbytes for x in (self.store, self.controls) if x is not None)
+        """Server memory of per-pair state: stale updates h (and probe updates) plus SCAFFOLD
+        control variates."""
+        return sum(x.nbytes for x in (self.store, self.probe_store, self.controls)
+                   if x is not None)
 
     def _train(self, st: _State, clients: np.ndarray, tasks: np.ndarray, t: int):
         """``engine.train`` of the pairs, with SCAFFOLD's corrections c_s - c_{i,s} when the
@@ -330,7 +340,7 @@ class Runner:
         lr = self._task_lr
         sig: dict[str, np.ndarray] = {}
         extra = {"full": None, "probes": 0, "full_pairs": 0, "probe_pairs": None,
-                 "missing": 0, "notes": []}
+                 "probe_set": None, "missing": 0, "notes": []}
         if "local_loss" in req:
             clients, tasks = _pairs_of(self.allocator.probe_pairs(state))
             loss = np.full(pop.n_samples.shape, np.nan)
@@ -358,6 +368,14 @@ class Runner:
             if self.store is not None:
                 sig["stale_dot"] = self._stale_dots(full)
             extra["full"], extra["full_pairs"] = full, len(clients)
+        if "probe" in req:  # a random probe set trains first; its updates G~ are kept
+            clients, tasks = self.allocator.probe_set(state, stream(self.cfg.seed, "probe", t))
+            probe = self._train(st, clients, tasks, t)
+            for s in probe.updates:
+                self.probe_store.put(s, *probe.pair_updates(s))
+            sig["probe_norm_sq"] = self.probe_store.norm_sq / lr[None, :] ** 2
+            sig["probe_dot"] = self._probe_dots()
+            extra["probe_set"] = probe
         if self.store is not None:
             sig["stale_norm_sq"] = self.store.norm_sq / lr[None, :] ** 2
         state = dataclasses.replace(state, signals=Signals(**sig))
@@ -384,6 +402,10 @@ class Runner:
         if extra["probe_pairs"] is not None:
             c, s = extra["probe_pairs"]
             first = float(seconds(c, s, np.zeros(len(c)), n[c, s]).max(initial=0.0))
+        if extra["probe_set"] is not None:  # the probe set trains before sampling
+            c, s = extra["probe_set"].clients, extra["probe_set"].tasks
+            first = max(first, float(seconds(c, s, epochs[s] * n[c, s],
+                                             np.zeros(len(c))).max(initial=0.0)))
         full = extra["full"]
         if full is not None:
             secs = seconds(full.clients, full.tasks, epochs[full.tasks] * n[full.clients, full.tasks],
@@ -408,6 +430,19 @@ class Runner:
         norm = _update_norms(out, self.federation.population.n_samples.shape, self._task_lr)
         sig = dataclasses.replace(state.signals, update_norm=norm)
         return dataclasses.replace(state, signals=sig)
+
+    def _probe_dots(self, chunk: int = 16) -> np.ndarray:
+        """(N, S) <G~, h> / eta_s^2 of every pair with both a probe update and a stored h (0
+        elsewhere), a few clients' rows at a time."""
+        pop = self.federation.population
+        dot = np.zeros(pop.n_samples.shape)
+        for s in range(pop.num_tasks):
+            both = np.flatnonzero(self.probe_store.stored[:, s] & self.store.stored[:, s])
+            for a in range(0, len(both), chunk):
+                c = both[a:a + chunk]
+                dot[c, s] = self.store.dots(s, c, self.probe_store.get(s, c))
+            dot[:, s] /= self._task_lr[s] ** 2
+        return dot
 
     def _stale_dots(self, out) -> np.ndarray:
         """(N, S) <G, h> / eta_s^2 for the pairs of ``out`` (NaN elsewhere), h as stored now."""
@@ -479,8 +514,10 @@ class Runner:
             st.history_time.append(st.sim_time)
         t_eval = time.perf_counter()
 
+        probe = extra["probe_set"]
         cost = round_cost(trained_assignment, full_computation=extra["full_pairs"],
-                          probes=extra["probes"])
+                          probes=extra["probes"],
+                          probe_trainings=0 if probe is None else len(probe.clients))
         # stragglers and missing pairs were asked to train but their uploads never arrived
         cost = dataclasses.replace(
             cost, model_uploads=cost.model_uploads - int(late.sum()) - int(lost.sum()))
@@ -488,7 +525,7 @@ class Runner:
             cost = dataclasses.replace(cost, model_uploads=2 * cost.model_uploads)
         st.cost = st.cost + cost
         trained = extra["full"] if extra["full"] is not None else trained_out
-        steps = int(trained.steps.sum())
+        steps = int(trained.steps.sum()) + (0 if probe is None else int(probe.steps.sum()))
         st.local_steps += steps
         S = pop.num_tasks
         slots = trained_assignment.slots_per_task(S)
