@@ -201,3 +201,11 @@ def test_stalevre_authors_main2_costs_and_resume(tmp_path):
     mmfl.run(cfg.replace(rounds=2), tmp_path / "b")
     mmfl.run(cfg, tmp_path / "b", resume=True)
     assert (tmp_path / "a" / "metrics.csv").read_text() == (tmp_path / "b" / "metrics.csv").read_text()
+
+
+def test_processors_override_keeps_its_type():
+    cfg = load_config(ROOT / "configs" / "paper1_authors.toml",
+                      ["clients.processors=1", "clients.tasks_per_client=0"])
+    assert cfg.clients.processors == 1 and cfg.clients.tasks_per_client == 0
+    cfg = load_config(ROOT / "configs" / "quickstart.toml", ["clients.processors=authors"])
+    assert cfg.clients.processors == "authors"

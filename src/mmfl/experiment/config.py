@@ -282,6 +282,8 @@ FLOWER = {
 }
 
 _STR_KEYS = {"name", "engine", "dataset", "model", "kind", "data_dir", "aggregator"}
+#: keys whose value may be a string or a number/table: an override keeps the type it is given
+_MIXED_KEYS = {"processors"}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -332,7 +334,8 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     last = parts[-1]
     if isinstance(node, list):
         raise ConfigError(key, "must address a key inside a task (e.g. tasks[0].lr)", value)
-    if (isinstance(node.get(last), str) or last in _STR_KEYS) and not isinstance(value, str):
+    if (last not in _MIXED_KEYS and (isinstance(node.get(last), str) or last in _STR_KEYS)
+            and not isinstance(value, str)):
         value = _as_text(value)  # typed by the schema: a string key keeps the text
     node[last] = value
 
