@@ -1,16 +1,18 @@
 """The differential table of docs/reproduction.md: mmfl against the authors' code, per round.
 
-Reads the authors' per-round CSVs (one folder per run, ``<method>_s<seed>/rounds.csv`` with
-columns ``round, seconds, train_seconds, eval_seconds, acc_task0..acc_task{S-1}``, written by
-the logging patch listed in docs/reproduction.md) and mmfl sweep folders (``mmfl sweep ...
+Reads the authors' per-round CSVs (``<method>_s<seed>/rounds.csv`` or ``<method>_s<seed>.csv``,
+with columns ``round, seconds, train_seconds, eval_seconds, acc_task0..acc_task{S-1}``, written
+by the logging patch listed in docs/reproduction.md) and mmfl sweep folders (``mmfl sweep ...
 --grid sampler.name=... --seeds ...``: ``sampler.name=<method>/seed=<seed>/metrics.csv`` and
-``timing.csv``), and prints, for each method and side, the mean test accuracy over the models
-and the worst model's accuracy at the chosen rounds (and, with ``--window``, their means over
-a window of rounds) as mean ± std over the seeds, and the seconds per round (mean over rounds 2.., training + evaluation; round 1 carries start-up work).
+``timing.csv``, or the copies in docs/paper1_authors/mmfl/<sweep>/<method>_s<seed>/), and prints,
+for each method and side, the mean test accuracy over the models and the worst model's accuracy
+at the chosen rounds (and, with ``--window``, their means over a window of rounds) as mean ± std
+over the seeds, and the seconds per round (mean over rounds 2.., training + evaluation; round 1
+carries start-up work).
 
-    .venv/bin/python scripts/differential.py --authors /path/to/authors_runs \
-        --mmfl runs/diff_authors [--mmfl-label mmfl] --methods random,lvr --rounds 1,5,10,20,30 \
-        [--window 21-30]
+    .venv/bin/python scripts/differential.py --authors docs/paper1_authors/authors \
+        --mmfl docs/paper1_authors/mmfl/authors --methods random,lvr --rounds 1,5,10,20,30 \
+        --window 21-30
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def authors_run(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(R, S) accuracies and (R,) seconds per round of one run of the authors' code."""
-    rows = _rows(folder / "rounds.csv")
+def authors_run(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(R, S) accuracies and (R,) seconds per round of one run of the authors' code (a run
+    folder with ``rounds.csv``, or that CSV itself)."""
+    rows = _rows(path if path.suffix == ".csv" else path / "rounds.csv")
     tasks = sorted(k for k in rows[0] if k.startswith("acc_task"))
     acc = np.array([[float(r[k]) for k in tasks] for r in rows])
     return acc, np.array([float(r["seconds"]) for r in rows])
@@ -50,9 +53,12 @@ def mmfl_run(folder: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def collect(kind: str, root: Path, method: str, label: str) -> list[tuple[np.ndarray, np.ndarray]]:
     if kind == "authors":
-        folders = sorted(root.glob(f"{method}_s*"))
-        return [authors_run(f) for f in folders if (f / "rounds.csv").exists()]
-    folders = sorted((root / f"sampler.name={method}").glob("seed=*"))
+        found = sorted(root.glob(f"{method}_s*"))
+        return [authors_run(f) for f in found
+                if f.suffix == ".csv" or (f / "rounds.csv").exists()]
+    # a sweep folder (sampler.name=M/seed=S) or the copies in docs/paper1_authors (M_sS)
+    folders = sorted((root / f"sampler.name={method}").glob("seed=*")) or sorted(
+        root.glob(f"{method}_s*"))
     return [mmfl_run(f) for f in folders if (f / "metrics.csv").exists()]
 
 
