@@ -60,6 +60,13 @@ class OptimalAllocator(Allocator):
         return draw(p, state.population, rng, note=info["note"])
 
 
+def residual_norm(g2: np.ndarray, dot: np.ndarray, h2: np.ndarray,
+                  beta: np.ndarray) -> np.ndarray:
+    """||G - beta h|| from ||G||^2, <G, h>, ||h||^2 and beta (same-shape arrays; rounding below
+    zero clipped): the StaleVR / StaleVRE score of section 5."""
+    return np.sqrt(np.maximum(0.0, g2 - 2 * beta * dot + beta**2 * h2))
+
+
 def _require(value: np.ndarray | None, what: str) -> np.ndarray:
     if value is None:
         raise ValueError(f"this sampler needs signals.{what}; run it through the runner")
@@ -187,7 +194,7 @@ class StaleVRAllocator(OptimalAllocator):
         beta = _require(sig.beta, "beta")
         dot = np.nan_to_num(_require(sig.stale_dot, "stale_dot"))
         h2 = np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq"))
-        return np.sqrt(np.maximum(0.0, g2 - 2 * beta * dot + beta**2 * h2))
+        return residual_norm(g2, dot, h2, beta)
 
 
 STALEVRE_OPTIONS = {
@@ -276,14 +283,18 @@ class StaleVREAllocator(OptimalAllocator):
     def probe_set(self, state: RoundState, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         """(clients (U,), tasks (U,)) of the round's random probe set (``score = "probe"``):
         exactly m processors, each with a uniform held model (pairs drawn twice merged)."""
+        return self._authors_random(state, rng).pairs()
+
+    def _authors_random(self, state: RoundState, rng: np.random.Generator) -> Assignment:
+        """The authors' random draw: exactly m processors, a uniform held model each, weights
+        d S / C (:class:`RandomAllocator` with ``draw = "fixed"``, ``probability = "authors"``)."""
         opts = {"draw": "fixed", "probability": "authors"}
-        return RandomAllocator(opts, self.population, self.seed).allocate(state, rng).pairs()
+        return RandomAllocator(opts, self.population, self.seed).allocate(state, rng)
 
     def allocate(self, state, rng):
         if state.round == 0 and self._opt("init") != "computation":
             if self._opt("init") == "random":
-                opts = {"draw": "fixed", "probability": "authors"}
-                a = RandomAllocator(opts, self.population, self.seed).allocate(state, rng)
+                a = self._authors_random(state, rng)
             else:
                 a = FullAllocator(self.options, self.population, self.seed).allocate(state, rng)
         else:
@@ -302,7 +313,7 @@ class StaleVREAllocator(OptimalAllocator):
             dot = np.nan_to_num(_require(sig.probe_dot, "probe_dot"))
             h2 = np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq"))
             beta = np.nan_to_num(_require(sig.beta, "beta"))
-            return np.sqrt(np.maximum(0.0, g2 - 2 * beta * dot + beta**2 * h2))
+            return residual_norm(g2, dot, h2, beta)
         if self._opt("score") == "last":
             if sig.update_norm is not None:  # a full computation (init = "random", round 1)
                 self._score = np.where(np.isnan(sig.update_norm), self._score, sig.update_norm)
@@ -324,7 +335,7 @@ class StaleVREAllocator(OptimalAllocator):
         h2 = np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq")[clients, tasks])
         dot = np.nan_to_num(_require(sig.stale_dot, "stale_dot")[clients, tasks])
         beta = np.nan_to_num(_require(sig.beta, "beta")[clients, tasks])
-        self._score[clients, tasks] = np.sqrt(np.maximum(0.0, g2 - 2 * beta * dot + beta**2 * h2))
+        self._score[clients, tasks] = residual_norm(g2, dot, h2, beta)
 
     def state_dict(self):
         return {"score": self._score.copy(), "last_slots": np.array([self._last_slots])}

@@ -153,30 +153,41 @@ class ExperimentConfig:
 
 
 #: Keys added after the first release, written to config.toml only when they differ from their
-#: paper default: the config.toml (and so the checkpoint fingerprint) of a run that does not use
-#: them stays what it always was, so older run directories still resume. (table, key, default);
-#: "tasks.dataset_options" means that table of every task.
+#: paper default (read from the key's schema): the config.toml (and so the checkpoint
+#: fingerprint) of a run that does not use them stays what it always was, so older run
+#: directories still resume. (table, key); "tasks.dataset_options" is that table of every task,
+#: "sampler" the options of the run's sampler.
 _NEW_KEYS = (
-    ("", "variant", "paper"), ("", "eval_last", 0), ("clients", "processor_levels", [0.25, 0.5, 0.25]),
-    ("tasks", "class_mask", "none"), ("tasks", "test_subset", "random"),
-    ("tasks.dataset_options", "normalize", "standard"),
-    ("sampler", "d_index", "paper"), ("sampler", "init", "full"), ("sampler", "score", "stored"),
-    ("sampler", "budget", "fixed"), ("sampler", "refresh", "evaluation"),
-    ("sampler", "schedule", "paper"),
+    ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
+    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks.dataset_options", "normalize"),
+    ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
+    ("sampler", "refresh"), ("sampler", "schedule"),
 )
 
 
 def _drop_new_defaults(d: dict[str, Any]) -> None:
-    for section, key, default in _NEW_KEYS:
+    def schema(section: str, table: dict) -> dict[str, Option]:
         if section == "":
-            tables = [d]
+            return TOP
+        if section == "clients":
+            return CLIENTS
+        if section == "tasks":
+            return TASK
+        if section == "sampler":
+            return registry.get("sampler", d["sampler"]["name"]).options
+        return registry.get("dataset", table["dataset"]).options  # tasks.dataset_options
+
+    for section, key in _NEW_KEYS:
+        if section == "":
+            tables = [(d, d)]
         elif section.startswith("tasks"):
             sub = section.partition(".")[2]
-            tables = [t[sub] if sub else t for t in d["tasks"]]
+            tables = [(t[sub] if sub else t, t) for t in d["tasks"]]
         else:
-            tables = [d[section]]
-        for table in tables:
-            if key in table and table[key] == default:
+            tables = [(d[section], d[section])]
+        for table, owner in tables:
+            spec = schema(section, owner).get(key)
+            if key in table and spec is not None and table[key] == _plain(spec.default):
                 del table[key]
 
 
@@ -455,7 +466,7 @@ def _task(i: int, raw: Any) -> TaskConfig:
         try:
             part_opts["sample_ranges"] = tuple(ranges_option(part_opts["sample_ranges"]))
         except ValueError as e:
-            raise ConfigError(prefix + "partition.sample_ranges", str(e).split(" (got")[0],
+            raise ConfigError(prefix + "partition.sample_ranges", str(e),
                               part_opts["sample_ranges"]) from None
     return TaskConfig(
         **vals,

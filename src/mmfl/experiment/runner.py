@@ -178,27 +178,21 @@ class Runner:
         self.profile = build_profile(cfg)
         self._flops = np.array(self.engine.flops_per_sample())
         self._model_bytes = 4.0 * np.array(self.engine.num_parameters())
-        self.store = None
-        if self.aggregator.uses_stale or "stale" in self.allocator.requires:
-            from mmfl.engines.stale import StaleStore
+        from mmfl.engines.stale import ControlVariates, StaleStore
 
-            self.store = StaleStore(
-                pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
-                path=(self.out / "stale") if cfg.stale_on_disk else None)
-        self.probe_store = None  # latest probe update G~ per pair (StaleVRE score = "probe")
-        if "probe" in self.allocator.requires:
-            from mmfl.engines.stale import StaleStore
+        def per_pair(cls, needed: bool, folder: str):
+            """A per-(client, task) vector store, in RAM or memory-mapped under ``folder``."""
+            if not needed:
+                return None
+            return cls(pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
+                       path=(self.out / folder) if cfg.stale_on_disk else None)
 
-            self.probe_store = StaleStore(
-                pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
-                path=(self.out / "probe") if cfg.stale_on_disk else None)
-        self.controls = None  # SCAFFOLD's c_{i,s} and c_s (mmfl.core.scaffold)
-        if "control_variates" in self.allocator.requires:
-            from mmfl.engines.stale import ControlVariates
-
-            self.controls = ControlVariates(
-                pop.holds, self.engine.num_parameters(), dtype=cfg.stale_dtype,
-                path=(self.out / "controls") if cfg.stale_on_disk else None)
+        req = self.allocator.requires
+        self.store = per_pair(StaleStore, self.aggregator.uses_stale or "stale" in req, "stale")
+        # latest probe update G~ per pair (StaleVRE score = "probe")
+        self.probe_store = per_pair(StaleStore, "probe" in req, "probe")
+        # SCAFFOLD's c_{i,s} and c_s (mmfl.core.scaffold)
+        self.controls = per_pair(ControlVariates, "control_variates" in req, "controls")
 
     def _availability(self, t: int) -> np.ndarray:
         """(N,) bool: online this round (random availability, late joiners, leavers)."""
@@ -644,7 +638,6 @@ def _offline(state: RoundState, clients: np.ndarray) -> RoundState:
     return dataclasses.replace(state, available=available)
 
 
-
 def _update_norms(out, shape: tuple[int, int], lr: np.ndarray) -> np.ndarray:
     """(N, S) ||G_{i,s}|| / eta_s for the pairs of the TrainOutput ``out`` (NaN elsewhere)."""
     norm = np.full(shape, np.nan)
@@ -652,6 +645,7 @@ def _update_norms(out, shape: tuple[int, int], lr: np.ndarray) -> np.ndarray:
         g_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)  # no float64 copy
         norm[out.clients[out.tasks == s], s] = g_norm.numpy() / lr[s]
     return norm
+
 
 def _pairs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(clients, tasks) of the True entries of an (N, S) mask, sorted by (task, client)."""

@@ -473,7 +473,7 @@ def partition(
 def ranges_option(value: Any) -> list[tuple[float, int, int]]:
     """Validate ``sample_ranges``: [[fraction, min, max], ...], fractions summing to 1."""
     bad = ValueError("sample_ranges must be a list of [fraction, min, max] with fractions in "
-                     f"(0, 1] summing to 1 and integers 0 <= min <= max (got {value!r})")
+                     "(0, 1] summing to 1 and integers 0 <= min <= max")
     if not isinstance(value, (list, tuple)) or not value:
         raise bad
     out = []
@@ -518,8 +518,8 @@ def class_ranges_partition(labels: np.ndarray, num_clients: int, class_ratio: fl
     K = int(num_classes)
     c = max(1, int(class_ratio * K + 1e-9))
     by_class = [np.flatnonzero(labels == k) for k in range(K)]
-    left = np.array([len(b) for b in by_class], dtype=np.int64)
-    taken = np.zeros(K, dtype=np.int64)
+    size = np.array([len(b) for b in by_class], dtype=np.int64)
+    taken = np.zeros(K, dtype=np.int64)  # samples of each class given out so far
     bounds = np.cumsum([f for f, _, _ in ranges])
     ends = [int(b * num_clients + 1e-9) for b in bounds[:-1]] + [num_clients]
     group = np.searchsorted(np.asarray(ends), np.arange(num_clients), side="right")
@@ -527,7 +527,7 @@ def class_ranges_partition(labels: np.ndarray, num_clients: int, class_ratio: fl
     for i in range(num_clients):
         _, lo, hi = ranges[int(group[i])]
         n_i = int(rng.integers(lo, hi + 1))
-        temp = left.astype(np.float64)
+        temp = (size - taken).astype(np.float64)  # samples left per class
         chosen = []
         for _ in range(c):
             best = np.flatnonzero(temp == temp.max())
@@ -538,15 +538,14 @@ def class_ranges_partition(labels: np.ndarray, num_clients: int, class_ratio: fl
         out = []
         for _ in range(n_i):
             for _ in range(c):  # skip exhausted classes
-                if taken[chosen[u]] < len(by_class[chosen[u]]):
+                if taken[chosen[u]] < size[chosen[u]]:
                     break
                 u = (u + 1) % c
             k = chosen[u]
-            if taken[k] >= len(by_class[k]):
+            if taken[k] >= size[k]:
                 break
             out.append(by_class[k][taken[k]])
             taken[k] += 1
-            left[k] -= 1
             u = (u + 1) % c
         parts.append(np.asarray(out, dtype=np.int64))
     return parts
