@@ -8,6 +8,7 @@ ALGORITHMS.md section 1: ``i`` client (N of them), ``s`` model/task (S), ``b`` p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from functools import cached_property
 
 import numpy as np
@@ -83,6 +84,23 @@ class Population:
         return _readonly(np.concatenate([[0], np.cumsum(self.capacity)[:-1]]).astype(np.int64))
 
 
+class Signal(StrEnum):
+    """What a sampler or aggregator asks the runner to gather before a round's allocation
+    (``Allocator.requires``; ALGORITHMS.md section 5). Members compare equal to their string
+    values, so ``"local_loss" in requires`` also holds."""
+
+    #: probe the global model's loss on the pairs of ``Allocator.probe_pairs`` (LVR)
+    LOCAL_LOSS = "local_loss"
+    #: full computation: every eligible pair trains and reports ||G|| / eta (GVR, StaleVR)
+    UPDATES = "updates"
+    #: keep a store of each pair's last aggregated update h even if the aggregator needs none
+    STALE = "stale"
+    #: a random probe set trains before sampling; its updates G~ are kept (StaleVRE, authors)
+    PROBE = "probe"
+    #: keep SCAFFOLD's control variates c_{i,s}, c_s and correct local training with them
+    CONTROL_VARIATES = "control_variates"
+
+
 @dataclass(frozen=True)
 class Signals:
     """Per-(client, task) information the server gathers for sampling (ALGORITHMS.md sections 5, 6).
@@ -121,7 +139,6 @@ class RoundState:
         population: the federation.
         budget: m, expected number of (processor, model) updates per round (may be fractional).
         available: (N,) bool, clients online this round (unavailable ones get p = 0).
-        scores: (N, S) float or None, latest per-(client, task) scores (norms, losses), if any.
         task_losses: (S,) float or None, latest global loss f_s of each model (test split).
         task_accuracies: (S,) float or None, latest test accuracy of each model.
         signals: per-(client, task) measurements for score-based samplers (see :class:`Signals`).
@@ -133,7 +150,6 @@ class RoundState:
     population: Population
     budget: float
     available: np.ndarray
-    scores: np.ndarray | None = None
     task_losses: np.ndarray | None = None
     task_accuracies: np.ndarray | None = None
     signals: Signals = field(default_factory=Signals)

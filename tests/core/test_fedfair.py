@@ -101,7 +101,7 @@ def test_registration_and_flags():
     e = registry.get("sampler", "fedfair")
     assert e.obj is FairAllocator
     assert e.options["alpha"].default == 3.0
-    assert FairAllocator.needs_task_losses and FairAllocator.default_aggregator == "average"
+    assert FairAllocator.default_aggregator == "average"
     opts = registry.resolve_options("sampler", {"alpha": 1}, e.options)
     assert opts == {"alpha": 1.0, "loss_proxy": "loss", "weights": "uniform", "refresh": "evaluation",
                     "draw": "independent"}

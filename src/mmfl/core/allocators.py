@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmfl.registry import Option, register
-from mmfl.types import Assignment, Population, RoundState
+from mmfl.types import Assignment, Population, RoundState, Signal
 
 __all__ = [
     "Allocator",
@@ -53,20 +53,17 @@ class Allocator:
 
     Attributes:
         default_aggregator: registry name of the aggregator used when the config says "default".
-        needs_task_losses: when True the runner fills ``RoundState.task_losses`` and
-            ``RoundState.task_accuracies`` (latest test-split values, (S,)) before allocating.
-        needs_fresh_task_losses: when True those values are of the current global models: the
-            runner evaluates them before allocating if the previous round was not evaluated.
+        needs_fresh_task_losses: ``RoundState.task_losses`` and ``task_accuracies`` hold the
+            latest evaluation ((S,) test-split values); when True they are of the current
+            global models: the runner evaluates them before allocating if the previous round
+            was not evaluated.
     """
 
     default_aggregator: str = "unbiased"
-    needs_task_losses: bool = False
     needs_fresh_task_losses: bool = False
-    #: signals the runner gathers before :meth:`allocate` (see :class:`~mmfl.types.Signals`):
-    #: "local_loss" (probe the global model on the pairs of :meth:`probe_pairs`), "updates"
-    #: (full computation: every eligible pair trains and reports ||G|| / eta), "stale" (keep a
-    #: store of last updates even if the aggregator does not need one).
-    requires: frozenset[str] = frozenset()
+    #: signals the runner gathers before :meth:`allocate` (:class:`~mmfl.types.Signal`; the
+    #: values land in :class:`~mmfl.types.Signals`)
+    requires: frozenset[Signal] = frozenset()
     #: when True the runner calls :meth:`observe` after every aggregation
     observes: bool = False
 
@@ -79,14 +76,14 @@ class Allocator:
         """The assignment of round ``state.round``; every random draw comes from ``rng``."""
         raise NotImplementedError
 
-    def requires_at(self, round: int) -> frozenset[str]:
+    def requires_at(self, round: int) -> frozenset[Signal]:
         """The signals to gather before round ``round``'s allocation (:attr:`requires` by
         default; a sampler whose needs change over the rounds overrides this)."""
         return self.requires
 
     def probe_pairs(self, state: RoundState) -> np.ndarray:
-        """(N, S) bool: pairs whose local loss is probed this round (when "local_loss" is
-        required); all eligible pairs by default."""
+        """(N, S) bool: pairs whose local loss is probed this round (when
+        ``Signal.LOCAL_LOSS`` is required); all eligible pairs by default."""
         return state.eligible
 
     def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
@@ -632,7 +629,6 @@ class FairAllocator(Allocator):
     """
 
     default_aggregator = "average"
-    needs_task_losses = True
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
         super().__init__(options, population, seed)

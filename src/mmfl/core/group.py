@@ -92,7 +92,7 @@ from mmfl.core.allocators import Allocator, draw, fedfair_distribution
 from mmfl.core.probabilities import optimal_probabilities_info
 from mmfl.registry import Option, register
 from mmfl.rng import stream
-from mmfl.types import Assignment, Population, RoundState
+from mmfl.types import Assignment, Population, RoundState, Signal
 
 __all__ = ["GroupAllocator", "kmeans", "label_groups", "task_groups"]
 
@@ -226,7 +226,6 @@ class GroupAllocator(Allocator):
     ``buffer`` (L,) int the rotation, ``phase`` and flags. Options: see the registry entry.
     """
 
-    needs_task_losses = True
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
         super().__init__(options, population, seed)
@@ -244,7 +243,7 @@ class GroupAllocator(Allocator):
             if value not in allowed:
                 raise ValueError(f"group sampler: {name} must be one of {allowed}, got {value!r}")
         need_loss = self.within == "optimal" or self.grouping == "similarity"
-        self.requires = frozenset({"local_loss"}) if need_loss else frozenset()
+        self.requires = frozenset({Signal.LOCAL_LOSS}) if need_loss else frozenset()
         n = population.num_clients
         self.groups = np.full(n, -1, np.int64)
         self.centres = np.full((self.num_groups, s_count), np.inf)

@@ -59,22 +59,18 @@ import numpy as np
 
 from mmfl.core.allocators import RandomAllocator, _DRAW_OPT
 from mmfl.registry import register
-from mmfl.types import Population
+from mmfl.types import Population, Signal
 
 __all__ = ["ScaffoldAllocator", "control_update", "server_control_step", "server_control_weights"]
-
-#: The ``Allocator.requires`` signal that makes the runner keep control variates.
-CONTROL_VARIATES = "control_variates"
-
 
 @register("sampler", "scaffold", options={"draw": _DRAW_OPT},
           doc="SCAFFOLD: uniform sampling, local SGD corrected with control variates.")
 class ScaffoldAllocator(RandomAllocator):
     """SCAFFOLD (see the module docstring): samples exactly like ``random`` (same draws for the
-    same generator), declares ``requires = {"control_variates"}`` so that the runner passes the
+    same generator), declares ``requires = {Signal.CONTROL_VARIATES}`` so that the runner passes the
     corrections c_s - c_{i,s} to local training and updates the controls after aggregation."""
 
-    requires = frozenset({CONTROL_VARIATES})
+    requires = frozenset({Signal.CONTROL_VARIATES})
 
 
 def control_update(c_client: np.ndarray, c_server: np.ndarray, update: np.ndarray,

@@ -32,7 +32,7 @@ from mmfl.core.probabilities import (optimal_probabilities_info,
 from mmfl.core.stale import B0, BETA, SCHEDULE
 from mmfl.registry import Option, register
 from mmfl.rng import stream
-from mmfl.types import Assignment, RoundState
+from mmfl.types import Assignment, RoundState, Signal
 
 
 def processor_scores(state: RoundState, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,7 +96,7 @@ class GVRAllocator(OptimalAllocator):
     not hold s contributes 0.
     """
 
-    requires = frozenset({"updates"})
+    requires = frozenset({Signal.UPDATES})
 
     def client_scores(self, state):
         return _require(state.signals.update_norm, "update_norm")
@@ -138,7 +138,7 @@ LVR_OPTIONS = {
 class _LossScores:
     """Mixin: cached local losses, refreshed with probability ``freshness`` (section 5, LVR)."""
 
-    requires = frozenset({"local_loss"})
+    requires = frozenset({Signal.LOCAL_LOSS})
 
     def _init_cache(self) -> None:
         self.loss = np.full(self.population.n_samples.shape, np.nan)
@@ -185,7 +185,7 @@ class StaleVRAllocator(OptimalAllocator):
     """MMFL-StaleVR: score = ||G - beta h|| / eta_s with the optimal beta = <G,h>/||h||^2, from
     the full computation; aggregated with the stale rule of section 6."""
 
-    requires = frozenset({"updates", "stale"})
+    requires = frozenset({Signal.UPDATES, Signal.STALE})
     default_aggregator = "stalevr"
 
     def client_scores(self, state):
@@ -264,8 +264,8 @@ class StaleVREAllocator(OptimalAllocator):
         self._score = np.full(population.n_samples.shape, np.nan)
         self._last_slots = -1
         self.observes = self._opt("score") == "last"
-        self.requires = frozenset({"stale", "probe"} if self._opt("score") == "probe"
-                                  else {"stale"})
+        self.requires = frozenset({Signal.STALE, Signal.PROBE} if self._opt("score") == "probe"
+                                  else {Signal.STALE})
 
     def _opt(self, name: str) -> str:
         return str(self.options.get(name, STALEVRE_OPTIONS[name].default))
@@ -273,11 +273,11 @@ class StaleVREAllocator(OptimalAllocator):
     def requires_at(self, round):
         need = set(self.requires)
         if round == 0:
-            need.discard("probe")
+            need.discard(Signal.PROBE)
             if self._opt("init") == "computation":
-                need.add("updates")
+                need.add(Signal.UPDATES)
         if round == 1 and self._opt("init") == "random":
-            need.add("updates")
+            need.add(Signal.UPDATES)
         return frozenset(need)
 
     def probe_set(self, state: RoundState, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -353,7 +353,6 @@ class FairVRAllocator(_LossScores, Allocator):
     FedFairMMFL (from the models' current losses), then section 4's per-model-budget optimum
     over LVR scores; unbiased aggregation."""
 
-    needs_task_losses = True
 
     def __init__(self, options, population, seed=0):
         super().__init__(options, population, seed)

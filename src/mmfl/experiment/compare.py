@@ -15,7 +15,7 @@ import numpy as np
 
 from mmfl.errors import MmflError
 from mmfl.experiment.config import ExperimentConfig
-from mmfl.experiment.runner import Callback
+from mmfl.experiment.recording import Callback
 from mmfl.experiment.sweep import plan_sweep, run_sweep, with_sampler
 
 log = logging.getLogger(__name__)

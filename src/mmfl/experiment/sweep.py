@@ -51,7 +51,9 @@ from mmfl.errors import ConfigError, MmflError, ResultsError
 from mmfl.experiment import tomlio
 from mmfl.experiment.config import ExperimentConfig, config_from_dict
 from mmfl.experiment.results import write_json
-from mmfl.experiment.runner import Callback, RoundRecord, check_out_dir, run
+from mmfl.experiment.recording import Callback, RoundRecord
+from mmfl.experiment.rundir import check_out_dir
+from mmfl.experiment.runner import run
 
 log = logging.getLogger(__name__)
 

@@ -373,7 +373,7 @@ class LocalDeployment:
         process starts."""
         from mmfl.experiment.config import resolve_data_dir
         from mmfl.experiment.federation import build_federation
-        from mmfl.experiment.runner import check_out_dir
+        from mmfl.experiment.rundir import check_out_dir
 
         t0 = time.perf_counter()
         check_out_dir(self.cfg, self.out, resume=self.resume)

@@ -113,7 +113,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
     from flwr.serverapp import Grid, ServerApp
     from flwr.simulation import run_simulation
 
-    from mmfl.experiment.runner import check_out_dir
+    from mmfl.experiment.rundir import check_out_dir
 
     if client_app is None:
         from mmfl.flower.client import client_app

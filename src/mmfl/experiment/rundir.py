@@ -1,0 +1,186 @@
+"""The run directory: its checks before anything is written, the config fingerprint, and the
+checkpoint (:class:`RunState` plus every stateful object of the run).
+
+Crash guarantee: the tables' rows of a round are handed to the operating system before the
+round's checkpoint is written, and a checkpoint replaces the previous one atomically (written
+to a temporary name, fsynced, renamed). After a kill -9 at any point, ``--resume`` drops the
+rows written after the checkpoint and continues bit-exactly from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from mmfl.core.metrics import RoundCost
+from mmfl.errors import ResultsError
+from mmfl.experiment import checkpoint, tomlio
+from mmfl.experiment.config import ExperimentConfig
+from mmfl.experiment.federation import Federation
+
+__all__ = ["CHECKPOINT", "Checkpointer", "RunState", "check_out_dir", "config_fingerprint",
+           "federation_info", "writing"]
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class RunState:
+    """The runner's own state between rounds (a checkpoint holds it, and the state of the
+    allocator, aggregator and per-pair stores).
+
+    Attributes:
+        round: completed rounds.
+        params: S flat parameter tensors, the global models w_s.
+        task_losses, task_accuracies: (S,) of the latest evaluation, None before the first.
+        cost: cumulative :class:`~mmfl.core.metrics.RoundCost`.
+        local_steps: cumulative local SGD steps.
+        history: (round, accuracy (S,), loss (S,)) of every evaluation.
+        sim_time: simulated seconds so far (:mod:`mmfl.core.system`).
+        history_time: sim_time at each evaluation of ``history``.
+    """
+
+    round: int = 0
+    params: list = field(default_factory=list)
+    task_losses: np.ndarray | None = None
+    task_accuracies: np.ndarray | None = None
+    cost: RoundCost = field(default_factory=RoundCost)
+    local_steps: int = 0
+    history: list[tuple[int, np.ndarray, np.ndarray]] = field(default_factory=list)
+    sim_time: float = 0.0
+    history_time: list[float] = field(default_factory=list)
+
+    def evaluated(self, round_: int, accuracy: np.ndarray, loss: np.ndarray) -> None:
+        """Record an evaluation of the global models after ``round_`` completed rounds."""
+        self.task_accuracies, self.task_losses = accuracy, loss
+        self.history.append((round_, accuracy, loss))
+        self.history_time.append(self.sim_time)
+
+    def evaluated_after(self, round_: int) -> bool:
+        """Whether the latest evaluation is of the models after ``round_`` completed rounds."""
+        return bool(self.history) and self.history[-1][0] == round_
+
+
+def config_fingerprint(cfg: ExperimentConfig, data_dir: Path | None) -> str:
+    """Hash of everything that determines a run's rounds except their number (and the data
+    folder): a checkpoint only resumes under the same fingerprint."""
+    d = cfg.to_dict()
+    d.pop("rounds")
+    text = tomlio.dumps(d) + f"\ndata_dir={data_dir}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def check_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
+    """Check the run directory before anything is written; True when a checkpoint will be
+    resumed. Raises ResultsError for a run that exists without ``resume``, a different config,
+    or an ``--out`` that is not a folder."""
+    if out.exists() and not out.is_dir():
+        raise ResultsError(f"{out}: --out exists and is not a folder")
+    has_run = (out / "metrics.csv").exists()
+    if has_run and not resume:
+        raise ResultsError(
+            f"{out} already holds a run; pass --resume to continue it or choose another --out"
+        )
+    if not (resume and has_run):
+        return False
+    old = tomlio.load(out / "config.toml") if (out / "config.toml").exists() else {}
+    new = cfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new) if k != "rounds" and old.get(k) != new.get(k))
+    if diff:
+        raise ResultsError(
+            f"{out}: the config differs from the run's config.toml (in: {', '.join(diff)}); "
+            "resume with the same config (only rounds may change)"
+        )
+    old_rounds = old.get("rounds", cfg.rounds)
+    if old_rounds != cfg.rounds and old_rounds % cfg.eval_every:
+        raise ResultsError(
+            f"{out}: the run ended at round {old_rounds}, which is not a multiple of eval_every "
+            f"= {cfg.eval_every}; its forced final evaluation would make an extended run differ "
+            "from a fresh one"
+        )
+    if old_rounds != cfg.rounds and cfg.eval_last:
+        raise ResultsError(
+            f"{out}: eval_last = {cfg.eval_last} evaluates the last rounds of the run, which "
+            f"moved from round {old_rounds} to {cfg.rounds}; an extended run would differ from "
+            "a fresh one (start a new run)"
+        )
+    return (out / CHECKPOINT).exists()
+
+
+@contextlib.contextmanager
+def writing(out: Path) -> Iterator[None]:
+    """Turn a failed write into a one-line ResultsError naming the path."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename or out
+        raise ResultsError(f"{where}: cannot write results ({e.strerror or e})") from None
+
+
+def federation_info(fed: Federation) -> dict[str, Any]:
+    """JSON-able description of the federation (also printed by ``mmfl describe``)."""
+    pop = fed.population
+    return {
+        "clients": pop.num_clients, "processors": pop.num_processors, "budget": fed.budget,
+        "tasks": list(pop.task_names),
+        "capacity": pop.capacity.tolist(),
+        "n_samples": pop.n_samples.tolist(),
+    }
+
+
+class Checkpointer:
+    """Saves and restores a run: :class:`RunState` and the ``state_dict`` of every
+    ``(prefix, object)`` in ``stateful`` (allocator, aggregator, per-pair stores), under the
+    config fingerprint."""
+
+    def __init__(self, out: Path, fingerprint: str, stateful: list[tuple[str, Any]]):
+        self.path = out / CHECKPOINT
+        self.fingerprint = fingerprint
+        self.stateful = stateful
+
+    def save(self, st: RunState) -> None:
+        arrays = {f"param.{s}": p.numpy() for s, p in enumerate(st.params)}
+        for prefix, obj in self.stateful:
+            for k, v in obj.state_dict().items():
+                arrays[f"{prefix}.{k}"] = np.asarray(v)
+        for name in ("task_losses", "task_accuracies"):
+            v = getattr(st, name)
+            if v is not None:
+                arrays[f"runner.{name}"] = np.asarray(v, np.float64)
+        if st.history:
+            arrays["runner.history_rounds"] = np.array([h[0] for h in st.history], np.int64)
+            arrays["runner.history_accuracy"] = np.array([h[1] for h in st.history], np.float64)
+            arrays["runner.history_loss"] = np.array([h[2] for h in st.history], np.float64)
+            arrays["runner.history_time"] = np.array(st.history_time, np.float64)
+        meta = {"round": st.round, "sim_time": st.sim_time, "cost": st.cost.as_dict(),
+                "local_steps": st.local_steps, "fingerprint": self.fingerprint}
+        checkpoint.save(self.path, arrays, meta)
+
+    def load(self, st: RunState) -> None:
+        """Fill ``st`` (whose ``params`` has the run's S tensors) and the stateful objects."""
+        import torch
+
+        arrays, meta = checkpoint.load(self.path)
+        if meta.get("fingerprint") != self.fingerprint:
+            raise ResultsError(f"{self.path.parent}: the checkpoint was written by another config "
+                               "or data folder; resume with the run's own config and --data-dir")
+        st.round = int(meta["round"])
+        st.params = [torch.from_numpy(arrays[f"param.{s}"].copy()) for s in range(len(st.params))]
+        for prefix, obj in self.stateful:
+            obj.load_state_dict({k[len(prefix) + 1:]: v for k, v in arrays.items()
+                                 if k.startswith(prefix + ".")})
+        st.task_losses = arrays.get("runner.task_losses")
+        st.task_accuracies = arrays.get("runner.task_accuracies")
+        st.cost = RoundCost(**meta["cost"])
+        st.local_steps = int(meta["local_steps"])
+        if "runner.history_rounds" in arrays:
+            st.history = [(int(r), a, lo) for r, a, lo in zip(
+                arrays["runner.history_rounds"], arrays["runner.history_accuracy"],
+                arrays["runner.history_loss"])]
+            st.history_time = [float(x) for x in arrays["runner.history_time"]]
+        st.sim_time = float(meta.get("sim_time", 0.0))
