@@ -198,6 +198,25 @@ def test_registered_names():
     assert {"digits", "fashion_mnist", "mnist1d", "synthetic"} <= set(registry.names("dataset"))
 
 
+def test_digits_reads_scikit_learns_file_without_importing_it():
+    """The bundled file read directly holds exactly sklearn.datasets.load_digits' values, and
+    loading digits does not import scikit-learn (seconds at every start)."""
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    table = D._sklearn_digits()
+    bunch = load_digits()
+    np.testing.assert_array_equal(table[:, :-1], bunch.data)
+    np.testing.assert_array_equal(table[:, -1].astype(int), bunch.target)
+    code = ("import sys; from mmfl import registry; import mmfl.tasks.datasets; "
+            "registry.get('dataset', 'digits').obj({}, None, 0); "
+            "print('sklearn' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_digits():
     ds = load("digits", 0)
     assert_valid(ds)

@@ -16,6 +16,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from mmfl.errors import ConfigError, NumericalError
 from mmfl.rng import torch_seed
+from mmfl.threads import resolve_threads
 from mmfl.types import AggregationPlan
 
 EVAL_BATCH = 4096
@@ -60,8 +61,8 @@ class Engine:
     Constructed as ``cls(federation, seed=..., threads=...)``.
     """
 
-    def __init__(self, federation, *, seed: int, threads: int = 1):
-        torch.set_num_threads(threads)
+    def __init__(self, federation, *, seed: int, threads: int | str = 1):
+        torch.set_num_threads(resolve_threads(threads))
         self.federation = federation
         self.seed = seed
         self.models: list[torch.nn.Module] = []

@@ -268,7 +268,7 @@ class VectorizedEngine(Engine):
     ``fast_path=False`` forces the generic ``torch.func`` path for every model (for tests).
     """
 
-    def __init__(self, federation, *, seed: int, threads: int = 1, fast_path: bool = True):
+    def __init__(self, federation, *, seed: int, threads: int | str = 1, fast_path: bool = True):
         super().__init__(federation, seed=seed, threads=threads)
         # the fast paths have no class masking: masked tasks take the generic path
         fast = [fast_path and self.class_mask(s) == "none" for s in range(self.num_tasks)]

@@ -24,14 +24,16 @@ FORMAT = "mmfl-checkpoint-1"
 
 
 def save(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
-    """Atomically write ``arrays`` and JSON-able ``meta`` to ``path``."""
+    """Atomically write ``arrays`` and JSON-able ``meta`` to ``path``: one fsync (of the new
+    file, before the rename). The directory is not fsynced: after a system crash the name may
+    still point at the previous checkpoint, which is as consistent as the new one (each carries
+    the state of its own round, see :class:`mmfl.experiment.results.RunWriter`)."""
     tmp = path.with_name(path.name + ".tmp")
     tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta, sort_keys=True)})
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
@@ -47,14 +49,3 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     if header.get("format") != FORMAT:
         raise ResultsError(f"{path}: not an mmfl checkpoint (format {header.get('format')!r})")
     return arrays, json.loads(header["meta"])
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -111,7 +111,7 @@ class ExperimentConfig:
     rounds: int
     engine: str
     eval_every: int
-    threads: int
+    threads: int | str
     checkpoint_every: int
     server_lr: float
     data_dir: str
@@ -212,7 +212,9 @@ TOP = {
     "rounds": Option(int, 20, ">= 1", "Number of communication rounds."),
     "engine": Option(str, "vectorized", "", "Local-training engine (registry kind 'engine')."),
     "eval_every": Option(int, 1, ">= 1", "Evaluate every k rounds (the last round always)."),
-    "threads": Option(int, 1, "1..256", "torch intra-op threads of the engine process."),
+    "threads": Option("table", "auto", "", "torch intra-op threads of the run: an int "
+                      "1..256, or \"auto\": every core for a lone run, one per worker in a "
+                      "sweep with --jobs > 1 (results do not depend on it)."),
     "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
     "data_dir": Option(str, "", "", "Dataset folder ('' = --data-dir, $MMFL_DATA, then defaults)."),
     "stale_dtype": Option(str, "float32", "one of float32|float16",
@@ -294,7 +296,7 @@ FLOWER = {
 
 _STR_KEYS = {"name", "engine", "dataset", "model", "kind", "data_dir", "aggregator"}
 #: keys whose value may be a string or a number/table: an override keeps the type it is given
-_MIXED_KEYS = {"processors"}
+_MIXED_KEYS = {"processors", "threads"}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -393,6 +395,15 @@ def _fixed(prefix: str, raw: dict, schema: dict[str, Option], extra: tuple[str, 
     return out
 
 
+def _threads(value: Any) -> int | str:
+    """``threads``: "auto" or an int in 1..256."""
+    if value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ConfigError("threads", 'must be "auto" or an integer in 1..256', value)
+    return value
+
+
 def _distribution(key: str, value: Any, *, lo: int, hi: int | None) -> int | tuple:
     """An int in [lo, hi], or a table {int value = probability} with probabilities summing to 1."""
     if isinstance(value, bool):
@@ -489,6 +500,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     raw = copy.deepcopy(dict(raw))
     top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server", "system", "flower"))
     _component("engine", "engine", top["engine"])
+    top["threads"] = _threads(top["threads"])
 
     server = _fixed("server.", _table("server", raw.get("server", {})), SERVER)
     system = SystemConfig(**_fixed("system.", _table("system", raw.get("system", {})), SYSTEM))

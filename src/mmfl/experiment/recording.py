@@ -196,11 +196,13 @@ class Recorder:
         self.out = out
         self.running_summary = running_summary
         self.writer = RunWriter(out)
+        #: the tables' snapshot of the checkpoint being resumed (``Checkpointer.load``)
+        self.restore: dict | None = None
 
     def on_start(self, cfg, federation, start_round: int) -> None:
-        """Open the tables: afresh, or (resuming after ``start_round`` rounds) keeping the
-        rows up to it."""
-        self.writer.open(keep_until_round=start_round or None)
+        """Open the tables: afresh, or (resuming after ``start_round`` rounds) as they were at
+        the checkpoint (rows after it dropped)."""
+        self.writer.open(keep_until_round=start_round or None, restore=self.restore)
 
     def on_round(self, r: RoundRecord) -> None:
         self.writer.append("metrics.csv", [{"round": r.round, **dataclasses.asdict(x)}
@@ -224,6 +226,7 @@ class Recorder:
             write_json(self.out / "summary.json", self.running_summary())
 
     def on_end(self, summary: dict[str, Any]) -> None:
+        self.writer.sync()
         write_json(self.out / "summary.json", summary)
 
     def close(self) -> None:

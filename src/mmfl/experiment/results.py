@@ -13,7 +13,8 @@ Layout (the first three are contracts, see DESIGN.md):
 - ``timing.csv``: wall-clock seconds per round (the only non-deterministic file).
 - ``checkpoint.safetensors``: the latest resumable state (see :mod:`mmfl.experiment.checkpoint`).
 
-Rows are appended and flushed each round, so a crash loses at most the round in progress.
+Rows are appended and handed to the OS each round, so a killed run loses at most the round in
+progress; see :class:`RunWriter` for what survives a system crash.
 """
 
 from __future__ import annotations
@@ -63,43 +64,90 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 class RunWriter:
-    """Appends rows to the CSV tables of a run directory, flushing every round."""
+    """Appends rows to the CSV tables of a run directory.
+
+    Durability (the crash guarantee of :mod:`mmfl.experiment.rundir`): :meth:`flush` hands the
+    rows to the operating system every round (no fsync), which a killed process cannot lose.
+    The bytes written since the tables were last fsynced travel in every checkpoint
+    (:meth:`snapshot`), so a checkpoint restores its tables exactly even after a system crash
+    lost unsynced rows; the tables themselves are fsynced only when that tail exceeds
+    :attr:`SYNC_BYTES`, and at the end of the run (:meth:`sync`).
+    """
+
+    #: bytes of unsynced rows (all tables) after which :meth:`flush` fsyncs the tables
+    SYNC_BYTES = 1 << 16
 
     def __init__(self, out: Path):
         self.out = out
         self._files: dict[str, io.TextIOBase] = {}
         self._cols: dict[str, tuple[str, ...]] = {}
+        self._durable: dict[str, int] = {}    # bytes known to be on disk
+        self._tail: dict[str, list[str]] = {}  # text written after them
+        self._pending = 0                       # characters in the tails
 
-    def open(self, *, keep_until_round: int | None) -> None:
+    def open(self, *, keep_until_round: int | None, restore: dict | None = None) -> None:
         """Open the tables for appending. ``keep_until_round`` (resume): drop rows after it,
-        and any torn last line; ``None``: start the tables afresh."""
+        and any torn last line; with ``restore`` (a checkpoint's :meth:`snapshot`) the tables
+        become exactly what they were at that checkpoint. ``None``: start the tables afresh."""
         for name, cols in TABLES.items():
             path = self.out / name
             if keep_until_round is None or not path.exists():
                 path.write_text(",".join(cols) + "\n", encoding="utf-8")
+            elif restore is not None and name in restore:
+                _restore_table(path, **restore[name])
             else:
                 truncate_rows(path, keep_until_round)
-                # a run written by an older mmfl keeps its own columns when it is resumed
-                with open(path, encoding="utf-8", newline="") as f:
-                    cols = tuple(next(csv.reader(f), cols))
+            # a run written by an older mmfl keeps its own columns when it is resumed
+            with open(path, encoding="utf-8", newline="") as f:
+                cols = tuple(next(csv.reader(f), cols))
             self._cols[name] = cols
             self._files[name] = open(path, "a", encoding="utf-8", newline="")
+        self.sync()
 
     def append(self, name: str, rows: list[dict[str, Any]]) -> None:
         cols = self._cols.get(name, TABLES[name])
-        f = self._files[name]
-        for row in rows:
-            f.write(",".join(_csv_cell(fmt(row.get(c))) for c in cols) + "\n")
+        text = "".join(",".join(_csv_cell(fmt(row.get(c))) for c in cols) + "\n" for row in rows)
+        self._files[name].write(text)
+        self._tail[name].append(text)
+        self._pending += len(text)
 
     def flush(self) -> None:
+        """Hand the rows to the OS; fsync the tables once their unsynced tail is large."""
         for f in self._files.values():
             f.flush()
+        if self._pending > self.SYNC_BYTES:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync every table; they are then durable without the checkpoint's copy."""
+        for name, f in self._files.items():
+            f.flush()
             os.fsync(f.fileno())
+            self._durable[name] = os.fstat(f.fileno()).st_size
+            self._tail[name] = []
+        self._pending = 0
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        """table -> {"durable": bytes fsynced, "tail": text written after them} (JSON-able)."""
+        return {name: {"durable": self._durable[name], "tail": "".join(self._tail[name])}
+                for name in self._files}
 
     def close(self) -> None:
         for f in self._files.values():
             f.close()
         self._files.clear()
+
+
+def _restore_table(path: Path, durable: int, tail: str) -> None:
+    """Make ``path`` its first ``durable`` bytes followed by ``tail`` (a checkpoint's copy)."""
+    size = path.stat().st_size
+    if size < durable:
+        raise ResultsError(f"{path}: {size} bytes, shorter than the {durable} the checkpoint "
+                           "found on disk; the run directory is damaged (start a new run)")
+    with open(path, "r+b") as f:
+        f.truncate(durable)
+        f.seek(durable)
+        f.write(tail.encode("utf-8"))
 
 
 def _csv_cell(text: str) -> str:

@@ -1,10 +1,12 @@
 """The run directory: its checks before anything is written, the config fingerprint, and the
 checkpoint (:class:`RunState` plus every stateful object of the run).
 
-Crash guarantee: the tables' rows of a round are handed to the operating system before the
-round's checkpoint is written, and a checkpoint replaces the previous one atomically (written
-to a temporary name, fsynced, renamed). After a kill -9 at any point, ``--resume`` drops the
-rows written after the checkpoint and continues bit-exactly from it.
+Crash guarantee: a round's rows are handed to the operating system before its checkpoint is
+written; a checkpoint replaces the previous one atomically (temporary name, one fsync, rename)
+and carries the tables' bytes written since they were last fsynced. After a kill -9 at any
+point, or a system crash, ``--resume`` restores the tables exactly as they were at the
+checkpoint and continues bit-exactly from it. Durability costs one fsync per checkpoint
+(``checkpoint_every``) plus one of the tables per 64 KB of rows.
 """
 
 from __future__ import annotations
@@ -27,6 +29,9 @@ __all__ = ["CHECKPOINT", "Checkpointer", "RunState", "check_out_dir", "config_fi
            "federation_info", "writing"]
 
 CHECKPOINT = "checkpoint.safetensors"
+#: top-level keys that may change when a run is resumed: ``rounds``, and ``threads`` (an
+#: execution setting: results do not depend on it, :mod:`mmfl.threads`)
+RESUMABLE_KEYS = ("rounds", "threads")
 
 
 @dataclass
@@ -67,10 +72,30 @@ class RunState:
 
 
 def config_fingerprint(cfg: ExperimentConfig, data_dir: Path | None) -> str:
-    """Hash of everything that determines a run's rounds except their number (and the data
-    folder): a checkpoint only resumes under the same fingerprint."""
+    """Hash of everything that determines a run's rounds except :data:`RESUMABLE_KEYS` (and
+    with the data folder): a checkpoint only resumes under the same fingerprint."""
+    d = cfg.to_dict()
+    for k in RESUMABLE_KEYS:
+        d.pop(k)
+    return _digest(d, data_dir)
+
+
+def legacy_fingerprints(cfg: ExperimentConfig, data_dir: Path | None, out: Path) -> list[str]:
+    """Fingerprints of checkpoints written before ``threads`` left the fingerprint: the same
+    hash with the ``threads`` value of the run's config.toml (none if it has none)."""
+    try:
+        old = tomlio.load(out / "config.toml").get("threads")
+    except Exception:  # no readable config.toml: nothing to accept
+        return []
+    if not isinstance(old, int):
+        return []
     d = cfg.to_dict()
     d.pop("rounds")
+    d["threads"] = old  # in its place, as the older mmfl wrote it
+    return [_digest(d, data_dir)]
+
+
+def _digest(d: dict, data_dir: Path | None) -> str:
     text = tomlio.dumps(d) + f"\ndata_dir={data_dir}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -90,11 +115,12 @@ def check_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
         return False
     old = tomlio.load(out / "config.toml") if (out / "config.toml").exists() else {}
     new = cfg.to_dict()
-    diff = sorted(k for k in set(old) | set(new) if k != "rounds" and old.get(k) != new.get(k))
+    diff = sorted(k for k in set(old) | set(new)
+                  if k not in RESUMABLE_KEYS and old.get(k) != new.get(k))
     if diff:
         raise ResultsError(
             f"{out}: the config differs from the run's config.toml (in: {', '.join(diff)}); "
-            "resume with the same config (only rounds may change)"
+            "resume with the same config (only rounds and threads may change)"
         )
     old_rounds = old.get("rounds", cfg.rounds)
     if old_rounds != cfg.rounds and old_rounds % cfg.eval_every:
@@ -138,12 +164,16 @@ class Checkpointer:
     ``(prefix, object)`` in ``stateful`` (allocator, aggregator, per-pair stores), under the
     config fingerprint."""
 
-    def __init__(self, out: Path, fingerprint: str, stateful: list[tuple[str, Any]]):
+    def __init__(self, out: Path, fingerprint: str, stateful: list[tuple[str, Any]],
+                 accepted: tuple[str, ...] = ()):
+        """``accepted``: further fingerprints a checkpoint may carry (older mmfl versions')."""
         self.path = out / CHECKPOINT
         self.fingerprint = fingerprint
+        self.accepted = (fingerprint, *accepted)
         self.stateful = stateful
 
-    def save(self, st: RunState) -> None:
+    def save(self, st: RunState, tables: dict[str, Any] | None = None) -> None:
+        """Write the checkpoint of ``st``; ``tables`` (``RunWriter.snapshot()``) travels in it."""
         arrays = {f"param.{s}": p.numpy() for s, p in enumerate(st.params)}
         for prefix, obj in self.stateful:
             for k, v in obj.state_dict().items():
@@ -159,14 +189,17 @@ class Checkpointer:
             arrays["runner.history_time"] = np.array(st.history_time, np.float64)
         meta = {"round": st.round, "sim_time": st.sim_time, "cost": st.cost.as_dict(),
                 "local_steps": st.local_steps, "fingerprint": self.fingerprint}
+        if tables is not None:
+            meta["tables"] = tables
         checkpoint.save(self.path, arrays, meta)
 
-    def load(self, st: RunState) -> None:
-        """Fill ``st`` (whose ``params`` has the run's S tensors) and the stateful objects."""
+    def load(self, st: RunState) -> dict[str, Any] | None:
+        """Fill ``st`` (whose ``params`` has the run's S tensors) and the stateful objects;
+        returns the tables' snapshot saved with the checkpoint (None in older checkpoints)."""
         import torch
 
         arrays, meta = checkpoint.load(self.path)
-        if meta.get("fingerprint") != self.fingerprint:
+        if meta.get("fingerprint") not in self.accepted:
             raise ResultsError(f"{self.path.parent}: the checkpoint was written by another config "
                                "or data folder; resume with the run's own config and --data-dir")
         st.round = int(meta["round"])
@@ -184,3 +217,4 @@ class Checkpointer:
                 arrays["runner.history_loss"])]
             st.history_time = [float(x) for x in arrays["runner.history_time"]]
         st.sim_time = float(meta.get("sim_time", 0.0))
+        return meta.get("tables")

@@ -39,7 +39,8 @@ from mmfl.experiment.recording import (Callback, Recorder, RoundRecord, count_co
                                        task_rounds)
 from mmfl.experiment.results import write_json
 from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_out_dir,
-                                    config_fingerprint, federation_info, writing)
+                                    config_fingerprint, federation_info, legacy_fingerprints,
+                                    writing)
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
 from mmfl.experiment.system import build_profile
 from mmfl.rng import stream
@@ -99,7 +100,8 @@ class Runner:
         self.checkpointer = Checkpointer(
             self.out, config_fingerprint(cfg, self.data_dir),
             [("allocator", self.allocator), ("aggregator", self.aggregator),
-             *self.stores.stateful()])
+             *self.stores.stateful()],
+            accepted=tuple(legacy_fingerprints(cfg, self.data_dir, self.out)))
         self.recorder = Recorder(self.out, lambda: self._summary("running", None))
 
     def run(self, *, resume: bool = False) -> dict[str, Any]:
@@ -117,7 +119,7 @@ class Runner:
             (self.out / "config.toml").write_text(tomlio.dumps(cfg.to_dict()), encoding="utf-8")
             write_json(self.out / "federation.json", federation_info(self.federation))
             if resuming:
-                self.checkpointer.load(st)
+                self.recorder.restore = self.checkpointer.load(st)
                 log.info("resuming %s after round %d", self.out, st.round)
             self.recorder.on_start(cfg, self.federation, st.round)
         for cb in self.callbacks:
@@ -180,7 +182,7 @@ class Runner:
                               (t_start, t_train, t_eval))
         self.recorder.on_round(record)
         if st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds:
-            self.checkpointer.save(st)
+            self.checkpointer.save(st, tables=self.recorder.writer.snapshot())
         for cb in self.callbacks:
             cb.on_round(record)
 

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
+from mmfl.threads import AUTO_THREADS_ENV
 from mmfl.experiment import tomlio
 from mmfl.experiment.config import ExperimentConfig, config_from_dict
 from mmfl.experiment.results import write_json
@@ -502,7 +503,7 @@ def _init_worker(q, stop) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", AUTO_THREADS_ENV):
         os.environ[var] = "1"
     import torch
 

@@ -38,7 +38,7 @@ def require_flwr() -> None:
 class FlowerEngineEntry:
     """Flower ClientApps under Flower's simulation engine (Ray); needs the flower extra."""
 
-    def __new__(cls, federation, *, seed: int, threads: int = 1, **kwargs):
+    def __new__(cls, federation, *, seed: int, threads: int | str = 1, **kwargs):
         """A :class:`mmfl.flower.server.FlowerEngine`; it needs a Flower ``grid`` (keyword),
         which exists only inside a ServerApp. ``mmfl run`` / :func:`mmfl.run` use
         :meth:`host_run` instead."""

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
+from mmfl.threads import resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -525,7 +526,7 @@ class LocalDeployment:
         if self.auth:
             argv.append("--enable-supernode-auth")
         env = dict(self._env)
-        env.setdefault("OMP_NUM_THREADS", str(self.cfg.threads))
+        env.setdefault("OMP_NUM_THREADS", str(resolve_threads(self.cfg.threads)))
         return _Proc("superlink", argv, self.dir / "superlink", self.logs / "superlink.log", env)
 
     def _wait_port(self, timeout: float) -> None:

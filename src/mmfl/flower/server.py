@@ -121,7 +121,7 @@ class FlowerEngine(Engine):
     ServerApp's thread ends instead of waiting out the round timeout.
     """
 
-    def __init__(self, federation, *, seed: int, threads: int = 1, grid: Grid | None = None,
+    def __init__(self, federation, *, seed: int, threads: int | str = 1, grid: Grid | None = None,
                  settings: FlowerSettings | None = None, stop: threading.Event | None = None):
         if grid is None:
             raise ConfigError("engine", "engine flower runs inside a Flower ServerApp (use "

@@ -148,16 +148,31 @@ def stratified_split(
 )
 def load_digits(options: dict, data_dir: pathlib.Path | None, seed: int) -> Dataset:
     """scikit-learn 8x8 digits: 1797 images, 10 classes, input (1, 8, 8), standardised."""
-    from sklearn.datasets import load_digits as _sk_load_digits
-
-    bunch = _sk_load_digits()
-    x = (np.asarray(bunch.data, np.float64) / 16.0).reshape(-1, 1, 8, 8)
-    y = np.asarray(bunch.target, np.int64)
+    table = _sklearn_digits()
+    x = (table[:, :-1] / 16.0).reshape(-1, 1, 8, 8)
+    y = table[:, -1].astype(np.int64)
     rng = stream(seed, "dataset:digits")
     tr, te = stratified_split(y, float(options.get("test_fraction", 0.25)), rng)
     mean, std = x[tr].mean(), x[tr].std()
     x = ((x - mean) / std).astype(np.float32)
     return Dataset("digits", x[tr], y[tr], x[te], y[te], 10, (1, 8, 8))
+
+
+def _sklearn_digits() -> np.ndarray:
+    """(1797, 65) float64: scikit-learn's bundled digits file (64 pixels 0..16, then the
+    label), read directly: the same values as ``sklearn.datasets.load_digits``, without the
+    seconds that importing scikit-learn's dataset module costs at every start."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("dataset digits needs scikit-learn installed (its bundled digits file)")
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "datasets/data/digits.csv.gz"
+    try:
+        with gzip.open(path, "rt") as f:
+            return np.loadtxt(f, delimiter=",")
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"dataset digits: cannot read {path} ({e})") from None
 
 
 # --------------------------------------------------------------------------------------------
