@@ -1,4 +1,4 @@
-"""Benchmark mmfl.core.probabilities (ALGORITHMS.md section 4). Prints a table; asserts nothing.
+"""Benchmark mmfl.core.probabilities (docs/algorithms.md section 4). Prints a table; asserts nothing.
 
 1. optimal_probabilities (closed form) at P = 1,000,000 processors, S = 10 models, against the
    1 s target.

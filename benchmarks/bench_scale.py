@@ -22,7 +22,7 @@ Part 1, scale (each N in a fresh subprocess, so peak memory does not mix):
     * ``peak RSS MiB``: ``VmHWM`` of the subprocess (targets: <= 4 GiB, round time within 20%
       between N = 1,000 and N = 100,000).
 
-Part 2, the paper-1 federation (ALGORITHMS.md section 8): N = 120 clients, one processor each,
+Part 2, the paper-1 federation (docs/algorithms.md section 8): N = 120 clients, one processor each,
 S = 5 ``fashion_mnist`` tasks held by every client, label skew ``classes`` with class_ratio 0.3
 (3 classes per client), quantity skew 90% of the clients share 10% of the data, C = 0.1 (m =
 12), E = 5, batch 500 (full batch for small clients), lr 0.01.

@@ -2,7 +2,7 @@
 
 For one experiment config and one set of global models (the initial ones, or those of a run's
 checkpoint), every client trains every task it holds (the full computation of GVR), and the
-script compares the variance of the unbiased aggregate (ALGORITHMS.md section 3) under the
+script compares the variance of the unbiased aggregate (docs/algorithms.md section 3) under the
 uniform sampling of ``random`` and under the optimal probabilities of section 4 with the GVR
 scores U_{i,s} = d_{i,s} ||G_{i,s}|| (one processor per client in the papers' settings):
 

@@ -1,7 +1,7 @@
 """The data that flows through a round: Population, RoundState, Assignment, AggregationPlan.
 
 All are frozen dataclasses of numpy arrays; nothing here imports torch. Notation follows
-ALGORITHMS.md section 1: ``i`` client (N of them), ``s`` model/task (S), ``b`` processor (P),
+docs/algorithms.md section 1: ``i`` client (N of them), ``s`` model/task (S), ``b`` processor (P),
 ``d`` data weight, ``p`` inclusion probability, ``m`` budget.
 """
 
@@ -86,7 +86,7 @@ class Population:
 
 class Signal(StrEnum):
     """What a sampler or aggregator asks the runner to gather before a round's allocation
-    (``Allocator.requires``; ALGORITHMS.md section 5). Members compare equal to their string
+    (``Allocator.requires``; docs/algorithms.md section 5). Members compare equal to their string
     values, so ``"local_loss" in requires`` also holds."""
 
     #: probe the global model's loss on the pairs of ``Allocator.probe_pairs`` (LVR)
@@ -103,7 +103,7 @@ class Signal(StrEnum):
 
 @dataclass(frozen=True)
 class Signals:
-    """Per-(client, task) information the server gathers for sampling (ALGORITHMS.md sections 5, 6).
+    """Per-(client, task) information the server gathers for sampling (docs/algorithms.md sections 5, 6).
 
     Every field is an (N, S) float array or None when the round's sampler did not ask for it;
     entries that were not measured this round are NaN. Update quantities are scaled by the
@@ -176,7 +176,7 @@ class Assignment:
         task: (K,) int, model s trained in the slot.
         probability: (K,) float, inclusion probability p_{s|b} of the slot.
         share: (K,) float, the fraction of d_{i,s} the slot stands for: 1/B_i when each of the
-            client's B_i processors is drawn independently (ALGORITHMS.md section 3), 1 for
+            client's B_i processors is drawn independently (docs/algorithms.md section 3), 1 for
             client-level slots. The unbiased coefficient of the slot is d_{i,s} * share / p.
         probabilities: (P, S) float, the full matrix p_{s|b} the slots were drawn from (for logs
             and variance diagnostics); rows of client-level allocators are per client (N, S).
@@ -248,7 +248,7 @@ class Assignment:
 
 @dataclass(frozen=True)
 class AggregationPlan:
-    """Per-model coefficients of the server update (ALGORITHMS.md sections 3, 6, 7).
+    """Per-model coefficients of the server update (docs/algorithms.md sections 3, 6, 7).
 
     The engine applies, for every task s,
 
@@ -256,7 +256,7 @@ class AggregationPlan:
 
     where G is the fresh update of the active pair. One entry per unique active pair (sorted by
     task, then client), coefficients of duplicate slots summed. Stale-update aggregators
-    (ALGORITHMS.md section 6) add ``- server_lr * sum_j stale_coefficient[j] * h_{stale_client[j], s}``
+    (docs/algorithms.md section 6) add ``- server_lr * sum_j stale_coefficient[j] * h_{stale_client[j], s}``
     with h the stored last update of the pair (read before this round's updates replace it).
 
     Attributes:

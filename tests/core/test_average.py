@@ -1,4 +1,4 @@
-"""FedFairMMFL averaging aggregator (ALGORITHMS.md section 7)."""
+"""FedFairMMFL averaging aggregator (docs/algorithms.md section 7)."""
 
 import numpy as np
 

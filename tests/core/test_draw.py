@@ -1,4 +1,4 @@
-"""The drawing rule of ALGORITHMS.md section 1 (mmfl.core.allocators.draw)."""
+"""The drawing rule of docs/algorithms.md section 1 (mmfl.core.allocators.draw)."""
 
 import numpy as np
 import pytest

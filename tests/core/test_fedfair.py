@@ -1,4 +1,4 @@
-"""FedFairMMFL alpha-fair allocation (ALGORITHMS.md section 7)."""
+"""FedFairMMFL alpha-fair allocation (docs/algorithms.md section 7)."""
 
 import numpy as np
 import pytest

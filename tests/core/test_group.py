@@ -1,4 +1,4 @@
-"""Group-based sampler, the VTC 2025 prototype (ALGORITHMS.md section 7, mmfl.core.group).
+"""Group-based sampler, the VTC 2025 prototype (docs/algorithms.md section 7, mmfl.core.group).
 
 Covers: deterministic grouping that covers every client, the rotation worked example, probability
 matrix properties, late clients and joining models, Monte Carlo unbiasedness of the default

@@ -1,4 +1,4 @@
-"""mmfl.core.probabilities: section 4 of ALGORITHMS.md (closed form and per-model budgets).
+"""mmfl.core.probabilities: section 4 of docs/algorithms.md (closed form and per-model budgets).
 
 Layers: the worked example of section 4 (exact numbers), edge cases and input validation,
 hypothesis properties, and agreement with a general convex solver (cvxpy + Clarabel, on the

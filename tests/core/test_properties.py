@@ -1,4 +1,4 @@
-"""Hypothesis property tests of every sampler over random populations (ALGORITHMS.md s. 1, 7)."""
+"""Hypothesis property tests of every sampler over random populations (docs/algorithms.md s. 1, 7)."""
 
 import numpy as np
 from hypothesis import given, settings

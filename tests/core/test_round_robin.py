@@ -1,4 +1,4 @@
-"""Round-robin model rotation (ALGORITHMS.md section 7)."""
+"""Round-robin model rotation (docs/algorithms.md section 7)."""
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""Monte-Carlo unbiasedness of sampler x aggregator pairs (ALGORITHMS.md sections 3 and 7).
+"""Monte-Carlo unbiasedness of sampler x aggregator pairs (docs/algorithms.md sections 3 and 7).
 
 Fake updates G_{i,s} (small fixed vectors per pair) stand in for local training; the estimate of
 round r for task s is sum_k coefficient_k G_{client_k, s}. Its mean over >= 20,000 draws must be

@@ -1,4 +1,4 @@
-"""Variance-reduced samplers and stale-update aggregators (ALGORITHMS.md sections 4-7).
+"""Variance-reduced samplers and stale-update aggregators (docs/algorithms.md sections 4-7).
 
 Monte Carlo: for every unbiased sampler x aggregator pair, the mean over >= 20,000 draws of the
 server step sum_k c_k G_k + sum_j e_j h_j is within 4 standard errors (per coordinate) of the
@@ -125,7 +125,7 @@ def test_mifa_is_the_average_of_latest_updates():
 
 
 def test_gvr_probabilities_are_the_closed_form_of_the_worked_example():
-    """ALGORITHMS.md section 4's example: B = (1, 2, 1), norms [[2, 1], [1, 0], [4, 2]], m = 2."""
+    """docs/algorithms.md section 4's example: B = (1, 2, 1), norms [[2, 1], [1, 0], [4, 2]], m = 2."""
     pop = Population(np.array([[30, 10], [60, 0], [10, 90]]), np.array([1, 2, 1]), ("x", "y"))
     norms = np.array([[2.0, 1.0], [1.0, 0.0], [4.0, 2.0]])
     state = RoundState(0, pop, 2.0, np.ones(3, bool), signals=Signals(update_norm=norms))

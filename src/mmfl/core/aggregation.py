@@ -4,13 +4,13 @@ An aggregator returns an :class:`~mmfl.types.AggregationPlan`; the engine then a
 
     w_s <- w_s - server_lr * sum_k coefficient[k] * G_{client[k], s}     (k with task[k] = s)
 
-with G_{i,s} = w_s^t - w_{i,s} the uploaded update (ALGORITHMS.md section 2). The runner sets
+with G_{i,s} = w_s^t - w_{i,s} the uploaded update (docs/algorithms.md section 2). The runner sets
 ``server_lr`` (eta_g); plans built here carry the default 1.0. Pure numpy; inputs are never mutated.
 
-* ``unbiased`` (ALGORITHMS.md section 3): coefficient d_{i,s} * share / p summed over the slots
+* ``unbiased`` (docs/algorithms.md section 3): coefficient d_{i,s} * share / p summed over the slots
   of each unique active pair; its expectation is the full update over the AVAILABLE clients,
   sum_{i available} d_{i,s} G_{i,s} (d is normalised over all clients).
-* ``average`` (ALGORITHMS.md section 7, FedFairMMFL): per task, the data-size-weighted average
+* ``average`` (docs/algorithms.md section 7, FedFairMMFL): per task, the data-size-weighted average
   of the assigned clients' models, as coefficients a_i = n_{i,s} / sum_j n_{j,s} (sum over the
   task's unique assigned clients) on G; tasks without an assigned client are unchanged.
 
@@ -53,7 +53,7 @@ class Aggregator:
         raise NotImplementedError
 
     def beta(self, state: RoundState) -> np.ndarray | None:
-        """(N, S) stale coefficients beta_{i,s} this round will use (ALGORITHMS.md section 6),
+        """(N, S) stale coefficients beta_{i,s} this round will use (docs/algorithms.md section 6),
         given before allocation so that samplers can score with them; None if not stale."""
         return None
 
@@ -78,7 +78,7 @@ def _pair_index(assignment: Assignment) -> tuple[np.ndarray, np.ndarray, np.ndar
 
 
 def unbiased_plan(assignment: Assignment, population: Population) -> AggregationPlan:
-    """Unbiased inverse-probability coefficients (ALGORITHMS.md section 3).
+    """Unbiased inverse-probability coefficients (docs/algorithms.md section 3).
 
     coefficient(i, s) = sum over slots k of (i, s) of d_{i,s} * share_k / p_k, where share_k is
     1/B_i for processor slots and 1 for client-level slots. Slots of one client that drew the same
@@ -100,7 +100,7 @@ def unbiased_plan(assignment: Assignment, population: Population) -> Aggregation
 
 
 def average_plan(assignment: Assignment, population: Population) -> AggregationPlan:
-    """Data-size-weighted model averaging as update coefficients (ALGORITHMS.md section 7).
+    """Data-size-weighted model averaging as update coefficients (docs/algorithms.md section 7).
 
     For every task s with assigned clients A_s (unique), w_s <- sum_{i in A_s} a_i w_{i,s} with
     a_i = n_{i,s} / sum_{j in A_s} n_{j,s}. Since sum a_i = 1 this is w_s - sum a_i G_{i,s}, i.e.
@@ -127,9 +127,9 @@ def average_plan(assignment: Assignment, population: Population) -> AggregationP
 
 
 @register("aggregator", "unbiased", options={},
-          doc="Unbiased inverse-probability weights d * share / p (ALGORITHMS.md section 3).")
+          doc="Unbiased inverse-probability weights d * share / p (docs/algorithms.md section 3).")
 class UnbiasedAggregator(Aggregator):
-    """Unbiased aggregation (ALGORITHMS.md section 3); see :func:`unbiased_plan`.
+    """Unbiased aggregation (docs/algorithms.md section 3); see :func:`unbiased_plan`.
 
     E[update] = sum over available i of d_{i,s} G_{i,s} when the slot probabilities are the true
     inclusion probabilities (for ``full``: exactly that, deterministically).
@@ -142,7 +142,7 @@ class UnbiasedAggregator(Aggregator):
 @register("aggregator", "average", options={},
           doc="Per-task data-size-weighted average of assigned clients' models (FedFairMMFL).")
 class AverageAggregator(Aggregator):
-    """FedFairMMFL averaging (ALGORITHMS.md section 7); see :func:`average_plan`."""
+    """FedFairMMFL averaging (docs/algorithms.md section 7); see :func:`average_plan`."""
 
     def plan(self, assignment: Assignment, state: RoundState) -> AggregationPlan:
         return average_plan(assignment, state.population)

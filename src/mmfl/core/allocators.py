@@ -2,10 +2,10 @@
 
 An allocator turns a :class:`~mmfl.types.RoundState` into an :class:`~mmfl.types.Assignment`:
 which processors train which model this round, and with which inclusion probability
-(ALGORITHMS.md sections 1 and 7). Everything here is pure numpy; all randomness comes from the
+(docs/algorithms.md sections 1 and 7). Everything here is pure numpy; all randomness comes from the
 ``rng`` argument of :meth:`Allocator.allocate`, and no function mutates its inputs.
 
-Notation (ALGORITHMS.md section 1): ``i`` client (N), ``s`` model/task (S), ``b`` processor (P),
+Notation (docs/algorithms.md section 1): ``i`` client (N), ``s`` model/task (S), ``b`` processor (P),
 ``B_i`` processors of client i (contiguous: ``population.first_processor[i]`` ..
 ``first_processor[i] + B_i - 1``), ``m`` budget, ``p_{s|b}`` inclusion probability.
 
@@ -103,7 +103,7 @@ class Allocator:
 
 
 # --------------------------------------------------------------------------------------------
-# Drawing rules (ALGORITHMS.md section 1)
+# Drawing rules (docs/algorithms.md section 1)
 # --------------------------------------------------------------------------------------------
 
 
@@ -158,7 +158,7 @@ def draw(
     *,
     note: str = "",
 ) -> Assignment:
-    """Draw an assignment with the rule of ALGORITHMS.md section 1.
+    """Draw an assignment with the rule of docs/algorithms.md section 1.
 
     Each processor b independently is idle with probability ``1 - sum_s p[b, s]``, else trains
     model s with probability ``p[b, s]`` (one uniform number per processor, in processor order,
@@ -190,7 +190,7 @@ def draw(
 
 def processor_slots(population: Population, processor: np.ndarray, task: np.ndarray,
                     probability: np.ndarray, probabilities: np.ndarray, note: str) -> Assignment:
-    """An Assignment of processor slots (b, s) with share 1/B_{i(b)} (ALGORITHMS.md section 3)."""
+    """An Assignment of processor slots (b, s) with share 1/B_{i(b)} (docs/algorithms.md section 3)."""
     client = population.processor_client[processor]
     return Assignment(processor=processor, client=client, task=task, probability=probability,
                       share=1.0 / population.capacity[client], probabilities=probabilities,
@@ -265,7 +265,7 @@ def eligible_processors(state: RoundState) -> np.ndarray:
 
 
 def uniform_processor_rates(state: RoundState) -> tuple[np.ndarray, str]:
-    """Uniform processor sampling rates q_b = min(1, m / P_eligible) (ALGORITHMS.md section 7).
+    """Uniform processor sampling rates q_b = min(1, m / P_eligible) (docs/algorithms.md section 7).
 
     Args:
         state: the round (budget m, availability, population).
@@ -326,7 +326,7 @@ _DRAW_OPT = Option(
     str,
     "independent",
     "one of independent|fixed",
-    "independent: every processor is active independently with probability q_b (ALGORITHMS.md "
+    "independent: every processor is active independently with probability q_b (docs/algorithms.md "
     "section 1); fixed: exactly round(m) eligible processors, chosen without replacement "
     "(needs an integer budget; the authors' code). Inclusion probabilities are the same.",
     authors="fixed",
@@ -357,7 +357,7 @@ _DRAW_OPT = Option(
     doc="Uniform processor sampling, then a uniform model among the client's held tasks.",
 )
 class RandomAllocator(Allocator):
-    """Uniform random sampling (ALGORITHMS.md section 7, "random").
+    """Uniform random sampling (docs/algorithms.md section 7, "random").
 
     Each eligible processor (available client holding >= 1 task) is active with probability
     q_b = min(1, m / P_eligible); an active processor trains a model chosen uniformly among its
@@ -415,7 +415,7 @@ def round_robin_schedule(population: Population, round: int) -> np.ndarray:
     k = (floor(i * S / N) + round) mod S. If client i does not hold model k it moves to its
     next held model cyclically (k, k+1, ... mod S); call that h_0 and its following held models
     cyclically h_1, h_2, ... Processor j (0-based within the client) trains h_{j mod |S_i|}, so a
-    client's processors train distinct models while B_i <= |S_i| (ALGORITHMS.md section 7).
+    client's processors train distinct models while B_i <= |S_i| (docs/algorithms.md section 7).
     Processors of clients holding no task get -1.
     """
     pop = population
@@ -458,7 +458,7 @@ def _round_robin_frequency(population: Population) -> np.ndarray:
     doc="Round-robin model rotation; processors sampled uniformly like random.",
 )
 class RoundRobinAllocator(Allocator):
-    """Round-robin model assignment (ALGORITHMS.md section 7, "round_robin").
+    """Round-robin model assignment (docs/algorithms.md section 7, "round_robin").
 
     The model of each processor follows :func:`round_robin_schedule`; processors are sampled
     like ``random`` (q_b = min(1, m / P_eligible), independent or fixed draw).
@@ -514,7 +514,7 @@ class RoundRobinAllocator(Allocator):
 
 @register("sampler", "full", options={}, doc="Full participation: every eligible pair trains.")
 class FullAllocator(Allocator):
-    """Full participation (ALGORITHMS.md section 7, "full"): the upper-bound baseline.
+    """Full participation (docs/algorithms.md section 7, "full"): the upper-bound baseline.
 
     One client-level slot (processor = -1, p = 1, share = 1) for every eligible (i, s) pair
     (client available and holding data for s); the budget is ignored. With the default
@@ -556,7 +556,7 @@ def _sanitize_losses(losses: np.ndarray) -> np.ndarray:
 def fedfair_distribution(
     losses: np.ndarray, alpha: float, weights: np.ndarray | None = None
 ) -> np.ndarray:
-    """The alpha-fair model distribution of FedFairMMFL (ALGORITHMS.md section 7).
+    """The alpha-fair model distribution of FedFairMMFL (docs/algorithms.md section 7).
 
     pi_s = w_s * f_s^(alpha - 1) / sum_s' w_s' * f_s'^(alpha - 1), computed in log space so large
     alpha cannot overflow. alpha = 1 gives pi proportional to w; alpha -> infinity puts all mass
@@ -618,7 +618,7 @@ FAIR_OPTIONS = {
     doc="FedFairMMFL: uniform client sampling, alpha-fair model choice, averaging aggregation.",
 )
 class FairAllocator(Allocator):
-    """FedFairMMFL alpha-fair allocation (ALGORITHMS.md section 7).
+    """FedFairMMFL alpha-fair allocation (docs/algorithms.md section 7).
 
     Processors are sampled like ``random`` (q_b = min(1, m / P_eligible)); a sampled processor
     of client i trains held model s with probability

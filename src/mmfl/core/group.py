@@ -1,7 +1,7 @@
-"""Group-based client sampling (ALGORITHMS.md section 7, "group-based (VTC 2025)") - a PROTOTYPE.
+"""Group-based client sampling (docs/algorithms.md section 7, "group-based (VTC 2025)") - a PROTOTYPE.
 
 The VTC 2025-Spring paper "Group-based Client Sampling in MMFL" was not reachable; its exact
-published rule is unknown. What is implemented here is the prototype that ALGORITHMS.md
+published rule is unknown. What is implemented here is the prototype that docs/algorithms.md
 describes, with every missing detail filled in by a simple, documented choice:
 
 1. **Grouping (once).** On the first call of :meth:`GroupAllocator.allocate` that sees an
@@ -215,7 +215,7 @@ def kmeans(
     doc="Group-based sampling (VTC 2025 prototype): client groups rotate over the models.",
 )
 class GroupAllocator(Allocator):
-    """Group-based client sampling, the PROTOTYPE of VTC 2025 (ALGORITHMS.md section 7).
+    """Group-based client sampling, the PROTOTYPE of VTC 2025 (docs/algorithms.md section 7).
 
     See the module docstring for the full rule and for what the unbiased aggregator estimates
     (the serving group's data-weighted update, not the full-participation one; rotation averages

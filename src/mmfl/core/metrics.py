@@ -1,4 +1,4 @@
-"""Fairness statistics, convergence speed and cost accounting (ALGORITHMS.md sections 5 and 7).
+"""Fairness statistics, convergence speed and cost accounting (docs/algorithms.md sections 5 and 7).
 
 Pure numpy; inputs are never mutated.
 """
@@ -21,7 +21,7 @@ __all__ = [
 
 
 def fairness_stats(accuracies: np.ndarray) -> dict[str, float]:
-    """Fairness statistics across models (ALGORITHMS.md section 7, "Fairness metrics").
+    """Fairness statistics across models (docs/algorithms.md section 7, "Fairness metrics").
 
     Args:
         accuracies: (S,) float, one accuracy per model (S >= 1).
@@ -43,7 +43,7 @@ def fairness_stats(accuracies: np.ndarray) -> dict[str, float]:
 
 
 def rounds_to_target(acc_history: np.ndarray, rounds: np.ndarray, target: float) -> np.ndarray:
-    """First round at which each model's accuracy reaches ``target`` (ALGORITHMS.md section 7).
+    """First round at which each model's accuracy reaches ``target`` (docs/algorithms.md section 7).
 
     Args:
         acc_history: (R, S) float, accuracy of model s at the r-th evaluation (NaN = missing).
@@ -72,14 +72,14 @@ def rounds_to_target(acc_history: np.ndarray, rounds: np.ndarray, target: float)
 
 
 def clients_per_task(assignment: Assignment, num_tasks: int) -> np.ndarray:
-    """(S,) int: unique clients assigned to each model this round (ALGORITHMS.md section 7)."""
+    """(S,) int: unique clients assigned to each model this round (docs/algorithms.md section 7)."""
     _, task = assignment.pairs()
     return np.bincount(task, minlength=num_tasks)
 
 
 @dataclass(frozen=True)
 class RoundCost:
-    """Client-side cost of a round (ALGORITHMS.md section 5, "Cost accounting").
+    """Client-side cost of a round (docs/algorithms.md section 5, "Cost accounting").
 
     Attributes:
         local_trainings: local training runs (one per unique active (client, task) pair).
@@ -110,7 +110,7 @@ class RoundCost:
 
 def round_cost(assignment: Assignment, *, full_computation: int = 0, probes: int = 0,
                probe_trainings: int = 0) -> RoundCost:
-    """Client-side cost of a round (ALGORITHMS.md section 5, "Cost accounting").
+    """Client-side cost of a round (docs/algorithms.md section 5, "Cost accounting").
 
     Args:
         assignment: the round's slots; U = its unique (client, task) pairs upload a model each.

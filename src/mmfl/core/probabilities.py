@@ -1,4 +1,4 @@
-"""Optimal variance-reduced sampling probabilities (ALGORITHMS.md section 4).
+"""Optimal variance-reduced sampling probabilities (docs/algorithms.md section 4).
 
 Given non-negative scores ``U[b, s] = U_{s,b}`` (section 5: already multiplied by d_{i,s}/B_i and
 zero where client i(b) holds no data for s), these functions choose the inclusion probabilities
@@ -84,7 +84,7 @@ def _check_budget(budget: float, name: str = "budget") -> float:
 
 
 def sampling_variance(scores: np.ndarray, probabilities: np.ndarray) -> float:
-    """V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b} over entries with U > 0 (ALGORITHMS.md section 4).
+    """V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b} over entries with U > 0 (docs/algorithms.md section 4).
 
     Args:
         scores: (P, S) float >= 0, U.
@@ -182,7 +182,7 @@ def optimal_probabilities_info(
     *,
     eligible: np.ndarray | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """The optimal (P, S) sampling matrix of ALGORITHMS.md section 4, with a record.
+    """The optimal (P, S) sampling matrix of docs/algorithms.md section 4, with a record.
 
     Minimises V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b} subject to p >= 0, sum_s p_{s|b} <= 1,
     sum_{s,b} p_{s|b} = m and p = 0 where U = 0. With M_b = sum_s U_{s,b}:
@@ -280,7 +280,7 @@ def optimal_probabilities(
     *,
     eligible: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The optimal (P, S) matrix p_{s|b} of ALGORITHMS.md section 4 (the DESIGN.md contract).
+    """The optimal (P, S) matrix p_{s|b} of docs/algorithms.md section 4 (the DESIGN.md contract).
 
     Closed form: q_b = min(1, M_b / lambda) with M_b = sum_s U_{s,b} and lambda such that
     sum_b q_b = m, then p_{s|b} = q_b U_{s,b} / M_b. See :func:`optimal_probabilities_info` for
@@ -613,7 +613,7 @@ def optimal_probabilities_per_model_info(
     tol: float = 1e-11,
     max_iter: int = 200,
 ) -> tuple[np.ndarray, dict]:
-    """Optimal sampling under one budget per model (ALGORITHMS.md section 4, FairVR variant).
+    """Optimal sampling under one budget per model (docs/algorithms.md section 4, FairVR variant).
 
     Solves exactly (to ``tol``) the convex problem
 
@@ -746,7 +746,7 @@ def optimal_probabilities_per_model(
     *,
     eligible: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Optimal (P, S) matrix under per-model budgets m_s (ALGORITHMS.md section 4, FairVR).
+    """Optimal (P, S) matrix under per-model budgets m_s (docs/algorithms.md section 4, FairVR).
 
     minimise sum U^2/p s.t. sum_s p_{s|b} <= 1, sum_b p_{s|b} <= m_s, p >= 0, p = 0 where U = 0;
     see :func:`optimal_probabilities_per_model_info` for the method and the edge cases.

@@ -1,5 +1,5 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020): uniform sampling, local SGD corrected with control
-variates, server update of the models and of the control variates (ALGORITHMS.md section 6,
+variates, server update of the models and of the control variates (docs/algorithms.md section 6,
 "SCAFFOLD: control variates"). Pure numpy: the sampler registration and the control-variate
 equations; the runner keeps the control variates (:class:`mmfl.engines.stale.ControlVariates`)
 and the engines apply the corrections.

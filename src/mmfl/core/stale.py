@@ -1,4 +1,4 @@
-"""Stale-update aggregation (ALGORITHMS.md section 6) and the baselines built on it.
+"""Stale-update aggregation (docs/algorithms.md section 6) and the baselines built on it.
 
 The server keeps h_{i,s}, the last update received from client i for model s (zero at start), and
 applies
@@ -114,7 +114,7 @@ SCHEDULE = Option(str, "paper", "one of paper|authors",
 @register("aggregator", "stalevre", options={"b0": B0, "schedule": SCHEDULE},
           doc="Stale-update aggregation with beta decaying linearly in staleness (StaleVRE).")
 class StaleVREAggregator(StaleAggregator):
-    """StaleVRE's estimated beta (ALGORITHMS.md section 6).
+    """StaleVRE's estimated beta (docs/algorithms.md section 6).
 
     State per pair: the round ``last`` it was last active (-1 never) and a decay rate r. In round
     t the coefficient is betahat = max(0, b0 - r (t - last)) (equivalently: reset to b0 when
@@ -167,7 +167,7 @@ class StaleVREAggregator(StaleAggregator):
 
 @register("aggregator", "mifa", doc="MIFA: average of every client's latest update (no 1/p).")
 class MIFAAggregator(Aggregator):
-    """MIFA (ALGORITHMS.md section 6): w_s <- w_s - eta_g sum_i d_{i,s} h_{i,s}, where h is
+    """MIFA (docs/algorithms.md section 6): w_s <- w_s - eta_g sum_i d_{i,s} h_{i,s}, where h is
     replaced by the fresh G for the active pairs first. Biased under non-uniform participation by
     design; it trades the 1/p variance for staleness."""
 

@@ -1,4 +1,4 @@
-"""Optimal variance-reduced samplers (ALGORITHMS.md sections 4, 5 and 7) and the stale baselines.
+"""Optimal variance-reduced samplers (docs/algorithms.md sections 4, 5 and 7) and the stale baselines.
 
 Every sampler here turns per-(client, task) measurements into scores
 
@@ -349,7 +349,7 @@ class StaleVREAllocator(OptimalAllocator):
 @register("sampler", "fairvr", options={**LVR_OPTIONS, **FAIR_OPTIONS},
           doc="MMFL-FairVR: alpha-fair per-model budgets, optimal LVR sampling within them.")
 class FairVRAllocator(_LossScores, Allocator):
-    """MMFL-FairVR (ALGORITHMS.md section 7): m_s = m pi_s with pi the alpha-fair shares of
+    """MMFL-FairVR (docs/algorithms.md section 7): m_s = m pi_s with pi the alpha-fair shares of
     FedFairMMFL (from the models' current losses), then section 4's per-model-budget optimum
     over LVR scores; unbiased aggregation."""
 

@@ -1,7 +1,7 @@
 """The engine interface and what every engine shares: models, flat parameters, apply, evaluate.
 
 Parameters of task s live as one flat float32 vector w_s of length D_s (the model's parameters
-concatenated in ``module.parameters()`` order). An update is G = w_s - w_{i,s} (ALGORITHMS.md
+concatenated in ``module.parameters()`` order). An update is G = w_s - w_{i,s} (docs/algorithms.md
 section 2), also a flat (D_s,) vector.
 """
 
@@ -129,7 +129,7 @@ class Engine:
 
     def apply(self, params: list[torch.Tensor], out: TrainOutput, plan: AggregationPlan,
               store=None) -> list[torch.Tensor]:
-        """w_s <- w_s - eta_g * (sum_k c_k G_k + sum_j e_j h_j) (ALGORITHMS.md sections 3, 6, 7).
+        """w_s <- w_s - eta_g * (sum_k c_k G_k + sum_j e_j h_j) (docs/algorithms.md sections 3, 6, 7).
 
         ``out`` holds exactly the plan's fresh pairs; ``store`` (a
         :class:`~mmfl.engines.stale.StaleStore`) provides h for the stale terms. Returns a new
@@ -160,7 +160,7 @@ class Engine:
     def probe_losses(self, params: list[torch.Tensor], clients: np.ndarray,
                      tasks: np.ndarray) -> np.ndarray:
         """(U,) mean training loss f_{i,s}(w_s) of the global model on each pair's local data
-        (the LVR score, ALGORITHMS.md section 5): one forward pass over the client's samples."""
+        (the LVR score, docs/algorithms.md section 5): one forward pass over the client's samples."""
         out = np.zeros(len(clients))
         for s in np.unique(tasks):
             model = self.models[s]

@@ -17,7 +17,7 @@ A step of the K clients minimises the sum of their losses,
 real samples and 0 on padding (the :class:`~mmfl.engines.vectorized.BatchPlan` weights). The
 clients share no parameter, so ``dL / dw_k`` is client k's own batch-mean gradient; one
 autograd pass computes the conv layers' gradients of all clients, and every client takes its
-SGD step ``w_k <- w_k - lr * (dL/dw_k + r_k)`` (ALGORITHMS.md section 2; ``r_k`` the
+SGD step ``w_k <- w_k - lr * (dL/dw_k + r_k)`` (docs/algorithms.md section 2; ``r_k`` the
 SCAFFOLD correction, none for plain SGD), exactly as the sequential engine does one client at a
 time.
 

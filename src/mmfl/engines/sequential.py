@@ -24,7 +24,7 @@ from mmfl.tasks.masking import training_log_probs
 
 def local_batches(indices: np.ndarray, epochs: int, batch_size: int, seed: int, round: int,
                   client: int, task: int):
-    """Yield the index batches of one client's local training (ALGORITHMS.md section 2)."""
+    """Yield the index batches of one client's local training (docs/algorithms.md section 2)."""
     rng = stream(seed, "shuffle", round, client, task)
     n = len(indices)
     for _ in range(epochs):

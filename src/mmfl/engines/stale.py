@@ -1,4 +1,4 @@
-"""Storage of the last update h_{i,s} of every (client, task) pair (ALGORITHMS.md section 6),
+"""Storage of the last update h_{i,s} of every (client, task) pair (docs/algorithms.md section 6),
 and of SCAFFOLD's control variates (:class:`ControlVariates`, the same per-pair row layout).
 
 Memory is O(sum_s holders_s * D_s): one row per client that holds task s, never for the others.
@@ -90,7 +90,7 @@ class StaleStore:
 
 
 class ControlVariates:
-    """SCAFFOLD's control variates (:mod:`mmfl.core.scaffold`, ALGORITHMS.md section 6).
+    """SCAFFOLD's control variates (:mod:`mmfl.core.scaffold`, docs/algorithms.md section 6).
 
     The client controls c_{i,s} live in a :class:`StaleStore` (one row per holder of s, same
     ``dtype`` and on-disk options as the stale updates); the server controls c_s are S float32

@@ -1,6 +1,6 @@
 """The ``vectorized`` engine: all active clients of a task train together, in lock step.
 
-Semantics are exactly those of the ``sequential`` oracle (ALGORITHMS.md section 2): client i of
+Semantics are exactly those of the ``sequential`` oracle (docs/algorithms.md section 2): client i of
 task s in round t sees the index batches of :func:`~mmfl.engines.sequential.local_batches`
 (same stream, same order, same number of steps, a smaller last batch per epoch) and takes plain
 SGD steps ``w <- w - lr * grad(mean nll over the batch)`` (with SCAFFOLD corrections r_k,
@@ -143,7 +143,7 @@ class BatchPlan:
 def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs: int,
                batch_size: int, seed: int, round: int) -> BatchPlan:
     """Lay out the batches :func:`~mmfl.engines.sequential.local_batches` yields for each client
-    (ALGORITHMS.md section 2), without calling it.
+    (docs/algorithms.md section 2), without calling it.
 
     Client i (n_i samples) shuffles its indices in every epoch e with the e-th permutation of
     ``stream(seed, "shuffle", round, i, task)`` and cuts it into ceil(n_i / B) consecutive

@@ -1,4 +1,4 @@
-"""Gathering what a sampler asks for before allocation (ALGORITHMS.md section 5), and the
+"""Gathering what a sampler asks for before allocation (docs/algorithms.md section 5), and the
 per-pair server state those measurements read and the aggregation writes.
 
 :class:`PairStores` holds the per-(client, task) vectors the server keeps: stale updates h

@@ -3,7 +3,7 @@
 Two steps, both driven by an explicit ``rng``:
 
 1. :func:`task_membership` decides which of the S tasks each of the N clients holds (the
-   client-model membership matrix of ALGORITHMS.md section 1), covering every task.
+   client-model membership matrix of docs/algorithms.md section 1), covering every task.
 2. :func:`partition` splits one task's training set among the clients that hold it
    ("holders"). Clients hold sorted index arrays into the dataset's train arrays, never copies.
 
