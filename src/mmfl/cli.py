@@ -150,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "OUT/flower/commands.sh (the command of every process, e.g. to run them "
                         "on several machines), print it and start nothing")
 
+    p = sub.add_parser("config", help="config helpers: 'example' prints every key with its "
+                       "default and meaning", description="Config helpers.")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    f = config_sub.add_parser("example", help="print configs/example.toml, generated from the "
+                              "schema (every key, default, rule and component option)")
+    f.add_argument("--out", default=None, help="write it to this file instead of stdout")
+
     p = sub.add_parser("components", help="list datasets, models, samplers, aggregators, engines",
                        description="List every registered component and its options.")
     p.add_argument("kind", nargs="?", default=None,
@@ -186,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "components":
             return _cmd_components(args)
+        if args.command == "config":
+            return _cmd_config(args)
         if args.command == "flower-local":
             return _cmd_flower_local(args)
     except INPUT_ERRORS as e:
@@ -486,6 +495,20 @@ def _cmd_flower_local(args) -> int:
     print(f"done: {args.out}  mean accuracy {summary.get('mean_accuracy', float('nan')):.4f}  "
           f"min {summary.get('min_accuracy', float('nan')):.4f}  ({tasks})  "
           f"Flower run {dep.run_id}")
+    return 0
+
+
+def _cmd_config(args) -> int:
+    from mmfl.experiment.example import example_toml
+
+    text = example_toml()
+    if args.out:
+        try:
+            Path(args.out).write_text(text, encoding="utf-8")
+        except OSError as e:
+            raise ResultsError(f"{args.out}: cannot write ({e.strerror or e})") from None
+    else:
+        sys.stdout.write(text)
     return 0
 
 

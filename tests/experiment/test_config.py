@@ -167,3 +167,23 @@ def test_cli_malformed_toml_exit_2(tmp_path):
 def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.rounds >= 1 and cfg.tasks
+
+
+def test_example_config_is_generated_from_the_schema_and_runs(tmp_path):
+    """configs/example.toml is exactly `mmfl config example` (regenerate it after a schema
+    change), lists every sampler, dataset and model, and is a valid config that runs."""
+    from mmfl import registry
+    from mmfl.experiment.example import example_toml
+    from mmfl.experiment.runner import run
+
+    text = example_toml()
+    committed = (ROOT / "configs" / "example.toml").read_text(encoding="utf-8")
+    assert committed == text, "configs/example.toml is stale: run `mmfl config example --out " \
+                              "configs/example.toml`"
+    for kind in ("sampler", "dataset", "model", "aggregator", "engine"):
+        for name in registry.names(kind):
+            assert f"#   {name}: " in text, (kind, name)
+    cfg = load_config(ROOT / "configs" / "example.toml", ["rounds=1", "clients.count=20"])
+    assert cfg.threads == "auto" and cfg.clients.count == 20
+    summary = run(cfg, tmp_path / "r")
+    assert summary["status"] == "completed"
