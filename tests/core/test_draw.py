@@ -1,9 +1,9 @@
-"""The drawing rule of docs/algorithms.md section 1 (mmfl.core.allocators.draw)."""
+"""The drawing rule of docs/algorithms.md section 1 (mmfl.core.drawing.draw)."""
 
 import numpy as np
 import pytest
 
-from mmfl.core.allocators import draw, draw_fixed
+from mmfl.core.drawing import draw, draw_fixed
 from mmfl.types import Population
 
 POP = Population(np.array([[30, 10], [60, 0], [10, 90]]), np.array([1, 2, 1]), ("a", "b"))

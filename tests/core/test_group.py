@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmfl.core.aggregation import UnbiasedAggregator
-from mmfl.core.allocators import draw
+from mmfl.core.drawing import draw
 from mmfl.core.group import GroupAllocator, kmeans, label_groups, task_groups
 from mmfl.registry import get, resolve_options
 from mmfl.types import Population, RoundState, Signals

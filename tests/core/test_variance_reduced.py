@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mmfl.core.aggregation import UnbiasedAggregator
-from mmfl.core.allocators import draw
+from mmfl.core.drawing import draw
 from mmfl.core.probabilities import optimal_probabilities
 from mmfl.core.stale import (FedStaleAggregator, FedVARPAggregator, MIFAAggregator,
                              StaleVRAggregator, StaleVREAggregator, stale_plan)

@@ -88,7 +88,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfl.core.allocators import Allocator, draw, fedfair_distribution
+from mmfl.core.allocators import Allocator, fedfair_distribution
+from mmfl.core.drawing import draw
 from mmfl.core.probabilities import optimal_probabilities_info
 from mmfl.registry import Option, register
 from mmfl.rng import stream
@@ -434,7 +435,7 @@ class GroupAllocator(Allocator):
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
         """Group, rotate, and draw round ``state.round`` (see the module docstring).
 
-        Returns an :class:`Assignment` from :func:`~mmfl.core.allocators.draw` with the true
+        Returns an :class:`Assignment` from :func:`~mmfl.core.drawing.draw` with the true
         (P, S) matrix: p_{s|b} > 0 only for s = the model of b's group, b's client available and
         holding s. ``probabilities.sum()`` is min(m, E) for ``uniform`` (E schedulable
         processors), at most that for ``optimal``.

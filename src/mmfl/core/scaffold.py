@@ -57,13 +57,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfl.core.allocators import RandomAllocator, _DRAW_OPT
+from mmfl.core.allocators import RandomAllocator
+from mmfl.core.drawing import DRAW_OPTION
 from mmfl.registry import register
 from mmfl.types import Population, Signal
 
 __all__ = ["ScaffoldAllocator", "control_update", "server_control_step", "server_control_weights"]
 
-@register("sampler", "scaffold", options={"draw": _DRAW_OPT},
+@register("sampler", "scaffold", options={"draw": DRAW_OPTION},
           doc="SCAFFOLD: uniform sampling, local SGD corrected with control variates.")
 class ScaffoldAllocator(RandomAllocator):
     """SCAFFOLD (see the module docstring): samples exactly like ``random`` (same draws for the

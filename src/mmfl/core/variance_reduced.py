@@ -26,7 +26,8 @@ import dataclasses
 import numpy as np
 
 from mmfl.core.allocators import (FAIR_OPTIONS, Allocator, FairAllocator, FullAllocator,
-                                  RandomAllocator, draw, fedfair_distribution, _DRAW_OPT)
+                                  RandomAllocator, fedfair_distribution)
+from mmfl.core.drawing import DRAW_OPTION, draw
 from mmfl.core.probabilities import (optimal_probabilities_info,
                                      optimal_probabilities_per_model_info)
 from mmfl.core.stale import B0, BETA, SCHEDULE
@@ -378,7 +379,7 @@ class FairVRAllocator(_LossScores, Allocator):
 def _baseline(name: str, aggregator: str, doc: str, options: dict | None = None):
     cls = type(f"{name.title()}Allocator", (RandomAllocator,),
                {"default_aggregator": aggregator, "__doc__": doc})
-    return register("sampler", name, options={"draw": _DRAW_OPT, **(options or {})}, doc=doc)(cls)
+    return register("sampler", name, options={"draw": DRAW_OPTION, **(options or {})}, doc=doc)(cls)
 
 
 _baseline("fedvarp", "fedvarp", "FedVARP: uniform sampling, stale-update aggregation with beta = 1.")
