@@ -17,11 +17,8 @@ import time
 
 import numpy as np
 
-from mmfl.core.probabilities import (
-    optimal_probabilities,
-    optimal_probabilities_per_model_info,
-    sampling_variance,
-)
+from mmfl.core.per_model import optimal_probabilities_per_model_info
+from mmfl.core.probabilities import optimal_probabilities, sampling_variance
 
 
 def _best_of(fn, repeat: int) -> tuple[float, object]:
@@ -100,7 +97,7 @@ def bench_per_model() -> None:
         v = sampling_variance(u / u.max(), p)
         v_ref = sampling_variance(u / u.max(), p_ref)
         binding = int((p.sum(axis=1) > 1 - 1e-9).sum())
-        print(f"{name:<9}{info['method']:<27}{binding:>13d}{t_ours:>10.4f}{t_ref:>10.3f}"
+        print(f"{name:<9}{info.method:<27}{binding:>13d}{t_ours:>10.4f}{t_ref:>10.3f}"
               f"{t_solve:>10.3f}{t_ref / t_ours:>9.0f}x{v:>14.6e}{v_ref:>14.6e}"
               f"{(v - v_ref) / v_ref:>11.1e}")
     print("rel diff = (V mmfl - V cvxpy) / V cvxpy (negative: mmfl lower); V in units of "

@@ -1,9 +1,11 @@
-"""How many torch threads a run uses: ``threads = "auto"`` (the default) or a fixed count.
+"""How many worker threads a run uses: ``threads = "auto"`` (the default) or a fixed count.
 
-"auto" is every core the process may run on for a lone run, and one thread inside the worker
-processes of ``mmfl sweep --jobs k`` (k > 1), which set :data:`AUTO_THREADS_ENV` to 1. The
-engines' results do not depend on the thread count (conformance-tested), so it is an execution
-setting: it is left out of the checkpoint fingerprint and of the resume check.
+Every torch kernel runs on one thread (``torch.set_num_threads(1)``), so a run's numbers are
+the same for any thread count; the workers evaluate the tasks' models in parallel
+(:meth:`mmfl.engines.base.Engine.evaluate`). "auto" is every core the process may run on for a
+lone run, and one inside the worker processes of ``mmfl sweep --jobs k`` (k > 1), which set
+:data:`AUTO_THREADS_ENV` to 1. Being an execution setting, ``threads`` is left out of the
+checkpoint fingerprint and of the resume check.
 """
 
 from __future__ import annotations

@@ -13,12 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from mmfl.core import probabilities as probs_mod
+from mmfl.core import per_model as per_model_mod
+from mmfl.core.per_model import optimal_probabilities_per_model, optimal_probabilities_per_model_info
 from mmfl.core.probabilities import (
     optimal_probabilities,
     optimal_probabilities_info,
-    optimal_probabilities_per_model,
-    optimal_probabilities_per_model_info,
     sampling_variance,
     uniform_probabilities,
 )
@@ -52,16 +51,16 @@ def test_worked_example_m2():
     np.testing.assert_allclose(p.sum(axis=1), [7 / 13, 3 / 13, 3 / 13, 1], atol=1e-12)
     exact = [[6 / 13, 1 / 13], [3 / 13, 0], [3 / 13, 0], [2 / 11, 9 / 11]]
     np.testing.assert_allclose(p, exact, atol=1e-12)
-    assert info["capped"] == 1 and info["note"] == ""
-    assert info["lambda"] == pytest.approx(1.3)
-    assert info["expected"] == pytest.approx(2.0, abs=1e-12)
+    assert info.capped == 1 and info.note == ""
+    assert info.water_level == pytest.approx(1.3)
+    assert info.expected == pytest.approx(2.0, abs=1e-12)
 
 
 def test_worked_example_m3_5():
     p, info = optimal_probabilities_info(U_EX, 3.5)
     exact = [[6 / 7, 1 / 7], [0.75, 0], [0.75, 0], [2 / 11, 9 / 11]]
     np.testing.assert_allclose(p, exact, atol=1e-12)
-    assert info["capped"] == 2
+    assert info.capped == 2
     assert p.sum() == pytest.approx(3.5, abs=1e-12)
 
 
@@ -70,8 +69,8 @@ def test_worked_example_budget_above_processors():
         p, info = optimal_probabilities_info(U_EX, m)
         np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-12)
         np.testing.assert_allclose(p[0], [6 / 7, 1 / 7], atol=1e-12)
-        assert info["capped"] == 4 and info["expected"] == pytest.approx(4.0)
-    assert "expected slots 4 < m" in info["note"]
+        assert info.capped == 4 and info.expected == pytest.approx(4.0)
+    assert "expected slots 4 < m" in info.note
 
 
 def test_worked_example_per_model_matches_closed_form():
@@ -80,7 +79,7 @@ def test_worked_example_per_model_matches_closed_form():
         p = optimal_probabilities(U_EX, m)
         q, info = optimal_probabilities_per_model_info(U_EX, p.sum(axis=0))
         np.testing.assert_allclose(q, p, atol=1e-9)
-        assert info["gap"] <= 1e-9
+        assert info.gap <= 1e-9
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,9 +97,9 @@ def test_all_zero_scores_fall_back_to_uniform_over_eligible():
     p, info = optimal_probabilities_info(np.zeros((4, 2)), 1.5, eligible=elig)
     q = 1.5 / 3
     np.testing.assert_allclose(p, [[q, 0], [q / 2, q / 2], [0, 0], [0, q]])
-    assert info["fallback"] == "uniform" and not np.isnan(p).any()
+    assert info.fallback == "uniform" and not np.isnan(p).any()
     p, info = optimal_probabilities_info(np.zeros((4, 2)), 5, eligible=elig)
-    assert p.sum() == pytest.approx(3.0) and "3 eligible processors" in info["note"]
+    assert p.sum() == pytest.approx(3.0) and "3 eligible processors" in info.note
     assert not optimal_probabilities(np.zeros((3, 2)), 1, eligible=np.zeros((3, 2), bool)).any()
     np.testing.assert_allclose(uniform_probabilities(elig, 1.5), optimal_probabilities(
         np.zeros((4, 2)), 1.5, eligible=elig))
@@ -111,7 +110,7 @@ def test_per_model_all_zero_scores_use_equal_scores():
     p, info = optimal_probabilities_per_model_info(np.zeros((4, 2)), [1.0, 0.5], eligible=elig)
     q = optimal_probabilities_per_model(elig.astype(float), [1.0, 0.5])
     np.testing.assert_allclose(p, q)
-    assert info["fallback"] == "equal" and not np.isnan(p).any()
+    assert info.fallback == "equal" and not np.isnan(p).any()
     assert not p[~elig].any()
 
 
@@ -122,7 +121,7 @@ def test_zero_mass_processors_get_zero():
     assert p.sum() == pytest.approx(1.2)
     p, info = optimal_probabilities_info(u, 3)
     np.testing.assert_allclose(p.sum(axis=1), [0, 1, 0, 1])
-    assert info["positive"] == 2 and "expected slots 2 < m" in info["note"]
+    assert info.positive == 2 and "expected slots 2 < m" in info.note
 
 
 def test_eligibility_masks_scores():
@@ -195,7 +194,7 @@ def test_per_model_budget_beyond_capacity_is_reported():
     u = U_EX.copy()
     u[0, 1] = 0.0
     p, info = optimal_probabilities_per_model_info(u, [1.0, 2.0])
-    assert p[:, 1].sum() <= 1.0 + 1e-12 and "models 1" in info["note"]
+    assert p[:, 1].sum() <= 1.0 + 1e-12 and "models 1" in info.note
     assert p.sum(axis=1).max() <= 1 + 1e-12 and p[:, 0].sum() <= 1.0 + 1e-12
 
 
@@ -205,7 +204,7 @@ def test_per_model_zero_budget_or_no_support_column_is_zero():
     u = U_EX.copy()
     u[:, 1] = 0
     p, info = optimal_probabilities_per_model_info(u, [1.0, 0.5])
-    assert not p[:, 1].any() and "models 1" in info["note"]
+    assert not p[:, 1].any() and "models 1" in info.note
 
 
 def test_sampling_variance():
@@ -252,12 +251,12 @@ def test_closed_form_properties(inst, m):
         if m < k:
             # water-filling: q_b = min(1, M_b / lambda)
             mass = ue.sum(axis=1)
-            np.testing.assert_allclose(p.sum(axis=1), np.minimum(1, mass / info["lambda"]),
+            np.testing.assert_allclose(p.sum(axis=1), np.minimum(1, mass / info.water_level),
                                        rtol=1e-9, atol=1e-12)
     else:
         n_el = int(elig.any(axis=1).sum())
         assert p.sum() == pytest.approx(min(m, n_el), abs=1e-9)
-    assert info["expected"] == pytest.approx(p.sum())
+    assert info.expected == pytest.approx(p.sum())
 
 
 @settings(max_examples=100, deadline=None)
@@ -285,10 +284,10 @@ def test_per_model_properties(inst, data):
     ue = np.where(elig, u, 0)
     if ue.any():
         assert not p[ue == 0].any()
-        assert info["gap"] <= 1e-9
+        assert info.gap <= 1e-9
         # never worse than the feasible closed-form candidate with the same total
         pos = ue > 0
-        if (budgets > 0).all() and info["method"]:
+        if (budgets > 0).all() and info.method:
             tot = float(p.sum())
             cand = optimal_probabilities(ue, tot)
             cand *= np.minimum(1, budgets / np.maximum(cand.sum(axis=0), 1e-300))
@@ -389,7 +388,7 @@ def test_per_model_matches_convex_solver(seed):
     v, vr = sampling_variance(u, p), sampling_variance(u[:, has], ref)
     assert v <= vr * (1 + 1e-9)  # never worse than a feasible reference point
     assert _rel(v, vr) <= 1e-6
-    assert info["gap"] <= 1e-9
+    assert info.gap <= 1e-9
 
 
 @pytest.mark.parametrize("seed", range(10))
@@ -401,7 +400,7 @@ def test_barrier_fallback_matches_main_path(seed):
     u = u[(u > 0).any(axis=1)][:, (u > 0).any(axis=0)]
     u = u / u.max()
     m = rng.dirichlet(np.ones(u.shape[1])) * u.shape[0] * rng.uniform(0.2, 1.2)
-    pf, v, g, nu, mu, it, ok = probs_mod._barrier(u, u > 0, m, 1e-11, 300)
+    pf, v, g, nu, mu, it, ok = per_model_mod._barrier(u, u > 0, m, 1e-11, 300)
     assert ok and (v - g) <= 1e-11 * v
     assert (pf.sum(axis=1) <= 1 + 1e-12).all() and (pf.sum(axis=0) <= m * (1 + 1e-12)).all()
     assert _rel(v, sampling_variance(u, optimal_probabilities_per_model(u, m))) <= 1e-9

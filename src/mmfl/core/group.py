@@ -430,7 +430,7 @@ class GroupAllocator(Allocator):
         u_client = pop.data_weight[members, s] * f / pop.capacity[members]
         u = np.repeat(u_client, pop.capacity[members])[:, None]
         p, info = optimal_probabilities_info(u, m_g)
-        return p[:, 0], info["note"]
+        return p[:, 0], info.note
 
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
         """Group, rotate, and draw round ``state.round`` (see the module docstring).

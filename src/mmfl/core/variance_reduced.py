@@ -28,8 +28,8 @@ import numpy as np
 from mmfl.core.allocators import (FAIR_OPTIONS, Allocator, FairAllocator, FullAllocator,
                                   RandomAllocator, fedfair_distribution)
 from mmfl.core.drawing import DRAW_OPTION, draw
-from mmfl.core.probabilities import (optimal_probabilities_info,
-                                     optimal_probabilities_per_model_info)
+from mmfl.core.per_model import optimal_probabilities_per_model_info
+from mmfl.core.probabilities import optimal_probabilities_info
 from mmfl.core.stale import B0, BETA, SCHEDULE
 from mmfl.registry import Option, register
 from mmfl.rng import stream
@@ -58,7 +58,7 @@ class OptimalAllocator(Allocator):
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
         u, elig = processor_scores(state, self.client_scores(state))
         p, info = optimal_probabilities_info(u, state.budget, eligible=elig)
-        return draw(p, state.population, rng, note=info["note"])
+        return draw(p, state.population, rng, note=info.note)
 
 
 def residual_norm(g2: np.ndarray, dot: np.ndarray, h2: np.ndarray,
@@ -371,7 +371,7 @@ class FairVRAllocator(_LossScores, Allocator):
     def allocate(self, state, rng):
         u, elig = processor_scores(state, self.losses(state))
         p, info = optimal_probabilities_per_model_info(u, self.budgets(state), eligible=elig)
-        return draw(p, state.population, rng, note=info.get("note", ""))
+        return draw(p, state.population, rng, note=info.note)
 
 
 # -- stale baselines: random sampling + a stale aggregator --------------------------------------

@@ -7,6 +7,7 @@ section 2), also a flat (D_s,) vector.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,11 +59,16 @@ class TrainOutput:
 class Engine:
     """Base engine. Subclasses implement :meth:`train`.
 
-    Constructed as ``cls(federation, seed=..., threads=...)``.
+    Constructed as ``cls(federation, seed=..., threads=...)``. Every torch kernel runs on one
+    thread, so results never depend on ``threads``; ``threads`` (an int or "auto",
+    :mod:`mmfl.threads`) is the number of worker threads that evaluate the tasks' models in
+    parallel (:meth:`evaluate`).
     """
 
     def __init__(self, federation, *, seed: int, threads: int | str = 1):
-        torch.set_num_threads(resolve_threads(threads))
+        torch.set_num_threads(1)
+        self.workers = resolve_threads(threads)
+        self._pool: ThreadPoolExecutor | None = None
         self.federation = federation
         self.seed = seed
         self.models: list[torch.nn.Module] = []
@@ -191,22 +197,37 @@ class Engine:
         """(S,) parameter count D_s of each task's model."""
         return [int(sum(p.numel() for p in m.parameters())) for m in self.models]
 
-    @torch.no_grad()
     def evaluate(self, params: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
-        """Test accuracy and mean loss of every task: two (S,) float arrays."""
-        acc = np.zeros(self.num_tasks)
-        loss = np.zeros(self.num_tasks)
-        for s, model in enumerate(self.models):
-            vector_to_parameters(params[s].clone(), model.parameters())
-            x, y = self.test_x[s], self.test_y[s]
-            correct, total = 0, 0.0
-            for a in range(0, len(y), EVAL_BATCH):
-                logp = model(x[a:a + EVAL_BATCH])
-                total += float(F.nll_loss(logp, y[a:a + EVAL_BATCH], reduction="sum"))
-                correct += int((logp.argmax(1) == y[a:a + EVAL_BATCH]).sum())
-            acc[s] = correct / max(len(y), 1)
-            loss[s] = total / max(len(y), 1)
-        return acc, loss
+        """Test accuracy and mean loss of every task: two (S,) float arrays. The tasks are
+        evaluated by :attr:`workers` threads at once (each task's numbers do not depend on it)."""
+        results = self._map_tasks(lambda s: self._evaluate_task(s, params[s]),
+                                  range(self.num_tasks))
+        acc = np.array([r[0] for r in results], dtype=np.float64)
+        loss = np.array([r[1] for r in results], dtype=np.float64)
+        return acc.reshape(self.num_tasks), loss.reshape(self.num_tasks)
+
+    @torch.no_grad()
+    def _evaluate_task(self, s: int, flat: torch.Tensor) -> tuple[float, float]:
+        """(accuracy, mean loss) of task s's model with parameters ``flat`` on its test split."""
+        torch.set_num_threads(1)  # a worker thread's own setting
+        model = self.models[s]
+        vector_to_parameters(flat.clone(), model.parameters())
+        x, y = self.test_x[s], self.test_y[s]
+        correct, total = 0, 0.0
+        for a in range(0, len(y), EVAL_BATCH):
+            logp = model(x[a:a + EVAL_BATCH])
+            total += float(F.nll_loss(logp, y[a:a + EVAL_BATCH], reduction="sum"))
+            correct += int((logp.argmax(1) == y[a:a + EVAL_BATCH]).sum())
+        return correct / max(len(y), 1), total / max(len(y), 1)
+
+    def _map_tasks(self, fn, tasks) -> list:
+        """``[fn(s) for s in tasks]``, on :attr:`workers` threads when there are several."""
+        tasks = list(tasks)
+        if self.workers <= 1 or len(tasks) <= 1:
+            return [fn(s) for s in tasks]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mmfl-eval")
+        return list(self._pool.map(fn, tasks))
 
 
 def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:

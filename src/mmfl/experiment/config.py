@@ -212,9 +212,10 @@ TOP = {
     "rounds": Option(int, 20, ">= 1", "Number of communication rounds."),
     "engine": Option(str, "vectorized", "", "Local-training engine (registry kind 'engine')."),
     "eval_every": Option(int, 1, ">= 1", "Evaluate every k rounds (the last round always)."),
-    "threads": Option("table", "auto", "", "torch intra-op threads of the run: an int "
-                      "1..256, or \"auto\": every core for a lone run, one per worker in a "
-                      "sweep with --jobs > 1 (results do not depend on it)."),
+    "threads": Option("table", "auto", "", "Worker threads that evaluate the tasks in "
+                      "parallel (every kernel runs on one thread, so results do not depend on "
+                      "it): an int 1..256, or \"auto\": every core for a lone run, one per "
+                      "worker in a sweep with --jobs > 1."),
     "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
     "data_dir": Option(str, "", "", "Dataset folder ('' = --data-dir, $MMFL_DATA, then defaults)."),
     "stale_dtype": Option(str, "float32", "one of float32|float16",

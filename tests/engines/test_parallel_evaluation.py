@@ -1,0 +1,31 @@
+"""``threads``: the tasks are evaluated by several worker threads, every kernel on one thread,
+so the numbers do not depend on the thread count."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from testkit import tiny_config_text
+
+from mmfl import registry
+from mmfl.experiment.config import load_config
+from mmfl.experiment.federation import build_federation
+
+
+@pytest.mark.parametrize("engine", ["sequential", "vectorized"])
+def test_evaluation_is_identical_for_any_thread_count(tmp_path, engine):
+    p = tmp_path / "c.toml"
+    p.write_text(tiny_config_text(), encoding="utf-8")
+    fed = build_federation(load_config(p))
+    cls = registry.get("engine", engine).obj
+    one = cls(fed, seed=0, threads=1)
+    gen = torch.Generator().manual_seed(3)
+    params = [torch.randn(x.numel(), generator=gen) * 0.1 for x in one.init_params()]
+    acc1, loss1 = one.evaluate(params)
+    many = cls(fed, seed=0, threads=3)
+    assert many.workers == 3 and torch.get_num_threads() == 1
+    acc3, loss3 = many.evaluate(params)
+    np.testing.assert_array_equal(acc1, acc3)
+    np.testing.assert_array_equal(loss1, loss3)
+    assert acc1.shape == (fed.population.num_tasks,) and np.isfinite(loss1).all()
