@@ -182,7 +182,8 @@ class Runner:
                               (t_start, t_train, t_eval))
         self.recorder.on_round(record)
         if st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds:
-            self.checkpointer.save(st, tables=self.recorder.writer.snapshot())
+            self.checkpointer.save(st, tables=self.recorder.writer.snapshot(),
+                                   final=st.round == cfg.rounds)
         for cb in self.callbacks:
             cb.on_round(record)
 
