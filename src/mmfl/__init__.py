@@ -41,6 +41,11 @@ _LAZY = {
     "RoundState": ("mmfl.types", "RoundState"),
     "Assignment": ("mmfl.types", "Assignment"),
     "AggregationPlan": ("mmfl.types", "AggregationPlan"),
+    "Signal": ("mmfl.types", "Signal"),
+    "Signals": ("mmfl.types", "Signals"),
+    "Callback": ("mmfl.experiment.recording", "Callback"),
+    "RoundRecord": ("mmfl.experiment.recording", "RoundRecord"),
+    "TaskRound": ("mmfl.experiment.recording", "TaskRound"),
 }
 
 __all__ = [

@@ -89,3 +89,36 @@ def test_recorder_writes_the_record(tmp_path):
     rec.on_end({"status": "completed"})
     rec.close()
     assert json.loads((tmp_path / "summary.json").read_text())["status"] == "completed"
+
+
+def test_user_callbacks_see_the_rows_the_recorder_writes(tmp_path):
+    """The public callback interface: a user callback gets typed records whose task rows are
+    exactly the run's metrics.csv."""
+    import mmfl
+    from mmfl.experiment.config import load_config
+    from testkit import tiny_config_text
+
+    class Keep:
+        def on_start(self, cfg, federation, start_round):
+            self.start = (cfg.name, federation.population.num_tasks, start_round)
+            self.records = []
+
+        def on_round(self, record):
+            assert isinstance(record, mmfl.RoundRecord)
+            self.records.append(record)
+
+        def on_end(self, summary):
+            self.summary = summary
+
+    p = tmp_path / "c.toml"
+    p.write_text(tiny_config_text(rounds=3), encoding="utf-8")
+    keep = Keep()
+    summary = mmfl.run(load_config(p), tmp_path / "r", callbacks=[keep])
+    assert keep.start[1:] == (2, 0) and keep.summary == summary
+    assert [r.round for r in keep.records] == [1, 2, 3]
+    rows = read_csv(tmp_path / "r" / "metrics.csv")
+    got = [(str(r.round), t.task, str(t.clients), str(t.local_steps))
+           for r in keep.records for t in r.tasks]
+    assert got == [(x["round"], x["task"], x["clients"], x["local_steps"]) for x in rows]
+    rounds = read_csv(tmp_path / "r" / "rounds.csv")
+    assert [str(r.cost.model_uploads) for r in keep.records] == [x["model_uploads"] for x in rounds]
