@@ -30,7 +30,7 @@ _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "model": ("mmfl.tasks.models",),
     "sampler": ("mmfl.core.allocators", "mmfl.core.variance_reduced", "mmfl.core.group",
                 "mmfl.core.scaffold"),
-    "aggregator": ("mmfl.core.aggregation", "mmfl.core.stale"),
+    "aggregator": ("mmfl.core.aggregation", "mmfl.core.stale_aggregators"),
     "engine": ("mmfl.engines", "mmfl.flower"),  # mmfl.flower registers "flower" without flwr
 }
 

@@ -4,8 +4,9 @@ Every random draw in mmfl comes from a generator derived from ``(seed, purpose, 
 round ``t`` of a resumed run draws exactly what the uninterrupted run drew, and two engines see the
 same batches. Nothing in mmfl seeds a global generator.
 
-``purpose`` is a short string (``"allocate"``, ``"partition"``, ``"shuffle"`` ...); ``keys`` are
-non-negative integers such as the round, the client and the task index.
+``purpose`` is one of the constants below (a short string: changing one changes every draw of
+that purpose); ``keys`` are non-negative integers such as the round, the client and the task
+index.
 """
 
 from __future__ import annotations
@@ -15,6 +16,27 @@ import hashlib
 from collections.abc import Iterator
 
 import numpy as np
+
+# -- stream purposes (keys after the seed in brackets) -----------------------------------------
+ALLOCATE = "allocate"              # the round's allocation [round]
+AVAILABILITY = "availability"      # who is online [round]
+CHURN = "churn"                    # which clients join late / leave (one order per run)
+PROBE = "probe"                    # StaleVRE's random probe set [round]
+LVR_FRESHNESS = "lvr-freshness"    # which local losses LVR re-measures [round]
+GROUP_KMEANS = "group-kmeans"      # group sampling's k-means initialisation
+GROUP_JOIN = "group-join"          # group sampling: the group of a joining client [round]
+SHUFFLE = "shuffle"                # local training batches [round, client, task]
+INIT = "init"                      # model initialisation [task]
+PROCESSORS = "processors"          # B_i of every client
+MEMBERSHIP = "membership"          # which tasks each client holds
+SUBSAMPLE = "subsample"            # train_samples / test_samples subsets [task]
+PARTITION = "partition"            # the split of a task's data over its holders [task]
+SYSTEM = "system"                  # client speeds, bandwidths and availabilities
+
+
+def dataset_purpose(name: str) -> str:
+    """The purpose of dataset ``name``'s own draws (its split, generated samples)."""
+    return f"dataset:{name}"
 
 
 @functools.lru_cache(maxsize=256)

@@ -190,7 +190,7 @@ def test_stalevre_aggregator_b0_is_the_samplers():
     ("authors", [0.0, 0.9, 0.7, 0.5, 0.3]),   # b0 - r (t - L - 1): the first decay a round later
 ])
 def test_stalevre_schedule(schedule, expect):
-    from mmfl.core.stale import StaleVREAggregator
+    from mmfl.core.stale_aggregators import StaleVREAggregator
 
     pop = Population(np.array([[10]]), np.array([1]), ("a",))
     agg = StaleVREAggregator({"b0": 0.9, "schedule": schedule}, pop)

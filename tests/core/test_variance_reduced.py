@@ -13,7 +13,7 @@ import pytest
 from mmfl.core.aggregation import UnbiasedAggregator
 from mmfl.core.drawing import draw
 from mmfl.core.probabilities import optimal_probabilities
-from mmfl.core.stale import (FedStaleAggregator, FedVARPAggregator, MIFAAggregator,
+from mmfl.core.stale_aggregators import (FedStaleAggregator, FedVARPAggregator, MIFAAggregator,
                              StaleVRAggregator, StaleVREAggregator, stale_plan)
 from mmfl.core.variance_reduced import (FairVRAllocator, GVRAllocator, LVRAllocator,
                                         StaleVRAllocator, StaleVREAllocator, processor_scores)

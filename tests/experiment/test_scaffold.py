@@ -17,7 +17,7 @@ from mmfl import registry
 from mmfl.core.scaffold import control_update, server_control_step, server_control_weights
 from mmfl.engines.base import TrainOutput
 from mmfl.engines.sequential import local_batches
-from mmfl.engines.stale import ControlVariates
+from mmfl.engines.pair_store import ControlVariates
 from mmfl.experiment import checkpoint, runner
 from mmfl.experiment.config import config_from_dict
 from mmfl.experiment.federation import build_federation

@@ -92,7 +92,7 @@ from mmfl.core.allocators import Allocator, fedfair_distribution
 from mmfl.core.drawing import draw
 from mmfl.core.probabilities import optimal_probabilities_info
 from mmfl.registry import Option, register
-from mmfl.rng import stream
+from mmfl.rng import GROUP_JOIN, GROUP_KMEANS, stream
 from mmfl.types import Assignment, Population, RoundState, Signal
 
 __all__ = ["GroupAllocator", "kmeans", "label_groups", "task_groups"]
@@ -291,7 +291,7 @@ class GroupAllocator(Allocator):
             groups[avail] = label_groups(self.profile(pop)[avail], self.num_groups)
             return groups, centres, False
         x, has = self.features(state)
-        rng = stream(self.seed, "group-kmeans")
+        rng = stream(self.seed, GROUP_KMEANS)
         labels, centres = kmeans(x[avail], self.num_groups, rng, self.iterations)
         groups[avail] = labels
         return groups, centres, bool(has[avail].any())
@@ -352,7 +352,7 @@ class GroupAllocator(Allocator):
         if joining.size > 1:
             losses = (np.ones(active.size) if state.task_losses is None
                       else np.asarray(state.task_losses, np.float64))
-            rng = stream(self.seed, "group-join", t)
+            rng = stream(self.seed, GROUP_JOIN, t)
             left = list(joining.tolist())
             order = []
             while left:

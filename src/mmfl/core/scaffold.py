@@ -1,7 +1,7 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020): uniform sampling, local SGD corrected with control
 variates, server update of the models and of the control variates (docs/algorithms.md section 6,
 "SCAFFOLD: control variates"). Pure numpy: the sampler registration and the control-variate
-equations; the runner keeps the control variates (:class:`mmfl.engines.stale.ControlVariates`)
+equations; the runner keeps the control variates (:class:`mmfl.engines.pair_store.ControlVariates`)
 and the engines apply the corrections.
 
 Per model s, the server holds a control c_s (D_s,) and every client i holding s a control

@@ -30,9 +30,9 @@ from mmfl.core.allocators import (FAIR_OPTIONS, Allocator, FairAllocator, FullAl
 from mmfl.core.drawing import DRAW_OPTION, draw
 from mmfl.core.per_model import optimal_probabilities_per_model_info
 from mmfl.core.probabilities import optimal_probabilities_info
-from mmfl.core.stale import B0, BETA, SCHEDULE
+from mmfl.core.stale_aggregators import B0, BETA, SCHEDULE
 from mmfl.registry import Option, register
-from mmfl.rng import stream
+from mmfl.rng import LVR_FRESHNESS, stream
 from mmfl.types import Assignment, RoundState, Signal
 
 
@@ -149,7 +149,7 @@ class _LossScores:
         unknown = np.isnan(self.loss)
         if r >= 1.0:
             return state.eligible
-        fresh = stream(self.seed, "lvr-freshness", state.round).random(self.loss.shape) < r
+        fresh = stream(self.seed, LVR_FRESHNESS, state.round).random(self.loss.shape) < r
         return state.eligible & (fresh | unknown)
 
     def losses(self, state: RoundState) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from mmfl.errors import ConfigError, NumericalError
-from mmfl.rng import torch_seed
+from mmfl.rng import INIT, torch_seed
 from mmfl.threads import resolve_threads
 from mmfl.types import AggregationPlan
 
@@ -138,7 +138,7 @@ class Engine:
         """w_s <- w_s - eta_g * (sum_k c_k G_k + sum_j e_j h_j) (docs/algorithms.md sections 3, 6, 7).
 
         ``out`` holds exactly the plan's fresh pairs; ``store`` (a
-        :class:`~mmfl.engines.stale.StaleStore`) provides h for the stale terms. Returns a new
+        :class:`~mmfl.engines.pair_store.PairStore`) provides h for the stale terms. Returns a new
         list; the inputs are not modified.
         """
         new = list(params)
@@ -236,7 +236,7 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
 
     try:
         model = build_model(cfg.model, dict(cfg.model_options), tuple(ds.input_shape),
-                            ds.num_classes, torch_seed(seed, "init", s))
+                            ds.num_classes, torch_seed(seed, INIT, s))
     except ConfigError as e:
         raise ConfigError(f"tasks[{s}].model", e.constraint, cfg.model) from None
     except (RuntimeError, MemoryError, ValueError) as e:

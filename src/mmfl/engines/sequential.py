@@ -18,14 +18,14 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from mmfl.engines.base import Engine, TrainOutput, check_corrections, check_finite
 from mmfl.registry import register
-from mmfl.rng import stream
+from mmfl.rng import SHUFFLE, stream
 from mmfl.tasks.masking import training_log_probs
 
 
 def local_batches(indices: np.ndarray, epochs: int, batch_size: int, seed: int, round: int,
                   client: int, task: int):
     """Yield the index batches of one client's local training (docs/algorithms.md section 2)."""
-    rng = stream(seed, "shuffle", round, client, task)
+    rng = stream(seed, SHUFFLE, round, client, task)
     n = len(indices)
     for _ in range(epochs):
         perm = indices[rng.permutation(n)]

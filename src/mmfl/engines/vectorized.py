@@ -175,7 +175,7 @@ def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs
         shuffled = np.concatenate([indices[pos] for pos in order.tolist()
                                    for _ in range(epochs)]).astype(np.int64, copy=False)
         ends, lens = np.cumsum(seg).tolist(), seg.tolist()
-        for k, gen in enumerate(rng.streams(seed, "shuffle", keys)):
+        for k, gen in enumerate(rng.streams(seed, rng.SHUFFLE, keys)):
             for e in range(k * epochs, (k + 1) * epochs):
                 if lens[e]:
                     gen.shuffle(shuffled[ends[e] - lens[e]:ends[e]])

@@ -73,7 +73,7 @@ class ClientsConfig:
 
 @dataclass(frozen=True)
 class SystemConfig:
-    """Client devices and the virtual clock (``[system]``); see :mod:`mmfl.core.system`."""
+    """Client devices and the virtual clock (``[system]``); see :mod:`mmfl.core.clock`."""
 
     flops_per_second: float = 1e9
     speed_sigma: float = 0.0

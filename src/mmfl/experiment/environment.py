@@ -1,13 +1,13 @@
 """The world a round runs in: who is online (availability, churn), which models train (the
-task schedule), and the simulated clock that finds stragglers (:mod:`mmfl.core.system`)."""
+task schedule), and the simulated clock that finds stragglers (:mod:`mmfl.core.clock`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from mmfl.core.system import SystemProfile, pair_seconds, round_clock
+from mmfl.core.clock import SystemProfile, pair_seconds, round_clock
 from mmfl.experiment.config import ExperimentConfig
-from mmfl.rng import stream
+from mmfl.rng import AVAILABILITY, CHURN, stream
 from mmfl.types import Population
 
 __all__ = ["Environment"]
@@ -40,9 +40,9 @@ class Environment:
         online = np.ones(n, dtype=bool)
         avail = self.profile.availability
         if (avail < 1.0).any():
-            online &= stream(self.cfg.seed, "availability", t).random(n) < avail
+            online &= stream(self.cfg.seed, AVAILABILITY, t).random(n) < avail
         if c.join_fraction or c.leave_fraction:
-            order = stream(self.cfg.seed, "churn").permutation(n)  # fixed for the whole run
+            order = stream(self.cfg.seed, CHURN).permutation(n)  # fixed for the whole run
             late = order[: int(round(c.join_fraction * n))]
             gone = order[n - int(round(c.leave_fraction * n)):] if c.leave_fraction else order[:0]
             if t < c.join_round:

@@ -15,7 +15,7 @@ import numpy as np
 from mmfl import registry
 from mmfl.errors import ConfigError, DataError
 from mmfl.experiment.config import ExperimentConfig, TaskConfig, budget_of
-from mmfl.rng import stream
+from mmfl.rng import MEMBERSHIP, PARTITION, PROCESSORS, SUBSAMPLE, stream
 from mmfl.types import Population
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def draw_distribution(spec: int | tuple, size: int, rng: np.random.Generator) ->
 def draw_capacity(cfg: ExperimentConfig, member: np.ndarray) -> np.ndarray:
     """(N,) int B_i drawn from ``clients.processors``; with ``"authors"`` by
     :func:`authors_processors` from the tasks each client holds (``member``, (N, S) bool)."""
-    rng = stream(cfg.seed, "processors")
+    rng = stream(cfg.seed, PROCESSORS)
     if cfg.clients.processors == "authors":
         return authors_processors(member.sum(axis=1), cfg.clients.processor_levels, rng)
     return draw_distribution(cfg.clients.processors, cfg.clients.count, rng)
@@ -84,7 +84,7 @@ def membership(cfg: ExperimentConfig) -> np.ndarray:
     from mmfl.tasks.partition import task_membership
 
     spec = spec if isinstance(spec, int) else dict(spec)
-    return task_membership(n, s, spec, stream(cfg.seed, "membership"))
+    return task_membership(n, s, spec, stream(cfg.seed, MEMBERSHIP))
 
 
 _DATASETS: dict[tuple, object] = {}
@@ -107,7 +107,7 @@ def _subsample(ds, task: TaskConfig, s: int, seed: int):
     import dataclasses
 
     changes = {}
-    rng = stream(seed, "subsample", s)
+    rng = stream(seed, SUBSAMPLE, s)
     for split, limit in (("train", task.train_samples), ("test", task.test_samples)):
         x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
         if limit and limit < len(y):
@@ -143,7 +143,7 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
         try:
             parts = partition(
                 ds.y_train, holders, task.partition.kind, dict(task.partition.options),
-                ds.num_classes, stream(cfg.seed, "partition", s), groups=ds.groups,
+                ds.num_classes, stream(cfg.seed, PARTITION, s), groups=ds.groups,
                 num_clients=n_clients,
             )
         except ValueError as e:

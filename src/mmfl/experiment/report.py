@@ -155,9 +155,6 @@ def group_runs(runs: Sequence[RunResults]) -> tuple[list[Group], list[str]]:
     return out, keys
 
 
-_MISSING = object()
-
-
 def _label_keys(configs: list[dict[str, Any]]) -> list[str]:
     if len(configs) < 2:
         return []

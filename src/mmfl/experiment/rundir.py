@@ -59,7 +59,7 @@ class RunState:
         cost: cumulative :class:`~mmfl.core.metrics.RoundCost`.
         local_steps: cumulative local SGD steps.
         history: (round, accuracy (S,), loss (S,)) of every evaluation.
-        sim_time: simulated seconds so far (:mod:`mmfl.core.system`).
+        sim_time: simulated seconds so far (:mod:`mmfl.core.clock`).
         history_time: sim_time at each evaluation of ``history``.
     """
 

@@ -42,8 +42,8 @@ from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_ou
                                     config_fingerprint, federation_info, legacy_fingerprints,
                                     writing)
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
-from mmfl.experiment.system import build_profile
-from mmfl.rng import stream
+from mmfl.experiment.profile import build_profile
+from mmfl.rng import ALLOCATE, stream
 from mmfl.types import Assignment, RoundState
 
 __all__ = ["CHECKPOINT", "Callback", "RoundRecord", "Runner", "check_out_dir", "run"]
@@ -156,7 +156,7 @@ class Runner:
         # -- signals ------------------------------------------------------------------------
         state, measured = self.signals.gather(t, st.params, state)
         # -- allocate -----------------------------------------------------------------------
-        asked = self.allocator.allocate(state, stream(cfg.seed, "allocate", t))
+        asked = self.allocator.allocate(state, stream(cfg.seed, ALLOCATE, t))
         # -- train (stragglers past the deadline and missing pairs are dropped) --------------
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)

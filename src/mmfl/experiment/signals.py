@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmfl.engines.stale import ControlVariates, StaleStore
-from mmfl.rng import stream
+from mmfl.engines.pair_store import ControlVariates, PairStore
+from mmfl.rng import PROBE, stream
 from mmfl.types import Population, RoundState, Signal, Signals
 
 __all__ = ["Measurements", "PairStores", "SignalGatherer", "answered", "offline", "pairs_of",
@@ -61,8 +61,8 @@ class PairStores:
             return cls(population.holds, num_params, dtype=dtype,
                        path=None if root is None else root / folder)
 
-        self.stale = per_pair(StaleStore, needs_stale or Signal.STALE in requires, "stale")
-        self.probe = per_pair(StaleStore, Signal.PROBE in requires, "probe")
+        self.stale = per_pair(PairStore, needs_stale or Signal.STALE in requires, "stale")
+        self.probe = per_pair(PairStore, Signal.PROBE in requires, "probe")
         self.controls = per_pair(ControlVariates, Signal.CONTROL_VARIATES in requires,
                                  "controls")
 
@@ -157,7 +157,7 @@ class SignalGatherer:
                 sig["stale_dot"] = self.stores.stale_dots(full, self.lr)
             got["full"], got["full_pairs"] = full, len(clients)
         if Signal.PROBE in req:  # a random probe set trains first; its updates G~ are kept
-            clients, tasks = self.allocator.probe_set(state, stream(self.seed, "probe", t))
+            clients, tasks = self.allocator.probe_set(state, stream(self.seed, PROBE, t))
             probe = self.stores.train(self.engine, params, clients, tasks, t)
             for s in probe.updates:
                 self.stores.probe.put(s, *probe.pair_updates(s))

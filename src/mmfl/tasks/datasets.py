@@ -36,7 +36,7 @@ import numpy as np
 
 from mmfl.errors import DataError
 from mmfl.registry import Option, register
-from mmfl.rng import stream
+from mmfl.rng import dataset_purpose, stream
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def load_digits(options: dict, data_dir: pathlib.Path | None, seed: int) -> Data
     table = _sklearn_digits()
     x = (table[:, :-1] / 16.0).reshape(-1, 1, 8, 8)
     y = table[:, -1].astype(np.int64)
-    rng = stream(seed, "dataset:digits")
+    rng = stream(seed, dataset_purpose("digits"))
     tr, te = stratified_split(y, float(options.get("test_fraction", 0.25)), rng)
     mean, std = x[tr].mean(), x[tr].std()
     x = ((x - mean) / std).astype(np.float32)
@@ -504,7 +504,7 @@ def load_mnist1d(options: dict, data_dir: pathlib.Path | None, seed: int) -> Dat
             return Dataset("mnist1d", num_classes=10, input_shape=(_MNIST1D_LEN,), **arrs)
         except Exception as e:  # corrupt cache: regenerate
             log.warning("ignoring unreadable mnist1d cache %s: %s", path, e)
-    rng = stream(seed, "dataset:mnist1d")
+    rng = stream(seed, dataset_purpose("mnist1d"))
     x, y = mnist1d_generate(n, rng)
     tr, te = stratified_split(y, test_fraction, rng)
     mean, std = x[tr].mean(), x[tr].std()
@@ -555,7 +555,7 @@ def load_synthetic(options: dict, data_dir: pathlib.Path | None, seed: int) -> D
     mean_samples = int(options.get("mean_samples", 200))
     test_fraction = float(options.get("test_fraction", 0.2))
     dim, classes = 60, 10
-    rng = stream(seed, "dataset:synthetic")
+    rng = stream(seed, dataset_purpose("synthetic"))
     sigma_ln = 1.0
     sizes = rng.lognormal(np.log(mean_samples) - sigma_ln**2 / 2, sigma_ln, size=K)
     sizes = np.maximum(np.round(sizes).astype(np.int64), 20)

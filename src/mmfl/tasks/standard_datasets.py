@@ -46,7 +46,7 @@ import numpy as np
 
 from mmfl.errors import DataError
 from mmfl.registry import Option, register
-from mmfl.rng import stream
+from mmfl.rng import dataset_purpose, stream
 from mmfl.tasks.datasets import Dataset, find_idx_files, read_idx, read_maybe_gzipped
 from mmfl.tasks.fetch import SHAKESPEARE_HINT, default_data_dir
 
@@ -414,7 +414,7 @@ def load_shakespeare(options: dict, data_dir: pathlib.Path | None, seed: int) ->
         if not users:
             raise DataError(f"shakespeare: no training sample in {base / 'train'}")
         if 0 < max_users < len(users):
-            pick = stream(seed, "dataset:shakespeare").choice(len(users), max_users,
+            pick = stream(seed, dataset_purpose("shakespeare")).choice(len(users), max_users,
                                                               replace=False)
             users = [users[i] for i in np.sort(pick)]
         xtr, ytr, gtr, drop_tr = _encode_users(train, users, seq_len)

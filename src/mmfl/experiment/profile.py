@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mmfl.core.system import SystemProfile, draw_profile
+from mmfl.core.clock import SystemProfile, draw_profile
 from mmfl.errors import DataError
 from mmfl.experiment.config import ExperimentConfig
-from mmfl.rng import stream
+from mmfl.rng import SYSTEM, stream
 
 TRACE_COLUMNS = ("client", "speed", "bandwidth", "availability")
 
@@ -57,4 +57,4 @@ def build_profile(cfg: ExperimentConfig) -> SystemProfile:
     sy = cfg.system
     return draw_profile(n, speed_sigma=sy.speed_sigma, bandwidth=sy.bandwidth,
                         bandwidth_sigma=sy.bandwidth_sigma, availability=cfg.clients.availability,
-                        rng=stream(cfg.seed, "system"))
+                        rng=stream(cfg.seed, SYSTEM))

@@ -1,5 +1,6 @@
-"""Storage of the last update h_{i,s} of every (client, task) pair (docs/algorithms.md section 6),
-and of SCAFFOLD's control variates (:class:`ControlVariates`, the same per-pair row layout).
+"""The per-pair vector store of the server: one row per (client, task) pair with data, used for
+the last update h_{i,s} (docs/algorithms.md section 6), StaleVRE's probe updates, and SCAFFOLD's
+control variates (:class:`ControlVariates`, the same per-pair row layout).
 
 Memory is O(sum_s holders_s * D_s): one row per client that holds task s, never for the others.
 Rows can be kept in float32 (exact), float16 (half the memory; h is an approximation anyway
@@ -17,7 +18,7 @@ import torch
 DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-class StaleStore:
+class PairStore:
     """h_{i,s} for every pair with data; zero until the pair is first active.
 
     Args:
@@ -92,7 +93,7 @@ class StaleStore:
 class ControlVariates:
     """SCAFFOLD's control variates (:mod:`mmfl.core.scaffold`, docs/algorithms.md section 6).
 
-    The client controls c_{i,s} live in a :class:`StaleStore` (one row per holder of s, same
+    The client controls c_{i,s} live in a :class:`PairStore` (one row per holder of s, same
     ``dtype`` and on-disk options as the stale updates); the server controls c_s are S float32
     vectors. All are zero at the start.
 
@@ -105,7 +106,7 @@ class ControlVariates:
 
     def __init__(self, holds: np.ndarray, dims: list[int], *, dtype: str = "float32",
                  path: str | Path | None = None):
-        self.clients = StaleStore(holds, dims, dtype=dtype, path=path)
+        self.clients = PairStore(holds, dims, dtype=dtype, path=path)
         self.server = [np.zeros(int(d), dtype=np.float32) for d in dims]
 
     @property

@@ -1,6 +1,6 @@
-"""System heterogeneity: per-client compute speed and bandwidth, a cost model per (client, task),
-and the virtual clock of a round (issue "reproduce the papers": time-to-accuracy in simulated
-seconds). Pure numpy.
+"""The simulated clock: per-client compute speed and bandwidth, a cost model per (client, task),
+and the duration of a round with its stragglers (time-to-accuracy in simulated seconds). Pure
+numpy; :mod:`mmfl.experiment.profile` builds the profiles from a config.
 
 Cost model of one active pair (i, s) in a round:
 

@@ -1,8 +1,8 @@
-"""The system cost model and virtual clock (mmfl.core.system), worked by hand."""
+"""The system cost model and virtual clock (mmfl.core.clock), worked by hand."""
 
 import numpy as np
 
-from mmfl.core.system import SystemProfile, draw_profile, pair_seconds, round_clock
+from mmfl.core.clock import SystemProfile, draw_profile, pair_seconds, round_clock
 
 
 def test_pair_seconds_by_hand():
