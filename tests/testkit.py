@@ -94,3 +94,27 @@ def default_sigint() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# -- Monte-Carlo checks --------------------------------------------------------------------------
+
+def assert_mean_within(samples, target, *, k: float = 4.0) -> None:
+    """The mean of ``samples`` over axis 0 ((reps, ...) draws of an estimator) lies within ``k``
+    standard errors of ``target`` in every coordinate (an unbiasedness check)."""
+    import numpy as np
+
+    samples = np.asarray(samples, dtype=np.float64)
+    mean = samples.mean(axis=0)
+    se = samples.std(axis=0, ddof=1) / np.sqrt(samples.shape[0])
+    assert np.all(np.abs(mean - target) <= k * se + 1e-12), (mean, target, se)
+
+
+def assert_frequency_within(counts, reps: int, p, *, k: float = 4.0) -> None:
+    """Observed frequencies ``counts / reps`` of events with probabilities ``p`` lie within ``k``
+    binomial standard errors of ``p`` (an inclusion-probability check)."""
+    import numpy as np
+
+    p = np.asarray(p, dtype=np.float64)
+    se = np.sqrt(p * (1 - p) / reps)
+    freq = np.asarray(counts, dtype=np.float64) / reps
+    assert np.all(np.abs(freq - p) <= k * se + 1e-12), (freq, p, se)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from testkit import assert_frequency_within
 from mmfl.core.drawing import draw, draw_fixed
 from mmfl.types import Population
 
@@ -18,9 +19,7 @@ def test_draw_frequencies_match_probabilities():
     for _ in range(reps):
         a = draw(P_MAT, POP, rng)
         np.add.at(counts, (a.processor, a.task), 1)
-    freq = counts / reps
-    se = np.sqrt(P_MAT * (1 - P_MAT) / reps)
-    assert np.all(np.abs(freq - P_MAT) <= 4 * se + 1e-12)
+    assert_frequency_within(counts, reps, P_MAT)
     assert counts[1, 1] == 0 and counts[2, 1] == 0  # zero-probability entries never drawn
 
 
@@ -87,5 +86,4 @@ def test_draw_fixed_count_and_marginals():
         assert b.size == 2 and len(set(b.tolist())) == 2
         np.add.at(counts, (b, s), 1)
     expect = (2 / 3) * cond * eligible[:, None]
-    se = np.sqrt(expect * (1 - expect) / reps)
-    assert np.all(np.abs(counts / reps - expect) <= 4 * se + 1e-12)
+    assert_frequency_within(counts, reps, expect)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from testkit import assert_frequency_within
 from mmfl import registry
 from mmfl.core.allocators import FairAllocator, fedfair_distribution
 from mmfl.types import Population, RoundState
@@ -75,8 +76,7 @@ def test_monte_carlo_model_frequencies():
     np.testing.assert_allclose(p[1], q * fedfair_distribution(losses[[0, 2]], 3.0)[[0, 0, 1]]
                                * [1, 0, 1])
     assert (p[4] == 0).all()  # offline client
-    se = np.sqrt(p * (1 - p) / reps)
-    assert np.all(np.abs(counts / reps - p) <= 4 * se + 1e-12)
+    assert_frequency_within(counts, reps, p)
 
 
 def test_no_losses_yet_is_uniform_over_held_tasks():

@@ -8,6 +8,7 @@ within 4 standard errors (per coordinate) of sum over AVAILABLE clients of d_{i,
 import numpy as np
 import pytest
 
+from testkit import assert_mean_within
 from mmfl.core.aggregation import UnbiasedAggregator, apply_plan, unbiased_plan
 from mmfl.core.allocators import FullAllocator, RandomAllocator, RoundRobinAllocator
 from mmfl.types import Population, RoundState
@@ -39,18 +40,12 @@ def full_update(available=AVAILABLE):
     return np.einsum("is,isk->sk", d, G)
 
 
-def assert_within_4se(est, target):
-    mean = est.mean(axis=0)
-    se = est.std(axis=0, ddof=1) / np.sqrt(est.shape[0])
-    assert np.all(np.abs(mean - target) <= 4 * se + 1e-12), (mean, target, se)
-
-
 @pytest.mark.parametrize("budget", [2.0, 2.5, 1.0])
 def test_random_independent_unbiased(budget):
     alloc = RandomAllocator({"draw": "independent", "probability": "true"}, POP, 0)
     est = estimates(alloc, budget, 20_000, seed=int(budget * 10))
     target = full_update()
-    assert_within_4se(est, target)
+    assert_mean_within(est, target)
     # the offline client's data is really excluded: the all-client update differs
     assert not np.allclose(target, full_update(np.ones(4, bool)))
 
@@ -58,7 +53,7 @@ def test_random_independent_unbiased(budget):
 def test_random_fixed_unbiased():
     alloc = RandomAllocator({"draw": "fixed", "probability": "true"}, POP, 0)
     est = estimates(alloc, 2.0, 20_000, seed=3)
-    assert_within_4se(est, full_update())
+    assert_mean_within(est, full_update())
 
 
 def test_random_fixed_draws_exactly_m_processors():
@@ -106,7 +101,7 @@ def test_authors_probability_is_biased_when_clients_hold_one_task():
             plan = agg.plan(alloc.allocate(state, rng), state)
             np.add.at(est[r], plan.task, plan.coefficient * g[plan.client, plan.task])
         res[mode] = est
-    assert_within_4se(res["true"], target)
+    assert_mean_within(res["true"], target)
     mean = res["authors"].mean(axis=0)
     se = res["authors"].std(axis=0, ddof=1) / np.sqrt(20_000)
     assert np.all(np.abs(mean - target) > 20 * se)  # clearly biased ...
@@ -125,7 +120,7 @@ def test_round_robin_unbiased_over_a_period():
     # Client 0 holds tasks {0, 1} of 3 (unevenly spaced): its long-run frequencies are 2/3, 1/3.
     alloc = RoundRobinAllocator({}, POP, 0)
     est = estimates(alloc, 2.0, 30_000, seed=9, rounds=3)
-    assert_within_4se(est, full_update())
+    assert_mean_within(est, full_update())
 
 
 def test_apply_plan_reference():

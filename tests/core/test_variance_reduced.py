@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from testkit import assert_mean_within
 from mmfl.core.aggregation import UnbiasedAggregator
 from mmfl.core.drawing import draw
 from mmfl.core.probabilities import optimal_probabilities
@@ -75,10 +76,7 @@ def estimates(allocator, aggregator, reps=20_000, seed=0, round_=3, budget=2.5):
 
 
 def assert_unbiased(est, beta=None):
-    mean = est.mean(axis=0)
-    se = est.std(axis=0, ddof=1) / np.sqrt(est.shape[0])
-    target = full_step(beta)
-    assert np.all(np.abs(mean - target) <= 4 * se + 1e-12), (mean, target, se)
+    assert_mean_within(est, full_step(beta))
 
 
 def stalevre_aggregator():
