@@ -61,7 +61,7 @@ class CountingEngine(VectorizedEngine):
     def train(self, params, clients, tasks, round, corrections=None):
         for i, s in zip(np.asarray(clients).tolist(), np.asarray(tasks).tolist()):
             td = self.federation.tasks[s]
-            COUNTS["train"] += len(td.client_indices[i]) * td.config.local_epochs
+            COUNTS["train"] += len(td.client_indices[i]) * td.spec.local_epochs
         return super().train(params, clients, tasks, round, corrections)
 
     def probe_losses(self, params, clients, tasks):

@@ -84,7 +84,7 @@ def best_time(fn, repeat: int) -> float:
 def central_throughput(fed, step_batch: int, steps: int, repeat: int, seed: int) -> float:
     """samples/s of a standard PyTorch loop on one model with batch ``step_batch``."""
     td = fed.tasks[0]
-    ds, cfg = td.dataset, td.config
+    ds, cfg = td.dataset, td.spec
     model = build_model(cfg.model, dict(cfg.model_options), ds.input_shape, ds.num_classes, seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
     x = torch.from_numpy(np.ascontiguousarray(ds.x_train, np.float32))
@@ -141,8 +141,8 @@ def main(argv=None) -> int:
         assert np.array_equal(out.steps, ref.steps) and off <= max(1, len(clients) // 20), off
         t_seq = best_time(lambda: seq.train(params, clients, tasks, 0), max(1, args.repeat // 2))
         t_vec = best_time(lambda: vec.train(params, clients, tasks, 0), args.repeat)
-        samples = int(n[clients].sum()) * fed.tasks[0].config.local_epochs
-        batch = fed.tasks[0].config.batch_size
+        samples = int(n[clients].sum()) * fed.tasks[0].spec.local_epochs
+        batch = fed.tasks[0].spec.batch_size
         step_batch = len(clients) * batch
         central = central_throughput(fed, step_batch, max(1, samples // step_batch),
                                      args.repeat, args.seed)

@@ -178,7 +178,7 @@ def main(argv=None) -> int:
 
     # Flower starts from the same initial model as mmfl (mmfl's init seed for task 0)
     td = fed.tasks[0]
-    model = build_model(td.config.model, dict(td.config.model_options),
+    model = build_model(td.spec.model, dict(td.spec.model_options),
                         tuple(td.dataset.input_shape), td.dataset.num_classes,
                         torch_seed(args.seed, "init", 0))
     init = [p.detach().numpy().copy() for p in model.parameters()]

@@ -213,7 +213,7 @@ def central_throughput(fed, step_batch: int, samples: int, seed: int = 0) -> flo
     from mmfl.tasks.models import build_model
 
     td = fed.tasks[0]
-    ds, cfg = td.dataset, td.config
+    ds, cfg = td.dataset, td.spec
     torch.set_num_threads(1)  # as the engine (threads = 1)
     model = build_model(cfg.model, dict(cfg.model_options), ds.input_shape, ds.num_classes, seed)
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)

@@ -38,7 +38,7 @@ def _setup(spec: str) -> dict:
         raw = json.loads(spec)
         fed = build_federation(config_from_dict(raw))
         td = fed.tasks[0]
-        ds, cfg = td.dataset, td.config
+        ds, cfg = td.dataset, td.spec
         _CACHE[spec] = {
             "seed": int(raw["seed"]),
             "task": td,
@@ -80,7 +80,7 @@ def train(msg: Message, context: Context) -> Message:
     st = _setup(str(conf["spec"]))
     rnd, client = int(conf["round"]), _client_id(context)
     td, model, x, y = st["task"], st["model"], st["x"], st["y"]
-    cfg = td.config
+    cfg = td.spec
     arrays = msg.content["arrays"].to_numpy_ndarrays()
     with torch.no_grad():
         for p, a in zip(model.parameters(), arrays, strict=True):

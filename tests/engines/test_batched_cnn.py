@@ -64,7 +64,7 @@ def _assert_same(a, b):
 def test_the_federation_needs_padding_and_groups(federation):
     n = federation.population.n_samples[:, 0]
     n = n[n > 0]
-    batch = federation.tasks[0].config.batch_size
+    batch = federation.tasks[0].spec.batch_size
     assert n.min() * 2 < batch < n.max()  # small clients pad, large ones take several steps
     clients, _ = _pairs(federation)
     groups = vec.client_groups(np.arange(len(clients)), n, batch, chunk=len(clients))
@@ -113,7 +113,7 @@ def test_activation_chunks_and_single_clients(federation, monkeypatch, scaffold)
     corr = _corrections(federation, clients) if scaffold else None
     ref = SequentialEngine(federation, seed=4).train(params, clients, tasks, 1, corr)
     eng = VectorizedEngine(federation, seed=4)
-    batch = federation.tasks[0].config.batch_size
+    batch = federation.tasks[0].spec.batch_size
     monkeypatch.setattr(vec, "ACTIVATION_BUDGET", eng._cnn[0].sample_floats * batch)
     _assert_same(ref, eng.train(params, clients, tasks, 1, corr))
     one = eng.train(params, clients[:1], tasks[:1], 1,

@@ -303,7 +303,7 @@ def test_flower_client_trains_with_the_mask(federations, tmp_path):
 def test_replace_mode_on_a_federation(federations):
     """The mode is read from the task config (dataclasses.replace of a federation works)."""
     fed = dataclasses.replace(federations["none"], tasks=tuple(
-        dataclasses.replace(td, config=dataclasses.replace(td.config, class_mask="exclude"))
+        dataclasses.replace(td, spec=dataclasses.replace(td.spec, class_mask="exclude"))
         for td in federations["none"].tasks))
     a = SequentialEngine(fed, seed=5)
     b = SequentialEngine(federations["exclude"], seed=5)

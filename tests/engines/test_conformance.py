@@ -105,8 +105,8 @@ def test_federation_is_a_hard_case(federation):
     for s, td in enumerate(federation.tasks):
         sizes = n[:, s][n[:, s] > 0]
         assert sizes.max() >= 2 * sizes.min(), "client sizes should be unequal"
-        assert np.any(sizes % td.config.batch_size != 0), "some last batches should be partial"
-        assert np.any(sizes > td.config.batch_size), "some clients should take several steps"
+        assert np.any(sizes % td.spec.batch_size != 0), "some last batches should be partial"
+        assert np.any(sizes > td.spec.batch_size), "some clients should take several steps"
 
 
 @pytest.mark.parametrize("engine", ENGINES + list(MAKERS))
@@ -193,7 +193,7 @@ def test_non_finite_update_raises(federation, engine):
 
 def test_fast_path_is_used_for_linear_models(federation):
     eng = VectorizedEngine(federation, seed=0)
-    kinds = [td.config.model for td in federation.tasks]
+    kinds = [td.spec.model for td in federation.tasks]
     assert [layers is not None for layers in eng._layers] == [k in ("mlp", "logreg")
                                                               for k in kinds]
 
@@ -294,7 +294,7 @@ def test_train_with_corrections_matches_sequential(federation, engine, round):
 def test_single_step_correction_is_lr_times_r(federation, engine):
     """One full-batch step: G = lr (g(w) + r), so G_corrected - G_plain = lr * r."""
     fed = dataclasses.replace(federation, tasks=tuple(
-        dataclasses.replace(td, config=dataclasses.replace(td.config, local_epochs=1,
+        dataclasses.replace(td, spec=dataclasses.replace(td.spec, local_epochs=1,
                                                            batch_size=10_000))
         for td in federation.tasks))
     eng = _make(engine, fed, 2)
@@ -305,7 +305,7 @@ def test_single_step_correction_is_lr_times_r(federation, engine):
     corrected = eng.train(params, clients, tasks, 0, corrections=corr)
     assert (corrected.steps == 1).all()
     for s, r in corr.items():
-        lr = fed.tasks[s].config.lr
+        lr = fed.tasks[s].spec.lr
         np.testing.assert_allclose(corrected.updates[s] - plain.updates[s], lr * r,
                                    rtol=0, atol=1e-6)
 
@@ -431,7 +431,7 @@ def test_size_groups_bound_padding_and_match_sequential(fast_path):
     n = fed.population.n_samples[:, 0]
     clients = np.flatnonzero(n > 0).astype(np.int64)
     tasks = np.zeros(len(clients), dtype=np.int64)
-    bs = fed.tasks[0].config.batch_size
+    bs = fed.tasks[0].spec.batch_size
     assert n[clients].min() * 4 < bs < n[clients].max(), "a skewed federation"
     groups = vec.client_groups(np.arange(len(clients)), n[clients], bs, chunk=len(clients))
     assert len(groups) >= 2

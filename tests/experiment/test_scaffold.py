@@ -148,7 +148,7 @@ def _reference(cfg, rounds):
     for t in range(rounds):
         new_w = [p.clone() for p in w]
         for s, td in enumerate(fed.tasks):
-            model, lr = eng.models[s], td.config.lr
+            model, lr = eng.models[s], td.spec.lr
             names = [n for n, _ in model.named_parameters()]
             shapes = [p.shape for _, p in model.named_parameters()]
             delta_c = torch.zeros_like(c[s])
@@ -156,8 +156,8 @@ def _reference(cfg, rounds):
                 ci = c_i.get((i, s), torch.zeros_like(c[s]))
                 y = w[s].clone()
                 k = 0
-                for batch in local_batches(td.client_indices[i], td.config.local_epochs,
-                                           td.config.batch_size, cfg.seed, t, i, s):
+                for batch in local_batches(td.client_indices[i], td.spec.local_epochs,
+                                           td.spec.batch_size, cfg.seed, t, i, s):
                     y32 = y.float().requires_grad_(True)
                     parts = torch.split(y32, [int(np.prod(sh)) for sh in shapes])
                     p = {n: v.view(sh) for n, v, sh in zip(names, parts, shapes)}

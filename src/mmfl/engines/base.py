@@ -77,12 +77,12 @@ class Engine:
         self.test_x: list[torch.Tensor] = []
         self.test_y: list[torch.Tensor] = []
         for s, td in enumerate(federation.tasks):
-            ds, cfg = td.dataset, td.config
+            ds, cfg = td.dataset, td.spec
             self.models.append(_build(s, cfg, ds, seed))
-            self.train_x.append(_tensor(ds.x_train, np.float32))
-            self.train_y.append(_tensor(ds.y_train, np.int64))
-            self.test_x.append(_tensor(ds.x_test, np.float32))
-            self.test_y.append(_tensor(ds.y_test, np.int64))
+            self.train_x.append(to_tensor(ds.x_train, np.float32))
+            self.train_y.append(to_tensor(ds.y_train, np.int64))
+            self.test_x.append(to_tensor(ds.x_test, np.float32))
+            self.test_y.append(to_tensor(ds.y_test, np.int64))
 
     @property
     def num_tasks(self) -> int:
@@ -114,7 +114,7 @@ class Engine:
     def class_mask(self, s: int) -> str:
         """Task s's ``class_mask`` (``"none"``, ``"zero"`` or ``"exclude"``; see
         :mod:`mmfl.tasks.masking`): how its local training loss treats absent classes."""
-        return str(getattr(self.federation.tasks[s].config, "class_mask", "none"))
+        return self.federation.tasks[s].spec.class_mask
 
     def held_classes(self, s: int) -> torch.Tensor:
         """(N, K) bool: True where client i holds a training sample of class c in task s
@@ -291,7 +291,7 @@ def sum_over_forward(model: torch.nn.Module, x: torch.Tensor, modules, count) ->
     return total
 
 
-def _tensor(a: np.ndarray, dtype) -> torch.Tensor:
+def to_tensor(a: np.ndarray, dtype) -> torch.Tensor:
     """A torch view of a dataset array (copied only when not contiguous, typed or writable)."""
     return torch.from_numpy(np.require(a, dtype, ["C_CONTIGUOUS", "WRITEABLE"]))
 

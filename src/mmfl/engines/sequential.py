@@ -45,7 +45,7 @@ class SequentialEngine(Engine):
         steps = np.zeros(len(clients), dtype=np.int64)
         for k, (i, s) in enumerate(zip(clients.tolist(), tasks.tolist())):
             td = self.federation.tasks[s]
-            cfg = td.config
+            cfg = td.spec
             model = self.models[s]
             # clone: vector_to_parameters makes the parameters views of the vector it is given
             vector_to_parameters(params[s].clone(), model.parameters())

@@ -299,7 +299,7 @@ class VectorizedEngine(Engine):
         for s in np.unique(tasks).tolist():
             sel = np.flatnonzero(tasks == s)
             td = self.federation.tasks[s]
-            cfg = td.config
+            cfg = td.spec
             w = params[s].detach()
             D = w.numel()
             sizes = np.array([len(td.client_indices[i]) for i in clients[sel]], dtype=np.int64)

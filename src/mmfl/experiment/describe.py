@@ -28,7 +28,7 @@ def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
         + ", ".join(f"{k}: {c}" for k, c in zip(*np.unique(pop.holds.sum(1), return_counts=True))),
     ]
     for s, td in enumerate(fed.tasks):
-        t, ds = td.config, td.dataset
+        t, ds = cfg.tasks[s], td.dataset
         n = pop.n_samples[:, s]
         held = n > 0
         classes = np.array([len(np.unique(ds.y_train[idx])) for idx in td.client_indices if len(idx)])

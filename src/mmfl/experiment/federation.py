@@ -7,7 +7,6 @@ federation on every machine and in every engine (and a resumed run rebuilds it i
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,34 +15,21 @@ from mmfl import registry
 from mmfl.errors import ConfigError, DataError
 from mmfl.experiment.config import ExperimentConfig, TaskConfig, budget_of
 from mmfl.rng import MEMBERSHIP, PARTITION, PROCESSORS, SUBSAMPLE, stream
+from mmfl.tasks.spec import Federation, TaskData, TrainingSpec
 from mmfl.types import Population
+
+__all__ = ["Federation", "TaskData", "authors_processors", "build_federation", "draw_capacity",
+           "draw_distribution", "load_dataset", "membership", "training_spec"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class TaskData:
-    """One task's data as the engines see it.
-
-    Attributes:
-        config: the task's config.
-        dataset: the (possibly subsampled) dataset; arrays are shared, never copied per client.
-        client_indices: length-N list; entry i is the sorted (n_{i,s},) int64 index array of
-            client i into ``dataset.x_train`` (empty when the client does not hold the task).
-    """
-
-    config: TaskConfig
-    dataset: object
-    client_indices: tuple[np.ndarray, ...]
-
-
-@dataclass(frozen=True)
-class Federation:
-    """Population (who holds what, processors), budget m and per-task data."""
-
-    population: Population
-    budget: int
-    tasks: tuple[TaskData, ...]
+def training_spec(task: TaskConfig, index: int) -> TrainingSpec:
+    """The engines' view of ``tasks[index]`` of a config."""
+    return TrainingSpec(name=task.name, model=task.model, lr=task.lr,
+                        local_epochs=task.local_epochs, batch_size=task.batch_size,
+                        model_options=dict(task.model_options), class_mask=task.class_mask,
+                        index=index)
 
 
 def draw_distribution(spec: int | tuple, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -155,7 +141,7 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
         n_samples[holders, s] = np.fromiter(map(len, parts), np.int64, count=len(parts))
         if n_samples[:, s].sum() == 0:
             raise ConfigError(f"tasks[{s}]", "no client received any training sample", task.name)
-        tasks.append(TaskData(task, ds, tuple(indices)))
+        tasks.append(TaskData(training_spec(task, s), ds, tuple(indices)))
         log.info("task %s: %s, %d clients hold %d samples", task.name, task.dataset,
                  int((n_samples[:, s] > 0).sum()), int(n_samples[:, s].sum()))
     population = Population(n_samples, capacity, tuple(t.name for t in cfg.tasks))

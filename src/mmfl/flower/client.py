@@ -29,11 +29,10 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from mmfl.engines.base import _tensor
+from mmfl.engines.base import to_tensor
 from mmfl.engines.sequential import SequentialEngine
 from mmfl.errors import DataError, NumericalError
-from mmfl.experiment.config import TaskConfig
-from mmfl.experiment.federation import TaskData
+from mmfl.tasks.spec import TaskData, TrainingSpec
 from mmfl.flower import messages as M
 from mmfl.flower.shards import Shard, load_shard, shard_name
 
@@ -44,7 +43,7 @@ THREADS = 1
 @dataclass(frozen=True)
 class _ClientFederation:
     """The slice of a Federation that engine code reads on a client: ``tasks[s]`` with the
-    task's config and ``client_indices`` = {i: positions 0..n_{i,s}-1 into the shard}."""
+    task's training spec and ``client_indices`` = {i: positions 0..n_{i,s}-1 into the shard}."""
 
     tasks: tuple[TaskData, ...]
 
@@ -70,15 +69,16 @@ class ShardEngine(SequentialEngine):
         self.seed = seed
         tasks = []
         for t in shard.tasks:
-            cfg = TaskConfig(name=t.name, dataset="", model=t.model, lr=t.lr,
-                             local_epochs=t.local_epochs, batch_size=t.batch_size,
-                             model_options=dict(t.model_options), class_mask=t.class_mask)
+            spec = TrainingSpec(name=t.name, model=t.model, lr=t.lr,
+                                local_epochs=t.local_epochs, batch_size=t.batch_size,
+                                model_options=dict(t.model_options), class_mask=t.class_mask,
+                                index=len(tasks))
             positions = {shard.client: np.arange(t.num_samples, dtype=np.int64)}
-            tasks.append(TaskData(cfg, None, positions))
+            tasks.append(TaskData(spec, None, positions))
         self.federation = _ClientFederation(tuple(tasks))
         self.models = [_NoModel() for _ in shard.tasks]
-        self.train_x = [_tensor(t.x, np.float32) for t in shard.tasks]
-        self.train_y = [_tensor(t.y, np.int64) for t in shard.tasks]
+        self.train_x = [to_tensor(t.x, np.float32) for t in shard.tasks]
+        self.train_y = [to_tensor(t.y, np.int64) for t in shard.tasks]
         self.test_x, self.test_y = [], []
 
     def task_classes(self, s: int) -> int:

@@ -98,14 +98,14 @@ def write_shards(federation, folder: str | Path) -> list[Path]:
     pop = federation.population
     specs = []
     for td in federation.tasks:
-        cfg, ds = td.config, td.dataset
+        cfg, ds = td.spec, td.dataset
         specs.append({
             "name": cfg.name, "model": cfg.model, "model_options": dict(cfg.model_options),
             "input_shape": [int(d) for d in ds.input_shape], "num_classes": int(ds.num_classes),
             "lr": float(cfg.lr), "local_epochs": int(cfg.local_epochs),
             "batch_size": int(cfg.batch_size),
         })
-        mask = str(getattr(cfg, "class_mask", "none"))
+        mask = cfg.class_mask
         if mask != "none":
             specs[-1]["class_mask"] = mask
     paths = []
