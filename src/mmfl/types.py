@@ -106,8 +106,8 @@ class Signals:
     """Per-(client, task) information the server gathers for sampling (docs/algorithms.md sections 5, 6).
 
     Every field is an (N, S) float array or None when the round's sampler did not ask for it;
-    entries that were not measured this round are NaN. Update quantities are scaled by the
-    task's local learning rate, i.e. they describe the pseudo-gradient G / eta_s.
+    entries that were not measured this round are NaN. Update quantities are in gradient units,
+    G / eta_s (docs/algorithms.md section 2).
 
     Attributes:
         local_loss: f_{i,s}(w_s^t), local training loss of the current global model (LVR).
@@ -115,9 +115,8 @@ class Signals:
         stale_dot: <G_{i,s}, h_{i,s}> / eta_s^2 with the stored stale update h (StaleVR).
         stale_norm_sq: ||h_{i,s}||^2 / eta_s^2 (0 where nothing is stored yet).
         beta: beta_{i,s}, the stale-update coefficient the aggregator will use (section 6).
-        probe_norm_sq: ||G~_{i,s}||^2 / eta_s^2 of each pair's latest probe update G~ (a random
-            probe set trains before sampling, StaleVRE's ``score = "probe"``); 0 where never
-            probed.
+        probe_norm_sq: ||G~_{i,s}||^2 / eta_s^2 of each pair's latest probe update G~
+            (StaleVRE's ``score = "probe"``); 0 where never probed.
         probe_dot: <G~_{i,s}, h_{i,s}> / eta_s^2 (0 where either is missing).
     """
 
@@ -231,9 +230,8 @@ class Assignment:
     def pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Unique active (client, task) pairs, sorted by (task, client): two (U,) int arrays.
 
-        Two processors of one client that draw the same model train the same local problem from
-        the same start with the same data stream, so the pair is trained once and its update is
-        used for both slots.
+        Duplicate slots of a pair train once; its update serves every slot (docs/algorithms.md
+        section 1, "Slots and pairs").
         """
         if self.num_slots == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
@@ -256,8 +254,9 @@ class AggregationPlan:
 
     where G is the fresh update of the active pair. One entry per unique active pair (sorted by
     task, then client), coefficients of duplicate slots summed. Stale-update aggregators
-    (docs/algorithms.md section 6) add ``- server_lr * sum_j stale_coefficient[j] * h_{stale_client[j], s}``
-    with h the stored last update of the pair (read before this round's updates replace it).
+    (docs/algorithms.md section 6.1) add
+    ``- server_lr * sum_j stale_coefficient[j] * h_{stale_client[j], s}`` over j with
+    stale_task[j] = s, h the stored last update (read before this round's updates replace it).
 
     Attributes:
         client: (U,) int.

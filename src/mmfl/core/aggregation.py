@@ -102,11 +102,10 @@ def unbiased_plan(assignment: Assignment, population: Population) -> Aggregation
 def average_plan(assignment: Assignment, population: Population) -> AggregationPlan:
     """Data-size-weighted model averaging as update coefficients (docs/algorithms.md section 7).
 
-    For every task s with assigned clients A_s (unique), w_s <- sum_{i in A_s} a_i w_{i,s} with
-    a_i = n_{i,s} / sum_{j in A_s} n_{j,s}. Since sum a_i = 1 this is w_s - sum a_i G_{i,s}, i.e.
-    coefficient a_i on G_{i,s}. Duplicate slots of one pair count once. A task whose assigned
-    clients all hold zero samples of it (cannot happen for the built-in samplers) gets equal
-    weights 1/|A_s|.
+    Coefficient a_i = n_{i,s} / sum_{j in A_s} n_{j,s} on G_{i,s}, A_s the unique clients
+    assigned to s (equivalent to w_s <- sum a_i w_{i,s}). Duplicate slots of one pair count
+    once. A task whose assigned clients all hold zero samples of it (impossible for the
+    built-in samplers) gets equal weights 1/|A_s|.
 
     Args:
         assignment: K slots.

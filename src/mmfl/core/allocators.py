@@ -109,9 +109,8 @@ class Allocator:
             "true",
             "one of true|authors",
             "true: aggregate with the true inclusion probability q_b / |S_i| and the 1/B_i share "
-            "(unbiased); authors: every slot weighted d * S / C with C = m / P and no 1/B_i "
-            "share, as the authors' code does (E[coefficient] = B_i * d * (S / |S_i|) * q_b / C:"
-            " biased towards clients with several processors or fewer tasks).",
+            "(unbiased); authors: weight every slot d * S / C with C = m / P and no 1/B_i share, "
+            "as the authors' code does (biased; docs/algorithms.md section 9).",
             authors="authors",
         ),
     },
@@ -120,21 +119,18 @@ class Allocator:
 class RandomAllocator(Allocator):
     """Uniform random sampling (docs/algorithms.md section 7, "random").
 
-    Each eligible processor (available client holding >= 1 task) is active with probability
-    q_b = min(1, m / P_eligible); an active processor trains a model chosen uniformly among its
-    client's held tasks S_i, so p_{s|b} = q_b / |S_i| for held s and 0 otherwise.
+    Each eligible processor is active with q_b = min(1, m / P_eligible) and trains a uniform
+    choice among its client's held tasks S_i: p_{s|b} = q_b / |S_i| for held s, 0 otherwise.
 
     Options:
-        draw: "independent" (default; section 1 rule via :func:`draw`) or "fixed" (exactly
-            round(m) processors without replacement; raises ValueError for a fractional m).
-        probability: "true" (default) or "authors". With "authors" every slot reports
-            p = C / S where C = m / P (P all processors; the authors' code uses the configured
-            active rate, equal to m / P up to the floor in m = floor(C P)) and share 1 instead
-            of 1/B_i, so its coefficient is d_{i,s} S / C, the authors' ``main.py`` rule. Its
-            expectation per client is B_i d_{i,s} (S / |S_i|) q_b / C: the true value d_{i,s}
-            only when every client has one processor, holds all S tasks and q_b = C; otherwise
-            it is BIASED (clients with B_i processors are up-weighted B_i-fold, clients holding
-            fewer tasks S/|S_i|-fold). ``Assignment.probabilities`` keeps the true matrix.
+        draw: "independent" (default; :func:`draw`) or "fixed" (exactly round(m) processors
+            without replacement; raises ValueError for a fractional m).
+        probability: "true" (default) or "authors": every slot reports p = C / S with
+            C = min(1, m / P) over all P processors (the authors' code uses the configured
+            active rate, equal up to the floor in m = floor(C P)) and share 1, so its
+            coefficient is d_{i,s} S / C. Biased unless every client has one processor and
+            holds all S tasks (docs/algorithms.md section 9). ``Assignment.probabilities``
+            keeps the true matrix.
     """
 
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
@@ -172,12 +168,9 @@ class RandomAllocator(Allocator):
 def round_robin_schedule(population: Population, round: int) -> np.ndarray:
     """(P,) int: the model each processor trains in round ``round`` under round-robin.
 
-    Client i starts at model floor(i * S / N); its index advances by one every round (mod S):
-    k = (floor(i * S / N) + round) mod S. If client i does not hold model k it moves to its
-    next held model cyclically (k, k+1, ... mod S); call that h_0 and its following held models
-    cyclically h_1, h_2, ... Processor j (0-based within the client) trains h_{j mod |S_i|}, so a
-    client's processors train distinct models while B_i <= |S_i| (docs/algorithms.md section 7).
-    Processors of clients holding no task get -1.
+    Client i's start k = (floor(i S / N) + round) mod S, moved on cyclically to its first held
+    model >= k; its j-th processor takes the j-th held model from there, cyclically
+    (docs/algorithms.md section 7). Processors of clients holding no task get -1.
     """
     pop = population
     n, s_count = pop.num_clients, pop.num_tasks
@@ -221,16 +214,11 @@ def _round_robin_frequency(population: Population) -> np.ndarray:
 class RoundRobinAllocator(Allocator):
     """Round-robin model assignment (docs/algorithms.md section 7, "round_robin").
 
-    The model of each processor follows :func:`round_robin_schedule`; processors are sampled
-    like ``random`` (q_b = min(1, m / P_eligible), independent or fixed draw).
-
-    ``Assignment.probabilities`` holds q_b at each processor's current model (so it sums to
-    min(m, P_eligible)). The slot probability reported for aggregation is the LONG-RUN inclusion
-    frequency q_b * phi_{b,s}, where phi_{b,s} is the fraction of rounds in one period (S rounds)
-    in which processor b is scheduled on model s. phi = 1/|S_i| when the held models are evenly
-    spaced (e.g. the client holds every task or a single one); in general it is computed exactly
-    from the schedule. Unbiased aggregation with it is therefore unbiased only on average over a
-    period of S rounds (with constant q_b), not round by round.
+    Models follow :func:`round_robin_schedule`; processors are sampled like ``random``.
+    ``Assignment.probabilities`` holds q_b at each processor's current model (it sums to
+    min(m, P_eligible)). The slot probability used for aggregation is the long-run frequency
+    q_b phi_{b,s}, phi_{b,s} the fraction of an S-round period in which b is scheduled on s, so
+    unbiased aggregation is unbiased only on average over a period, not round by round.
     """
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
@@ -277,10 +265,9 @@ class RoundRobinAllocator(Allocator):
 class FullAllocator(Allocator):
     """Full participation (docs/algorithms.md section 7, "full"): the upper-bound baseline.
 
-    One client-level slot (processor = -1, p = 1, share = 1) for every eligible (i, s) pair
-    (client available and holding data for s); the budget is ignored. With the default
-    ``unbiased`` aggregator the coefficient is d_{i,s}, i.e. w_s <- w_s - eta_g sum_i d_{i,s}
-    G_{i,s}. ``Assignment.probabilities`` is the (N, S) eligibility matrix (client rows).
+    One client-level slot (processor = -1, p = 1, share = 1) per eligible (i, s) pair; the
+    budget is ignored. ``Assignment.probabilities`` is the (N, S) eligibility matrix (client
+    rows, not processor rows).
     """
 
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
@@ -319,10 +306,9 @@ def fedfair_distribution(
 ) -> np.ndarray:
     """The alpha-fair model distribution of FedFairMMFL (docs/algorithms.md section 7).
 
-    pi_s = w_s * f_s^(alpha - 1) / sum_s' w_s' * f_s'^(alpha - 1), computed in log space so large
-    alpha cannot overflow. alpha = 1 gives pi proportional to w; alpha -> infinity puts all mass
-    on the worst (highest-loss) model. Losses are clipped to [1e-8, 1e8]; NaN / +inf count as
-    1e8 (a diverged model is the worst). Models with w_s = 0 get 0.
+    pi_s = w_s f_s^(alpha - 1) / sum_s' w_s' f_s'^(alpha - 1), computed in log space (no
+    overflow for large alpha). Losses are clipped to [1e-8, 1e8], NaN / +inf count as 1e8 (a
+    diverged model is the worst); models with w_s = 0 get 0.
 
     Args:
         losses: (S,) float, current loss f_s of each model.
@@ -330,8 +316,11 @@ def fedfair_distribution(
         weights: (S,) float >= 0 (default all ones); at least one must be positive.
 
     Returns:
-        (S,) float probabilities summing to 1. Example: losses (1, 2), alpha 3, uniform weights
-        -> (1/5, 4/5).
+        (S,) float probabilities summing to 1.
+
+    Raises:
+        ValueError: weights of another shape, negative, non-finite or all zero; alpha negative
+            or non-finite.
     """
     f = _sanitize_losses(losses)
     w = np.ones_like(f) if weights is None else np.asarray(weights, dtype=np.float64)
@@ -379,14 +368,12 @@ FAIR_OPTIONS = {
     doc="FedFairMMFL: uniform client sampling, alpha-fair model choice, averaging aggregation.",
 )
 class FairAllocator(Allocator):
-    """FedFairMMFL alpha-fair allocation (docs/algorithms.md section 7).
+    """FedFairMMFL alpha-fair allocation (docs/algorithms.md section 7, "fedfair").
 
-    Processors are sampled like ``random`` (q_b = min(1, m / P_eligible)); a sampled processor
-    of client i trains held model s with probability
-    pi_{s|i} = w_s f_s^(alpha-1) / sum_{s' in S_i} w_s' f_s'^(alpha-1) (see
-    :func:`fedfair_distribution`), so p_{s|b} = q_b * pi_{s|i(b)}. Before any loss is known
-    (``task_losses``/``task_accuracies`` None) all f_s are equal. Default aggregator: "average"
-    (the data-size-weighted average of the assigned clients' models).
+    Processors are sampled like ``random``; a sampled processor of client i trains held model s
+    with probability pi_{s|i} (:func:`fedfair_distribution` over S_i), so
+    p_{s|b} = q_b pi_{s|i(b)}. Before any loss is known (``task_losses`` / ``task_accuracies``
+    None) all f_s are equal. Default aggregator: "average".
     """
 
     default_aggregator = "average"

@@ -1,20 +1,16 @@
-"""The simulated clock: per-client compute speed and bandwidth, a cost model per (client, task),
-and the duration of a round with its stragglers (time-to-accuracy in simulated seconds). Pure
-numpy; :mod:`mmfl.experiment.profile` builds the profiles from a config.
+"""The simulated clock (docs/algorithms.md section 5.2): per-client compute speed and bandwidth,
+a cost model per (client, task), and the duration of a round with its stragglers. Pure numpy;
+:mod:`mmfl.experiment.profile` builds the profiles from a config.
 
-Cost model of one active pair (i, s) in a round:
+Cost model of one active pair (i, s), in simulated seconds:
 
-    seconds_{i,s} = 2 * bytes_s / bandwidth_i                       (download w_s, upload G)
-                  + 3 * flops_s * samples_{i,s} / (speed_i * F)     (local SGD: forward + backward)
-                  + flops_s * probe_samples_{i,s} / (speed_i * F)   (LVR loss probes, if any)
+    seconds_{i,s} = 2 bytes_s / bandwidth_i                       (only for pairs that train)
+                  + 3 flops_s samples_{i,s} / (speed_i F)         (local SGD: forward + backward)
+                  + flops_s probe_samples_{i,s} / (speed_i F)     (loss probes, if any)
 
-with flops_s the forward FLOPs of model s for one sample, samples_{i,s} the samples processed
-in local training (epochs x n_{i,s}), F the reference device's FLOP/s and speed_i the client's
-relative speed. A client's processors work in parallel, so a round lasts as long as its slowest
-active pair, or until the deadline: pairs still running then are stragglers, dropped from the
-aggregation (recorded). Dropping stragglers makes the unbiased estimator biased towards fast
-clients (their updates are kept with the same 1/p weights while slow clients' are lost); with no
-deadline (the default) nothing is dropped and unbiasedness is untouched.
+A round lasts as long as its slowest pair, or until the deadline (if > 0; by default there is
+none); later pairs are stragglers, dropped from the aggregation, which biases the unbiased
+estimator towards fast clients.
 """
 
 from __future__ import annotations

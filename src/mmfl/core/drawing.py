@@ -80,11 +80,11 @@ def draw(
     *,
     note: str = "",
 ) -> Assignment:
-    """Draw an assignment with the rule of docs/algorithms.md section 1.
+    """Draw an assignment with the independent rule of docs/algorithms.md section 1.
 
-    Each processor b independently is idle with probability ``1 - sum_s p[b, s]``, else trains
-    model s with probability ``p[b, s]`` (one uniform number per processor, in processor order,
-    so the same generator state gives the same draw). Entries with ``p = 0`` are never drawn.
+    Processor b is idle with probability ``1 - sum_s p[b, s]``, else trains s with probability
+    ``p[b, s]``: one uniform number per processor, in processor order, so the same generator
+    state gives the same draw. Entries with ``p = 0`` are never drawn.
 
     Args:
         probabilities: (P, S) matrix p_{s|b}, entries in [0, 1], row sums <= 1.
@@ -127,10 +127,9 @@ def draw_fixed(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Choose exactly ``count`` eligible processors uniformly without replacement, then a model.
 
-    Every eligible processor is chosen with probability ``min(1, count / P_eligible)``; a chosen
-    processor b then trains model s with probability ``conditional[b, s]`` (rows of eligible
-    processors sum to 1). The marginal inclusion probability of (b, s) is therefore
-    ``min(1, count / P_eligible) * conditional[b, s]``, the same as with :func:`draw`.
+    A chosen processor b trains s with probability ``conditional[b, s]`` (rows of eligible
+    processors sum to 1), so (b, s) has the marginal ``min(1, count / P_eligible) *
+    conditional[b, s]``, as with :func:`draw`; the draws are dependent.
 
     Args:
         count: k >= 0, capped at P_eligible.
@@ -244,8 +243,8 @@ DRAW_OPTION = Option(
     str,
     "independent",
     "one of independent|fixed",
-    "independent: every processor is active independently with probability q_b (docs/algorithms.md "
-    "section 1); fixed: exactly round(m) eligible processors, chosen without replacement "
-    "(needs an integer budget; the authors' code). Inclusion probabilities are the same.",
+    "independent: each processor is active independently with probability q_b; fixed: exactly "
+    "round(m) eligible processors without replacement, as the authors' code (needs an integer "
+    "budget). Both give the same inclusion probabilities (docs/algorithms.md section 1).",
     authors="fixed",
 )

@@ -1,87 +1,34 @@
-"""Group-based client sampling (docs/algorithms.md section 7, "group-based (VTC 2025)") - a PROTOTYPE.
+"""Group-based client sampling (docs/algorithms.md section 7, "group") - a PROTOTYPE.
 
-The VTC 2025-Spring paper "Group-based Client Sampling in MMFL" was not reachable; its exact
-published rule is unknown. What is implemented here is the prototype that docs/algorithms.md
-describes, with every missing detail filled in by a simple, documented choice:
+The VTC 2025-Spring paper's exact rule was not reachable; this is the prototype that
+docs/algorithms.md section 7 describes: (1) group the available clients once, (2) late clients
+join their nearest group, (3) a cyclic buffer maps groups to models, group g serving
+``buffer[(g + t + phase) mod L]`` in round t, (4) sample within each group with budget
+m_g = m E_g / E, uniformly or by section 4's optimum over LVR scores. Details the reference
+leaves open, chosen here:
 
-1. **Grouping (once).** On the first call of :meth:`GroupAllocator.allocate` that sees an
-   available client, the available clients are split into G groups (option ``groups``, default
-   S) and the result is cached (and checkpointed by ``state_dict``). Clients never regroup.
+* ``label`` grouping: the majority task is the argmax of the data profile (``profile``,
+  default d_{i,:}: raw counts would put almost every client in the group of the model with
+  the largest per-client datasets); ties go to the lowest task index. With G < S, task s owns
+  group s mod G (tasks share groups). A late client joins the least-populated group of its
+  majority task.
+* ``similarity`` grouping: k-means++ start from ``mmfl.rng.stream(seed, "group-kmeans")``; a
+  client without a positive loss uses its data profile; a late client joins the group of the
+  nearest centre (Euclidean). No group is empty while N >= G.
+* Rotation: the initial phase makes group g serve model (g + t) mod S when every model is
+  active from round 0. Newcomers (including a model that rejoins) enter at the buffer's front
+  and the phase is reset so that group 0 serves the first this round; their order is the
+  alpha-fair draw of stream ``(seed, "group-join", t)`` on ``state.task_losses``.
+* ``within = "optimal"``: only the served pairs' losses are probed; a served pair without a
+  loss gets its group's mean known loss for that model (1 if none is known).
 
-   * ``grouping = "label"`` (the authors' prototype groups clients by majority label). The core
-     sees no labels, so the label is approximated by the client's *majority task*: the argmax of
-     its data profile (option ``profile``: ``"data_weight"``, row d_{i,:}, the client's share of
-     each model's data - the default, because raw counts put almost every client in the group
-     of the model with the largest per-client datasets - or ``"samples"``, the normalised row
-     n_{i,:}). Ties go to the lowest task index. Task s owns the groups
-     {g : g mod S = s} (when G >= S; several groups per task are filled round robin in client
-     order) or group s mod G (when G < S, tasks share groups).
-   * ``grouping = "similarity"``: k-means (``iterations`` Lloyd steps, k-means++ start from
-     ``mmfl.rng.stream(seed, "group-kmeans")``) on per-client feature vectors: the client's row
-     of local losses f_{i,s}(w_s^t) (``state.signals.local_loss``, NaN/unheld entries 0)
-     normalised to sum 1, when the runner measured them; otherwise (or for a client without a
-     positive loss) the data profile above. A cluster that empties is refilled with the point
-     farthest from its centre, so no group is empty while N >= G.
+The probabilities are the true ones, so ``unbiased`` estimates the serving groups' update
+sum_{i in C_s(t)} d_{i,s} G_{i,s} (``optimal``: over clients with a positive score), not the
+full one; see docs/algorithms.md section 7 for the 1/L step length and its remedies.
 
-2. **Late clients.** A client unavailable when the groups were formed has group -1 (and p = 0,
-   like every unavailable client). The first time it is available it joins the *nearest* group,
-   without regrouping anyone: in ``label`` mode the least-populated group of its majority task;
-   in ``similarity`` mode the group whose k-means centre is nearest (Euclidean) to its feature.
-
-3. **Rotating buffer.** A cyclic buffer (array of model indices) maps groups to models:
-   in round t group g serves ``buffer[(g + t + phase) mod L]``. It starts as the active models
-   in index order with phase such that group g serves model (g + t) mod S when all S models are
-   active from the first round (e.g. N = 6, S = 2, G = 2: rounds 0, 1, 2 map groups (0, 1) to
-   models (0, 1), (1, 0), (0, 1)). When models change (``state.task_active``):
-
-   * a model that stops is removed from the buffer;
-   * models that join (active, not in the buffer) enter at the FRONT: the buffer is rebuilt as
-     ``newcomers + (the old buffer read cyclically from the entry group 0 would serve now)``
-     and the phase is reset so that group 0 serves the buffer's first entry this round. So a
-     newcomer is trained from its join round on (by group 0, the next by group 1, ...). When
-     several models join at once their order is an alpha-fair draw without replacement
-     (:func:`~mmfl.core.allocators.fedfair_distribution` on ``state.task_losses``, option
-     ``alpha``; stream ``(seed, "group-join", t)``): the worse a newcomer's loss, the likelier it
-     is served first. A model that rejoins counts as a newcomer.
-
-   With L models in the buffer, every group serves every model exactly once in any L
-   consecutive rounds (for a fixed buffer).
-
-4. **Within a group.** Let E_g be the processors of group g's available clients that hold the
-   group's model s_g (their "schedulable" processors) and E = sum_g E_g. Group g gets the budget
-   share m_g = m * E_g / E, and
-
-   * ``within = "uniform"`` (default): each schedulable processor trains s_g with
-     probability q_b = min(1, m_g / E_g) = min(1, m / E); sum_b q_b = min(m, E).
-   * ``within = "optimal"``: section 4's closed form
-     (:func:`~mmfl.core.probabilities.optimal_probabilities_info`) over the group's LVR scores
-     U_{s_g, b} = d_{i,s_g} f_{i,s_g}(w^t) / B_i with budget m_g. ``requires`` is then
-     {"local_loss"}: the runner probes the loss of the served pairs only (one forward pass per
-     schedulable pair, not per eligible pair). A served pair whose loss is missing gets the mean
-     known loss of its group for that model (1 if none is known). A group whose m_g exceeds its
-     positive-score processors uses them all with q = 1 (the round's note says so).
-
-**What the probabilities are unbiased for.** ``Assignment.probabilities`` (and each slot's
-``probability``) is the TRUE inclusion probability p_{s|b} of this round, so the default
-``unbiased`` aggregator (section 3) has expectation
-
-    E[update_s(t)] = sum_{i in C_s(t)} d_{i,s} G_{i,s},   C_s(t) = available clients of the
-                                                           groups serving s in round t
-
-(for ``within = "optimal"``: of those with a positive score) - the group's data-weighted
-update, NOT the full-participation update sum_i d_{i,s} G_{i,s}. In one round the bias is
-- sum_{i not in C_s(t)} d_{i,s} G_{i,s}: the other groups' data is missing and the step is
-shorter (its weights sum to D_s(t) = sum_{i in C_s(t)} d_{i,s} < 1) and tilted toward the serving
-groups' data. Rotation averages this out: over any L consecutive rounds with a fixed buffer and
-availability, each group serves s exactly once, so the expected updates of those rounds sum to
-one full-participation update (each evaluated at the iterate of its round). Per round a model
-therefore moves about 1/L as far as under full participation; raise the server learning rate
-(about L) to compensate, or use the ``average`` aggregator, which renormalises by the sampled
-group data (and is biased differently).
-
-Everything is pure numpy; randomness comes only from the ``rng`` argument of
-:meth:`GroupAllocator.allocate` (the draw) and from ``mmfl.rng.stream(seed, ...)`` (k-means start,
-join order). No function mutates its inputs.
+Pure numpy; randomness comes only from the ``rng`` argument of :meth:`GroupAllocator.allocate`
+(the draw) and from ``mmfl.rng.stream(seed, ...)`` (k-means start, join order). No function
+mutates its inputs.
 """
 
 from __future__ import annotations
@@ -218,9 +165,8 @@ def kmeans(
 class GroupAllocator(Allocator):
     """Group-based client sampling, the PROTOTYPE of VTC 2025 (docs/algorithms.md section 7).
 
-    See the module docstring for the full rule and for what the unbiased aggregator estimates
-    (the serving group's data-weighted update, not the full-participation one; rotation averages
-    it over rounds). The exact published rule was not reachable.
+    The rule and what the unbiased aggregator estimates: docs/algorithms.md section 7 and the
+    module docstring (the choices made where the reference is silent).
 
     State (checkpointed as numpy arrays by :meth:`state_dict`): ``groups`` (N,) int group of each
     client (-1 = not yet seen available), ``centres`` (G, S) float k-means centres (similarity),

@@ -1,4 +1,5 @@
-"""Fairness statistics, convergence speed and cost accounting (docs/algorithms.md sections 5 and 7).
+"""Fairness statistics, convergence speed and cost accounting (docs/algorithms.md sections 5.1
+and 7).
 
 Pure numpy; inputs are never mutated.
 """
@@ -79,7 +80,7 @@ def clients_per_task(assignment: Assignment, num_tasks: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RoundCost:
-    """Client-side cost of a round (docs/algorithms.md section 5, "Cost accounting").
+    """Client-side cost of a round (docs/algorithms.md section 5.1).
 
     Attributes:
         local_trainings: local training runs (one per unique active (client, task) pair).
@@ -110,20 +111,24 @@ class RoundCost:
 
 def round_cost(assignment: Assignment, *, full_computation: int = 0, probes: int = 0,
                probe_trainings: int = 0) -> RoundCost:
-    """Client-side cost of a round (docs/algorithms.md section 5, "Cost accounting").
+    """Client-side cost of a round (docs/algorithms.md section 5.1).
+
+        local_trainings = (full_computation or U) + probe_trainings
+        forward_passes  = probes
+        scalar_uploads  = probes + full_computation
+        model_uploads   = U + probe_trainings
 
     Args:
-        assignment: the round's slots; U = its unique (client, task) pairs upload a model each.
+        assignment: the round's slots; U = its unique (client, task) pairs (merged slots train
+            and upload once).
         full_computation: pairs that trained before sampling to report an update norm (GVR,
             StaleVR: every eligible pair); 0 when only the active pairs train.
         probes: pairs that evaluated the global model's local loss for sampling (LVR).
-        probe_trainings: pairs of a random probe set that trained and uploaded their update
-            before sampling (StaleVRE's ``score = "probe"``, the authors' main2.py).
+        probe_trainings: pairs of StaleVRE's ``score = "probe"`` set that trained and uploaded
+            before sampling.
 
     Returns:
-        local_trainings = (full_computation or U) + probe_trainings (two processors of one
-        client drawing the same model train once); forward_passes = probes; scalar_uploads =
-        probes + full_computation (one score each); model_uploads = U + probe_trainings.
+        The :class:`RoundCost` (SCAFFOLD's second upload per pair is not counted here).
     """
     u = int(assignment.pairs()[0].size)
     return RoundCost(local_trainings=(full_computation or u) + probe_trainings,

@@ -44,14 +44,10 @@ class PerModelInfo:
     note: str = ""
 
 
-#
-# Problem: min V(p) = sum U^2/p  s.t.  sum_s p_{s|b} <= 1 (multiplier mu_b),
-#                                     sum_b p_{s|b} <= m_s (multiplier nu_s),  p >= 0.
-# Minimising the Lagrangian over p gives p_{s|b} = U_{s,b} / sqrt(mu_b + nu_s) and the dual
-#     g(mu, nu) = sum_{U>0} 2 U_{s,b} sqrt(mu_b + nu_s) - sum_b mu_b - sum_s m_s nu_s,
-# concave, to be maximised over mu, nu >= 0. For ANY mu, nu >= 0, g(mu, nu) <= V* <= V(p_f) for
-# every feasible p_f: the solvers below stop on this certificate, V(p_f) - g <= tol * V(p_f),
-# with p_f = p(mu, nu) shrunk onto the feasible set (rows, then columns).
+# Dual of docs/algorithms.md section 4.5: p_{s|b} = U_{s,b} / sqrt(mu_b + nu_s) and
+#     g(mu, nu) = sum_{U>0} 2 U_{s,b} sqrt(mu_b + nu_s) - sum_b mu_b - sum_s m_s nu_s.
+# The solvers stop on the certificate V(p_f) - g <= tol * V(p_f), p_f = p(mu, nu) shrunk onto
+# the feasible set (rows, then columns).
 
 
 def _feasible(p: np.ndarray, m: np.ndarray) -> np.ndarray:
@@ -90,13 +86,10 @@ def _inner_mu(
 ) -> np.ndarray:
     """mu(nu) = argmax_{mu >= 0} g(mu, nu): one 1-D problem per processor, vectorised.
 
-    Processor b's part, 2 sum_s U_{s,b} sqrt(mu_b + nu_s) - mu_b, has derivative phi_b(mu_b) - 1
-    with phi_b(mu) = sum_s U_{s,b} / sqrt(mu + nu_s) (the row sum of p), decreasing. So mu_b = 0
-    when phi_b(0) <= 1 (row slack), else the root of phi_b = 1, which lies in the bracket
-    [M_b^2 - max_s nu_s, M_b^2 - min_s nu_s] (max / min over the row's support). If some
-    nu_s = 0 on the row's support, phi_b(0) is infinite and mu_b > 0: the row binds and p stays
-    finite. Root: safeguarded Newton on psi(mu) = phi(mu)^(-2) - 1 (exactly linear when the
-    row's nu are equal, so one step), bisection whenever Newton leaves the bracket.
+    docs/algorithms.md section 4.5, step 2: mu_b = 0 on slack rows (phi_b(0) <= 1), else the root
+    of phi_b(mu_b) = sum_s U_{s,b} / sqrt(mu_b + nu_s) = 1 in [M_b^2 - max nu, M_b^2 - min nu]
+    (over the row's support). Root: safeguarded Newton on phi^(-2) - 1 (one step when the row's
+    nu are equal), bisection whenever Newton leaves the bracket.
 
     Args:
         u: (P, S) float >= 0, every row with a positive entry.
@@ -155,13 +148,11 @@ def _inner_mu(
 
 
 def _neg_hessian(a: np.ndarray, bind: np.ndarray) -> np.ndarray:
-    """-d^2 G / dnu^2 (S x S) for G(nu) = g(mu(nu), nu), assembled without cancellation.
+    """-d^2 G / dnu^2 (S x S) for G(nu) = g(mu(nu), nu) (docs/algorithms.md section 4.5).
 
-    a = U r^3 / 2 (= -dp/dnu at fixed mu). A processor contributes diag(a_b) when its row is
-    slack and the weighted Laplacian diag(a_b) - a_b a_b^T / A_b when it binds (A_b = sum_s
-    a_{s,b}; mu_b moves with nu). That diagonal, a_s (A_b - a_s) / A_b, is formed from the sum
-    of the OTHER entries (exclusive prefix + suffix sums), so a dominant a_s cannot cancel the
-    small eigenvalues away.
+    a = U r^3 / 2 (P, S); bind (P,) bool marks binding rows. The diagonal of a binding row's
+    Laplacian, a_s (A_b - a_s) / A_b, is formed from the sum of the OTHER entries (prefix +
+    suffix sums), so a dominant a_s cannot cancel the small eigenvalues away.
     """
     ab = a[bind]
     big = ab.sum(axis=1, keepdims=True)
@@ -176,12 +167,9 @@ def _neg_hessian(a: np.ndarray, bind: np.ndarray) -> np.ndarray:
 def _newton_nu(u, pos, m, nu, tol, max_iter):
     """Phase 1: projected damped Newton on G(nu) = max_mu g(mu, nu), mu exact (:func:`_inner_mu`).
 
-    Free set: nu_s > 0 or dG/dnu_s = sum_b p_{s|b} - m_s > 0. Step: (H_FF + damping * diag(c_F))
-    d_F = grad_F with H = -d^2G/dnu^2 and c_s = sum_b a_{s,b} (Levenberg-Marquardt, needed along
-    the flat direction (nu + c, mu - c) when every processor binds), applied in y = nu^(-1/2)
-    and, when it would cross 0, also projected in nu; the better candidate must pass an Armijo
-    test on G. Quadratic once the sets of binding rows / models settle; can stall at
-    the kinks where a row switches between slack and binding, hence the barrier fallback.
+    docs/algorithms.md section 4.5, step 2. Free set: nu_s > 0 or dG/dnu_s = sum_b p_{s|b} - m_s
+    > 0; the step solves (H_FF + damping * diag(c_F)) d_F = grad_F, c_s = sum_b a_{s,b}. Can
+    stall at kinks (rows switching between slack and binding): then :func:`_barrier` runs.
 
     Returns (p_f, V(p_f), g, nu, mu, iterations, converged).
     """
@@ -238,13 +226,11 @@ def _newton_nu(u, pos, m, nu, tol, max_iter):
 
 
 def _barrier(u, pos, m, tol, max_iter):
-    """Phase 2: log-barrier Newton on the dual in (mu, nu) > 0; robust at every kink.
+    """Phase 2: log-barrier Newton on the dual in (mu, nu) > 0 (docs/algorithms.md section 4.5).
 
-    Maximises phi_t = g(mu, nu) + t (sum_b log mu_b + sum_s log nu_s) for decreasing t. The
-    negated Hessian [[diag(A + t/mu^2), a], [a^T, diag(c + t/nu^2)]] has a diagonal mu-block, so
-    the Newton step eliminates mu in closed form and solves an S x S Schur system: O(P S^2) per
-    step. Fraction-to-boundary step, Armijo backtracking on phi_t; t shrinks by 10x (and to a
-    tenth of the current gap per constraint) once the Newton decrement is small.
+    Maximises g(mu, nu) + t (sum_b log mu_b + sum_s log nu_s) for decreasing t: one S x S Schur
+    solve per step, O(P S^2). t shrinks 10x (and to a tenth of the gap per constraint) once the
+    Newton decrement is small.
 
     Returns (p_f, V(p_f), g, nu, mu, iterations, converged).
     """
@@ -356,53 +342,22 @@ def optimal_probabilities_per_model_info(
     tol: float = 1e-11,
     max_iter: int = 200,
 ) -> tuple[np.ndarray, PerModelInfo]:
-    """Optimal sampling under one budget per model (docs/algorithms.md section 4, FairVR variant).
+    """Optimal sampling under one budget per model (docs/algorithms.md section 4.5, FairVR).
 
-    Solves exactly (to ``tol``) the convex problem
-
-        minimise   V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b}
-        subject to sum_s p_{s|b} <= 1 for every processor b   (multiplier mu_b >= 0),
-                   sum_b p_{s|b} <= m_s for every model s     (multiplier nu_s >= 0),
-                   p >= 0, p = 0 where U = 0 or the pair is ineligible.
-
-    Method (dual decomposition). Minimising the Lagrangian over p gives
-    p_{s|b} = U_{s,b} / sqrt(mu_b + nu_s) and the concave dual
-    g(mu, nu) = sum 2 U_{s,b} sqrt(mu_b + nu_s) - sum_b mu_b - sum_s m_s nu_s over mu, nu >= 0.
-
-    1. Closed forms first. (a) The single-budget optimum with m = sum_s m_s
-       (:func:`mmfl.core.probabilities.optimal_probabilities`) solves a relaxation; if its column sums respect every
-       m_s it is optimal (always for S = 1, and whenever no model budget binds).
-       (b) p_{s|b} = m_s U_{s,b} / sum_b' U_{s,b'} (every model binds, no processor does) is
-       optimal when its row sums are <= 1. Both cost O(P S) (+ the sort of (a)).
-    2. Otherwise, dual Newton on nu (S variables) with mu eliminated exactly: for fixed nu
-       each processor maximises 2 sum_s U_{s,b} sqrt(mu_b + nu_s) - mu_b, so mu_b = 0 when
-       sum_s U_{s,b} / sqrt(nu_s) <= 1 (row slack), else the root of
-       sum_s U_{s,b} / sqrt(mu_b + nu_s) = 1 in [M_b^2 - max nu, M_b^2 - min nu] (safeguarded
-       Newton, vectorised over processors). With some nu_s = 0 on a row's support the row sum
-       at mu_b = 0 is infinite, so mu_b > 0: the processor constraint binds and p stays finite.
-       G(nu) = max_mu g is concave with gradient sum_b p_{s|b} - m_s and a closed-form S x S
-       Hessian (assembled without cancellation). Projected Levenberg-Marquardt Newton steps
-       (the damping handles the flat direction (nu + c, mu - c) when every processor binds),
-       each tried both in nu and in y = nu^(-1/2) (in which a column sum over slack rows is
-       linear, so shrinking nu_s cannot overshoot past 0), the better accepted by an Armijo
-       test on G. Starts from (b)'s multipliers.
-    3. Fallback if 2 stalls at a kink (a processor switching between slack and binding): a
-       log-barrier Newton method on (mu, nu) > 0, whose steps eliminate the diagonal mu-block
-       and solve an S x S Schur system.
-
-    Stopping rule (a certificate, not a heuristic): for any mu, nu >= 0, g(mu, nu) <= V* <=
-    V(p_f), where p_f is p(mu, nu) shrunk onto the feasible set (rows to <= 1, then columns to
-    <= m_s). The solver stops when (V(p_f) - g) / V(p_f) <= ``tol`` and returns p_f, so the result
-    is always feasible and its objective is within ``tol`` (relative) of the optimum.
+    Minimises V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b} subject to sum_s p_{s|b} <= 1,
+    sum_b p_{s|b} <= m_s and p = 0 where U = 0 or the pair is ineligible, by dual decomposition:
+    two closed forms, then dual Newton on nu, then a log-barrier fallback (section 4.5). It
+    stops on a certified relative duality gap <= ``tol``, so p is always feasible and within
+    ``tol`` of the optimum.
 
     Complexity: O(P S^2 + P S k) per Newton iteration (k ~ 3-10 inner Newton steps, on the
-    binding rows only); typically 3-15 iterations.
+    binding rows only); typically 3-15 iterations. The closed forms cost O(P S + P log P).
 
-    Edge cases: m_s = 0 or a model without positive scores -> that column is 0; budgets larger
-    than the processors can give -> nu_s = 0 and a column sum below m_s (see the note); all
-    scores zero -> the same problem with U = 1 on every eligible pair (no information: equal
-    scores); all budgets zero -> zeros. With S = 1 (or budgets so large that none binds) the
-    result equals :func:`mmfl.core.probabilities.optimal_probabilities` with m = sum_s m_s.
+    Edge cases: m_s = 0 or a model without positive scores gives a zero column; budgets beyond
+    what the processors can supply give nu_s = 0 and a column sum below m_s (noted); all scores
+    zero is solved with U = 1 on every eligible pair (``fallback = "equal"``); all budgets zero
+    gives zeros. With S = 1 (or no binding model budget) the result equals
+    :func:`mmfl.core.probabilities.optimal_probabilities` with m = sum_s m_s.
 
     Args:
         scores: (P, S) float >= 0, U_{s,b}. Not mutated.
@@ -474,10 +429,10 @@ def optimal_probabilities_per_model(
     *,
     eligible: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Optimal (P, S) matrix under per-model budgets m_s (docs/algorithms.md section 4, FairVR).
+    """Optimal (P, S) matrix under per-model budgets m_s (docs/algorithms.md section 4.5, FairVR).
 
-    minimise sum U^2/p s.t. sum_s p_{s|b} <= 1, sum_b p_{s|b} <= m_s, p >= 0, p = 0 where U = 0;
-    see :func:`optimal_probabilities_per_model_info` for the method and the edge cases.
+    The matrix of :func:`optimal_probabilities_per_model_info` without its record (see there
+    for the constraints and edge cases).
 
     Args:
         scores: (P, S) float >= 0, U_{s,b}. Not mutated.

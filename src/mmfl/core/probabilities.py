@@ -1,27 +1,19 @@
 """Optimal variance-reduced sampling probabilities (docs/algorithms.md section 4).
 
-Given non-negative scores ``U[b, s] = U_{s,b}`` (section 5: already multiplied by d_{i,s}/B_i and
-zero where client i(b) holds no data for s), these functions choose the inclusion probabilities
-``p[b, s] = p_{s|b}`` that minimise the variance proxy of section 4
-
-    V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b}
-
-under the constraints of section 1 (p >= 0, sum_s p_{s|b} <= 1, p = 0 where U = 0 or the pair is
-not eligible) and either one total budget sum_{s,b} p_{s|b} = m (:func:`optimal_probabilities`,
-the closed form) or one budget per model sum_b p_{s|b} <= m_s
-(:func:`mmfl.core.per_model.optimal_probabilities_per_model`, the MMFL-FairVR variant, solved
-exactly by dual decomposition).
+Given scores ``U[b, s] = U_{s,b} >= 0`` (P, S) (section 5), choose ``p[b, s] = p_{s|b}``
+minimising V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b} under section 1's constraints and either one
+total budget (:func:`optimal_probabilities`, the closed form of docs/algorithms.md section 4.2)
+or one budget per model (:func:`mmfl.core.per_model.optimal_probabilities_per_model`,
+docs/algorithms.md section 4.5).
 
 Public functions:
 
 * :func:`optimal_probabilities` - the contract ``optimal_probabilities(scores, budget)`` of
   DESIGN.md: the (P, S) matrix of section 4.
-* :func:`optimal_probabilities_info` - the same plus a :class:`ClosedFormInfo` record (expected
-  count, capped processors, water level lambda, note for the round's record).
+* :func:`optimal_probabilities_info` - the same plus a :class:`ClosedFormInfo` record.
 * :func:`uniform_probabilities` - the no-information fallback (uniform over eligible pairs).
 * :func:`sampling_variance` - V(p), for diagnostics and tests.
-* :func:`check_scores` - validation shared with the per-model solver
-  (:mod:`mmfl.core.per_model`).
+* :func:`check_scores` - validation shared with :mod:`mmfl.core.per_model`.
 
 Everything is pure numpy, vectorised over processors, and never mutates its inputs.
 """
@@ -160,12 +152,14 @@ def uniform_probabilities(eligible: np.ndarray, budget: float) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# One total budget: the closed form (section 4, steps 1-4)
+# One total budget: the closed form (sections 4.2 and 4.3)
 # --------------------------------------------------------------------------------------------
 
 
 def water_fill(mass: np.ndarray, m: float) -> tuple[np.ndarray, float, int]:
-    """q_b = min(1, M_b / lambda) with sum_b q_b = min(m, #{M_b > 0}) (section 4, steps 1-3).
+    """q_b = min(1, M_b / lambda) with sum_b q_b = min(m, #{M_b > 0}).
+
+    The water-filling of docs/algorithms.md section 4.2, lambda found as in section 4.3.
 
     Args:
         mass: (P,) float >= 0, M_b = sum_s U_{s,b}.
@@ -176,11 +170,7 @@ def water_fill(mass: np.ndarray, m: float) -> tuple[np.ndarray, float, int]:
         positive-mass processor is capped (m >= #{M_b > 0}; any lambda <= min M_b would do) and
         ``inf`` when no processor has positive mass.
 
-    Method: with the positive masses sorted ascending, M_(1) <= ... <= M_(K), capping the c
-    largest leaves lambda_c = T_c / (m - c) with T_c = M_(1) + ... + M_(K-c) (summed from the
-    smallest, so it is accurate). The optimum caps the smallest c in {0, ..., ceil(m) - 1} with
-    M_(K-c) <= lambda_c, i.e. the paper's largest l = K - c. All candidate c are tested at
-    once (no loop over processors): O(P log P) for the sort, O(m) for the test.
+    Complexity: O(P log P) for the sort, O(m) for testing all candidate cap counts at once.
     """
     pos = mass > 0
     k = int(pos.sum())
@@ -211,19 +201,13 @@ def optimal_probabilities_info(
 ) -> tuple[np.ndarray, ClosedFormInfo]:
     """The optimal (P, S) sampling matrix of docs/algorithms.md section 4, with a record.
 
-    Minimises V(p) = sum_{s,b} U_{s,b}^2 / p_{s|b} subject to p >= 0, sum_s p_{s|b} <= 1,
-    sum_{s,b} p_{s|b} = m and p = 0 where U = 0. With M_b = sum_s U_{s,b}:
+    Minimises V(p) under one total budget sum_{s,b} p_{s|b} = m. With M_b = sum_s U_{s,b}:
 
-        q_b = min(1, M_b / lambda),  sum_b q_b = m  (water-filling; section 4 steps 1-3),
-        p_{s|b} = q_b * U_{s,b} / M_b               (step 4; 0 where M_b = 0).
+        q_b = min(1, M_b / lambda),  sum_b q_b = m;   p_{s|b} = q_b U_{s,b} / M_b (0 if M_b = 0).
 
-    Edge cases (never NaN):
-
-    * m = 0: all zeros.
-    * m >= K = #{b : M_b > 0}: every positive-mass processor gets q_b = 1, so the expected number
-      of slots sum p = K < m; the record says so.
-    * M_b = 0 while others are positive: q_b = 0.
-    * all scores zero (no information): :func:`uniform_probabilities` over the eligible pairs.
+    Derivation in docs/algorithms.md sections 4.1-4.3; edge cases (never NaN) in section 4.3:
+    m = 0 gives zeros; m >= K = #{b : M_b > 0} gives q_b = 1 on those K processors, so
+    sum p = K < m (noted in the record); all scores zero gives :func:`uniform_probabilities`.
 
     Args:
         scores: (P, S) float >= 0, U_{s,b} (rows processors b, columns models s). Not mutated.
@@ -238,10 +222,8 @@ def optimal_probabilities_info(
         ValueError: scores not 2-D, negative, NaN or inf; budget negative, NaN or inf; eligible
             of the wrong shape.
 
-    Complexity: O(P S + P log P) time, vectorised (no Python loop over processors).
-
-    Example (section 4's worked example): scores [[0.6, 0.1], [0.3, 0], [0.3, 0], [0.4, 1.8]]
-    and m = 2 give q = (7/13, 3/13, 3/13, 1) and p[0] = (6/13, 1/13), p[3] = (2/11, 9/11).
+    Complexity: O(P S + P log P) time, vectorised (no Python loop over processors). The worked
+    example of docs/algorithms.md section 4.4 is a reference test.
     """
     u, elig = check_scores(scores, eligible)
     m = _check_budget(budget)
@@ -286,10 +268,8 @@ def optimal_probabilities(
 ) -> np.ndarray:
     """The optimal (P, S) matrix p_{s|b} of docs/algorithms.md section 4 (the DESIGN.md contract).
 
-    Closed form: q_b = min(1, M_b / lambda) with M_b = sum_s U_{s,b} and lambda such that
-    sum_b q_b = m, then p_{s|b} = q_b U_{s,b} / M_b. See :func:`optimal_probabilities_info` for
-    the edge cases and for the record (expected count when m exceeds the processors with
-    positive scores).
+    The matrix of :func:`optimal_probabilities_info` without its record (see there for the
+    closed form and edge cases).
 
     Args:
         scores: (P, S) float >= 0, U_{s,b}. Not mutated.

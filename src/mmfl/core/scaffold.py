@@ -1,56 +1,21 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020): uniform sampling, local SGD corrected with control
-variates, server update of the models and of the control variates (docs/algorithms.md section 6,
-"SCAFFOLD: control variates"). Pure numpy: the sampler registration and the control-variate
-equations; the runner keeps the control variates (:class:`mmfl.engines.pair_store.ControlVariates`)
-and the engines apply the corrections.
+variates, server update of the models and of the controls (docs/algorithms.md section 6.4).
+Pure numpy: the sampler registration and the control-variate equations; the runner keeps the
+controls (:class:`mmfl.engines.pair_store.ControlVariates`) and the engines apply the
+corrections.
 
-Per model s, the server holds a control c_s (D_s,) and every client i holding s a control
-c_{i,s} (D_s,), all zero at the start. In round t an active pair (i, s):
+Per model s the server holds c_s (D_s,) and every client i holding s a control c_{i,s} (D_s,),
+all zero at the start. An active pair trains with gradients g + c_s - c_{i,s}, uploads G_{i,s}
+and Delta c_{i,s} (option II, :func:`control_update`), and the server applies
 
-1. starts from y = w_s^t and takes its K_{i,s} local SGD steps (E_s epochs, batch B_s, lr eta_s
-   as in section 2) with the corrected gradient
+    w_s <- w_s - eta_g sum_{active} a_{i,s} G_{i,s}        (the aggregator's coefficients)
+    c_s <- c_s + sum_{active} d_{i,s} Delta c_{i,s},    c_{i,s} <- c_{i,s}^+
 
-       y <- y - eta_s (g_{i,s}(y) + c_s - c_{i,s});
-
-2. uploads G_{i,s} = w_s^t - y (the model update, as every method) and computes, with the
-   paper's option II,
-
-       c_{i,s}^+ = c_{i,s} - c_s + G_{i,s} / (K_{i,s} eta_s),    Delta c_{i,s} = c_{i,s}^+ - c_{i,s}
-
-   (c_{i,s}^+ is the mean of the uncorrected local gradients over the K steps); a pair that took
-   no step keeps c_{i,s}; it uploads Delta c_{i,s} as a second vector.
-
-The server then applies
-
-    w_s <- w_s - eta_g * sum_{active (i, s)} a_{i,s} G_{i,s}      (the aggregator's coefficients)
-    c_s <- c_s + sum_{active (i, s)} d_{i,s} Delta c_{i,s}
-    c_{i,s} <- c_{i,s}^+ for the active pairs.
-
-Model step: the sampler's default aggregator is ``unbiased`` (a = d_{i,s} share / p, the true
-inclusion probability of section 3). With N clients of equal data (d = 1/N) sampled uniformly
-|S| at a time (p = |S|/N) this is the paper's x <- x + eta_g mean_{i in S} Delta y_i; with data
-weights it is its unbiased generalisation. ``sampler.aggregator = "average"`` gives the
-data-weighted mean over the sampled clients instead.
-
-Control step: the paper's c <- c + (|S|/N) mean_{i in S} Delta c_i = c + (1/N) sum_{i in S}
-Delta c_i keeps the invariant c = mean_i c_i exactly (bookkeeping, not an estimate). With data
-weights we keep c_s = sum_i d_{i,s} c_{i,s} exactly (the control of f_s = sum_i d_{i,s} f_{i,s}),
-hence weight d_{i,s} and no 1/p factor; with d = 1/N this is the paper's rule. (Dividing by p
-would make c_s an unbiased but noisy estimate and break the invariant.)
-
-Multi-model details: controls are per (client, model) pair; a client whose processors draw the
-same model twice trains (and updates its control) once, its aggregation coefficient counts both
-slots. K_{i,s} is the pair's own step count (E_s epochs of ceil(n_{i,s} / B_s) batches), so
-clients of different sizes take different numbers of corrected steps. Models inactive in a round
-and unavailable clients keep their controls.
-
-Cost: every active pair uploads two vectors (G and Delta c): ``model_uploads = 2 U``. The
-control-variate memory (O(sum_s holders_s D_s) for the c_{i,s} plus S server vectors) is
-reported in the ``stale_bytes`` column / ``stale_memory_bytes`` summary entry (together with
-a stale-update store if the chosen aggregator keeps one). The c_{i,s} follow the ``stale_dtype``
-and ``stale_on_disk`` settings; with float16 storage Delta c is taken from the rounded stored
-value, so the invariant still holds. The download of c_s with w_s is not counted (no download
-counter exists for any method).
+The control step has weight d_{i,s} and no 1/p, keeping c_s = sum_i d_{i,s} c_{i,s} exactly.
+The default aggregator is ``unbiased``; ``sampler.aggregator = "average"`` gives the
+data-weighted mean over the sampled clients instead. Duplicate slots of a pair update its
+control once; inactive models and unavailable clients keep theirs. Cost (two uploads per
+pair) and memory: docs/algorithms.md sections 5.1 and 6.5.
 """
 
 from __future__ import annotations
@@ -67,9 +32,10 @@ __all__ = ["ScaffoldAllocator", "control_update", "server_control_step", "server
 @register("sampler", "scaffold", options={"draw": DRAW_OPTION},
           doc="SCAFFOLD: uniform sampling, local SGD corrected with control variates.")
 class ScaffoldAllocator(RandomAllocator):
-    """SCAFFOLD (see the module docstring): samples exactly like ``random`` (same draws for the
-    same generator), declares ``requires = {Signal.CONTROL_VARIATES}`` so that the runner passes the
-    corrections c_s - c_{i,s} to local training and updates the controls after aggregation."""
+    """SCAFFOLD (docs/algorithms.md section 6.4): samples exactly like ``random`` (same draws for
+    the same generator) and declares ``requires = {Signal.CONTROL_VARIATES}``, so that the runner
+    passes the corrections c_s - c_{i,s} to local training and updates the controls after
+    aggregation."""
 
     requires = frozenset({Signal.CONTROL_VARIATES})
 

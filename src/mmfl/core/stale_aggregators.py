@@ -1,20 +1,14 @@
 """Stale-update aggregation (docs/algorithms.md section 6) and the baselines built on it.
 
-The server keeps h_{i,s}, the last update received from client i for model s (zero at start), and
-applies
+The server keeps h_{i,s}, the last update of each pair, and applies the estimator of
+docs/algorithms.md section 6.1 (unbiased for any beta fixed before the draw). As plan
+coefficients: a fresh pair gets c_{i,s} = sum over its slots of d share / p (section 3), every
+stored pair of an active model the stale coefficient e_{i,s} = beta_{i,s} (d_{i,s} - c_{i,s})
+(c = 0 for inactive pairs). The runner then stores h_{i,s} <- G_{i,s} for the active pairs.
 
-    w_s <- w_s - eta_g [ sum_{active (b,s)} d_{i,s}/(B_i p_{s|b}) (G_{i,s} - beta_{i,s} h_{i,s})
-                         + sum_i d_{i,s} beta_{i,s} h_{i,s} ]
-
-which is unbiased for any beta (the h terms cancel in expectation). As plan coefficients: the
-fresh pair (i, s) gets c_{i,s} = sum over its slots of d share / p (as in section 3), and every
-pair with a stored h gets the stale coefficient e_{i,s} = beta_{i,s} (d_{i,s} - c_{i,s}) (c = 0
-for inactive pairs). Afterwards the runner stores h_{i,s} <- G_{i,s} for the active pairs.
-
-* ``stalevr``: beta = <G, h> / ||h||^2 from a fresh G of every pair (full computation).
-* ``stalevre``: beta decays linearly with staleness (section 6; see :class:`StaleVREAggregator`).
-* ``fedvarp``: beta = 1. ``fedstale``: a fixed beta in [0, 1].
-* ``mifa``: the average of every client's latest update, no 1/p factor (biased by design).
+* ``stalevr``, ``stalevre``: the optimal / estimated beta (docs/algorithms.md section 6.2).
+* ``fedvarp`` (beta = 1), ``fedstale`` (fixed beta), ``mifa`` (no 1/p, biased by design):
+  docs/algorithms.md section 6.3.
 """
 
 from __future__ import annotations
@@ -26,10 +20,9 @@ from mmfl.registry import Option, register
 from mmfl.types import AggregationPlan, Assignment, Population, RoundState
 
 B0 = Option(float, 0.9, "0..1",
-            "beta of a pair right after it was active (StaleVRE's b0; 0.9 as in the authors' "
-            "one-model-per-client code: with 1.0 and score = stored, a pair whose beta never "
-            "decays scores 0 and is never sampled again); 0.9 in the authors' main2.py, which "
-            "their StaleVRE experiments run (1.0 in main.py's approximation path)")
+            "beta of a pair right after it was active (StaleVRE's b0). 0.9 as in the authors' "
+            "main2.py; with 1.0 and score = stored, a pair whose beta never decays scores 0 and "
+            "is never sampled again")
 BETA = Option(float, 0.5, "0..1", "fixed stale-update coefficient beta (FedStale)")
 
 
@@ -105,24 +98,20 @@ class StaleVRAggregator(StaleAggregator):
 
 
 SCHEDULE = Option(str, "paper", "one of paper|authors",
-                  "StaleVRE's betahat after an activation in round L: paper = b0 - r (t - L) "
-                  "(the decay starts the round after); authors = b0 - r (t - L - 1), the "
-                  "authors' code (their record is reset to b0 after that round's decay, so "
-                  "the first decay comes one round later)", authors="authors")
+                  "StaleVRE's betahat after an activation in round L: paper = b0 - r (t - L); "
+                  "authors = b0 - r (t - L - 1), the decay starting one round later as in the "
+                  "authors' code", authors="authors")
 
 
 @register("aggregator", "stalevre", options={"b0": B0, "schedule": SCHEDULE},
           doc="Stale-update aggregation with beta decaying linearly in staleness (StaleVRE).")
 class StaleVREAggregator(StaleAggregator):
-    """StaleVRE's estimated beta (docs/algorithms.md section 6).
+    """StaleVRE's estimated beta (docs/algorithms.md section 6.2).
 
-    State per pair: the round ``last`` it was last active (-1 never) and a decay rate r. In round
-    t the coefficient is betahat = max(0, b0 - r (t - last)) (equivalently: reset to b0 when
-    active, then betahat <- max(0, betahat - r) every round); with ``schedule = "authors"``
-    betahat = max(0, b0 - r (t - last - 1)) (b0 in the round after the activation, as the
-    authors' code). When the pair is active again after dt = t - last rounds, beta* = <G_new,
-    h_old> / ||h_old||^2 (beta* = b0 when h_old = 0) and r <- (b0 - beta*) / dt; on its first
-    activation r = 0.
+    State per pair (N, S): ``last``, the round it was last active (-1 never), and a decay rate
+    r. In round t, betahat = max(0, b0 - r (t - last)) (``schedule = "authors"``: t - last - 1),
+    0 for a pair never active. On reactivation after dt rounds, r <- (b0 - beta*) / dt with the
+    realised beta* = <G_new, h_old> / ||h_old||^2 (b0 when h_old = 0); r = 0 on the first.
     """
 
     def __init__(self, options, population):
@@ -167,9 +156,8 @@ class StaleVREAggregator(StaleAggregator):
 
 @register("aggregator", "mifa", doc="MIFA: average of every client's latest update (no 1/p).")
 class MIFAAggregator(Aggregator):
-    """MIFA (docs/algorithms.md section 6): w_s <- w_s - eta_g sum_i d_{i,s} h_{i,s}, where h is
-    replaced by the fresh G for the active pairs first. Biased under non-uniform participation by
-    design; it trades the 1/p variance for staleness."""
+    """MIFA (docs/algorithms.md section 6.3): w_s <- w_s - eta_g sum_i d_{i,s} h_{i,s}, h replaced
+    by the fresh G for the active pairs first (no 1/p; biased by design)."""
 
     uses_stale = True
 

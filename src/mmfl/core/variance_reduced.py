@@ -1,12 +1,9 @@
 """Optimal variance-reduced samplers (docs/algorithms.md sections 4, 5 and 7) and the stale baselines.
 
-Every sampler here turns per-(client, task) measurements into scores
-
-    U_{s,b} = d_{i,s} * score_{i,s} / B_i      for each processor b of client i (0 if ineligible)
-
-and samples with the closed-form optimum of section 4 (:func:`optimal_probabilities_info`), or,
-for ``fairvr``, with per-model budgets. The measurement ("signal") each needs is declared in
-``requires`` and gathered by the runner before allocation:
+Each sampler turns per-(client, task) measurements into processor scores
+U_{s,b} = d_{i,s} score_{i,s} / B_i (:func:`processor_scores`) and samples with section 4's
+optimum (``fairvr``: per-model budgets, section 4.5). The signal each needs is declared in
+``requires`` and gathered by the runner before allocation (docs/algorithms.md section 5):
 
 | sampler    | score_{i,s}                                   | signal                    | aggregator |
 |------------|-----------------------------------------------|---------------------------|------------|
@@ -202,60 +199,36 @@ STALEVRE_OPTIONS = {
     "b0": B0,
     "schedule": SCHEDULE,
     "init": Option(str, "full", "one of full|random|computation",
-                   "round 0: full: every pair trains once (every h filled, the full update); "
-                   "computation: every pair trains once for its score ||G|| / eta, the round is "
-                   "sampled optimally from those and aggregated like every later round (the "
-                   "authors' main2.py); random: a random round with the authors' random rule, "
-                   "then one full computation before round 1 gives the first scores (main.py's "
-                   "approximation path)", authors="computation"),
+                   "round 0: full: every pair trains once (fills every h); computation: every "
+                   "pair trains once for its score ||G|| / eta and the round is sampled "
+                   "optimally (the authors' main2.py); random: the authors' random round, then "
+                   "one full computation before round 1 gives the first scores (main.py)",
+                   authors="computation"),
     "score": Option(str, "stored", "one of stored|probe|last",
-                    "stored: (1 - betahat) ||h|| / eta from the store every round; probe: every "
-                    "round a random probe set of m processors trains first (the authors' "
-                    "random rule), and each pair scores ||G~ - betahat h|| / eta with G~ its "
-                    "latest probe update (0 if never probed: such pairs score betahat ||h||, "
-                    "and 0 without h); the authors' main2.py, which their StaleVRE experiments "
-                    "run; last: ||G - betahat h|| / eta computed by the server when the pair was "
-                    "last aggregated (main.py's approximation path)", authors="probe"),
+                    "stored: (1 - betahat) ||h|| / eta from the store; probe: each round a random "
+                    "probe set of m processors trains first and a pair scores ||G~ - betahat h|| "
+                    "/ eta from its latest probe update G~ (the authors' main2.py, about 2m "
+                    "trainings per round); last: ||G - betahat h|| / eta from the pair's last "
+                    "aggregation (main.py)", authors="probe"),
     "budget": Option(str, "fixed", "one of fixed|walk",
-                     "fixed: budget m every round; walk: round t+1 is sampled with the number "
-                     "of active slots of round t as its budget, as the authors' main.py "
-                     "approximation path does (a random walk that starts at m)"),
+                     "fixed: budget m every round; walk: round t+1 uses round t's number of "
+                     "active slots as its budget (main.py's approximation path)"),
 }
 
 
 @register("sampler", "stalevre", options=STALEVRE_OPTIONS,
           doc="MMFL-StaleVRE: optimal sampling from stored updates only (no extra client cost).")
 class StaleVREAllocator(OptimalAllocator):
-    """MMFL-StaleVRE: optimal sampling with scores that need no client computation beyond the
-    active pairs; aggregated with StaleVRE's decaying betahat (section 6).
+    """MMFL-StaleVRE: optimal sampling from stored updates, aggregated with StaleVRE's decaying
+    betahat (docs/algorithms.md sections 5 and 6.2).
 
-    Scores (option ``score``):
-
-    * "stored" (default, the paper) = (1 - betahat) ||h|| / eta_s, estimating ||G - betahat h||
-      with the stored update h standing in for G;
-    * "probe" (the authors' ``main2.py``, which their StaleVRE experiments run): before sampling,
-      a random probe set (exactly m processors, a uniform held model each) trains, and its
-      updates G~ are kept per pair; every pair scores ||G~ - betahat h|| / eta_s with its latest
-      G~ (0 if never probed). So about 2 m pairs train per round, and a pair never probed nor
-      aggregated scores 0 (it is never sampled);
-    * "last" (the authors' ``main.py`` approximation path) = ||G - betahat h|| / eta_s evaluated
-      by the server on the pair's last upload (G, the h stored before it and the betahat it was
-      aggregated with), kept until the pair is active again.
-
-    Round 0 (option ``init``): "full" (default) is full participation (every client trains
-    every model once, so every pair has an h); "computation" trains every pair once for its
-    score ||G|| / eta_s and samples the round optimally from those (``main2.py``); "random" is
-    a random round with the authors' random rule (exactly m processors, weights d S / C, see
-    :class:`RandomAllocator`) and a full computation before round 1 whose ||G|| / eta_s are the
-    first scores (``main.py``). Budget (option ``budget``): "walk" samples round t+1 with the
-    number of round t's active slots as m (``main.py``), "fixed" always with m.
-
-    ``variant = "authors"`` selects ``main2.py``'s choices: init "computation", score "probe",
-    b0 0.9, schedule "authors". ``main.py``'s path (init "random", score "last", budget "walk",
-    b0 1.0) never ran in their scripts (``main.py --stale`` stops on a missing argument).
-
-    Under "stored" and "last", a pair without a score (a client that joined later, or no h
-    under "stored") gets its task's largest score so that it is explored.
+    Options ``score`` (stored | probe | last), ``init`` (round 0: full | computation | random)
+    and ``budget`` (fixed | walk) are described in docs/algorithms.md section 5 and the help
+    texts of STALEVRE_OPTIONS; ``variant = "authors"`` selects ``main2.py``'s choices
+    (section 9). Under "stored" and "last", a pair without a score (no h under "stored", none
+    computed yet under "last", e.g. a client that joined later) gets its task's largest score
+    so that it is explored. Under "probe", a pair never probed nor aggregated scores 0 and is
+    never sampled.
     """
 
     default_aggregator = "stalevre"
