@@ -80,9 +80,22 @@ def register(kind: str, name: str, *, options: dict[str, Option] | None = None, 
     def deco(obj):
         text = doc or (obj.__doc__ or "").strip().split("\n")[0]
         _REGISTRY[kind][name] = Entry(name, obj, dict(options or {}), text)
+        if isinstance(obj, type):  # the class reads its defaults from here (``opt``)
+            obj.OPTIONS = dict(options or {})
         return obj
 
     return deco
+
+
+def option_default(cls: type, name: str) -> Any:
+    """The registered default of option ``name`` for class ``cls``: from the Option table of
+    ``cls`` or of the nearest registered base class that has it (a subclass registered with
+    fewer options still runs its base's code, with the base's defaults)."""
+    for klass in cls.__mro__:
+        table = klass.__dict__.get("OPTIONS")
+        if table and name in table:
+            return table[name].default
+    raise KeyError(f"{cls.__name__}: no registered option {name!r}")
 
 
 def _load_builtins(kind: str) -> None:

@@ -87,3 +87,18 @@ def test_draw_fixed_count_and_marginals():
         np.add.at(counts, (b, s), 1)
     expect = (2 / 3) * cond * eligible[:, None]
     assert_frequency_within(counts, reps, expect)
+
+
+def test_options_default_from_the_registered_table_only():
+    """Samplers read defaults from their registered Option table (a registered subclass with
+    fewer options falls back to its base's table); no default is restated in code."""
+    from mmfl import registry
+    from mmfl.core.allocators import RandomAllocator
+
+    fedvarp = registry.get("sampler", "fedvarp").obj({}, POP, 0)
+    assert isinstance(fedvarp, RandomAllocator)
+    assert fedvarp.opt("probability") == registry.get("sampler", "random").options["probability"].default
+    assert fedvarp.opt("draw") == "independent"
+    assert registry.get("sampler", "random").obj({"draw": "fixed"}, POP, 0).opt("draw") == "fixed"
+    with pytest.raises(KeyError, match="no registered option 'nope'"):
+        fedvarp.opt("nope")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfl.registry import register
+from mmfl.registry import option_default, register
 from mmfl.types import AggregationPlan, Assignment, Population, RoundState
 
 __all__ = [
@@ -47,6 +47,13 @@ class Aggregator:
     def __init__(self, options: dict | None, population: Population) -> None:
         self.options = dict(options or {})
         self.population = population
+
+    #: the aggregator's Option table (set by ``register``)
+    OPTIONS: dict = {}
+
+    def opt(self, name: str):
+        """Option ``name`` as given, else its registered default (see ``Allocator.opt``)."""
+        return self.options[name] if name in self.options else option_default(type(self), name)
 
     def plan(self, assignment: Assignment, state: RoundState) -> AggregationPlan:
         """The coefficients of round ``state.round`` for ``assignment``."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from mmfl.core.drawing import (DRAW_OPTION, draw, fixed_assignment, held_uniform, row_patterns,
                                uniform_processor_rates)
-from mmfl.registry import Option, register
+from mmfl.registry import Option, option_default, register
 from mmfl.types import Assignment, Population, RoundState, Signal
 
 __all__ = [
@@ -54,6 +54,8 @@ class Allocator:
     #: signals the runner gathers before :meth:`allocate` (:class:`~mmfl.types.Signal`; the
     #: values land in :class:`~mmfl.types.Signals`)
     requires: frozenset[Signal] = frozenset()
+    #: the sampler's Option table (set by ``register``)
+    OPTIONS: dict = {}
     #: when True the runner calls :meth:`observe` after every aggregation
     observes: bool = False
 
@@ -61,6 +63,11 @@ class Allocator:
         self.options = dict(options or {})
         self.population = population
         self.seed = int(seed)
+
+    def opt(self, name: str):
+        """Option ``name`` as given, else its default in the sampler's registered Option table
+        (the one place defaults live; a config run passes every option resolved)."""
+        return self.options[name] if name in self.options else option_default(type(self), name)
 
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
         """The assignment of round ``state.round``; every random draw comes from ``rng``."""
@@ -137,8 +144,8 @@ class RandomAllocator(Allocator):
         q, note = uniform_processor_rates(state)
         cond = held_uniform(state)
         probs = q[:, None] * cond
-        authors = self.options.get("probability", "true") == "authors"
-        if self.options.get("draw", "independent") == "fixed":
+        authors = self.opt("probability") == "authors"
+        if self.opt("draw") == "fixed":
             slot_p = probs
             a = fixed_assignment(state, q > 0, cond, probs, slot_p, rng, note)
         else:
@@ -242,7 +249,7 @@ class RoundRobinAllocator(Allocator):
         cond *= state.eligible[pop.processor_client]  # a model that is not active idles it
         probs = q[:, None] * cond
         slot_p = q[:, None] * self._frequency(pop)
-        if self.options.get("draw", "independent") == "fixed":
+        if self.opt("draw") == "fixed":
             return fixed_assignment(state, q > 0, cond, probs, slot_p, rng, note)
         a = draw(probs, pop, rng, note=note)
         return Assignment(
@@ -380,11 +387,11 @@ class FairAllocator(Allocator):
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
         super().__init__(options, population, seed)
-        self.needs_fresh_task_losses = self.options.get("refresh", "evaluation") == "round"
+        self.needs_fresh_task_losses = self.opt("refresh") == "round"
 
     def _losses(self, state: RoundState) -> np.ndarray:
         s_count = state.population.num_tasks
-        if self.options.get("loss_proxy", "loss") == "error":
+        if self.opt("loss_proxy") == "error":
             if state.task_accuracies is None:
                 return np.ones(s_count)
             acc = np.asarray(state.task_accuracies, np.float64)
@@ -394,7 +401,7 @@ class FairAllocator(Allocator):
         return np.asarray(state.task_losses, np.float64)
 
     def _weights(self, population: Population) -> np.ndarray:
-        if self.options.get("weights", "uniform") == "data":
+        if self.opt("weights") == "data":
             tot = population.n_samples.sum(axis=0).astype(np.float64)
             return tot / tot.sum() if tot.sum() > 0 else np.ones(population.num_tasks)
         return np.ones(population.num_tasks)
@@ -409,7 +416,7 @@ class FairAllocator(Allocator):
         w = self._weights(pop)
         # weights of held tasks only; a held task has positive total samples, so w > 0 there.
         out = np.zeros((pop.num_clients, pop.num_tasks))
-        alpha = float(self.options.get("alpha", 3.0))
+        alpha = float(self.opt("alpha"))
         eligible = state.eligible
         # clients with the same eligible set share one distribution: one call per distinct set
         # (at most 2^S of them) instead of one per client
@@ -426,7 +433,7 @@ class FairAllocator(Allocator):
         q, note = uniform_processor_rates(state)
         cond = self.client_distribution(state)[pop.processor_client]
         probs = q[:, None] * cond
-        if self.options.get("draw", "independent") == "fixed":
+        if self.opt("draw") == "fixed":
             return fixed_assignment(state, q > 0, cond, probs, probs, rng, note)
         return draw(probs, pop, rng, note=note)
 

@@ -173,17 +173,15 @@ class GroupAllocator(Allocator):
     ``buffer`` (L,) int the rotation, ``phase`` and flags. Options: see the registry entry.
     """
 
-
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
         super().__init__(options, population, seed)
-        o = self.options
         s_count = population.num_tasks
-        self.num_groups = int(o.get("groups", 0) or 0) or max(s_count, 1)
-        self.grouping = str(o.get("grouping", "label"))
-        self.within = str(o.get("within", "uniform"))
-        self.profile_kind = str(o.get("profile", "data_weight"))
-        self.alpha = float(o.get("alpha", 3.0))
-        self.iterations = int(o.get("iterations", 20))
+        self.num_groups = int(self.opt("groups") or 0) or max(s_count, 1)
+        self.grouping = str(self.opt("grouping"))
+        self.within = str(self.opt("within"))
+        self.profile_kind = str(self.opt("profile"))
+        self.alpha = float(self.opt("alpha"))
+        self.iterations = int(self.opt("iterations"))
         for name, value, allowed in (("grouping", self.grouping, ("label", "similarity")),
                                      ("within", self.within, ("uniform", "optimal")),
                                      ("profile", self.profile_kind, ("data_weight", "samples"))):

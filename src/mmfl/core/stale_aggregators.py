@@ -81,7 +81,7 @@ class FedVARPAggregator(StaleAggregator):
           doc="Stale-update aggregation with a fixed beta (FedStale).")
 class FedStaleAggregator(StaleAggregator):
     def beta(self, state):
-        return np.full(state.population.n_samples.shape, float(self.options.get("beta", 0.5)))
+        return np.full(state.population.n_samples.shape, float(self.opt("beta")))
 
 
 @register("aggregator", "stalevr", doc="Stale-update aggregation with the optimal beta = <G,h>/||h||^2.")
@@ -122,11 +122,11 @@ class StaleVREAggregator(StaleAggregator):
 
     @property
     def b0(self) -> float:
-        return float(self.options.get("b0", B0.default))
+        return float(self.opt("b0"))
 
     def beta(self, state):
         dt = state.round - self.last
-        if self.options.get("schedule", "paper") == "authors":
+        if self.opt("schedule") == "authors":
             dt = dt - 1
         return np.where(self.last >= 0, np.maximum(0.0, self.b0 - self.rate * dt), 0.0)
 

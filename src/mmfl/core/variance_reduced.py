@@ -101,7 +101,7 @@ class GVRAllocator(OptimalAllocator):
 
     def allocate(self, state, rng):
         a = super().allocate(state, rng)
-        if self.options.get("d_index", "paper") != "authors" or a.num_slots == 0:
+        if self.opt("d_index") != "authors" or a.num_slots == 0:
             return a
         return dataclasses.replace(a, share=authors_index_share(a, state.population.data_weight))
 
@@ -142,7 +142,7 @@ class _LossScores:
         self.loss = np.full(self.population.n_samples.shape, np.nan)
 
     def probe_pairs(self, state: RoundState) -> np.ndarray:
-        r = float(self.options.get("freshness", 1.0))
+        r = float(self.opt("freshness"))
         unknown = np.isnan(self.loss)
         if r >= 1.0:
             return state.eligible
@@ -153,7 +153,7 @@ class _LossScores:
         new = _require(state.signals.local_loss, "local_loss")
         self.loss = np.where(np.isnan(new), self.loss, new)
         loss = np.nan_to_num(self.loss, nan=0.0)
-        if self.options.get("loss_weighting", "paper") == "authors":
+        if self.opt("loss_weighting") == "authors":
             n = self.population.n_samples
             loss = np.divide(loss, n, out=np.zeros_like(loss), where=n > 0)
         return loss
@@ -237,20 +237,17 @@ class StaleVREAllocator(OptimalAllocator):
         super().__init__(options, population, seed)
         self._score = np.full(population.n_samples.shape, np.nan)
         self._last_slots = -1
-        self.observes = self._opt("score") == "last"
-        self.requires = frozenset({Signal.STALE, Signal.PROBE} if self._opt("score") == "probe"
+        self.observes = self.opt("score") == "last"
+        self.requires = frozenset({Signal.STALE, Signal.PROBE} if self.opt("score") == "probe"
                                   else {Signal.STALE})
-
-    def _opt(self, name: str) -> str:
-        return str(self.options.get(name, STALEVRE_OPTIONS[name].default))
 
     def requires_at(self, round):
         need = set(self.requires)
         if round == 0:
             need.discard(Signal.PROBE)
-            if self._opt("init") == "computation":
+            if self.opt("init") == "computation":
                 need.add(Signal.UPDATES)
-        if round == 1 and self._opt("init") == "random":
+        if round == 1 and self.opt("init") == "random":
             need.add(Signal.UPDATES)
         return frozenset(need)
 
@@ -266,13 +263,13 @@ class StaleVREAllocator(OptimalAllocator):
         return RandomAllocator(opts, self.population, self.seed).allocate(state, rng)
 
     def allocate(self, state, rng):
-        if state.round == 0 and self._opt("init") != "computation":
-            if self._opt("init") == "random":
+        if state.round == 0 and self.opt("init") != "computation":
+            if self.opt("init") == "random":
                 a = self._authors_random(state, rng)
             else:
                 a = FullAllocator(self.options, self.population, self.seed).allocate(state, rng)
         else:
-            if self._opt("budget") == "walk" and self._last_slots >= 0:
+            if self.opt("budget") == "walk" and self._last_slots >= 0:
                 state = dataclasses.replace(state, budget=float(self._last_slots))
             a = super().allocate(state, rng)
         self._last_slots = a.num_slots
@@ -280,15 +277,15 @@ class StaleVREAllocator(OptimalAllocator):
 
     def client_scores(self, state):
         sig = state.signals
-        if state.round == 0 and self._opt("init") == "computation":
+        if state.round == 0 and self.opt("init") == "computation":
             return np.nan_to_num(_require(sig.update_norm, "update_norm"), nan=0.0)
-        if self._opt("score") == "probe":
+        if self.opt("score") == "probe":
             g2 = np.nan_to_num(_require(sig.probe_norm_sq, "probe_norm_sq"))
             dot = np.nan_to_num(_require(sig.probe_dot, "probe_dot"))
             h2 = np.nan_to_num(_require(sig.stale_norm_sq, "stale_norm_sq"))
             beta = np.nan_to_num(_require(sig.beta, "beta"))
             return residual_norm(g2, dot, h2, beta)
-        if self._opt("score") == "last":
+        if self.opt("score") == "last":
             if sig.update_norm is not None:  # a full computation (init = "random", round 1)
                 self._score = np.where(np.isnan(sig.update_norm), self._score, sig.update_norm)
             score = np.nan_to_num(self._score, nan=0.0)
@@ -302,7 +299,7 @@ class StaleVREAllocator(OptimalAllocator):
         return np.where(unseen, top[None, :], score)
 
     def observe(self, clients, tasks, state):
-        if self._opt("score") != "last" or len(clients) == 0:
+        if self.opt("score") != "last" or len(clients) == 0:
             return
         sig = state.signals
         g2 = np.square(_require(sig.update_norm, "update_norm")[clients, tasks])
@@ -337,7 +334,7 @@ class FairVRAllocator(_LossScores, Allocator):
     def budgets(self, state: RoundState) -> np.ndarray:
         """(S,) m_s = m * pi_s."""
         f = self._fair._losses(state)
-        pi = fedfair_distribution(f, float(self.options.get("alpha", 3.0)),
+        pi = fedfair_distribution(f, float(self.opt("alpha")),
                                   self._fair._weights(state.population))
         return float(state.budget) * pi
 
