@@ -22,15 +22,16 @@ from mmfl.experiment import tomlio
 from mmfl.registry import Option, check_value
 
 # --------------------------------------------------------------------------------------------
-# Frozen config objects
+# Frozen config objects (no defaults here: every default lives in the Option tables below, and
+# config_from_dict fills every field from them)
 
 
 @dataclass(frozen=True)
 class PartitionConfig:
     """How a task's training set is split over the clients holding it (``[tasks.partition]``)."""
 
-    kind: str = "iid"
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    kind: str
+    options: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -40,66 +41,66 @@ class TaskConfig:
     name: str
     dataset: str
     model: str
-    lr: float = 0.05
-    local_epochs: int = 1
-    batch_size: int = 32
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    dataset_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    model_options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
-    train_samples: int = 0
-    test_samples: int = 0
-    start_round: int = 0
-    stop_round: int = 0
-    class_mask: str = "none"
-    test_subset: str = "random"
+    lr: float
+    local_epochs: int
+    batch_size: int
+    partition: PartitionConfig
+    dataset_options: Mapping[str, Any]
+    model_options: Mapping[str, Any]
+    train_samples: int
+    test_samples: int
+    start_round: int
+    stop_round: int
+    class_mask: str
+    test_subset: str
 
 
 @dataclass(frozen=True)
 class ClientsConfig:
     """The federation (``[clients]``)."""
 
-    count: int = 50
-    active_rate: float = 0.1
-    processors: int | tuple[tuple[int, float], ...] | str = 1
-    processor_levels: tuple[float, float, float] = (0.25, 0.5, 0.25)
-    tasks_per_client: int | tuple[tuple[int, float], ...] = 0
-    budget: int = 0
-    availability: float = 1.0
-    join_fraction: float = 0.0
-    join_round: int = 0
-    leave_fraction: float = 0.0
-    leave_round: int = 0
+    count: int
+    active_rate: float
+    processors: int | tuple[tuple[int, float], ...] | str
+    processor_levels: tuple[float, float, float]
+    tasks_per_client: int | tuple[tuple[int, float], ...]
+    budget: int
+    availability: float
+    join_fraction: float
+    join_round: int
+    leave_fraction: float
+    leave_round: int
 
 
 @dataclass(frozen=True)
 class SystemConfig:
     """Client devices and the virtual clock (``[system]``); see :mod:`mmfl.core.clock`."""
 
-    flops_per_second: float = 1e9
-    speed_sigma: float = 0.0
-    bandwidth: float = 1e6
-    bandwidth_sigma: float = 0.0
-    deadline: float = 0.0
-    trace: str = ""
+    flops_per_second: float
+    speed_sigma: float
+    bandwidth: float
+    bandwidth_sigma: float
+    deadline: float
+    trace: str
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
     """Client sampling and model allocation (``[sampler]``)."""
 
-    name: str = "random"
-    aggregator: str = "default"
-    options: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    name: str
+    aggregator: str
+    options: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
 class FlowerConfig:
     """Settings of engine ``flower`` (``[flower]``); see :mod:`mmfl.flower` and docs/flower.md."""
 
-    round_timeout: float = 600.0
-    pack: str = "pair"
-    node_wait: float = 120.0
-    ray_cpus: int = 2
+    round_timeout: float
+    pack: str
+    node_wait: float
+    ray_cpus: int
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ class ExperimentConfig:
     system: SystemConfig
     sampler: SamplerConfig
     tasks: tuple[TaskConfig, ...]
-    flower: FlowerConfig = FlowerConfig()
+    flower: FlowerConfig = field(default_factory=lambda: default_flower())
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a TOML-shaped nested dict (what ``config.toml`` holds);
@@ -132,7 +133,7 @@ class ExperimentConfig:
         keys of :data:`_NEW_KEYS`, so runs that do not use them keep the config.toml (and
         checkpoint fingerprint) they always had."""
         d = _plain(self)
-        if self.engine != "flower" and self.flower == FlowerConfig():
+        if self.engine != "flower" and self.flower == default_flower():
             d.pop("flower")
         d["server"] = {"lr": d.pop("server_lr")}
         d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
@@ -294,6 +295,11 @@ FLOWER = {
                         "SuperNode."),
     "ray_cpus": Option(int, 2, ">= 1", "Simulation: CPUs Ray may use (one ClientApp each)."),
 }
+
+
+def default_flower() -> FlowerConfig:
+    """``[flower]`` with every key at its default (from :data:`FLOWER`)."""
+    return FlowerConfig(**{k: o.default for k, o in FLOWER.items()})
 
 _STR_KEYS = {"name", "engine", "dataset", "model", "kind", "data_dir", "aggregator"}
 #: keys whose value may be a string or a number/table: an override keeps the type it is given

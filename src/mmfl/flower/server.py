@@ -47,6 +47,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from mmfl.engines.base import Engine, TrainOutput, check_corrections
 from mmfl.errors import ConfigError, MmflError, NumericalError
+from mmfl.experiment.config import FLOWER
 from mmfl.flower import messages as M
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,8 @@ class FlowerError(MmflError):
 
 @dataclass(frozen=True)
 class FlowerSettings:
-    """How :class:`FlowerEngine` talks to the nodes (from ``[flower]`` and the run config).
+    """How :class:`FlowerEngine` talks to the nodes (from ``[flower]`` and the run config;
+    defaults from the ``[flower]`` Option table, :data:`mmfl.experiment.config.FLOWER`).
 
     Attributes:
         round_timeout: seconds to wait for a round's replies; 0 = no limit.
@@ -85,10 +87,10 @@ class FlowerSettings:
         shard_dir: simulation only: the folder of the client shards, sent in every message.
     """
 
-    round_timeout: float = 600.0
-    pack: str = "pair"
+    round_timeout: float = FLOWER["round_timeout"].default
+    pack: str = FLOWER["pack"].default
     nodes: int = 0
-    node_wait: float = 120.0
+    node_wait: float = FLOWER["node_wait"].default
     shard_dir: str = ""
 
     @classmethod
