@@ -56,21 +56,25 @@ class Runner:
 
     def __init__(self, cfg: ExperimentConfig, out: str | Path, *, data_dir: str | None = None,
                  callbacks: Sequence[Callback] = (),
-                 engine_factory: Callable[[Federation], Any] | None = None):
+                 engine_factory: Callable[[Federation], Any] | None = None,
+                 federation: Federation | None = None):
         """``engine_factory(federation) -> Engine`` replaces the registry's construction of
-        ``cfg.engine`` (e.g. an engine bound to a Flower grid inside a ServerApp). Without it,
+        ``cfg.engine`` (e.g. an engine bound to a Flower grid inside a ServerApp); ``federation``
+        a federation already built from ``cfg`` (a host that built it once). Without a factory,
         an engine class that defines ``host_run(runner, *, resume)`` (engine ``flower``) hosts
-        the run: :meth:`run` hands over to it, and it calls :meth:`run` back with a factory."""
+        the run: :meth:`run` hands it over, and the host runs a runner of its own with a
+        factory and the federation it built."""
         self.cfg = cfg
         self.out = Path(out)
         self.data_dir = resolve_data_dir(cfg, data_dir)
         self.callbacks = list(callbacks)
         self.engine_factory = engine_factory
+        self.prebuilt = federation
 
     def _build(self) -> None:
         """Federation, sampler, aggregator, engine and the run's helpers, from the config."""
         cfg = self.cfg
-        self.federation = fed = build_federation(cfg, self.data_dir)
+        self.federation = fed = self.prebuilt or build_federation(cfg, self.data_dir)
         pop = fed.population
         entry = registry.get("sampler", cfg.sampler.name, key="sampler.name")
         self.allocator = entry.obj(dict(cfg.sampler.options), pop, cfg.seed)

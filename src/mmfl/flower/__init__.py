@@ -38,14 +38,13 @@ def require_flwr() -> None:
 class FlowerEngineEntry:
     """Flower ClientApps under Flower's simulation engine (Ray); needs the flower extra."""
 
-    def __new__(cls, federation, *, seed: int, threads: int | str = 1, **kwargs):
-        """A :class:`mmfl.flower.server.FlowerEngine`; it needs a Flower ``grid`` (keyword),
-        which exists only inside a ServerApp. ``mmfl run`` / :func:`mmfl.run` use
-        :meth:`host_run` instead."""
+    def __init__(self, federation, *, seed: int, threads: int | str = 1):
+        """Not an engine itself: the engine (:class:`mmfl.flower.server.FlowerEngine`) needs a
+        Flower grid, which exists only inside a ServerApp; :meth:`host_run` starts one."""
         require_flwr()
-        from mmfl.flower.server import FlowerEngine
-
-        return FlowerEngine(federation, seed=seed, threads=threads, **kwargs)
+        raise ConfigError("engine", "engine flower runs inside a Flower ServerApp (use mmfl run "
+                          "/ mmfl.run, which start Flower's simulation, or mmfl.flower.server."
+                          "run_experiment inside your own ServerApp)", "flower")
 
     @staticmethod
     def host_run(runner, *, resume: bool = False):

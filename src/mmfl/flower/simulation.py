@@ -114,6 +114,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
     from flwr.simulation import run_simulation
 
     from mmfl.experiment.rundir import check_out_dir
+    from mmfl.experiment.runner import Runner
 
     if client_app is None:
         from mmfl.flower.client import client_app
@@ -132,13 +133,14 @@ def host_run(runner, *, resume: bool = False, client_app=None,
 
         @app.main()
         def main(grid: Grid, context: Context) -> None:
-            runner.engine_factory = engine_factory(grid, cfg, settings, stop)
+            hosted = Runner(cfg, runner.out, data_dir=runner.data_dir, callbacks=runner.callbacks,
+                            engine_factory=engine_factory(grid, cfg, settings, stop),
+                            federation=federation)
             try:
-                result["summary"] = runner.run(resume=resume)
+                result["summary"] = hosted.run(resume=resume)
             except BaseException as e:  # noqa: BLE001 - re-raised below; Flower would only log it
                 result["error"] = e
             finally:
-                runner.engine_factory = None
                 done.set()
 
         with _environment(WORKER_ENV), _quiet(verbose), _stop_on_sigint(stop):
