@@ -361,7 +361,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 
 def _as_text(value: Any) -> str:
-    return tomlio._scalar(value).strip('"') if not isinstance(value, str) else value
+    return tomlio.scalar(value).strip('"') if not isinstance(value, str) else value
 
 
 def _list_index(items: list, part: str, key: str) -> int:

@@ -35,7 +35,7 @@ EXAMPLE_TASK = {"name": "digits", "dataset": "digits"}
 def _value(v: Any) -> str:
     if isinstance(v, tuple):
         v = list(v)
-    return tomlio._scalar(v)
+    return tomlio.scalar(v)
 
 
 def _note(spec: Option) -> str:

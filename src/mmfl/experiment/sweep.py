@@ -187,7 +187,7 @@ Naming = Callable[[Mapping[str, Any], int], str]
 
 
 def _slug(value: Any) -> str:
-    text = value if isinstance(value, str) else tomlio._scalar(value)
+    text = value if isinstance(value, str) else tomlio.scalar(value)
     text = re.sub(r"[^A-Za-z0-9_.+=\[\]-]+", "_", text).strip("_") or "_"
     return text[:60]
 

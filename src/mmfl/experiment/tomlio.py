@@ -49,7 +49,7 @@ def _key(k: Any) -> str:
     return k if _BARE.match(k) else '"' + k.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def _scalar(v: Any) -> str:
+def scalar(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -63,9 +63,9 @@ def _scalar(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_scalar(x) for x in v) + "]"
+        return "[" + ", ".join(scalar(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{" + ", ".join(f"{_key(k)} = {_scalar(x)}" for k, x in v.items()) + "}"
+        return "{" + ", ".join(f"{_key(k)} = {scalar(x)}" for k, x in v.items()) + "}"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -84,7 +84,7 @@ def dumps(doc: dict[str, Any], _prefix: str = "") -> str:
         if (isinstance(v, dict) and not _inline(v)) or _is_table_array(v):
             tables.append((k, v))
         else:
-            lines.append(f"{_key(k)} = {_scalar(v)}")
+            lines.append(f"{_key(k)} = {scalar(v)}")
     out = "\n".join(lines) + ("\n" if lines else "")
     for k, v in tables:
         name = f"{_prefix}{_key(k)}"
