@@ -112,14 +112,8 @@ def average_plan(assignment: Assignment, population: Population) -> AggregationP
     Coefficient a_i = n_{i,s} / sum_{j in A_s} n_{j,s} on G_{i,s}, A_s the unique clients
     assigned to s (equivalent to w_s <- sum a_i w_{i,s}). Duplicate slots of one pair count
     once. A task whose assigned clients all hold zero samples of it (impossible for the
-    built-in samplers) gets equal weights 1/|A_s|.
-
-    Args:
-        assignment: K slots.
-        population: gives n_{i,s} (N, S).
-
-    Returns:
-        An :class:`AggregationPlan` with U unique pairs sorted by (task, client).
+    built-in samplers) gets equal weights 1/|A_s|. Arguments and result as
+    :func:`unbiased_plan` (``population`` gives n_{i,s}).
     """
     client, task, _ = _pair_index(assignment)
     n = population.n_samples[client, task].astype(np.float64)
