@@ -134,7 +134,7 @@ def test_shards_hold_each_clients_samples_in_index_order(setup):
             idx = td.client_indices[i]
             np.testing.assert_array_equal(t.x, td.dataset.x_train[idx])
             np.testing.assert_array_equal(t.y, td.dataset.y_train[idx])
-            assert (t.name, t.lr, t.batch_size) == (td.spec.name, td.spec.lr,
+            assert (t.spec.name, t.spec.lr, t.spec.batch_size) == (td.spec.name, td.spec.lr,
                                                     td.spec.batch_size)
     assert (fed.population.n_samples == 0).any(), "some client should lack a task"
 

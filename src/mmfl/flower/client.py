@@ -32,7 +32,7 @@ from flwr.clientapp import ClientApp
 from mmfl.engines.base import to_tensor
 from mmfl.engines.sequential import SequentialEngine
 from mmfl.errors import DataError, NumericalError
-from mmfl.tasks.spec import TaskData, TrainingSpec
+from mmfl.tasks.spec import TaskData
 from mmfl.flower import messages as M
 from mmfl.flower.shards import Shard, load_shard, shard_name
 
@@ -69,12 +69,8 @@ class ShardEngine(SequentialEngine):
         self.seed = seed
         tasks = []
         for t in shard.tasks:
-            spec = TrainingSpec(name=t.name, model=t.model, lr=t.lr,
-                                local_epochs=t.local_epochs, batch_size=t.batch_size,
-                                model_options=dict(t.model_options), class_mask=t.class_mask,
-                                index=len(tasks))
             positions = {shard.client: np.arange(t.num_samples, dtype=np.int64)}
-            tasks.append(TaskData(spec, None, positions))
+            tasks.append(TaskData(t.spec, None, positions))
         self.federation = _ClientFederation(tuple(tasks))
         self.models = [_NoModel() for _ in shard.tasks]
         self.train_x = [to_tensor(t.x, np.float32) for t in shard.tasks]
@@ -93,12 +89,12 @@ class ShardEngine(SequentialEngine):
         for s in tasks:
             if isinstance(self.models[s], _NoModel):
                 t = self.shard.tasks[s]
-                self.models[s] = build_model(t.model, dict(t.model_options), t.input_shape,
-                                             t.num_classes, 0)
+                self.models[s] = build_model(t.spec.model, dict(t.spec.model_options),
+                                             t.input_shape, t.num_classes, 0)
             if dims is not None:
                 d = sum(p.numel() for p in self.models[s].parameters())
                 if d != dims[s]:
-                    raise DataError(f"task {self.shard.tasks[s].name}: the server's model has "
+                    raise DataError(f"task {self.shard.tasks[s].spec.name}: the server's model has "
                                     f"{dims[s]} parameters, this client's {d} (shard of another "
                                     "config?)")
 
@@ -151,7 +147,7 @@ def _tasks_of(msg: Message, eng: ShardEngine) -> list[int]:
     tasks = [int(s) for s in conf["tasks"]]
     names = [str(n) for n in conf["task-names"]]
     for s, name in zip(tasks, names, strict=True):
-        if not 0 <= s < len(eng.shard.tasks) or eng.shard.tasks[s].name != name:
+        if not 0 <= s < len(eng.shard.tasks) or eng.shard.tasks[s].spec.name != name:
             raise DataError(f"client {eng.client}: the shard has no task {name!r} at index {s}")
     return tasks
 

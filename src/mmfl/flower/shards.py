@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mmfl.errors import DataError
+from mmfl.tasks.spec import TrainingSpec
 
 FORMAT = "mmfl-shard-1"
 
@@ -42,25 +43,16 @@ class TaskShard:
     """One task as one client sees it.
 
     Attributes:
-        index: s, the task's position in the experiment config.
-        name, model, lr, local_epochs, batch_size, class_mask: from the task's config.
-        model_options: the model's resolved options (dict).
+        spec: how the task's model trains (its ``index`` is s, the position in the config).
         input_shape: shape of one input sample; num_classes: K.
         x: (n, *input_shape) training inputs; y: (n,) int64 labels.
     """
 
-    index: int
-    name: str
-    model: str
-    model_options: dict
+    spec: TrainingSpec
     input_shape: tuple[int, ...]
     num_classes: int
-    lr: float
-    local_epochs: int
-    batch_size: int
     x: np.ndarray
     y: np.ndarray
-    class_mask: str = "none"
 
     @property
     def num_samples(self) -> int:
@@ -143,13 +135,13 @@ def load_shard(path: str | Path) -> Shard:
                 if len(x) != t["n"] or len(y) != t["n"]:
                     raise DataError(f"{path}: task {t['name']} holds {len(y)} samples, its "
                                     f"header says {t['n']}")
-                tasks.append(TaskShard(
-                    index=s, name=t["name"], model=t["model"],
+                spec = TrainingSpec(
+                    name=t["name"], model=t["model"], lr=float(t["lr"]),
+                    local_epochs=int(t["local_epochs"]), batch_size=int(t["batch_size"]),
                     model_options=dict(t["model_options"]),
-                    input_shape=tuple(t["input_shape"]), num_classes=int(t["num_classes"]),
-                    lr=float(t["lr"]), local_epochs=int(t["local_epochs"]),
-                    batch_size=int(t["batch_size"]), x=x, y=y,
-                    class_mask=str(t.get("class_mask", "none"))))
+                    class_mask=str(t.get("class_mask", "none")), index=s)
+                tasks.append(TaskShard(spec, tuple(t["input_shape"]), int(t["num_classes"]),
+                                       x, y))
     except FileNotFoundError:
         raise DataError(f"{path}: client shard not found (write it with "
                         "mmfl.flower.shards.write_shards)") from None
