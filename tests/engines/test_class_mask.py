@@ -287,7 +287,7 @@ def test_flower_client_trains_with_the_mask(federations, tmp_path):
     for k in range(0, len(clients), 3):
         i, s = int(clients[k]), int(tasks[k])
         shard = load_shard(paths[i])
-        assert shard.tasks[s].class_mask == "exclude"
+        assert shard.tasks[s].spec.class_mask == "exclude"
         eng = ShardEngine(shard, seed=5)
         eng.need([s])
         out = eng.train(params, np.array([i]), np.array([s]), 3)
