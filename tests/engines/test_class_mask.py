@@ -295,7 +295,7 @@ def test_flower_client_trains_with_the_mask(federations, tmp_path):
                                                               .index(i)])
     # shards of a config without masking do not mention it
     plain = write_shards(federations["none"], tmp_path / "plain")
-    assert load_shard(plain[0]).tasks[0].class_mask == "none"
+    assert load_shard(plain[0]).tasks[0].spec.class_mask == "none"
     with np.load(plain[0]) as z:
         assert "class_mask" not in str(z["meta"])
 
