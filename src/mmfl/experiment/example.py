@@ -74,6 +74,8 @@ def _component_block(kind: str, title: str) -> list[str]:
     """Commented list of every ``kind`` component with its options."""
     out = [f"# {title}:"]
     for name, doc, options in registry.describe(kind):
+        if not registry.get(kind, name).obj.__module__.startswith("mmfl."):
+            continue  # a user's component registered in this process is not the schema
         out += [f"#   {line}" for line in textwrap.wrap(f"{name}: {doc}", WIDTH - 4)]
         for key, spec in options.items():
             note = _note(spec)
