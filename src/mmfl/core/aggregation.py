@@ -37,19 +37,23 @@ __all__ = [
 class Aggregator:
     """Base class of every aggregator. Constructed as ``cls(options, population)``.
 
+    :meth:`plan` is pure; an aggregator with state (StaleVRE's decay) sets ``observes`` and
+    updates it in :meth:`observe`, which the runner calls with the planned pairs.
+
     Attributes:
         uses_stale: True when plans carry stale terms; the runner then keeps a store of every
             pair's last update h_{i,s} and fills ``state.signals.stale_norm_sq`` / ``stale_dot``.
+        observes: True when the runner must call :meth:`observe` after every plan.
     """
 
     uses_stale: bool = False
+    observes: bool = False
+    #: the aggregator's Option table (set by ``register``)
+    OPTIONS: dict = {}
 
     def __init__(self, options: dict | None, population: Population) -> None:
         self.options = dict(options or {})
         self.population = population
-
-    #: the aggregator's Option table (set by ``register``)
-    OPTIONS: dict = {}
 
     def opt(self, name: str):
         """Option ``name`` as given, else its registered default (see ``Allocator.opt``)."""
@@ -62,6 +66,11 @@ class Aggregator:
     def beta(self, state: RoundState) -> np.ndarray | None:
         """(N, S) stale coefficients beta_{i,s} this round will use (docs/algorithms.md section 6),
         given before allocation so that samplers can score with them; None if not stale."""
+        return None
+
+    def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
+        """After :meth:`plan`: the round's planned pairs ((U,) clients and tasks) and the state
+        it was planned with; no-op by default."""
         return None
 
     def state_dict(self) -> dict[str, np.ndarray]:

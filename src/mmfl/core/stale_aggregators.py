@@ -112,7 +112,10 @@ class StaleVREAggregator(StaleAggregator):
     r. In round t, betahat = max(0, b0 - r (t - last)) (``schedule = "authors"``: t - last - 1),
     0 for a pair never active. On reactivation after dt rounds, r <- (b0 - beta*) / dt with the
     realised beta* = <G_new, h_old> / ||h_old||^2 (b0 when h_old = 0); r = 0 on the first.
+    The state is updated by :meth:`observe` (the runner calls it after :meth:`plan`).
     """
+
+    observes = True
 
     def __init__(self, options, population):
         super().__init__(options, population)
@@ -129,11 +132,6 @@ class StaleVREAggregator(StaleAggregator):
         if self.opt("schedule") == "authors":
             dt = dt - 1
         return np.where(self.last >= 0, np.maximum(0.0, self.b0 - self.rate * dt), 0.0)
-
-    def plan(self, assignment, state):
-        plan = super().plan(assignment, state)
-        self.observe(plan.client, plan.task, state)
-        return plan
 
     def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
         """Update decay rates and last-active rounds of the active pairs (after aggregation)."""

@@ -169,6 +169,8 @@ class Runner:
         # -- aggregate and apply ------------------------------------------------------------
         state = self.signals.after_training(state, out, measured)
         plan = dataclasses.replace(self.aggregator.plan(assignment, state), server_lr=cfg.server_lr)
+        if self.aggregator.observes:
+            self.aggregator.observe(plan.client, plan.task, state)
         if self.allocator.observes:
             self.allocator.observe(plan.client, plan.task, self.signals.observed(state, out))
         st.params = self.engine.apply(st.params, out, plan, self.stores.stale)
