@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 import mmfl
-from mmfl.core.allocators import Allocator, draw, eligible_processors
+from mmfl.core.allocators import Allocator
+from mmfl.core.drawing import draw, eligible_processors
 
 
 @mmfl.register("dataset", "blobs", options={
