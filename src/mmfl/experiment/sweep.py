@@ -33,7 +33,6 @@ Rules:
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -48,13 +47,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
-from mmfl.threads import AUTO_THREADS_ENV
 from mmfl.experiment import tomlio
 from mmfl.experiment.config import ExperimentConfig, config_from_dict
-from mmfl.experiment.results import write_json
 from mmfl.experiment.recording import Callback, RoundRecord
+from mmfl.experiment.results import write_json
 from mmfl.experiment.rundir import check_out_dir
 from mmfl.experiment.runner import run
+from mmfl.supervisor import ONE_THREAD, sigint_ignored
+from mmfl.threads import AUTO_THREADS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -503,8 +503,7 @@ def _init_worker(q, stop) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", AUTO_THREADS_ENV):
-        os.environ[var] = "1"
+    os.environ.update({**ONE_THREAD, AUTO_THREADS_ENV: "1"})
     import torch
 
     torch.set_num_threads(1)
@@ -548,22 +547,6 @@ def _worker_run(name: str, raw: dict, run_dir: str, data_dir: str | None) -> dic
                 "seconds": time.perf_counter() - t0}
 
 
-@contextlib.contextmanager
-def _sigint_ignored():
-    """Ignore SIGINT in this process meanwhile (main thread only; a no-op elsewhere)."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
 def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str | None,
               tracker: _Tracker, finish: Callable[[RunOutcome], None]) -> None:
     import multiprocessing
@@ -594,7 +577,7 @@ def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str
         futures: dict[Future, SweepRun] = {}
         handled: set[Future] = set()
         try:
-            with _sigint_ignored():  # workers start here and inherit it: no Ctrl-C mid-start-up
+            with sigint_ignored():  # workers start here and inherit it: no Ctrl-C mid-start-up
                 for r in pending:
                     f = pool.submit(_worker_run, r.name, r.config.to_dict(),
                                     str(plan.run_dir(r)), data_dir)

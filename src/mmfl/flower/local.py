@@ -56,6 +56,8 @@ from pathlib import Path
 from typing import Any, Self
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
+from mmfl.supervisor import (ONE_THREAD, descendants, poll_until, processes_with_env,
+                             set_pdeathsig)
 from mmfl.threads import resolve_threads
 
 log = logging.getLogger(__name__)
@@ -75,9 +77,6 @@ FLOWER_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-#: One thread per ClientApp: N SuperNodes share the machine's cores.
-ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                               "NUMEXPR_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")}
 
 
 class FlowerRunError(MmflError):
@@ -132,72 +131,10 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     return False
 
 
-def processes_with_env(name: str, value: str) -> list[int]:
-    """PIDs of live processes (zombies ignored) whose environment holds ``name=value``, found
-    by scanning ``/proc`` (processes of other users are skipped). Empty without ``/proc``."""
-    needle = f"{name}={value}".encode()
-    pids: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return pids
-    for d in proc.iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle not in (d / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            pids.append(int(d.name))
-    return pids
-
-
 def marked_processes(token: str) -> list[int]:
     """PIDs of live processes of the deployment whose marker is ``token``
     (``MMFL_FLOWER_LOCAL=<token>`` in their environment)."""
     return processes_with_env(MARKER, token)
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of all live descendants of ``pid`` (from the parent links in ``/proc/*/stat``)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir() if Path("/proc").is_dir() else ():
-        if not d.name.isdigit():
-            continue
-        try:
-            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), ()):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _set_pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Ask Linux to SIGTERM this child when its parent (mmfl) dies, even by SIGKILL."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # no glibc: the marker scan in stop() still cleans up
-        return
-
-
-def poll_until(done: Callable[[], bool], *, every: float, timeout: float | None,
-               expired: Callable[[], Exception]) -> None:
-    """Call ``done()`` every ``every`` seconds until it returns True; raise ``expired()`` once
-    ``timeout`` seconds (None: no limit) have passed. ``done`` may raise to stop early."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while not done():
-        if deadline is not None and time.monotonic() > deadline:
-            raise expired()
-        time.sleep(every)
 
 
 def _tail(path: Path, lines: int = 40) -> str:
@@ -480,7 +417,7 @@ class LocalDeployment:
                 proc.argv, cwd=proc.cwd, env=proc.env, stdin=subprocess.DEVNULL, stdout=logf,
                 stderr=subprocess.STDOUT, start_new_session=True,
                 # only async-signal-safe work between fork and exec (one prctl call)
-                preexec_fn=_set_pdeathsig if sys.platform.startswith("linux") else None)  # noqa: PLW1509
+                preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None)  # noqa: PLW1509
         proc.stopped = False
         log.debug("started %s (pid %d): %s", proc.name, proc.popen.pid, " ".join(proc.argv))
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import signal
 import tempfile
 import threading
@@ -33,6 +32,7 @@ from typing import Any
 from mmfl.experiment.federation import build_federation
 from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
 from mmfl.flower.shards import write_shards
+from mmfl.supervisor import ONE_THREAD, environment
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,9 @@ def _stop_on_sigint(stop: threading.Event):
 STOP_WAIT = 60.0
 
 #: Environment of the Ray workers (inherited from this process while the simulation runs).
-WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+WORKER_ENV = {**ONE_THREAD,
               "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]):
-    """Set environment variables that are not set yet; restore them afterwards."""
-    added = [k for k in values if k not in os.environ]
-    os.environ.update({k: values[k] for k in added})
-    try:
-        yield
-    finally:
-        for k in added:
-            os.environ.pop(k, None)
 
 
 @contextlib.contextmanager
@@ -143,7 +131,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
             finally:
                 done.set()
 
-        with _environment(WORKER_ENV), _quiet(verbose), _stop_on_sigint(stop):
+        with environment(WORKER_ENV), _quiet(verbose), _stop_on_sigint(stop):
             try:
                 run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
                                backend_name="ray",
