@@ -168,13 +168,7 @@ class Runner:
         assignment, out = _received(asked, trained, lost, late, measured.notes)
         # -- aggregate and apply ------------------------------------------------------------
         state = self.signals.after_training(state, out, measured)
-        plan = dataclasses.replace(self.aggregator.plan(assignment, state), server_lr=cfg.server_lr)
-        if self.aggregator.observes:
-            self.aggregator.observe(plan.client, plan.task, state)
-        if self.allocator.observes:
-            self.allocator.observe(plan.client, plan.task, self.signals.observed(state, out))
-        st.params = self.engine.apply(st.params, out, plan, self.stores.stale)
-        self.stores.absorb(out, self._task_lr, pop.data_weight)
+        self._aggregate(st, state, assignment, out)
         t_train = time.perf_counter()
         # -- evaluate -----------------------------------------------------------------------
         acc = loss = None
@@ -192,6 +186,18 @@ class Runner:
                                    final=st.round == cfg.rounds)
         for cb in self.callbacks:
             cb.on_round(record)
+
+    def _aggregate(self, st: RunState, state: RoundState, assignment: Assignment, out) -> None:
+        """Plan the aggregation (docs/algorithms.md sections 3 and 6), let the aggregator and
+        the sampler observe it, apply it to the global models and update the per-pair stores."""
+        plan = dataclasses.replace(self.aggregator.plan(assignment, state),
+                                   server_lr=self.cfg.server_lr)
+        if self.aggregator.observes:
+            self.aggregator.observe(plan.client, plan.task, state)
+        if self.allocator.observes:
+            self.allocator.observe(plan.client, plan.task, self.signals.observed(state, out))
+        st.params = self.engine.apply(st.params, out, plan, self.stores.stale)
+        self.stores.absorb(out, self._task_lr, self.federation.population.data_weight)
 
     def _train(self, t: int, st: RunState, asked: Assignment, measured: Measurements):
         """TrainOutput of the assigned pairs (taken from the full computation when the round
