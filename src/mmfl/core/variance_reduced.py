@@ -142,6 +142,11 @@ class _LossScores:
         self.loss = np.full(self.population.n_samples.shape, np.nan)
 
     def probe_pairs(self, state: RoundState) -> np.ndarray:
+        """(N, S) bool: the pairs whose loss is measured this round: all eligible pairs with
+        ``freshness`` = 1, else each with probability r (and every pair never measured). The
+        one random draw of a sampler outside ``allocate``'s generator, from the stream
+        (seed, LVR_FRESHNESS, round): the probe set is chosen before allocation, when that
+        generator does not exist yet."""
         r = float(self.opt("freshness"))
         unknown = np.isnan(self.loss)
         if r >= 1.0:
@@ -150,6 +155,10 @@ class _LossScores:
         return state.eligible & (fresh | unknown)
 
     def losses(self, state: RoundState) -> np.ndarray:
+        """(N, S) scores from the losses: this round's measurements (``signals.local_loss``)
+        merged into the cache of the last known loss of every pair (the cache is the sampler's
+        checkpointed state and is updated here, once per allocation); divided by n_{i,s} with
+        ``loss_weighting = "authors"``."""
         new = _require(state.signals.local_loss, "local_loss")
         self.loss = np.where(np.isnan(new), self.loss, new)
         loss = np.nan_to_num(self.loss, nan=0.0)
