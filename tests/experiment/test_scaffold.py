@@ -1,5 +1,5 @@
 """SCAFFOLD in the runner: the control store, and full runs checked against a plain
-re-implementation of the paper's algorithm (the equations: tests/core/test_scaffold.py)."""
+re-implementation of the paper's algorithm (the equations: tests/core/test_scaffold_equations.py)."""
 
 from __future__ import annotations
 
