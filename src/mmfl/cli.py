@@ -175,28 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    commands = {"run": _cmd_run, "describe": _cmd_describe, "compare": _cmd_compare,
+                "sweep": _cmd_sweep, "report": _cmd_report, "data": _cmd_data,
+                "components": _cmd_components, "config": _cmd_config,
+                "flower-local": _cmd_flower_local}
     try:
-        if args.command == "run":
-            return _cmd_run(args)
-        if args.command == "describe":
-            return _cmd_describe(args)
-        if args.command == "compare":
-            return _cmd_compare(args)
-        if args.command == "sweep":
-            return _cmd_sweep(args)
-        if args.command == "report":
-            return _cmd_report(args)
-        if args.command == "data":
-            from mmfl.tasks.fetch import fetch_main
-
-            print(fetch_main(args.name, args.data_dir))
-            return 0
-        if args.command == "components":
-            return _cmd_components(args)
-        if args.command == "config":
-            return _cmd_config(args)
-        if args.command == "flower-local":
-            return _cmd_flower_local(args)
+        if args.command in commands:
+            return commands[args.command](args)
     except INPUT_ERRORS as e:
         print(f"mmfl: error: {e}", file=sys.stderr)
         return 2
@@ -495,6 +480,13 @@ def _cmd_flower_local(args) -> int:
     print(f"done: {args.out}  mean accuracy {summary.get('mean_accuracy', float('nan')):.4f}  "
           f"min {summary.get('min_accuracy', float('nan')):.4f}  ({tasks})  "
           f"Flower run {dep.run_id}")
+    return 0
+
+
+def _cmd_data(args) -> int:
+    from mmfl.tasks.fetch import fetch_main
+
+    print(fetch_main(args.name, args.data_dir))
     return 0
 
 

@@ -87,6 +87,30 @@ def register(kind: str, name: str, *, options: dict[str, Option] | None = None, 
     return deco
 
 
+class Component:
+    """What samplers and aggregators share: validated ``options`` read through :meth:`opt`
+    (defaults from the registered Option table), and checkpointable state."""
+
+    #: the component's Option table (set by :func:`register`)
+    OPTIONS: dict = {}
+
+    def __init__(self, options: dict | None) -> None:
+        self.options = dict(options or {})
+
+    def opt(self, name: str) -> Any:
+        """Option ``name`` as given, else its default in the registered Option table (the one
+        place defaults live; a config run passes every option resolved)."""
+        return self.options[name] if name in self.options else option_default(type(self), name)
+
+    def state_dict(self) -> dict:
+        """Checkpointable state (numpy arrays only); stateless components return ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (no-op for stateless components)."""
+        return None
+
+
 def option_default(cls: type, name: str) -> Any:
     """The registered default of option ``name`` for class ``cls``: from the Option table of
     ``cls`` or of the nearest registered base class that has it (a subclass registered with

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from mmfl.registry import option_default, register
+from mmfl.registry import Component, register
 from mmfl.types import AggregationPlan, Assignment, Population, RoundState
 
 __all__ = [
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class Aggregator:
+class Aggregator(Component):
     """Base class of every aggregator. Constructed as ``cls(options, population)``.
 
     :meth:`plan` is pure; an aggregator with state (StaleVRE's decay) sets ``observes`` and
@@ -48,16 +48,10 @@ class Aggregator:
 
     uses_stale: bool = False
     observes: bool = False
-    #: the aggregator's Option table (set by ``register``)
-    OPTIONS: dict = {}
 
     def __init__(self, options: dict | None, population: Population) -> None:
-        self.options = dict(options or {})
+        super().__init__(options)
         self.population = population
-
-    def opt(self, name: str):
-        """Option ``name`` as given, else its registered default (see ``Allocator.opt``)."""
-        return self.options[name] if name in self.options else option_default(type(self), name)
 
     def plan(self, assignment: Assignment, state: RoundState) -> AggregationPlan:
         """The coefficients of round ``state.round`` for ``assignment``."""
@@ -71,14 +65,6 @@ class Aggregator:
     def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
         """After :meth:`plan`: the round's planned pairs ((U,) clients and tasks) and the state
         it was planned with; no-op by default."""
-        return None
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Checkpointable state (numpy arrays only); stateless aggregators return ``{}``."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`state_dict` returned (no-op for stateless aggregators)."""
         return None
 
 

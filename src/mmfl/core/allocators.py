@@ -19,7 +19,7 @@ import numpy as np
 
 from mmfl.core.drawing import (DRAW_OPTION, draw, fixed_assignment, held_uniform, row_patterns,
                                uniform_processor_rates)
-from mmfl.registry import Option, option_default, register
+from mmfl.registry import Component, Option, register
 from mmfl.types import Assignment, Population, RoundState, Signal
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
-class Allocator:
+class Allocator(Component):
     """Base class of every sampler. Constructed as ``cls(options, population, seed)``.
 
     Attributes:
@@ -54,20 +54,13 @@ class Allocator:
     #: signals the runner gathers before :meth:`allocate` (:class:`~mmfl.types.Signal`; the
     #: values land in :class:`~mmfl.types.Signals`)
     requires: frozenset[Signal] = frozenset()
-    #: the sampler's Option table (set by ``register``)
-    OPTIONS: dict = {}
     #: when True the runner calls :meth:`observe` after every aggregation
     observes: bool = False
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
-        self.options = dict(options or {})
+        super().__init__(options)
         self.population = population
         self.seed = int(seed)
-
-    def opt(self, name: str):
-        """Option ``name`` as given, else its default in the sampler's registered Option table
-        (the one place defaults live; a config run passes every option resolved)."""
-        return self.options[name] if name in self.options else option_default(type(self), name)
 
     def allocate(self, state: RoundState, rng: np.random.Generator) -> Assignment:
         """The assignment of round ``state.round``; every random draw comes from ``rng``."""
@@ -89,16 +82,6 @@ class Allocator:
         (||G|| / eta_s) and, with a stale store, ``stale_dot`` / ``stale_norm_sq`` of the h
         stored before this round; no-op by default."""
         return None
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Checkpointable state (numpy arrays only); stateless allocators return ``{}``."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what :meth:`state_dict` returned (no-op for stateless allocators)."""
-        return None
-
-
 
 
 # --------------------------------------------------------------------------------------------
