@@ -204,7 +204,7 @@ class Engine:
                                   range(self.num_tasks))
         acc = np.array([r[0] for r in results], dtype=np.float64)
         loss = np.array([r[1] for r in results], dtype=np.float64)
-        return acc.reshape(self.num_tasks), loss.reshape(self.num_tasks)
+        return acc, loss
 
     @torch.no_grad()
     def _evaluate_task(self, s: int, flat: torch.Tensor) -> tuple[float, float]:

@@ -58,7 +58,6 @@ from typing import Any, Self
 from mmfl.errors import ConfigError, MmflError, ResultsError
 from mmfl.supervisor import (ONE_THREAD, descendants, poll_until, processes_with_env,
                              set_pdeathsig)
-from mmfl.threads import resolve_threads
 
 log = logging.getLogger(__name__)
 
@@ -462,8 +461,8 @@ class LocalDeployment:
             argv.append("--insecure")
         if self.auth:
             argv.append("--enable-supernode-auth")
-        env = dict(self._env)
-        env.setdefault("OMP_NUM_THREADS", str(resolve_threads(self.cfg.threads)))
+        # every torch kernel runs on one thread (mmfl.threads); the environment may override
+        env = {**ONE_THREAD, **self._env}
         return _Proc("superlink", argv, self.dir / "superlink", self.logs / "superlink.log", env)
 
     def _wait_port(self, timeout: float) -> None:
