@@ -241,23 +241,199 @@ def test_waiting_for_nodes_has_a_deadline(setup):
         _engine(fed, FakeGrid(nodes), node_wait=0.2)
 
 
-def test_shard_of_another_config_is_rejected(setup, tmp_path):
+def test_shard_of_another_config_is_refused_and_recorded(setup, tmp_path):
+    """Nodes whose shards disagree with the federation are refused (not an exception in the
+    middle of discovery): the run cannot start without them, and the log file says why."""
     _cfg, fed, _paths = setup
     other = build_federation(config_from_dict({**CFG, "seed": 8}))
-    bad = write_shards(other, tmp_path)
-    with pytest.raises(FlowerError, match="shard of another config"):
-        _engine(fed, FakeGrid(_deployed(bad)))
+    bad = write_shards(other, tmp_path / "bad")
+    rejected = tmp_path / "flower" / "rejected.jsonl"
+    with pytest.raises(FlowerError, match=r"answered discovery .* refused"):
+        _engine(fed, FakeGrid(_deployed(bad)), node_wait=0.5, rejected_file=str(rejected))
+    recs = [json.loads(x) for x in rejected.read_text().splitlines()]
+    assert recs and all(r["what"] == "discovery" for r in recs)
+    assert any("shard of another config" in r["reason"] for r in recs)
+    assert rejected.stat().st_mode & 0o077 == 0
 
 
-def test_non_finite_update_stops_the_run(setup):
+def test_non_finite_update_is_passed_on_unchanged(setup):
+    """The ClientApp returns a non-finite update as it is and the engine hands it to the
+    runner (whose central check rejects it): no error reply, no exception, no lost pair."""
     _cfg, fed, paths = setup
     eng = _engine(fed, FakeGrid(_deployed(paths)))
     params = eng.init_params()
     params[1] = params[1].clone()
     params[1][0] = float("nan")
     clients, tasks = _pairs(fed)
-    with pytest.raises(mmfl.NumericalError, match="wave"):
-        eng.train(params, clients, tasks, 0)
+    out = eng.train(params, clients, tasks, 0)
+    np.testing.assert_array_equal(out.clients, clients)
+    assert not torch.isfinite(out.updates[1]).all()
+    assert torch.isfinite(out.updates[0]).all()
+
+
+def _tampered(path, dest, *, shift_labels=False, lr=None, drop=0):
+    """A copy of shard ``path`` at ``dest``: labels shifted by one, every task's metadata lr
+    replaced, and/or the last ``drop`` samples of every held task dropped."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    for s, t in enumerate(meta["tasks"]):
+        if lr is not None:
+            t["lr"] = lr
+        if shift_labels:
+            arrays[f"y{s}"] = (arrays[f"y{s}"] + 1) % 10
+        if drop and t["n"] > drop:
+            arrays[f"x{s}"], arrays[f"y{s}"] = arrays[f"x{s}"][:-drop], arrays[f"y{s}"][:-drop]
+            t["n"] -= drop
+    np.savez(dest, meta=np.array(json.dumps(meta)), **arrays)
+    return dest
+
+
+def _identity(paths, tmp_path, keys=None):
+    from mmfl.flower.shards import write_identity
+
+    file = tmp_path / "identity.json"
+    write_identity(paths, file, keys)
+    assert file.stat().st_mode & 0o077 == 0
+    return str(file)
+
+
+def test_rogue_nodes_are_refused_and_the_run_is_unchanged(setup, tmp_path):
+    """Three rogue nodes next to the real ones: one claims client 1 with a modified copy of
+    its shard (labels shifted, metadata lr 1e6) and one claims client 2 with fewer samples,
+    both discovered before the real nodes; one, discovered after them, claims client 3 with
+    an exact copy while the real node still answers (a second claim). All are refused and
+    recorded, and the run directory equals the sequential engine's."""
+    cfg, _fed, paths = setup
+    nodes = _deployed(paths)
+    rogue = {
+        1: _tampered(paths[1], tmp_path / "r1.npz", shift_labels=True, lr=1e6),
+        2: _tampered(paths[2], tmp_path / "r2.npz", drop=1),
+    }
+    grid = FakeGrid({**{5 + i: {"client-id": i, "data-file": str(p)} for i, p in rogue.items()},
+                     **nodes, 8: {"client-id": 3, "data-file": str(paths[3])}})
+    rejected = tmp_path / "fl" / "flower" / "rejected.jsonl"
+    settings = FlowerSettings(node_wait=2.0, identity_file=_identity(paths, tmp_path),
+                              rejected_file=str(rejected))
+    mmfl.run(cfg.replace(engine="sequential"), tmp_path / "seq")
+    run_experiment(grid, cfg, tmp_path / "fl", settings=settings)
+    assert (tmp_path / "seq" / "metrics.csv").read_text() == \
+        (tmp_path / "fl" / "metrics.csv").read_text()
+    recs = {r["node"]: r for r in map(json.loads, rejected.read_text().splitlines())}
+    assert set(recs) == {6, 7, 8}, recs
+    assert "sha256" in recs[6]["reason"] and recs[6]["client"] == 1
+    assert "n = " in recs[7]["reason"] and recs[7]["client"] == 2
+    assert "second claim to client 3" in recs[8]["reason"]
+    trained = {m.metadata.dst_node_id for m in grid.sent if m.metadata.message_type == M.TRAIN}
+    assert trained and not trained & {6, 7, 8}
+
+
+def test_a_dead_nodes_client_goes_to_the_node_with_its_shard(setup):
+    """A second claim is accepted when the first node no longer answers (a restart whose old
+    node id Flower still lists)."""
+    _cfg, fed, paths = setup
+    grid = FakeGrid(_deployed(paths))
+    eng = _engine(fed, grid, round_timeout=0.1)
+    old = eng._node_of[3]
+    grid.silent.add(old)
+    grid.nodes[99] = {"client-id": 3, "data-file": str(paths[3])}
+    clients, tasks = _pairs(fed)
+    out = eng.train(eng.init_params(), clients, tasks, 0)
+    assert eng._node_of[3] == 99 and 3 in out.clients.tolist()
+
+
+def test_training_settings_come_from_the_server(setup, tmp_path):
+    """A shard whose metadata says lr = 1e6, 9 epochs, batch 1 trains exactly like the
+    sequential engine with the config's settings: the ClientApp obeys the message."""
+    _cfg, fed, paths = setup
+    bad = [_tampered(p, tmp_path / p.name, lr=1e6) for p in paths]
+    for p in bad:
+        with np.load(p) as z:
+            meta = json.loads(str(z["meta"]))
+            arrays = {k: z[k] for k in z.files if k != "meta"}
+        for t in meta["tasks"]:
+            t.update(local_epochs=9, batch_size=1, model_options={"hidden": 3})
+        np.savez(p, meta=np.array(json.dumps(meta)), **arrays)
+    eng = _engine(fed, FakeGrid(_deployed(bad)))  # no identity file: only n is checked
+    seq = SequentialEngine(fed, seed=7)
+    params = [p + 0.01 for p in seq.init_params()]
+    clients, tasks = _pairs(fed)
+    a = seq.train(params, clients, tasks, 1)
+    b = eng.train(params, clients, tasks, 1)
+    np.testing.assert_array_equal(a.steps, b.steps)
+    for s in a.updates:
+        assert float((a.updates[s] - b.updates[s]).abs().max()) <= TOL
+
+
+class _KeyedGrid(FakeGrid):
+    """A FakeGrid whose ``get_nodes`` exposes registered public keys (as under --auth)."""
+
+    def __init__(self, nodes, keys: dict[int, bytes]):
+        super().__init__(nodes)
+        self.keys = keys
+
+    def get_nodes(self):
+        from flwr.proto.node_pb2 import NodeInfo
+
+        return [NodeInfo(node_id=n, public_key=self.keys.get(n, b"")) for n in self.nodes]
+
+
+def test_auth_binds_a_client_to_its_registered_key(setup, tmp_path):
+    """With key digests in the identity file, a node that holds client 2's exact shard but
+    another registered key is refused; the nodes with the right keys serve their clients."""
+    from cryptography.hazmat.primitives import serialization
+
+    from mmfl.flower.certs import make_node_key, public_key_digest
+
+    _cfg, fed, paths = setup
+    pems, digests = {}, {}
+    for i in range(len(paths) + 1):
+        _, pub = make_node_key(tmp_path / "keys" / f"node{i}")
+        key = serialization.load_ssh_public_key(pub.read_bytes())
+        pems[i] = key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        digests[i] = public_key_digest(pub)
+        assert public_key_digest(pems[i]) == digests[i]
+    nodes = _deployed(paths)
+    node_ids = sorted(nodes)
+    keys = {nid: pems[nodes[nid]["client-id"]] for nid in node_ids}
+    thief = 4242  # client 2's shard, the extra key
+    nodes[thief] = {"client-id": 2, "data-file": str(paths[2])}
+    keys[thief] = pems[len(paths)]
+    grid = _KeyedGrid({thief: nodes.pop(thief), **nodes}, keys)
+    rejected = tmp_path / "rejected.jsonl"
+    ident = _identity(paths, tmp_path, {i: digests[i] for i in range(len(paths))})
+    eng = _engine(fed, grid, identity_file=ident, rejected_file=str(rejected))
+    assert eng._node_of == {nodes[n]["client-id"]: n for n in node_ids}
+    (rec,) = map(json.loads, rejected.read_text().splitlines())
+    assert rec["node"] == thief and "not the key registered for client 2" in rec["reason"]
+
+
+class _BadReplies(FakeGrid):
+    """Client 0's node answers train messages with an update of the wrong size."""
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for mid in ids:
+            rep = self._replies.get(mid)
+            if rep is None or rep.has_error() or rep.metadata.message_type != M.TRAIN:
+                continue
+            if int(rep.content["metrics"]["client"]) == 0:
+                for name in [k for k in rep.content.keys() if k.startswith("g.")]:
+                    rep.content[name] = M.vector_record(torch.zeros(3))
+        return ids
+
+
+def test_a_malformed_reply_is_rejected_and_its_pairs_are_missing(setup, tmp_path):
+    _cfg, fed, paths = setup
+    rejected = tmp_path / "rejected.jsonl"
+    eng = _engine(fed, _BadReplies(_deployed(paths)), rejected_file=str(rejected))
+    clients, tasks = _pairs(fed)
+    out = eng.train(eng.init_params(), clients, tasks, 4)
+    np.testing.assert_array_equal(out.clients, clients[clients != 0])
+    (rec,) = map(json.loads, rejected.read_text().splitlines())
+    assert rec["what"] == "train reply" and rec["client"] == 0 and rec["round"] == 5
+    assert "3 parameters" in rec["reason"]
 
 
 def _rows(path):
@@ -289,8 +465,8 @@ def test_run_with_a_failing_node_completes_and_records_missing_pairs(setup, tmp_
     assert all(r["accuracy"] != "" for r in metrics)
     if sampler == "random":  # every processor active: client 0 is assigned, then dropped
         assert all("missing (no reply)" in r["note"] for r in rounds)
-        for r in rounds:  # its uploads never arrived
-            assert int(r["model_uploads"]) == int(r["local_trainings"]) - int(r["missing"])
+        for r in rounds:  # a missing pair counts as neither trained nor uploaded
+            assert int(r["model_uploads"]) == int(r["local_trainings"])
     else:  # measured first: offline for the round, so the sampler never assigns it
         assert all("offline this round" in r["note"] for r in rounds)
         assert all(int(r["available"]) == cfg.clients.count - 1 for r in rounds)

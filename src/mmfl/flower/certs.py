@@ -11,7 +11,10 @@ or ``ssh-keygen`` binary is needed:
   ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register`` read
   (FLOWER-NOTES s. 6).
 
-Private keys are written with mode 0600.
+Every file is created with mode 0600 and every folder with 0700 (nothing of a deployment is
+readable by other users; the CA certificate is not secret, but with it and the address any
+local process could talk to the SuperLink). :func:`public_key_digest` names a node's key the
+way the ServerApp sees it (Flower's ``NodeInfo.public_key``), to bind a client to its key.
 """
 
 from __future__ import annotations
@@ -35,9 +38,27 @@ class TlsFiles:
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to a file created with mode 0600 (never readable by others)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def public_key_digest(key: bytes | str | Path) -> str:
+    """Hex SHA-256 of a public key's DER SubjectPublicKeyInfo. ``key``: PEM bytes (what
+    Flower's ``NodeInfo.public_key`` holds) or the path of an OpenSSH ``.pub`` file; the same
+    key gives the same digest either way. Raises ValueError for anything else."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import serialization
+
+    if isinstance(key, bytes):
+        pub = serialization.load_pem_public_key(key)
+    else:
+        pub = serialization.load_ssh_public_key(Path(key).read_bytes())
+    der = pub.public_bytes(serialization.Encoding.DER,
+                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(der).hexdigest()
 
 
 def _san(hosts) -> list:
@@ -68,7 +89,7 @@ def make_tls_files(folder: str | Path, hosts: tuple[str, ...] = (), *,
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     now = _dt.datetime.now(_dt.UTC) - _dt.timedelta(minutes=5)
     until = now + _dt.timedelta(days=days)
 
@@ -104,8 +125,8 @@ def make_tls_files(folder: str | Path, hosts: tuple[str, ...] = (), *,
     )
 
     files = TlsFiles(folder / "ca.crt", folder / "server.pem", folder / "server.key")
-    files.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    files.server_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM))
+    _write_private(files.server_cert, cert.public_bytes(serialization.Encoding.PEM))
     _write_private(files.server_key, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
         serialization.NoEncryption()))
@@ -113,19 +134,19 @@ def make_tls_files(folder: str | Path, hosts: tuple[str, ...] = (), *,
 
 
 def make_node_key(path: str | Path) -> tuple[Path, Path]:
-    """Write an ECDSA P-384 key pair in OpenSSH format: ``path`` (private, 0600) and
-    ``path.pub``; returns both paths."""
+    """Write an ECDSA P-384 key pair in OpenSSH format: ``path`` (private) and ``path.pub``,
+    both 0600; returns both paths."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP384R1())
     _write_private(path, key.private_bytes(serialization.Encoding.PEM,
                                            serialization.PrivateFormat.OpenSSH,
                                            serialization.NoEncryption()))
     pub = path.with_name(path.name + ".pub")
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                  serialization.PublicFormat.OpenSSH)
-                    + f" mmfl-{path.stem}\n".encode())
+    _write_private(pub, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH)
+                   + f" mmfl-{path.stem}\n".encode())
     return path, pub

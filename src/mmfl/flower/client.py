@@ -11,17 +11,21 @@ and where that client's data is from its node config:
   message's ``shard-dir``.
 
 Local training is :class:`ShardEngine`: engine ``sequential``'s own ``train`` (the same
-:func:`~mmfl.engines.sequential.local_batches`, SGD step, SCAFFOLD correction, class
-masking and finiteness check, imported, not copied) on an engine whose data are the shard's
-samples, so a ClientApp's update equals the ``sequential`` engine's for the same pair bit for
-bit. Loaded shards are cached per process (a Ray actor in simulation serves many messages; in
+:func:`~mmfl.engines.sequential.local_batches`, SGD step, SCAFFOLD correction and class
+masking, imported, not copied) on an engine whose data are the shard's samples, so a
+ClientApp's update equals the ``sequential`` engine's for the same pair bit for bit. What
+shapes training (learning rate, epochs, batch size, class masking, model) comes from each
+message (:data:`mmfl.flower.messages.SPEC_KEYS`), never from the shard's metadata: the shard
+is the node's data, the server decides how it is trained. The update is returned as it is,
+finite or not; the server's runner checks every update centrally. Loaded shards are cached per process (a Ray actor in simulation serves many messages; in
 deployment every message starts a new ClientApp process, so loading is kept cheap: one ``.npz``
 read, models built on demand).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +35,10 @@ from flwr.clientapp import ClientApp
 
 from mmfl.engines.base import to_tensor
 from mmfl.engines.sequential import SequentialEngine
-from mmfl.errors import DataError, NumericalError
+from mmfl.errors import DataError
 from mmfl.tasks.spec import TaskData
 from mmfl.flower import messages as M
-from mmfl.flower.shards import Shard, load_shard, shard_name
+from mmfl.flower.shards import Shard, file_sha256, load_shard, shard_name
 
 #: torch threads of a ClientApp: one core each (Ray gives each actor num_cpus = 1).
 THREADS = 1
@@ -62,9 +66,10 @@ class ShardEngine(SequentialEngine):
     :meth:`train` and :meth:`probe_losses` are inherited unchanged; ``seed`` is set per message.
     """
 
-    def __init__(self, shard: Shard, seed: int = 0):
+    def __init__(self, shard: Shard, seed: int = 0, sha256: str = ""):
         # not Engine.__init__: there is no federation here, only this client's data
         self.shard = shard
+        self.sha256 = sha256  # of the shard file: reported at discovery
         self.client = shard.client
         self.seed = seed
         tasks = []
@@ -77,6 +82,29 @@ class ShardEngine(SequentialEngine):
         self.train_y = [to_tensor(t.y, np.int64) for t in shard.tasks]
         self.test_x, self.test_y = [], []
 
+    def configure(self, tasks, conf) -> None:
+        """Train ``tasks`` with the settings of the message config ``conf``
+        (:data:`~mmfl.flower.messages.SPEC_KEYS`, lists in the order of ``tasks``): each
+        task's spec becomes the shard's with those values; a model whose architecture
+        changed is rebuilt on next use."""
+        fed = list(self.federation.tasks)
+        for j, s in enumerate(tasks):
+            values = {}
+            for key, attr in M.SPEC_KEYS:
+                if key not in conf or len(conf[key]) != len(tasks):
+                    raise DataError(f"client {self.client}: message without {key} per task")
+                v = conf[key][j]
+                values[attr] = dict(json.loads(v)) if attr == "model_options" else v
+            old = fed[s].spec
+            new = replace(old, lr=float(values["lr"]), local_epochs=int(values["local_epochs"]),
+                          batch_size=int(values["batch_size"]),
+                          class_mask=str(values["class_mask"]), model=str(values["model"]),
+                          model_options=values["model_options"])
+            if (new.model, dict(new.model_options)) != (old.model, dict(old.model_options)):
+                self.models[s] = _NoModel()
+            fed[s] = TaskData(new, None, fed[s].client_indices)
+        self.federation = _ClientFederation(tuple(fed))
+
     def task_classes(self, s: int) -> int:
         """K_s from the shard (there is no dataset here); sizes the held-class masks."""
         return int(self.shard.tasks[s].num_classes)
@@ -88,8 +116,8 @@ class ShardEngine(SequentialEngine):
 
         for s in tasks:
             if isinstance(self.models[s], _NoModel):
-                t = self.shard.tasks[s]
-                self.models[s] = build_model(t.spec.model, dict(t.spec.model_options),
+                t, spec = self.shard.tasks[s], self.federation.tasks[s].spec
+                self.models[s] = build_model(spec.model, dict(spec.model_options),
                                              t.input_shape, t.num_classes, 0)
             if dims is not None:
                 d = sum(p.numel() for p in self.models[s].parameters())
@@ -135,7 +163,7 @@ def engine_for(msg: Message, context: Context) -> ShardEngine:
         if shard.client != client:
             raise DataError(f"{path} is the shard of client {shard.client}, but this node is "
                             f"client {client}")
-        hit = _CACHE[key] = (stamp, ShardEngine(shard))
+        hit = _CACHE[key] = (stamp, ShardEngine(shard, sha256=file_sha256(path)))
     return hit[1]
 
 
@@ -157,17 +185,21 @@ client_app = ClientApp()
 
 @client_app.query("discover")
 def discover(msg: Message, context: Context) -> Message:
-    """Reply which mmfl client this node is and its n_{i,s}."""
+    """Reply which mmfl client this node is, its n_{i,s} and its shard's SHA-256 (the server
+    checks them against the shard fingerprints it knows)."""
     eng = engine_for(msg, context)
-    return M.reply(msg, {"client": eng.client, "n-samples": eng.shard.n_samples.tolist()})
+    return M.reply(msg, {"client": eng.client, "n-samples": eng.shard.n_samples.tolist()},
+                   config={"sha256": eng.sha256})
 
 
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training of the requested tasks (``sequential`` semantics), reply the updates."""
+    """Local training of the requested tasks (``sequential`` semantics) with the message's
+    settings; reply the updates as computed (finite or not)."""
     eng = engine_for(msg, context)
     tasks = _tasks_of(msg, eng)
     conf = msg.content["config"]
+    eng.configure(tasks, conf)
     params = [torch.zeros(0)] * len(eng.models)
     corrections = None
     dims = {}
@@ -182,11 +214,8 @@ def train(msg: Message, context: Context) -> Message:
     eng.need(tasks, dims)
     eng.seed = int(conf["seed"])
     clients = np.full(len(tasks), eng.client, dtype=np.int64)
-    try:
-        out = eng.train(params, clients, np.asarray(tasks, np.int64), int(conf["round"]),
-                        corrections)
-    except NumericalError as e:  # not a node failure: the server stops the run, as locally
-        return M.reply(msg, {"client": eng.client}, config={"numerical-error": str(e)})
+    out = eng.train(params, clients, np.asarray(tasks, np.int64), int(conf["round"]),
+                    corrections)
     vectors = {f"g.{s}": out.updates[s][0] for s in tasks}
     return M.reply(msg, {"client": eng.client, "tasks": tasks,
                          "train-loss": [float(x) for x in out.train_loss],
@@ -198,6 +227,7 @@ def probe(msg: Message, context: Context) -> Message:
     """Mean training loss of the sent global models on this client's data (LVR probes)."""
     eng = engine_for(msg, context)
     tasks = _tasks_of(msg, eng)
+    eng.configure(tasks, msg.content["config"])
     params = [torch.zeros(0)] * len(eng.models)
     dims = {}
     for s in tasks:

@@ -6,18 +6,23 @@ travel as one-array :class:`flwr.app.ArrayRecord` s of float32 numpy arrays.
 ``query.discover`` (start-up and whenever a new node id appears)
     content: ``config`` ConfigRecord (``shard-dir`` in simulation).
     reply: ``metrics`` MetricRecord ``client`` (i, from the node config) and ``n-samples``
-    ((S,) n_{i,s} of the node's shard: the server checks it against its federation).
+    ((S,) n_{i,s} of the node's shard); ``config`` ConfigRecord ``sha256`` (of the shard
+    file). The server checks the claim against what it knows (n_{i,s}, the shard's
+    fingerprint, the node's registered key) and refuses a node that disagrees
+    (:mod:`mmfl.flower.server`).
 
 ``train`` (local training of one or more tasks of client i in round t)
     content: ``config`` ConfigRecord ``round`` (t, 0-based), ``seed`` (experiment seed),
-    ``client`` (i), ``tasks`` (list of task indices s), ``task-names`` (their names), and
-    ``shard-dir`` in simulation; ``w.<s>`` ArrayRecord: w_s, the (D_s,) global parameters; with
-    SCAFFOLD also ``r.<s>``: the (D_s,) correction c_s - c_{i,s}.
-    reply: ``g.<s>`` ArrayRecord: the (D_s,) update G = w_s - w_{i,s} per task;
+    ``client`` (i), ``tasks`` (list of task indices s), ``task-names`` (their names), the
+    training settings of those tasks (:data:`SPEC_KEYS`: ``lr``, ``local-epochs``,
+    ``batch-size``, ``class-mask``, ``model``, ``model-options`` as JSON; lists in the order of
+    ``tasks``: the ClientApp trains with these, never with its shard's metadata), and
+    ``shard-dir`` in simulation; ``w.<s>`` ArrayRecord: w_s, the (D_s,) global parameters;
+    with SCAFFOLD also ``r.<s>``: the (D_s,) correction c_s - c_{i,s}.
+    reply: ``g.<s>`` ArrayRecord: the (D_s,) update G = w_s - w_{i,s} per task, as computed
+    (a non-finite update is returned as it is; the runner's central check rejects it);
     ``metrics`` MetricRecord ``client``, ``tasks``, ``train-loss`` and ``steps`` (lists in the
-    order of ``tasks``). A non-finite update is not an error reply: the reply's ``config``
-    holds ``numerical-error`` (the message) and the server raises
-    :class:`~mmfl.errors.NumericalError` exactly as the local engines do.
+    order of ``tasks``).
 
 ``query.probe`` (LVR loss probes)
     content: as ``train`` without ``round``/``seed``/``r.<s>``.
@@ -31,6 +36,8 @@ costs seconds of fixed overhead, see FLOWER-NOTES section 4).
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -38,6 +45,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDic
 TRAIN = "train"
 DISCOVER = "query.discover"
 PROBE = "query.probe"
+
+#: The per-task training settings every ``train`` / ``query.probe`` message carries, as
+#: (message key, TrainingSpec attribute).
+SPEC_KEYS = (("lr", "lr"), ("local-epochs", "local_epochs"), ("batch-size", "batch_size"),
+             ("class-mask", "class_mask"), ("model", "model"), ("model-options", "model_options"))
+
+
+def spec_config(specs) -> dict:
+    """The message config entries of :data:`SPEC_KEYS` for ``specs`` (TrainingSpecs, in the
+    order of the message's ``tasks``)."""
+    conf: dict = {}
+    for key, attr in SPEC_KEYS:
+        values = [getattr(sp, attr) for sp in specs]
+        if attr == "model_options":
+            values = [json.dumps(dict(v), sort_keys=True) for v in values]
+        conf[key] = values
+    return conf
 
 
 def vector_record(v: torch.Tensor | np.ndarray) -> ArrayRecord:

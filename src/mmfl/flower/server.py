@@ -10,13 +10,28 @@ local training done by the ClientApps through :class:`FlowerEngine`. Its run con
 * ``round-timeout`` (float seconds): overrides ``flower.round_timeout`` (0 = no limit);
 * ``nodes`` (int): SuperNodes to wait for before round 1 (0 = one per client, N);
 * ``node-wait`` (float seconds): how long to wait for them (overrides ``flower.node_wait``);
-* ``resume`` (bool): continue the run directory's last checkpoint.
+* ``resume`` (bool): continue the run directory's last checkpoint;
+* ``identity-file`` (str): absolute path of the deployment's identity file
+  (:func:`mmfl.flower.shards.write_identity`: each client's shard fingerprint and, with
+  ``--auth``, its SuperNode's public-key digest); "" = check n_{i,s} only.
 
 Any error raises out of the ServerApp, so the Flower run ends as ``finished:failed``.
 
 The server builds the federation from the config too (test sets for evaluation, n_{i,s} and B_i
-for the allocator); the clients train from their own shards. At discovery every node reports
-its n_{i,s} and a shard that disagrees with the server's federation is an error.
+for the allocator); the clients train from their own shards, with the training settings the
+server sends in every message.
+
+Node identity (nothing a node says about itself is taken on trust). At discovery a node
+claims a client i; the claim is refused when i is not a client of the federation, when the
+node's n_{i,s} or its shard's SHA-256 differ from the fingerprint the server knows, when the
+identity file binds client i to a public key and the node's registered key (Flower's
+``NodeInfo.public_key``, ``--auth`` only) is another, or when another node already serves
+client i and still answers (a second claim; a node that no longer answers is replaced, which
+is how a restarted SuperNode comes back). A refused node is never asked again. Every refused
+node and every rejected reply (one that does not match its request: other client or tasks,
+wrong shapes, missing fields) is logged and appended to the rejection file
+(``OUT/flower/rejected.jsonl``, one JSON object per line: ``time``, ``round``, ``node``,
+``what``, ``client``, ``reason``); a rejected reply's pairs are missing.
 
 Faults. A pair whose node does not reply within the round timeout, or replies with an error
 (Flower's NODE_UNAVAILABLE, code 5, for a node the SuperLink has declared dead; code 2 for an
@@ -30,11 +45,17 @@ Errors are mapped to pairs through ``reply_to_message_id`` (never ``src_node_id`
 SuperLink's for NODE_UNAVAILABLE). Node ids are mapped to clients by a ``query.discover``
 message answered from the node config; new node ids are discovered at the start of every
 round, so a SuperNode that restarts (new node id) is used again.
+
+Updates are passed on as the nodes computed them (finite or not): the runner validates every
+update centrally, in every engine.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -46,7 +67,7 @@ from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
 from mmfl.engines.base import Engine, TrainOutput, check_corrections
-from mmfl.errors import ConfigError, MmflError, NumericalError
+from mmfl.errors import ConfigError, MmflError
 from mmfl.experiment.config import FLOWER
 from mmfl.flower import messages as M
 
@@ -65,6 +86,9 @@ def _polls():
         yield wait
         wait = min(wait * 1.5, POLL[1])
 
+
+#: File name (under ``OUT/flower/``) of the refused nodes and rejected replies.
+REJECTED = "rejected.jsonl"
 
 #: A node that did not answer discovery is asked again this many rounds later.
 RETRY_AFTER = 3
@@ -85,6 +109,10 @@ class FlowerSettings:
         nodes: SuperNodes to wait for at start (0 = N, one per client).
         node_wait: seconds to wait for them.
         shard_dir: simulation only: the folder of the client shards, sent in every message.
+        identity_file: the identity file (:func:`mmfl.flower.shards.write_identity`) the
+            nodes' claims are checked against; "" = n_{i,s} only.
+        rejected_file: where refused nodes and rejected replies are appended (JSON lines,
+            created on the first one); "" = the log only.
     """
 
     round_timeout: float = FLOWER["round_timeout"].default
@@ -92,6 +120,8 @@ class FlowerSettings:
     nodes: int = 0
     node_wait: float = FLOWER["node_wait"].default
     shard_dir: str = ""
+    identity_file: str = ""
+    rejected_file: str = ""
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> FlowerSettings:
@@ -138,6 +168,13 @@ class FlowerEngine(Engine):
         self._node_of: dict[int, int] = {}    # client -> node id (the latest discovered)
         self._calls = 0                       # discover() calls so far
         self._retry: dict[int, int] = {}      # node id -> call from which to ask it again
+        self._refused: set[int] = set()       # node ids refused at discovery (never asked again)
+        self._round = -1                      # the round being trained (for the records)
+        self._identity: dict[int, dict] = {}  # client -> fingerprint (n, sha256, key)
+        if self.settings.identity_file:
+            from mmfl.flower.shards import load_identity
+
+            self._identity = load_identity(self.settings.identity_file)
         self._dims = self.num_parameters()
         self._names = list(federation.population.task_names)
         self.wait_for_nodes()
@@ -174,17 +211,23 @@ class FlowerEngine(Engine):
             time.sleep(0.5)  # error replies come back at once: do not flood the nodes
         found = len(self._node_of)
         if found < need:
+            refused = (f"; {len(self._refused)} node(s) refused, see the log"
+                       + (f" and {self.settings.rejected_file}" if self.settings.rejected_file
+                          else "") if self._refused else "")
             raise FlowerError(f"only {found} of {need} Flower nodes answered discovery within "
-                              f"{self.settings.node_wait:g} s (flower.node_wait)")
+                              f"{self.settings.node_wait:g} s (flower.node_wait){refused}")
         log.info("flower: %d nodes serve %d of %d clients", len(self._client_of), found,
                  n_clients)
 
     def discover(self, *, timeout: float | None = None, retry: bool = True) -> None:
         """Map the node ids not seen before to their clients (``query.discover``); forget
-        nodes that left. A client whose node restarted maps to its newest node id. A node
-        that does not answer is asked again :data:`RETRY_AFTER` calls later (so a silent node
-        does not cost every round a discovery timeout); ``retry=False`` asks every unknown
-        node now. ``timeout``: seconds to wait for the answers (default: the round timeout)."""
+        nodes that left. Each claim is checked (:meth:`_check_claim`, and a second claim to a
+        client whose node still answers is refused; module docstring); refused nodes are
+        recorded and never asked again. A client whose node stopped answering maps to the new
+        node. A node that does not answer is asked again :data:`RETRY_AFTER` calls later (so a
+        silent node does not cost every round a discovery timeout); ``retry=False`` asks every
+        unknown node now. ``timeout``: seconds to wait for the answers (default: the round
+        timeout)."""
         self._calls += 1
         ids = [int(n) for n in self.grid.get_node_ids()]
         current = set(ids)
@@ -192,27 +235,108 @@ class FlowerEngine(Engine):
             client = self._client_of.pop(nid)
             if self._node_of.get(client) == nid:
                 del self._node_of[client]
-        new = [n for n in ids if n not in self._client_of
+        new = [n for n in ids if n not in self._client_of and n not in self._refused
                and (not retry or self._retry.get(n, 0) <= self._calls)]
         if not new:
             return
         msgs = [M.request(M.DISCOVER, nid, self._config(), {}) for nid in new]
-        pop = self.federation.population
+        keys = self._node_keys() if any("key" in f for f in self._identity.values()) else {}
+        claims = []
         for msg, rep in self._exchange(msgs, timeout=timeout):
+            nid = msg.metadata.dst_node_id
             if rep is None:  # no answer (yet): asked again a few rounds later
-                self._retry[msg.metadata.dst_node_id] = self._calls + RETRY_AFTER
+                self._retry[nid] = self._calls + RETRY_AFTER
                 continue
-            client = int(rep.content["metrics"]["client"])
-            if not 0 <= client < pop.num_clients:
-                raise FlowerError(f"node {msg.metadata.dst_node_id} is client {client}, but "
-                                  f"the federation has {pop.num_clients} clients")
-            n = np.asarray(rep.content["metrics"]["n-samples"], np.int64)
-            if n.shape != (pop.num_tasks,) or not np.array_equal(n, pop.n_samples[client]):
-                raise FlowerError(f"client {client}'s shard holds n = {n.tolist()} samples per "
-                                  f"task, the server's federation {pop.n_samples[client].tolist()}"
-                                  " (shard of another config?)")
-            self._client_of[msg.metadata.dst_node_id] = client
-            self._node_of[client] = msg.metadata.dst_node_id
+            client, why = self._check_claim(nid, rep, keys)
+            if why:
+                self._refuse(nid, client, why)
+            else:
+                claims.append((nid, client))
+        for nid, client in claims:
+            old = self._node_of.get(client)
+            if old is not None and old != nid and old in current:
+                if self._answers(old, client, timeout, keys):
+                    self._refuse(nid, client, f"a second claim to client {client}, which node "
+                                              f"{old} serves")
+                    continue
+                log.warning("flower: client %d's node %d does not answer; node %d serves it now",
+                            client, old, nid)
+                self._client_of.pop(old, None)
+            self._client_of[nid] = client
+            self._node_of[client] = nid
+
+    def _check_claim(self, nid: int, rep: Message, keys: dict[int, str]
+                     ) -> tuple[int | None, str]:
+        """(claimed client, why the claim is refused or "") of a discovery reply."""
+        pop = self.federation.population
+        try:
+            met = rep.content["metrics"]
+            client = int(met["client"])
+            n = np.asarray(met["n-samples"], np.int64)
+            conf = rep.content["config"] if "config" in rep.content else {}
+            sha = str(conf.get("sha256", ""))
+        except (KeyError, TypeError, ValueError) as e:
+            return None, f"malformed discovery reply ({type(e).__name__}: {e})"
+        if not 0 <= client < pop.num_clients:
+            return client, f"claims client {client}, but the federation has {pop.num_clients}"
+        if n.shape != (pop.num_tasks,) or not np.array_equal(n, pop.n_samples[client]):
+            return client, (f"its shard holds n = {n.tolist()} samples per task, the server's "
+                            f"federation {pop.n_samples[client].tolist()} (shard of another "
+                            f"config, or not client {client}'s)")
+        fp = self._identity.get(client) if self._identity else None
+        if self._identity and fp is None:
+            return client, f"client {client} has no fingerprint in the identity file"
+        if fp is not None and sha != fp["sha256"]:
+            return client, (f"its shard's sha256 {sha[:12] or '(none)'}... differs from client "
+                            f"{client}'s fingerprint {fp['sha256'][:12]}...")
+        if fp is not None and "key" in fp and keys.get(nid) != fp["key"]:
+            return client, (f"its public key {'(none)' if nid not in keys else keys[nid][:12]}"
+                            f"... is not the key registered for client {client}")
+        return client, ""
+
+    def _node_keys(self) -> dict[int, str]:
+        """node id -> digest of its registered public key, for the nodes whose key Flower
+        exposes (``grid.get_nodes()``; only under SuperNode authentication)."""
+        from mmfl.flower.certs import public_key_digest
+
+        out = {}
+        for info in getattr(self.grid, "get_nodes", lambda: ())():
+            key = bytes(getattr(info, "public_key", b"") or b"")
+            if key:
+                try:
+                    out[int(info.node_id)] = public_key_digest(key)
+                except (ValueError, TypeError):
+                    continue
+        return out
+
+    def _answers(self, nid: int, client: int, timeout: float | None,
+                 keys: dict[int, str]) -> bool:
+        """Whether node ``nid`` still answers discovery as ``client`` (a liveness check before
+        a second claim to the client is refused)."""
+        ((_, rep),) = self._exchange([M.request(M.DISCOVER, nid, self._config(), {})],
+                                     timeout=timeout)
+        return rep is not None and self._check_claim(nid, rep, keys) == (client, "")
+
+    def _refuse(self, nid: int, client: int | None, why: str) -> None:
+        self._refused.add(nid)
+        self._reject(nid, "discovery", client, f"node refused: {why}")
+
+    def _reject(self, nid: int, what: str, client: int | None, reason: str) -> None:
+        """Log a refused node or rejected reply and append it to the rejection file."""
+        log.warning("flower: rejected %s from node %s (client %s): %s", what, nid, client, reason)
+        path = self.settings.rejected_file
+        if not path:
+            return
+        rec = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+               "round": self._round + 1, "node": int(nid), "what": what,
+               "client": client, "reason": reason}
+        try:
+            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a", encoding="utf-8") as f:
+                f.write(json.dumps(rec) + "\n")
+        except OSError as e:
+            log.warning("flower: cannot record the rejection in %s (%s)", path, e)
 
     # -- messaging ---------------------------------------------------------------------------
     def _check_stop(self) -> None:
@@ -291,6 +415,7 @@ class FlowerEngine(Engine):
                 vectors.update({f"r.{int(tasks[k])}": corrections[int(tasks[k])][rows[k]]
                                 for k in ks})
             conf = self._config(client=i, tasks=ts, **{"task-names": [self._names[s] for s in ts]},
+                                **M.spec_config([self.federation.tasks[s].spec for s in ts]),
                                 **extra)
             msgs.append(M.request(kind, self._node_of[i], conf, vectors, group))
             sent.append(_Sent(i, ts))
@@ -308,24 +433,16 @@ class FlowerEngine(Engine):
                                     {"round": int(round), "seed": int(self.seed)},
                                     pack=self.settings.pack, corrections=corrections,
                                     group=str(round))
+        self._round = int(round)
         result: dict[tuple[int, int], tuple[torch.Tensor, float, int]] = {}
         for (msg, rep), info in zip(self._exchange(msgs), sent):
             if rep is None:
                 continue
-            if "config" in rep.content and "numerical-error" in rep.content["config"]:
-                raise NumericalError(str(rep.content["config"]["numerical-error"]))
-            met = rep.content["metrics"]
-            if int(met["client"]) != info.client or list(met["tasks"]) != info.tasks:
-                log.warning("flower: a reply from client %s does not match its request",
-                            met["client"])
+            got, why = self._read_train_reply(msg, rep, info)
+            if why:
+                self._reject(msg.metadata.dst_node_id, "train reply", info.client, why)
                 continue
-            for j, s in enumerate(info.tasks):
-                g = M.record_vector(rep.content[f"g.{s}"])
-                if g.numel() != self._dims[s]:
-                    raise FlowerError(f"client {info.client} returned {g.numel()} parameters "
-                                      f"for task {self._names[s]}, expected {self._dims[s]}")
-                result[(info.client, s)] = (g, float(met["train-loss"][j]),
-                                            int(met["steps"][j]))
+            result.update(got)
         keep = np.array([(i, s) in result for i, s in zip(clients.tolist(), tasks.tolist())],
                         dtype=bool)
         if not keep.all():
@@ -343,6 +460,32 @@ class FlowerEngine(Engine):
                            dtype=np.int64),
         )
 
+    def _read_train_reply(self, msg: Message, rep: Message, info: _Sent):
+        """({(client, task): (update, loss, steps)}, "") from a train reply, or ({}, why)
+        when the reply does not match its request. Values are passed on as they are (finite
+        or not: the runner checks updates centrally)."""
+        try:
+            src = int(rep.metadata.src_node_id)
+            if src not in (0, int(msg.metadata.dst_node_id)):
+                return {}, f"reply from node {src}, sent to node {msg.metadata.dst_node_id}"
+            met = rep.content["metrics"]
+            if int(met["client"]) != info.client or [int(s) for s in met["tasks"]] != info.tasks:
+                return {}, (f"reply for client {met['client']} tasks {list(met['tasks'])}, "
+                            f"request for client {info.client} tasks {info.tasks}")
+            loss, steps = list(met["train-loss"]), list(met["steps"])
+            if len(loss) != len(info.tasks) or len(steps) != len(info.tasks):
+                return {}, "train-loss/steps do not match the tasks"
+            got = {}
+            for j, s in enumerate(info.tasks):
+                g = M.record_vector(rep.content[f"g.{s}"])
+                if g.numel() != self._dims[s]:
+                    return {}, (f"{g.numel()} parameters for task {self._names[s]}, expected "
+                                f"{self._dims[s]}")
+                got[(info.client, s)] = (g, float(loss[j]), int(steps[j]))
+            return got, ""
+        except (KeyError, TypeError, ValueError) as e:
+            return {}, f"malformed reply ({type(e).__name__}: {e})"
+
     def probe_losses(self, params, clients, tasks) -> np.ndarray:
         """(U,) mean training loss f_{i,s}(w_s) of each pair, measured by its node (one
         ``query.probe`` message per node); NaN where the node did not answer."""
@@ -354,8 +497,16 @@ class FlowerEngine(Engine):
         for (msg, rep), info in zip(self._exchange(msgs), sent):
             if rep is None:
                 continue
-            met = rep.content["metrics"]
-            loss = dict(zip((int(s) for s in met["tasks"]), (float(x) for x in met["loss"])))
+            try:
+                met = rep.content["metrics"]
+                if int(met["client"]) != info.client or len(met["loss"]) != len(met["tasks"]):
+                    raise ValueError(f"reply for client {met['client']}, request for client "
+                                     f"{info.client}")
+                loss = dict(zip((int(s) for s in met["tasks"]), (float(x) for x in met["loss"])))
+            except (KeyError, TypeError, ValueError) as e:
+                self._reject(msg.metadata.dst_node_id, "probe reply", info.client,
+                             f"malformed reply ({type(e).__name__}: {e})")
+                continue
             for k in np.flatnonzero(clients == info.client).tolist():
                 if int(tasks[k]) in loss:
                     out[k] = loss[int(tasks[k])]
@@ -425,7 +576,8 @@ def _main(grid: Grid, context: Context) -> None:
         cfg = cfg.replace(engine="flower")
     settings = FlowerSettings.from_config(
         cfg, round_timeout=_opt(rc, "round-timeout", float), nodes=_opt(rc, "nodes", int),
-        node_wait=_opt(rc, "node-wait", float))
+        node_wait=_opt(rc, "node-wait", float), identity_file=str(rc.get("identity-file", "")),
+        rejected_file=str(Path(str(rc["out-dir"])) / "flower" / REJECTED))
     run_experiment(grid, cfg, str(rc["out-dir"]), settings=settings,
                    resume=bool(rc.get("resume", False)), callbacks=[LogProgress()])
 

@@ -18,6 +18,13 @@ Layout of ``client-<i>.npz`` (plain numpy arrays, no pickle; loading one costs m
   index array ``client_indices[i]`` (dtype of the dataset).
 * ``y<s>``: (n_{i,s},) int64 labels.
 
+Identity. :func:`fingerprint` is what the server knows about a shard: its n_{i,s} and the
+SHA-256 of the file. ``mmfl flower-local`` writes the fingerprints of all shards (and, with
+``--auth``, each node's public-key digest) into an identity file (:func:`write_identity`)
+that the ServerApp reads; a node whose discovery reply disagrees with it is refused
+(:mod:`mmfl.flower.server`). Training hyperparameters in ``meta`` are informative only: the
+ClientApp trains with what the server's messages say.
+
 Keeping the samples in index order makes the client's local batches those of the ``sequential``
 engine: :func:`mmfl.engines.sequential.local_batches` shuffles positions ``0..n-1`` with the same
 stream, and ``x<s>[perm] == x_train[indices[perm]]``. The experiment seed (which derives that
@@ -26,7 +33,9 @@ stream) and the round come with every train message, so a shard does not depend 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +45,7 @@ from mmfl.errors import DataError
 from mmfl.tasks.spec import TrainingSpec
 
 FORMAT = "mmfl-shard-1"
+IDENTITY_FORMAT = "mmfl-identity-1"
 
 
 @dataclass(frozen=True)
@@ -86,7 +96,7 @@ def write_shards(federation, folder: str | Path) -> list[Path]:
     Every shard lists all S tasks; a task the client does not hold has n = 0 samples.
     """
     folder = Path(folder).resolve()
-    folder.mkdir(parents=True, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     pop = federation.population
     specs = []
     for td in federation.tasks:
@@ -113,7 +123,9 @@ def write_shards(federation, folder: str | Path) -> list[Path]:
                 "num_clients": int(pop.num_clients), "tasks": tasks}
         path = folder / shard_name(i)
         tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, meta=np.array(json.dumps(meta)), **arrays)
+        # private from the first byte (0600): a shard is one client's training data
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)), **arrays)
         tmp.replace(path)  # a reader never sees half a file
         paths.append(path)
     return paths
@@ -148,3 +160,58 @@ def load_shard(path: str | Path) -> Shard:
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"{path}: unreadable client shard ({type(e).__name__}: {e})") from None
     return Shard(int(meta["client"]), int(meta["num_clients"]), tuple(tasks))
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(path: str | Path) -> dict:
+    """What the server knows of a shard: ``client``, ``n`` (n_{i,s} per task) and ``sha256``
+    of the file. A node claiming client i must report the same ``n`` and ``sha256``."""
+    shard = load_shard(path)
+    return {"client": shard.client, "n": shard.n_samples.tolist(),
+            "sha256": file_sha256(path)}
+
+
+def write_identity(paths, file: str | Path, keys: dict[int, str] | None = None) -> dict:
+    """Write the identity file of a deployment (mode 0600): per client i the fingerprint of
+    shard ``paths[i]`` and, when ``keys`` gives one, ``key`` = the SHA-256 of its SuperNode's
+    public key (:func:`mmfl.flower.certs.public_key_digest`). Returns the document."""
+    clients = []
+    for i, p in enumerate(paths):
+        fp = fingerprint(p)
+        if fp["client"] != i:
+            raise DataError(f"{p}: holds client {fp['client']}'s shard, expected client {i}")
+        if keys and keys.get(i):
+            fp["key"] = keys[i]
+        clients.append(fp)
+    doc = {"format": IDENTITY_FORMAT, "clients": clients}
+    file = Path(file)
+    tmp = file.with_name(file.name + ".tmp")
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w",
+                   encoding="utf-8") as f:
+        f.write(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(file)
+    return doc
+
+
+def load_identity(file: str | Path) -> dict[int, dict]:
+    """Client i -> its fingerprint (``n``, ``sha256``, optional ``key``) from an identity file;
+    a missing or malformed file is a one-line DataError."""
+    try:
+        doc = json.loads(Path(file).read_text(encoding="utf-8"))
+        if doc.get("format") != IDENTITY_FORMAT:
+            raise ValueError(f"format {doc.get('format')!r}, expected {IDENTITY_FORMAT!r}")
+        return {int(c["client"]): {"n": [int(x) for x in c["n"]], "sha256": str(c["sha256"]),
+                                   **({"key": str(c["key"])} if c.get("key") else {})}
+                for c in doc["clients"]}
+    except FileNotFoundError:
+        raise DataError(f"{file}: identity file not found") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{file}: unreadable identity file ({e})") from None

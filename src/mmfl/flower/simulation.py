@@ -4,9 +4,10 @@
 "flower"``:
 
 1. build the federation and write one shard per client into a temporary folder
-   (:func:`mmfl.flower.shards.write_shards`; removed at the end): the ClientApps, which run in
-   Ray worker processes, read their client's data from there, like a SuperNode in deployment
-   reads its ``data-file``;
+   (:func:`mmfl.flower.shards.write_shards`; removed at the end) with their fingerprints
+   (:func:`~mmfl.flower.shards.write_identity`): the ClientApps, which run in Ray worker
+   processes, read their client's data from there, like a SuperNode in deployment reads its
+   ``data-file``, and the server checks their claims as in deployment;
 2. ``flwr.simulation.run_simulation`` with one virtual SuperNode per mmfl client
    (``partition-id`` i = client i), the Ray backend limited to ``flower.ray_cpus`` CPUs and one
    CPU (one torch/OpenMP thread) per ClientApp;
@@ -30,8 +31,8 @@ import threading
 from typing import Any
 
 from mmfl.experiment.federation import build_federation
-from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
-from mmfl.flower.shards import write_shards
+from mmfl.flower.server import REJECTED, FlowerError, FlowerSettings, engine_factory
+from mmfl.flower.shards import write_identity, write_shards
 from mmfl.supervisor import ONE_THREAD, environment
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,11 @@ def host_run(runner, *, resume: bool = False, client_app=None,
     check_out_dir(cfg, runner.out, resume=resume)  # input errors before Ray starts
     federation = build_federation(cfg, runner.data_dir)
     with tempfile.TemporaryDirectory(prefix="mmfl-shards-") as shard_dir:
-        write_shards(federation, shard_dir)
-        settings = FlowerSettings.from_config(cfg, nodes=n, shard_dir=shard_dir)
+        identity = f"{shard_dir}/identity.json"
+        write_identity(write_shards(federation, shard_dir), identity)
+        settings = FlowerSettings.from_config(
+            cfg, nodes=n, shard_dir=shard_dir, identity_file=identity,
+            rejected_file=str(runner.out / "flower" / REJECTED))
         app = ServerApp()
 
         @app.main()
