@@ -1,7 +1,15 @@
 """Process supervision shared by ``mmfl sweep``, the Flower simulation host and ``mmfl
 flower-local``: the thread environment of worker processes, SIGINT guards, a death signal for
-children, and finding leftover processes by an environment marker or by parentage in
-``/proc``.
+children, finding leftover processes by an environment marker or by parentage in ``/proc``,
+and a watchdog that kills them when their parent dies.
+
+The watchdog (:func:`start_watchdog`, ``python -m mmfl.supervisor watchdog NAME VALUE``) is a
+small process that reads a pipe whose only writer is its parent. The pipe reaches end-of-file
+when the parent exits, however it exits (SIGKILL included), and the watchdog then SIGKILLs
+every process carrying the marker ``NAME=VALUE`` in its environment, including the ones that
+left the parent's process tree or session (Flower's ``flower-superexec``, ``flwr-serverapp``,
+``flwr-clientapp``), which ``PR_SET_PDEATHSIG`` (direct children only) cannot reach. Linux
+(``/proc``) only; elsewhere it finds nothing and exits.
 """
 
 from __future__ import annotations
@@ -9,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from typing import Callable
 
 __all__ = ["ONE_THREAD", "descendants", "environment", "poll_until", "processes_with_env",
-           "set_pdeathsig", "sigint_ignored"]
+           "set_pdeathsig", "sigint_ignored", "start_watchdog"]
 
 #: One thread per worker process: N processes share the machine's cores.
 ONE_THREAD = {k: "1" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -107,3 +117,37 @@ def poll_until(done: Callable[[], bool], *, every: float, timeout: float | None,
         if deadline is not None and time.monotonic() > deadline:
             raise expired()
         time.sleep(every)
+
+
+def start_watchdog(name: str, value: str) -> subprocess.Popen:
+    """Start the watchdog of the processes marked ``name=value`` (module docstring). The
+    caller keeps the returned Popen (its ``stdin`` is the pipe; closing it, or exiting, makes
+    the watchdog kill what is left and exit). The watchdog itself carries no marker."""
+    env = {k: v for k, v in os.environ.items() if k != name}
+    return subprocess.Popen([sys.executable, "-m", "mmfl.supervisor", "watchdog", name, value],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+
+
+def _watchdog(name: str, value: str, *, settle: float = 0.3, limit: float = 10.0) -> None:
+    """Wait for end-of-file on stdin, then SIGKILL the processes marked ``name=value`` until
+    none has been seen for ``settle`` seconds (at most ``limit`` seconds)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # outlive the parent's group
+        signal.signal(sig, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        while sys.stdin.buffer.read(4096):
+            pass
+    deadline = time.monotonic() + limit
+    quiet_since = time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - quiet_since < settle:
+        pids = processes_with_env(name, value)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if pids:
+            quiet_since = time.monotonic()
+        time.sleep(0.05)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["watchdog"] and len(sys.argv) == 4:
+    _watchdog(sys.argv[2], sys.argv[3])

@@ -7,6 +7,7 @@ failure never leaks processes or ports into later tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -274,18 +275,259 @@ def test_failing_serverapp_exit_1(tmp_path, reaper, monkeypatch, capsys):
     assert_no_survivors(out)
 
 
+def _non_loopback_address() -> str | None:
+    """An IPv4 address of this machine that is not loopback (None where there is none)."""
+    import socket
+
+    with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # UDP: nothing is sent, the kernel picks the interface
+        ip = s.getsockname()[0]
+        if not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    return None
+
+
+def _post_status(host: str, port: int, path: str) -> int:
+    import http.client
+
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("POST", path, body=b"", headers={"content-type": "application/protobuf"})
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def _tampered(path: Path, dest: Path, *, shift_labels=False, lr=None, drop=0) -> Path:
+    """A copy of shard ``path``: labels shifted by one, metadata lr replaced, and/or the last
+    ``drop`` samples of every task dropped (as tests/flower/test_engine.py's)."""
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    for s, t in enumerate(meta["tasks"]):
+        if lr is not None:
+            t["lr"] = lr
+        if shift_labels:
+            arrays[f"y{s}"] = (arrays[f"y{s}"] + 1) % 10
+        if drop:
+            arrays[f"x{s}"], arrays[f"y{s}"] = arrays[f"x{s}"][:-drop], arrays[f"y{s}"][:-drop]
+            t["n"] -= drop
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(dest, meta=np.array(json.dumps(meta)), **arrays)
+    return dest
+
+
+@pytest.mark.timeout(420)
+def test_rogue_supernodes_are_refused_and_control_api_is_loopback_only(tmp_path, reaper):
+    """--host 0.0.0.0 (insecure). The Control API answers 403 to a peer on this machine's
+    non-loopback address (a `flwr run` through it fails; only the deployment's run exists),
+    while the Fleet API serves it: two rogue SuperNodes connect through that address, one
+    claiming client 1 with a modified copy of its shard (labels shifted, metadata lr 1e6),
+    one claiming client 2 with a sample fewer. Both are refused and recorded, the run never
+    waits for them, and its metrics equal the sequential engine's."""
+    import mmfl
+    from mmfl.experiment.config import load_config
+    from mmfl.supervisor import ONE_THREAD
+
+    cfg = load_config(write_config(tmp_path, rounds=2))
+    out = tmp_path / "run"
+    ip = _non_loopback_address()
+    with LocalDeployment(cfg, out, host="0.0.0.0", round_timeout=60, node_wait=150,
+                         keep_logs=True) as dep:
+        dep.prepare()
+        dep.start()
+        attack = None
+        if ip is not None:
+            assert _post_status(ip, dep.port, "/v1/control/list-runs") == 403
+            assert _post_status(ip, dep.port, "/v1/runtime/get-nodes") == 403
+            assert _post_status(ip, dep.port, "/v1/fleet/../control/list-runs") == 403
+            assert _post_status("127.0.0.1", dep.port, "/v1/control/list-runs") != 403
+            home = tmp_path / "attacker"
+            home.mkdir()
+            (home / "config.toml").write_text(
+                f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "{ip}:{dep.port}"\n'
+                'insecure = true\n', encoding="utf-8")
+            attack = subprocess.run(
+                [local.flower_executable("flwr"), "run", str(dep.dir / "app"), "x",
+                 "--format", "json"], env={**os.environ, **local.FLOWER_ENV,
+                                            "FLWR_HOME": str(home)},
+                capture_output=True, text=True, timeout=120)
+        rogue = {1: _tampered(dep.shards[1], tmp_path / "rogue" / "r1.npz", shift_labels=True,
+                              lr=1e6),
+                 2: _tampered(dep.shards[2], tmp_path / "rogue" / "r2.npz", drop=1)}
+        for client, shard in rogue.items():
+            argv = [local.flower_executable("flower-supernode"), "--insecure",
+                    "--superlink", f"{ip or '127.0.0.1'}:{dep.port}",
+                    "--port", str(local.free_port()),
+                    "--node-config", f"client-id={client} data-file='{shard}'"]
+            dep._spawn(local._Proc(f"rogue{client}", argv, tmp_path / "rogue" / f"n{client}",
+                                   dep.logs / f"rogue{client}.log", {**dep._env, **ONE_THREAD}))
+        dep.submit()
+        summary = dep.wait(timeout=300)
+        runs = dep._json(dep.flwr("ls", local.CONNECTION, "--format", "json"), "flwr ls")["runs"]
+    if attack is not None:
+        assert attack.returncode != 0 or '"success": false' in attack.stdout, attack.stdout
+    assert [str(r["run-id"]) for r in runs] == [dep.run_id]
+    assert summary["status"] == "completed"
+    assert all(int(r["missing"]) == 0 for r in rounds_csv(out))
+    mmfl.run(cfg.replace(engine="sequential"), tmp_path / "seq")
+    assert (out / "metrics.csv").read_text() == (tmp_path / "seq" / "metrics.csv").read_text()
+    rejected = out / "flower" / "rejected.jsonl"
+    recs = {r["client"]: r for r in map(json.loads, rejected.read_text().splitlines())}
+    assert set(recs) == {1, 2}, recs
+    assert "sha256" in recs[1]["reason"] and "n = " in recs[2]["reason"]
+    assert rejected.stat().st_mode & 0o077 == 0
+    assert "node refused" in (out / "flower" / "logs" / "serverapp.log").read_text()
+    assert_no_survivors(out)
+
+
+def _wait_for_round(p: subprocess.Popen, out: Path, timeout: float = 240) -> None:
+    """Until summary.json says ``running`` after a round (the ServerApp is mid-run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert p.poll() is None, p.communicate()[1]
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((out / "summary.json").read_text()).get("status") == "running":
+                return
+        time.sleep(0.3)
+    raise AssertionError("no round finished in time")
+
+
+@pytest.mark.timeout(360)
+def test_superlink_death_fails_the_run(tmp_path, reaper):
+    """The SuperLink is SIGKILLed mid-run: one line "flower-superlink exited (code -9)", exit
+    1, summary.json ``failed`` with that reason (not ``running``), no process left."""
+    out = tmp_path / "run"
+    p = start_cli(str(write_config(tmp_path, rounds=40)), "--out", str(out),
+                  "--round-timeout", "60")
+    reaper.append(p)
+    _wait_for_round(p, out)
+    (link,) = [pid for pid in survivors(out) if "mmfl.flower.linkguard" in cmdline(pid)]
+    os.kill(link, signal.SIGKILL)
+    rc, _, stderr = finish(p, timeout=120)
+    assert rc == 1, stderr
+    lines = [x for x in stderr.strip().splitlines() if x.startswith("mmfl: error")]
+    assert lines == [f"mmfl: error: flower-superlink exited (code -9); see "
+                     f"{out / 'flower' / 'logs' / 'superlink.log'}"], stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed", summary
+    assert "flower-superlink exited (code -9)" in summary["error"]
+    assert_no_survivors(out)
+
+
+@pytest.mark.timeout(360)
+def test_killing_mmfl_leaves_no_flower_process(tmp_path, reaper):
+    """`mmfl flower-local` SIGKILLed mid-run (no cleanup code runs): the SuperLink, the
+    SuperNodes and what Flower started in sessions of their own (superexec, flwr-serverapp,
+    ClientApps) are all gone within 2 s."""
+    out = tmp_path / "run"
+    p = start_cli(str(write_config(tmp_path, rounds=40)), "--out", str(out),
+                  "--round-timeout", "60")
+    reaper.append(p)
+    _wait_for_round(p, out)
+    assert any("flwr-serverapp" in cmdline(pid) for pid in survivors(out))
+    p.kill()
+    p.wait(timeout=10)
+    t0 = time.monotonic()
+    while survivors(out) and time.monotonic() - t0 < 10:
+        time.sleep(0.05)
+    assert_no_survivors(out, wait=0)
+    assert time.monotonic() - t0 < 2.0
+
+
 # -- cheap checks --------------------------------------------------------------------------------
-def test_invalid_options_exit_2(tmp_path):
-    cfg = write_config(tmp_path)
-    for extra, key in ((["--round-timeout", "-1"], "--round-timeout"),
-                       (["--node-wait", "0"], "--node-wait"),
-                       (["--port", "70000"], "--port"),
-                       (["--set", "rounds=0"], "rounds")):
-        p = start_cli(str(cfg), "--out", str(tmp_path / "x"), *extra)
-        rc, _, stderr = finish(p, timeout=120)
-        assert rc == 2, stderr
-        assert key in stderr and "Traceback" not in stderr
-        assert not survivors(tmp_path / "x")
+@pytest.mark.parametrize("extra, key", [
+    (["--round-timeout", "-1"], "--round-timeout"),
+    (["--round-timeout", "nan"], "--round-timeout"),
+    (["--round-timeout", "inf"], "--round-timeout"),
+    (["--node-wait", "0"], "--node-wait"),
+    (["--node-wait", "nan"], "--node-wait"),
+    (["--node-wait=-inf"], "--node-wait"),
+    (["--port", "70000"], "--port"),
+    (["--host", "not a host"], "--host"),
+    (["--host", ""], "--host"),
+    (["--host", "a..b"], "--host"),
+    (["--host", "x" * 300], "--host"),
+    (["--set", "rounds=0"], "rounds"),
+])
+def test_invalid_options_exit_2(tmp_path, capsys, extra, key):
+    """Invalid values (NaN and infinities included, which once meant "no limit") are one
+    line naming the option, exit 2, and nothing is written or started."""
+    from mmfl import cli
+
+    out = tmp_path / "x"
+    rc = cli.main(["flower-local", str(write_config(tmp_path)), "--out", str(out), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"mmfl: error: {key}") and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_valid_hosts_are_accepted(tmp_path):
+    from mmfl.experiment.config import load_config
+
+    cfg = load_config(write_config(tmp_path))
+    for host in ("127.0.0.1", "0.0.0.0", "::", "fd00::2", "localhost", "server-1.example.org."):
+        assert LocalDeployment(cfg, tmp_path / "run", host=host).host == host
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mode & 0o777
+            for p in [folder, *folder.rglob("*")]}
+
+
+def test_deployment_files_are_private(tmp_path):
+    """Every folder under OUT/flower is 0700 and every file 0600 (commands.sh 0700), created
+    so: the shards, identity file, CA, certificate, keys and FLWR_HOME included; the
+    process's umask is restored afterwards."""
+    from mmfl.experiment.config import load_config
+
+    before = os.umask(0o022)
+    try:
+        dep = LocalDeployment(load_config(write_config(tmp_path)), tmp_path / "run", auth=True)
+        dep.commands()  # prepare + commands.sh
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)
+    modes = _modes(dep.dir)
+    for name in ("shards/client-0.npz", "identity.json", "tls/ca.crt", "tls/server.key",
+                 "keys/node0", "keys/node0.pub", "home/config.toml", "experiment.toml",
+                 "app/pyproject.toml", "run-config.toml", "deployment.json"):
+        assert name in modes, name
+    bad = {n: oct(m) for n, m in modes.items()
+           if m & 0o077 or (dep.dir / n).is_dir() and m != 0o700}
+    assert not bad, bad
+    assert modes["commands.sh"] == 0o700
+
+
+def test_prepare_only_keeps_the_users_files(tmp_path, capsys):
+    """--prepare-only on an existing OUT/flower removes only what mmfl created there: a user's
+    file beside them survives a second preparation, and a user's file where mmfl needs to
+    write is an input error (one line, exit 2) that leaves it untouched."""
+    from mmfl import cli
+
+    cfg = str(write_config(tmp_path))
+    out = tmp_path / "run"
+    assert cli.main(["flower-local", cfg, "--out", str(out), "--prepare-only"]) == 0
+    notes = out / "flower" / "notes.txt"
+    notes.write_text("mine", encoding="utf-8")
+    (out / "flower" / "shards" / "client-9.npz").write_text("stale")  # inside mmfl's folder
+    assert cli.main(["flower-local", cfg, "--out", str(out), "--prepare-only"]) == 0
+    assert notes.read_text() == "mine"
+    assert sorted(p.name for p in (out / "flower" / "shards").iterdir()) == [
+        "client-0.npz", "client-1.npz", "client-2.npz"]
+    capsys.readouterr()
+    other = tmp_path / "other"
+    (other / "flower").mkdir(parents=True)
+    users = other / "flower" / "commands.sh"
+    users.write_text("echo mine\n", encoding="utf-8")
+    assert cli.main(["flower-local", cfg, "--out", str(other), "--prepare-only"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "commands.sh" in err, err
+    assert users.read_text() == "echo mine\n"
+    assert sorted(p.name for p in (other / "flower").iterdir()) == ["commands.sh"]
 
 
 def test_port_in_use_is_an_input_error(tmp_path):
@@ -308,7 +550,9 @@ def test_existing_run_is_an_input_error(tmp_path):
     (out / "metrics.csv").write_text("round,task,accuracy,loss\n")
     p = start_cli(str(write_config(tmp_path)), "--out", str(out))
     rc, _, stderr = finish(p, timeout=120)
-    assert rc == 2 and "already holds a run" in stderr
+    # "already holds a run", or, for a folder without mmfl's run marker, "not written by mmfl"
+    assert rc == 2 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "metrics.csv" in stderr or "already holds a run" in stderr, stderr
     assert not (out / "flower").exists()
 
 
@@ -339,7 +583,7 @@ def test_app_directory_is_shipped():
     assert flwr["components"] == {"serverapp": "mmfl.flower.server:server_app",
                                   "clientapp": "mmfl.flower.client:client_app"}
     assert set(flwr["config"]) == {"config-file", "out-dir", "round-timeout", "nodes",
-                                   "node-wait", "resume"}
+                                   "node-wait", "resume", "identity-file"}
 
 
 def test_stop_kills_detached_grandchildren(tmp_path):
@@ -389,7 +633,7 @@ def test_prepare_only_writes_commands(tmp_path):
         "client-0.npz", "client-1.npz", "client-2.npz"]
     text = (fl / "commands.sh").read_text()
     assert text.strip() in stdout
-    assert "flower-superlink --host 0.0.0.0 --port 9399" in text
+    assert "-m mmfl.flower.linkguard --host 0.0.0.0 --port 9399" in text
     assert text.count("flower-supernode --superlink 127.0.0.1:9399") == 3
     assert "client-id=2" in text and "--root-certificates" in text and "flwr run" in text
     assert 'address = "127.0.0.1:9399"' in (fl / "home" / "config.toml").read_text()
@@ -439,6 +683,32 @@ def test_sigterm_stops_every_process(tmp_path):
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 128 + signal.SIGTERM
         assert local.marked_processes(token) == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_children_die_when_the_parent_is_killed(tmp_path):
+    """SIGKILL to a process running a deployment (no cleanup runs): its children, also those
+    in sessions of their own that no death signal reaches (as Flower's superexec and apps),
+    are gone within 2 s (the watchdog)."""
+    script = tmp_path / "kill.py"
+    script.write_text(SIGTERM_SCRIPT, encoding="utf-8")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.Popen([sys.executable, str(script), str(write_config(tmp_path)),
+                          str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        token = p.stdout.readline().strip()
+        assert len(local.marked_processes(token)) == 2
+        p.kill()
+        p.wait(timeout=10)
+        t0 = time.monotonic()
+        while local.marked_processes(token) and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert local.marked_processes(token) == []
+        assert time.monotonic() - t0 < 2.0
     finally:
         if p.poll() is None:
             p.kill()

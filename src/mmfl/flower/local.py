@@ -20,11 +20,23 @@ Layout of the run directory ``OUT`` (the experiment's own files, ``config.toml``
       shards/            one data shard per client (node config ``data-file``)
       superlink/, nodes/node<i>/   working directories of the processes
       tls/, keys/        generated certificates and SuperNode keys (``tls`` / ``auth``)
+      identity.json      each client's shard fingerprint (n_{i,s}, SHA-256) and, with ``auth``,
+                         its key's digest: what the ServerApp checks nodes against
+      rejected.jsonl     refused nodes and rejected replies (written by the ServerApp; kept)
       commands.sh        the command of every process (:meth:`LocalDeployment.commands`,
                          ``--prepare-only``)
+      .mmfl-created      the names above that mmfl created (JSON list): the only ones it ever
+                         removes or overwrites
 
-After a completed run everything under ``OUT/flower`` except ``deployment.json`` (and ``logs/``
-with ``keep_logs``) is removed; after a failure or interruption all of it is kept for diagnosis.
+Everything is private: folders 0700, files 0600, created so (a umask of 077 while the files are
+written and in every process started), not changed afterwards. A name mmfl needs that exists
+without being listed in ``.mmfl-created`` (a user's file) is a one-line ResultsError; other
+files in ``OUT/flower`` are left alone. After a completed run the listed names are removed
+except ``deployment.json``, ``rejected.jsonl`` (and ``logs/`` with ``keep_logs``); after a
+failure or interruption all of it is kept for diagnosis.
+
+The SuperLink runs through :mod:`mmfl.flower.linkguard`: its Control and Runtime APIs answer
+loopback peers only, even with ``host = 0.0.0.0``.
 
 Process hygiene. Every child starts in its own session (so its own process group), with
 ``PR_SET_PDEATHSIG`` = SIGTERM on Linux (it is told when this process dies, even by SIGKILL),
@@ -32,14 +44,20 @@ and with the environment marker ``MMFL_FLOWER_LOCAL=<token>``, which its own chi
 (``flower-superexec``, ``flwr-serverapp``, ``flwr-clientapp``) inherit. :meth:`stop` sends
 SIGTERM to every group, waits, SIGKILLs the groups, then scans ``/proc`` for any process that
 still carries the marker and kills it: nothing of a run survives it (:func:`marked_processes`).
+If this process dies without stopping them (SIGKILL), a watchdog started with the first child
+(:func:`mmfl.supervisor.start_watchdog`) SIGKILLs every marked process within a fraction of a
+second. When the SuperLink dies mid-run, the run fails with "flower-superlink exited (code
+N)", and a ``summary.json`` still saying ``running`` is marked ``failed`` with that reason.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -57,7 +75,7 @@ from typing import Any, Self
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
 from mmfl.supervisor import (ONE_THREAD, descendants, poll_until, processes_with_env,
-                             set_pdeathsig)
+                             set_pdeathsig, start_watchdog)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +94,17 @@ FLOWER_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+#: Lists the names mmfl created under ``OUT/flower`` (module docstring).
+MANIFEST = ".mmfl-created"
+#: Every name mmfl may create under ``OUT/flower``.
+OWNED = ("logs", "home", "superlink", "nodes", "shards", "app", "tls", "keys",
+         "experiment.toml", "run-config.toml", "identity.json", "commands.sh",
+         "deployment.json", "rejected.jsonl")
+#: Names kept after a completed run (plus ``logs`` with keep_logs).
+KEPT = ("deployment.json", "rejected.jsonl")
+#: Files and folders of a deployment: private to its user.
+UMASK = 0o077
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 class FlowerRunError(MmflError):
@@ -146,6 +175,58 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is an IP address or a DNS host name, else a one-line ConfigError."""
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host)
+        return host
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if len(host) <= 253 and all(_LABEL.fullmatch(x) for x in labels):
+        return host
+    raise ConfigError("--host", "must be an IP address or a host name", host)
+
+
+def check_seconds(key: str, value: float, *, zero: bool) -> float:
+    """``value`` as float seconds: finite, and >= 0 (``zero``) or > 0; else ConfigError."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(key, "must be a number of seconds", value) from None
+    if not math.isfinite(v) or v < 0 or (v == 0 and not zero):
+        rule = ">= 0 seconds (0 = no limit)" if zero else "> 0 seconds"
+        raise ConfigError(key, f"must be a finite number {rule}", value)
+    return v
+
+
+@contextlib.contextmanager
+def private_files():
+    """Files and folders created meanwhile are private (umask 077; process-wide, restored)."""
+    old = os.umask(UMASK)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _copy_app(src: Path, dst: Path) -> None:
+    """Copy the app folder's files (not caches), contents only: the copies get the modes of
+    new files (private under :func:`private_files`), not the source's."""
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if "__pycache__" in rel.parts or f.suffix == ".pyc" or not f.is_file():
+            continue
+        (dst / rel).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copyfile(f, dst / rel)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree (what mmfl created under OUT/flower)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 @dataclass
@@ -227,11 +308,9 @@ class LocalDeployment:
             round_timeout = getattr(flower, "round_timeout", 600.0)
         if node_wait is None:
             node_wait = getattr(flower, "node_wait", 120.0)
-        if round_timeout < 0:
-            raise ConfigError("--round-timeout", "must be >= 0 seconds (0 = no limit)",
-                              round_timeout)
-        if node_wait <= 0:
-            raise ConfigError("--node-wait", "must be > 0 seconds", node_wait)
+        round_timeout = check_seconds("--round-timeout", round_timeout, zero=True)
+        node_wait = check_seconds("--node-wait", node_wait, zero=False)
+        host = check_host(host)
         if port is not None and not 1 <= port <= 65535:
             raise ConfigError("--port", "must be a TCP port 1..65535", port)
         # the ServerApp runs engine "flower"; the run directory's config.toml says so, and a
@@ -269,6 +348,8 @@ class LocalDeployment:
         self._times: dict[str, float] = {}
         self._old_handlers: dict[int, Any] = {}
         self._status_at = 0.0  # monotonic time of the last `flwr ls`
+        self._watchdog: subprocess.Popen | None = None
+        self._claimed = False  # OUT/flower is ours to write (its manifest lists our names)
 
     # -- context manager: always stop ---------------------------------------------------------
     def __enter__(self) -> Self:
@@ -322,7 +403,9 @@ class LocalDeployment:
         data_dir = resolve_data_dir(self.cfg, self.data_dir)
         federation = build_federation(self.cfg, data_dir)
         try:
-            self._write_files(federation)
+            self.out.mkdir(parents=True, exist_ok=True)  # the run directory: not ours to restrict
+            with private_files():
+                self._write_files(federation)
         except OSError as e:
             raise ResultsError(f"{e.filename or self.dir}: cannot write the deployment's files "
                                f"({e.strerror or e})") from None
@@ -336,11 +419,11 @@ class LocalDeployment:
     def _write_files(self, federation) -> None:
         """Everything :meth:`prepare` writes under ``OUT/flower`` (see the module docstring)."""
         from mmfl.experiment import tomlio
+        from mmfl.flower.shards import write_identity
 
-        if self.dir.exists():  # a previous (failed or interrupted) deployment of this run
-            shutil.rmtree(self.dir)
+        self._claim_dir()
         for d in (self.logs, self.home, self.dir / "superlink"):
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
         writer = self.shard_writer
         if writer is None:
             from mmfl.flower.shards import write_shards as writer
@@ -352,21 +435,56 @@ class LocalDeployment:
         if self.data_dir:  # --data-dir travels inside the config the ServerApp reads
             raw["data_dir"] = str(Path(self.data_dir).absolute())
         (self.dir / "experiment.toml").write_text(tomlio.dumps(raw), encoding="utf-8")
-        shutil.copytree(self.app_dir, self.dir / "app",
-                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _copy_app(self.app_dir, self.dir / "app")
         if self.tls:
             from mmfl.flower.certs import make_tls_files
 
             extra = () if self.host in ("127.0.0.1", "0.0.0.0", "::", "localhost") else (self.host,)
             self._tls_files = make_tls_files(self.dir / "tls", extra)
+        keys = None
         if self.auth:
-            from mmfl.flower.certs import make_node_key
+            from mmfl.flower.certs import make_node_key, public_key_digest
 
             self._keys = [make_node_key(self.dir / "keys" / f"node{i}")
                           for i in range(self.num_clients)]
+            keys = {i: public_key_digest(pub) for i, (_, pub) in enumerate(self._keys)}
+        write_identity(self.shards, self.dir / "identity.json", keys)
         self.port = self.port or free_port()
         self._write_connection()
         self._write_run_config()
+
+    def _owned(self) -> set[str]:
+        """Names under OUT/flower that mmfl created (its manifest; empty when there is none)."""
+        try:
+            names = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return set()
+        return {n for n in names if n in OWNED} if isinstance(names, list) else set()
+
+    def _write_manifest(self, names) -> None:
+        (self.dir / MANIFEST).write_text(json.dumps(sorted(names)) + "\n", encoding="utf-8")
+
+    def _claim_dir(self) -> None:
+        """Make OUT/flower ready for a new deployment: refuse (ResultsError) when a name mmfl
+        needs exists but mmfl did not create it; remove what an earlier deployment of mmfl
+        left; leave every other file alone; list the names in the manifest before writing."""
+        d = self.dir
+        if d.is_symlink() or (d.exists() and not d.is_dir()):
+            raise ResultsError(f"{d}: exists and is not a folder mmfl created; move it away "
+                               "or choose another --out")
+        if d.exists():
+            owned = self._owned()
+            for name in OWNED:
+                p = d / name
+                if (p.exists() or p.is_symlink()) and name not in owned:
+                    raise ResultsError(f"{p}: exists but was not created by mmfl; move it away "
+                                       "or choose another --out")
+            for name in sorted(owned):
+                _remove(d / name)
+        else:
+            d.mkdir(mode=0o700)
+        self._write_manifest(OWNED)
+        self._claimed = True
 
     @property
     def connect_host(self) -> str:
@@ -390,6 +508,8 @@ class LocalDeployment:
         (self.home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def _save_state(self) -> None:
+        if not self._claimed:  # never write into a folder mmfl did not claim
+            return
         state = {
             "superlink": f"{self.host}:{self.port}", "connection": CONNECTION,
             "tls": self.tls, "auth": self.auth, "run_id": self.run_id, "status": self.status,
@@ -398,7 +518,7 @@ class LocalDeployment:
                       for i, p in enumerate(self.nodes)],
             **{k: round(v, 3) for k, v in self._times.items()},
         }
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError), private_files():
             (self.dir / "deployment.json").write_text(json.dumps(state, indent=2) + "\n",
                                                      encoding="utf-8")
 
@@ -408,13 +528,19 @@ class LocalDeployment:
 
     # -- 2. processes ---------------------------------------------------------------------------
     def _spawn(self, proc: _Proc) -> None:
-        proc.cwd.mkdir(parents=True, exist_ok=True)
-        with open(proc.log, "ab") as logf:
+        """Start ``proc`` in its own session, with the death signal, umask 077 and (first)
+        the watchdog that kills the deployment's processes if this one dies."""
+        if self._watchdog is None or self._watchdog.poll() is not None:
+            self._watchdog = start_watchdog(MARKER, self.token)
+        with private_files():
+            proc.cwd.mkdir(mode=0o700, parents=True, exist_ok=True)
+            logf = open(proc.log, "ab")  # noqa: SIM115 - closed below, after the fork
+        with logf:
             logf.write(f"$ {' '.join(proc.argv)}\n".encode())
             logf.flush()
             proc.popen = subprocess.Popen(
                 proc.argv, cwd=proc.cwd, env=proc.env, stdin=subprocess.DEVNULL, stdout=logf,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                stderr=subprocess.STDOUT, start_new_session=True, umask=UMASK,
                 # only async-signal-safe work between fork and exec (one prctl call)
                 preexec_fn=set_pdeathsig if sys.platform.startswith("linux") else None)  # noqa: PLW1509
         proc.stopped = False
@@ -451,7 +577,8 @@ class LocalDeployment:
                  len(self.nodes), self.logs)
 
     def _superlink_proc(self) -> _Proc:
-        argv = [flower_executable("flower-superlink"), "--host", self.host,
+        # Flower's flower-superlink, its Control and Runtime APIs for loopback peers only
+        argv = [sys.executable, "-m", "mmfl.flower.linkguard", "--host", self.host,
                 "--port", str(self.port), "--disable-runtime-dependency-installation"]
         if self.tls:
             f = self._tls_files
@@ -516,7 +643,9 @@ class LocalDeployment:
             "# the SuperLink and SuperNodes start flower-superexec from PATH: the same environment",
             f"export PATH={shlex.quote(str(Path(flower_executable('flwr')).parent))}:\"$PATH\"",
             "",
-            "# 1. SuperLink (the server machine); the ServerApp runs in its working directory",
+            ("# 1. SuperLink (the server machine); the ServerApp runs in its working directory."
+             "\n#    mmfl.flower.linkguard is flower-superlink with the Control and Runtime APIs "
+             "for loopback peers only"),
             f"cd {shlex.quote(str(link.cwd))} && {shlex.join(link.argv)}",
         ]
         if self.auth:
@@ -535,8 +664,9 @@ class LocalDeployment:
                    f"flwr stop RUN_ID {CONNECTION}"), ""]
         text = "\n".join(lines)
         path = self.dir / "commands.sh"
-        path.write_text(text, encoding="utf-8")
-        path.chmod(0o755)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o700)  # owner only
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
         return text
 
     # -- 3. the flwr CLI ------------------------------------------------------------------------
@@ -549,11 +679,12 @@ class LocalDeployment:
             r = subprocess.run(argv, check=False, cwd=self.dir,
                                env={**self._env, "COLUMNS": "200"},
                                capture_output=True, text=True, timeout=timeout,
-                               start_new_session=True)
+                               start_new_session=True, umask=UMASK)
         except subprocess.TimeoutExpired:
             raise FlowerRunError(
                 f"`flwr {' '.join(args)}` did not answer within {timeout:.0f}s") from None
-        with contextlib.suppress(OSError), open(self.logs / f"{log_name}.log", "a") as f:
+        with contextlib.suppress(OSError), private_files(), \
+                open(self.logs / f"{log_name}.log", "a") as f:
             f.write(f"$ flwr {' '.join(args)}  (exit {r.returncode})\n{r.stdout}{r.stderr}\n")
         if check and r.returncode != 0:
             raise FlowerRunError(f"`flwr {' '.join(args[:2])}` failed (exit {r.returncode}); "
@@ -582,11 +713,12 @@ class LocalDeployment:
             f"nodes = {self.num_clients}",
             f"node-wait = {self.node_wait!r}",
             f"resume = {'true' if self.resume else 'false'}",
+            f"identity-file = {_toml_str(str(self.dir / 'identity.json'))}",
         ]) + "\n", encoding="utf-8")
 
     def submit(self) -> str:
         """``flwr run`` the app with the run config (``run-config.toml``: config-file, out-dir,
-        round-timeout, nodes, node-wait, resume); returns the run id."""
+        round-timeout, nodes, node-wait, resume, identity-file); returns the run id."""
         self._submitted_at = time.time()
         out = self.flwr("run", str(self.dir / "app"), CONNECTION, "--run-config",
                         str(self.dir / "run-config.toml"), "--format", "json",
@@ -631,14 +763,27 @@ class LocalDeployment:
 
     def _check_processes(self) -> None:
         if self.superlink is not None and not self.superlink.alive:
-            raise FlowerRunError(f"flower-superlink exited (status "
-                                 f"{self.superlink.popen.returncode}); see {self.superlink.log}",
-                                 _tail(self.superlink.log))
+            raise self._superlink_died()
         for p in self.nodes:
             if not p.stopped and not p.alive:
                 p.stopped = True  # report once; the ServerApp copes with the missing node
                 log.warning("SuperNode %s exited (status %s); see %s", p.name,
                             p.popen.returncode, p.log)
+
+    def _superlink_died(self) -> FlowerRunError:
+        """The error for a SuperLink that exited mid-run; a ``summary.json`` that still says
+        ``running`` is marked ``failed`` with the same reason (its ServerApp died with it)."""
+        from mmfl.experiment.results import write_json
+
+        reason = f"flower-superlink exited (code {self.superlink.popen.returncode})"
+        self.status = "failed: " + reason
+        self._save_state()
+        path = self.out / "summary.json"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            summary = json.loads(path.read_text(encoding="utf-8"))
+            if summary.get("status") == "running":
+                write_json(path, {**summary, "status": "failed", "error": reason})
+        return FlowerRunError(f"{reason}; see {self.superlink.log}")
 
     def _summary_status(self) -> str | None:
         """``status`` of ``OUT/summary.json`` if the ServerApp wrote it since the submission
@@ -720,7 +865,15 @@ class LocalDeployment:
         ``flwr ls`` only when ``every`` seconds have passed since the last look, or ``now``."""
         if now or time.monotonic() - self._status_at >= every:
             self._status_at = time.monotonic()
-            self.status = self.run_status()
+            try:
+                self.status = self.run_status()
+            except FlowerRunError:  # `flwr ls` fails when the SuperLink is gone: say that
+                if self.superlink is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        self.superlink.popen.wait(timeout=3)
+                    if not self.superlink.alive:
+                        raise self._superlink_died() from None
+                raise
         return self.status is not None and self.status.startswith("finished")
 
     def run(self, *, progress: Callable[[RunProgress], None] | None = None,
@@ -810,6 +963,7 @@ class LocalDeployment:
                 left = self.processes()
             if left:
                 log.warning("Flower processes still alive after stop: %s", left)
+            self._stop_watchdog()
             self._times["stop_s"] = time.perf_counter() - t0
             log.debug("stopped %d Flower processes in %.1fs", len(procs), self._times["stop_s"])
             self._save_state()
@@ -820,16 +974,29 @@ class LocalDeployment:
                 with contextlib.suppress(ValueError, OSError, TypeError):
                     signal.signal(sig, handler)
 
+    def _stop_watchdog(self) -> None:
+        """Close the watchdog's pipe (it kills what might be left, nothing by now, and exits)."""
+        w, self._watchdog = self._watchdog, None
+        if w is None:
+            return
+        with contextlib.suppress(OSError):
+            w.stdin.close()
+        try:
+            w.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            w.kill()
+            w.wait()
+
     def _clean(self, *, keep_logs: bool) -> None:
-        keep = {"deployment.json"} | ({"logs"} if keep_logs else set())
-        for child in self.dir.iterdir():
-            if child.name in keep:
-                continue
-            if child.is_dir():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                with contextlib.suppress(OSError):
-                    child.unlink()
+        """Remove the working files mmfl created (the manifest's names) except :data:`KEPT`
+        (and ``logs`` with ``keep_logs``); anything else in OUT/flower stays."""
+        keep = set(KEPT) | ({"logs"} if keep_logs else set())
+        owned = self._owned()
+        for name in owned - keep:
+            with contextlib.suppress(OSError):
+                _remove(self.dir / name)
+        with contextlib.suppress(OSError), private_files():
+            self._write_manifest(owned & keep)
 
 
 def _server_traceback(text: str, lines: int = 40) -> str:
