@@ -13,7 +13,10 @@ application is wrapped in :class:`LoopbackOnly`: a request from a peer that is n
 address gets ``403`` unless its path is in the Fleet API (``/v1/fleet/...``), before Flower sees
 it. So the Control and Runtime APIs are reachable from this machine only, whatever ``--host``
 says; the Fleet API is as exposed as ``--host`` makes it (and guarded by TLS and, with
-``--auth``, SuperNode authentication).
+``--auth``, SuperNode authentication). On Linux the same holds between users of this
+machine: a loopback peer's socket must belong to the SuperLink's own user (its owner is read
+from ``/proc/net/tcp``), so another local user cannot ``flwr run`` either. Processes of the
+same user are trusted: they could read the deployment's files and keys anyway.
 
 Run as ``python -m mmfl.flower.linkguard <flower-superlink arguments>``.
 """
@@ -21,6 +24,7 @@ Run as ``python -m mmfl.flower.linkguard <flower-superlink arguments>``.
 from __future__ import annotations
 
 import ipaddress
+import os
 import posixpath
 import sys
 
@@ -44,15 +48,52 @@ def is_loopback(host: str | None) -> bool:
     return ip.is_loopback
 
 
+def _hex_address(ip: str, port: int) -> str:
+    """``ip:port`` as ``/proc/net/tcp{,6}`` writes a socket address (32-bit words of the
+    address in host byte order, the port big-endian)."""
+    packed = ipaddress.ip_address(ip).packed
+    words = [packed[k:k + 4] for k in range(0, len(packed), 4)]
+    addr = "".join(w[::-1].hex() if sys.byteorder == "little" else w.hex() for w in words)
+    return f"{addr.upper()}:{port:04X}"
+
+
+def peer_uid(client: tuple, server: tuple) -> int | None:
+    """The user id owning the local socket at ``client`` connected to ``server`` (both
+    ``(ip, port)`` as the server sees them), from ``/proc/net/tcp`` and ``tcp6``; None when it
+    cannot be found (no ``/proc``, or the connection is gone)."""
+    forms = []
+    for ip, port in (client, server):
+        ip = ip.split("%", 1)[0]
+        v6 = ":" in ip
+        forms.append((_hex_address(ip, int(port)), v6))
+    want = (forms[0][0], forms[1][0])
+    table = "/proc/net/tcp6" if forms[0][1] else "/proc/net/tcp"
+    try:
+        with open(table, encoding="ascii") as f:
+            next(f, None)
+            for line in f:
+                cols = line.split()
+                if len(cols) > 7 and (cols[1], cols[2]) == want:
+                    return int(cols[7])
+    except (OSError, ValueError):
+        return None
+    return None
+
+
 def allowed(scope: dict) -> bool:
-    """Whether an ASGI ``http``/``websocket`` request may reach Flower: any request from a
-    loopback peer; from other peers only normalized paths under :data:`FLEET_PREFIX`."""
-    client = scope.get("client")
-    if client and is_loopback(client[0]):
-        return True
+    """Whether an ASGI ``http``/``websocket`` request may reach Flower: normalized paths under
+    :data:`FLEET_PREFIX` from anyone; everything else only from a loopback peer whose socket
+    belongs to this process's user (where ``/proc`` tells; elsewhere any loopback peer)."""
     path = str(scope.get("path", ""))
-    return path.startswith(FLEET_PREFIX) and posixpath.normpath(path) + (
-        "/" if path.endswith("/") else "") == path
+    if path.startswith(FLEET_PREFIX) and posixpath.normpath(path) + (
+            "/" if path.endswith("/") else "") == path:
+        return True
+    client, server = scope.get("client"), scope.get("server")
+    if not client or not is_loopback(client[0]):
+        return False
+    if not server or not os.path.isdir("/proc/net"):
+        return True
+    return peer_uid(tuple(client), tuple(server)) == os.getuid()
 
 
 class LoopbackOnly:
