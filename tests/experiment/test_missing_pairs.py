@@ -70,8 +70,13 @@ def test_missing_pairs_are_dropped_and_counted(tmp_path):
         assert int(r["missing"]) == per_round
         assert f"{per_round} pairs missing (no reply)" in r["note"]
         assert int(r["stragglers"]) == 0
-        # the lost uploads are not counted
-        assert int(r["model_uploads"]) == int(r["local_trainings"]) - per_round
+        # a pair that never answered counts neither as trained nor as uploaded, in both tables
+        assert int(r["model_uploads"]) == int(r["local_trainings"])
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        metrics = list(csv.DictReader(f))
+    for r in rounds:
+        mine = [m for m in metrics if m["round"] == r["round"]]
+        assert sum(int(m["local_trainings"]) for m in mine) == int(r["local_trainings"])
     assert np.isfinite(summary["mean_accuracy"])
 
 
@@ -89,3 +94,8 @@ def test_clients_missing_from_measurements_sit_the_round_out(tmp_path, sampler):
         assert asked_lost == []
     else:  # asked in the full computation of each round only
         assert len(asked_lost) == 3 * 2
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        metrics = list(csv.DictReader(f))
+    for r in rounds:  # the same trainings counted in both tables
+        mine = [m for m in metrics if m["round"] == r["round"]]
+        assert sum(int(m["local_trainings"]) for m in mine) == int(r["local_trainings"])

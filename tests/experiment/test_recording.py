@@ -33,7 +33,8 @@ def _out(clients, tasks, steps):
 def test_count_cost_drops_lost_uploads_and_doubles_scaffold():
     asked = _assignment([0, 1, 2], [0, 0, 1])
     plain = count_cost(asked, Measurements(), late=1, lost=1, control_variates=False)
-    assert plain == RoundCost(local_trainings=3, forward_passes=0, scalar_uploads=0,
+    # the straggler trained (its upload came too late); the lost pair never answered
+    assert plain == RoundCost(local_trainings=2, forward_passes=0, scalar_uploads=0,
                               model_uploads=1)
     scaffold = count_cost(asked, Measurements(), late=0, lost=0, control_variates=True)
     assert scaffold.model_uploads == 6
@@ -41,6 +42,9 @@ def test_count_cost_drops_lost_uploads_and_doubles_scaffold():
                       control_variates=False)
     assert full == RoundCost(local_trainings=8, forward_passes=5, scalar_uploads=13,
                              model_uploads=3)
+    offline = count_cost(asked, Measurements(full=object(), full_pairs=8, full_missing=2),
+                         late=0, lost=0, control_variates=False)
+    assert offline.local_trainings == 6  # two pairs of the full computation never answered
 
 
 def test_task_rounds_counts_aggregated_and_trained_pairs():

@@ -76,19 +76,25 @@ def test_check_out_dir(tmp_path):
         check_out_dir(cfg.replace(seed=cfg.seed + 1), tmp_path / "r", resume=True)
 
 
+def _append_round(w, r):
+    w.append("metrics.csv", [{"round": r, "task": "a"}])
+    w.append("rounds.csv", [{"round": r}])
+    w.append("timing.csv", [{"round": r}])
+
+
 def test_run_writer_restores_its_tables_from_a_snapshot(tmp_path):
     w = RunWriter(tmp_path)
     w.open(keep_until_round=None)
-    w.append("metrics.csv", [{"round": 1, "task": "a"}])
+    _append_round(w, 1)
     w.sync()                                   # round 1 is on disk
     durable = (tmp_path / "metrics.csv").read_bytes()
-    w.append("metrics.csv", [{"round": 2, "task": "a"}])
+    _append_round(w, 2)
     w.flush()
     snap = w.snapshot()
     assert snap["metrics.csv"]["durable"] == len(durable)
     assert snap["metrics.csv"]["tail"].startswith("2,a,")
     want = (tmp_path / "metrics.csv").read_bytes()
-    w.append("metrics.csv", [{"round": 3, "task": "a"}])  # after the snapshot: dropped
+    _append_round(w, 3)  # after the snapshot: dropped
     w.close()
     # a system crash lost the unsynced row 2 (and 3)
     (tmp_path / "metrics.csv").write_bytes(durable)
@@ -102,6 +108,10 @@ def test_run_writer_restores_its_tables_from_a_snapshot(tmp_path):
     w.open(keep_until_round=2, restore=snap)
     w.close()
     assert (tmp_path / "metrics.csv").read_bytes() == want
+    # a changed byte among the rows the checkpoint found on disk
+    (tmp_path / "metrics.csv").write_bytes(want.replace(b"1,a", b"7,a"))
+    with pytest.raises(ResultsError, match="rows differ from those the checkpoint recorded"):
+        RunWriter(tmp_path).open(keep_until_round=2, restore=snap)
     (tmp_path / "metrics.csv").write_bytes(durable[:5])
     with pytest.raises(ResultsError, match="shorter than the .* damaged"):
         RunWriter(tmp_path).open(keep_until_round=2, restore=snap)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from mmfl.errors import ConfigError, NumericalError
+from mmfl.errors import ConfigError
 from mmfl.rng import INIT, torch_seed
 from mmfl.threads import resolve_threads
 from mmfl.types import AggregationPlan
@@ -32,6 +32,8 @@ class TrainOutput:
         updates: per task s, a (U_s, D_s) float32 tensor of G for the pairs of task s, in order.
         train_loss: (U,) float, mean training loss over the pair's local steps.
         steps: (U,) int, local SGD steps taken by each pair.
+        rejected: (U,) bool, pairs whose update the server's check rejected
+            (:mod:`mmfl.experiment.update_check`), or None when none was.
     """
 
     clients: np.ndarray
@@ -39,6 +41,7 @@ class TrainOutput:
     updates: dict[int, torch.Tensor]
     train_loss: np.ndarray
     steps: np.ndarray
+    rejected: np.ndarray | None = None
 
     def subset(self, keep: np.ndarray) -> "TrainOutput":
         """The pairs where ``keep`` ((U,) bool) is True, in the same order."""
@@ -49,7 +52,12 @@ class TrainOutput:
             if mine.any():
                 updates[s] = g[torch.from_numpy(np.flatnonzero(mine))]
         return TrainOutput(self.clients[keep], self.tasks[keep], updates,
-                           self.train_loss[keep], self.steps[keep])
+                           self.train_loss[keep], self.steps[keep],
+                           None if self.rejected is None else self.rejected[keep])
+
+    def accepted(self) -> "TrainOutput":
+        """The pairs whose update the server accepted (all but :attr:`rejected`)."""
+        return self if self.rejected is None else self.subset(~self.rejected)
 
     def pair_updates(self, s: int) -> tuple[np.ndarray, torch.Tensor]:
         """(clients (U_s,), updates (U_s, D_s)) of task s."""
@@ -313,12 +321,3 @@ def check_corrections(corrections: dict[int, torch.Tensor] | None, tasks: np.nda
             raise ValueError(f"corrections[{s}] must have shape {want}, got {tuple(r.shape)}")
         out[s] = r.detach().to(torch.float32).contiguous()
     return out
-
-
-def check_finite(update: torch.Tensor, task: str, client: int, round: int) -> None:
-    """Raise NumericalError when a client's update holds NaN or inf."""
-    if not bool(torch.isfinite(update).all()):
-        raise NumericalError(
-            f"task {task}: client {client} produced a non-finite update in round {round + 1} "
-            "(learning rate too large?); the run stopped, results up to the last round are kept"
-        )

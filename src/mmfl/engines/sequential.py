@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from mmfl.engines.base import Engine, TrainOutput, check_corrections, check_finite
+from mmfl.engines.base import Engine, TrainOutput, check_corrections
 from mmfl.registry import register
 from mmfl.rng import SHUFFLE, stream
 from mmfl.tasks.masking import training_log_probs
@@ -77,7 +77,6 @@ class SequentialEngine(Engine):
                 total += float(loss.detach())
                 steps[k] += 1
             g = params[s] - parameters_to_vector(model.parameters()).detach()
-            check_finite(g, cfg.name, i, round)
             updates.setdefault(s, []).append(g)
             losses[k] = total / max(int(steps[k]), 1)
         return TrainOutput(

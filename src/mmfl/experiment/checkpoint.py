@@ -52,4 +52,10 @@ def load(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         raise ResultsError(f"{path}: unreadable checkpoint ({e})") from None
     if header.get("format") != FORMAT:
         raise ResultsError(f"{path}: not an mmfl checkpoint (format {header.get('format')!r})")
-    return arrays, json.loads(header["meta"])
+    try:
+        meta = json.loads(header.get("meta", ""))
+    except (ValueError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict):
+        raise ResultsError(f"{path}: damaged checkpoint (its metadata is not a JSON object)")
+    return arrays, meta

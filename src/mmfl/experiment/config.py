@@ -94,6 +94,17 @@ class SamplerConfig:
 
 
 @dataclass(frozen=True)
+class UpdateCheckConfig:
+    """``[server]``'s limits on the updates the server accepts (docs/algorithms.md section
+    3.1): ``max_update_norm`` (0 = none), ``max_norm_ratio`` (x the median norm of the model's
+    updates in the round; 0 = off) and ``norm_action`` ("reject" | "clip")."""
+
+    max_update_norm: float
+    max_norm_ratio: float
+    norm_action: str
+
+
+@dataclass(frozen=True)
 class FlowerConfig:
     """Settings of engine ``flower`` (``[flower]``); see :mod:`mmfl.flower` and docs/flower.md."""
 
@@ -125,6 +136,7 @@ class ExperimentConfig:
     sampler: SamplerConfig
     tasks: tuple[TaskConfig, ...]
     flower: FlowerConfig = field(default_factory=lambda: default_flower())
+    update_check: UpdateCheckConfig = field(default_factory=lambda: default_update_check())
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a TOML-shaped nested dict (what ``config.toml`` holds);
@@ -135,7 +147,7 @@ class ExperimentConfig:
         d = _plain(self)
         if self.engine != "flower" and self.flower == default_flower():
             d.pop("flower")
-        d["server"] = {"lr": d.pop("server_lr")}
+        d["server"] = {"lr": d.pop("server_lr"), **d.pop("update_check")}
         d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
                         **d["sampler"]["options"]}
         for t in d["tasks"]:
@@ -162,7 +174,8 @@ _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
-    ("sampler", "refresh"), ("sampler", "schedule"),
+    ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
+    ("server", "max_norm_ratio"), ("server", "norm_action"),
 )
 
 
@@ -172,6 +185,8 @@ def _drop_new_defaults(d: dict[str, Any]) -> None:
             return TOP
         if section == "clients":
             return CLIENTS
+        if section == "server":
+            return SERVER
         if section == "tasks":
             return TASK
         if section == "sampler":
@@ -210,7 +225,7 @@ def _plain(x: Any) -> Any:
 TOP = {
     "name": Option(str, "experiment", "", "Experiment name (used in logs and the summary)."),
     "seed": Option(int, 0, ">= 0", "Root seed; every random stream derives from it."),
-    "rounds": Option(int, 20, ">= 1", "Number of communication rounds."),
+    "rounds": Option(int, 20, "1..10000000", "Number of communication rounds."),
     "engine": Option(str, "vectorized", "", "Local-training engine (registry kind 'engine')."),
     "eval_every": Option(int, 1, ">= 1", "Evaluate every k rounds (the last round always)."),
     "threads": Option("table", "auto", "", "Worker threads that evaluate the tasks in "
@@ -229,7 +244,19 @@ TOP = {
     "eval_last": Option(int, 0, ">= 0", "Also evaluate every round of the last k rounds "
                         "(the papers' metric is the mean over the last 20 rounds)."),
 }
-SERVER = {"lr": Option(float, 1.0, "> 0", "Global (server) learning rate eta_g.")}
+SERVER = {
+    "lr": Option(float, 1.0, "> 0", "Global (server) learning rate eta_g."),
+    "max_update_norm": Option(float, 0.0, ">= 0", "Updates G whose L2 norm exceeds this are "
+                              "rejected or clipped (norm_action); 0 = no limit. Non-finite "
+                              "updates are always rejected (docs/algorithms.md section 3.1)."),
+    "max_norm_ratio": Option(float, 0.0, ">= 0", "Updates whose L2 norm exceeds this multiple "
+                             "of the median norm of the same model's updates in the round are "
+                             "rejected or clipped (0 = off; applies when the model has at least "
+                             "3 updates in the round)."),
+    "norm_action": Option(str, "reject", "one of reject|clip", "What happens to an update over "
+                          "a norm limit: rejected like a missing pair, or scaled down to the "
+                          "limit."),
+}
 SYSTEM = {
     "flops_per_second": Option(float, 1e9, "> 0", "FLOP/s of the reference client device."),
     "speed_sigma": Option(float, 0.0, ">= 0", "Lognormal spread of client speeds (0 = equal)."),
@@ -269,8 +296,9 @@ TASK = {
     "dataset": Option(str, None, "", "Dataset (registry kind 'dataset')."),
     "model": Option(str, "mlp", "", "Model (registry kind 'model')."),
     "lr": Option(float, 0.05, "> 0", "Local SGD learning rate eta_s."),
-    "local_epochs": Option(int, 1, ">= 1", "Local epochs E_s."),
-    "batch_size": Option(int, 32, ">= 1", "Local batch size (>= client size = full batch)."),
+    "local_epochs": Option(int, 1, "1..10000", "Local epochs E_s."),
+    "batch_size": Option(int, 32, "1..1000000000",
+                         "Local batch size (>= client size = full batch)."),
     "train_samples": Option(int, 0, ">= 0", "Use a random subset of the training set (0 = all)."),
     "test_samples": Option(int, 0, ">= 0", "Evaluate on a subset of the test set of this size "
                            "(0 = all), chosen by test_subset."),
@@ -297,6 +325,11 @@ FLOWER = {
 }
 
 
+def default_update_check() -> UpdateCheckConfig:
+    """``[server]``'s update limits at their defaults (from :data:`SERVER`): none."""
+    return UpdateCheckConfig(**{k: o.default for k, o in SERVER.items() if k != "lr"})
+
+
 def default_flower() -> FlowerConfig:
     """``[flower]`` with every key at its default (from :data:`FLOWER`)."""
     return FlowerConfig(**{k: o.default for k, o in FLOWER.items()})
@@ -305,6 +338,9 @@ _STR_KEYS = {"name", "engine", "dataset", "model", "kind", "data_dir", "aggregat
 #: keys whose value may be a string or a number/table: an override keeps the type it is given
 _MIXED_KEYS = {"processors", "threads"}
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: a dotted key has at most this many parts (the deepest real one has 5:
+#: tasks[0].partition.quantity_skew.clients)
+_MAX_KEY_PARTS = 16
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,12 +357,14 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         if "=" not in item:
             raise ConfigError("--set", "must look like dotted.key=value", item)
         key, _, text = item.partition("=")
-        _set_dotted(raw, key.strip(), tomlio.parse_value(text.strip()))
+        _set_dotted(raw, key.strip(), tomlio.parse_value(text.strip(), key.strip() or "--set"))
     return config_from_dict(raw)
 
 
 def _split_key(key: str) -> list[str]:
     parts: list[str] = []
+    if key.count(".") + key.count("[") > _MAX_KEY_PARTS:
+        raise ConfigError("--set", f"dotted key of more than {_MAX_KEY_PARTS} parts", key)
     for piece in key.split("."):
         m = re.fullmatch(r"([^\[\]]+)((?:\[\d+\])*)", piece)
         if not m:
@@ -504,6 +542,10 @@ def _quantity_skew(key: str, value: Any) -> dict[str, float]:
 
 def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     """Validate a nested dict (the TOML document) into an :class:`ExperimentConfig`."""
+    depth, where = tomlio.nesting_depth(raw)
+    if depth > tomlio.MAX_DEPTH:
+        raise ConfigError(where[:60] or "config", f"tables or arrays nested more than "
+                          f"{tomlio.MAX_DEPTH} levels deep", show_got=False)
     raw = copy.deepcopy(dict(raw))
     top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server", "system", "flower"))
     _component("engine", "engine", top["engine"])
@@ -546,7 +588,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     sampler = SamplerConfig(sv["name"], sv["aggregator"], MappingProxyType(opts))
 
     return ExperimentConfig(
-        **top, server_lr=server["lr"], clients=clients, system=system, sampler=sampler,
+        **top, server_lr=server.pop("lr"), update_check=UpdateCheckConfig(**server),
+        clients=clients, system=system, sampler=sampler,
         tasks=tasks, flower=flower
     )
 

@@ -108,14 +108,19 @@ class Callback(Protocol):
 
 def count_cost(asked, measured, *, late: int, lost: int, control_variates: bool) -> RoundCost:
     """The round's :class:`RoundCost` (docs/algorithms.md section 5): ``asked`` is the
-    assignment as drawn, ``measured`` the round's Measurements; stragglers and missing pairs
-    were asked to train but their uploads never arrived; SCAFFOLD uploads G and Delta c (two
-    vectors per pair)."""
+    assignment as drawn, ``measured`` the round's Measurements. Stragglers were asked to train
+    and trained, but their uploads never arrived; missing pairs (``lost``, and the full
+    computation's ``measured.full_missing``) never answered, so neither their training nor
+    their upload is counted, as in metrics.csv's per-model counts; updates the server
+    rejected were trained and uploaded. SCAFFOLD uploads G and Delta c (two vectors per
+    pair)."""
     probe = measured.probe_set
     cost = round_cost(asked, full_computation=measured.full_pairs, probes=measured.probes,
                       probe_trainings=0 if probe is None else len(probe.clients))
     uploads = cost.model_uploads - late - lost
-    return dataclasses.replace(cost, model_uploads=2 * uploads if control_variates else uploads)
+    return dataclasses.replace(cost, model_uploads=2 * uploads if control_variates else uploads,
+                               local_trainings=cost.local_trainings - (
+                                   lost if measured.full is None else measured.full_missing))
 
 
 def task_rounds(names, acc, loss, out, trained, slots) -> tuple[TaskRound, ...]:

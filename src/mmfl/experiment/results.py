@@ -20,8 +20,11 @@ progress; see :class:`RunWriter` for what survives a system crash.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
+import logging
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +33,12 @@ from typing import Any
 import numpy as np
 
 from mmfl.errors import ResultsError
+
+log = logging.getLogger(__name__)
+
+#: how to recover from a damaged run directory (said by every such error)
+RECOVER = ("start the run afresh in another --out (or delete this folder's checkpoint and "
+           "tables to restart it here)")
 
 METRICS_COLUMNS = (
     "round", "task", "accuracy", "loss", "clients", "slots", "local_trainings", "local_steps",
@@ -57,10 +66,23 @@ def fmt(x: Any) -> str:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Atomically replace ``path`` with ``obj`` as indented JSON."""
+    """Atomically replace ``path`` with ``obj`` as indented JSON; NaN and infinite numbers
+    become null, so the file is always valid JSON."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False, allow_nan=False)
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _json_safe(x: Any) -> Any:
+    """``x`` with every non-finite float (also numpy's) replaced by None."""
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return float(x) if math.isfinite(x) else None
+    return x
 
 
 class RunWriter:
@@ -82,13 +104,16 @@ class RunWriter:
         self._files: dict[str, io.TextIOBase] = {}
         self._cols: dict[str, tuple[str, ...]] = {}
         self._durable: dict[str, int] = {}    # bytes known to be on disk
+        self._hash: dict[str, Any] = {}        # sha256 of those bytes
         self._tail: dict[str, list[str]] = {}  # text written after them
         self._pending = 0                       # characters in the tails
 
     def open(self, *, keep_until_round: int | None, restore: dict | None = None) -> None:
         """Open the tables for appending. ``keep_until_round`` (resume): drop rows after it,
         and any torn last line; with ``restore`` (a checkpoint's :meth:`snapshot`) the tables
-        become exactly what they were at that checkpoint. ``None``: start the tables afresh."""
+        become exactly what they were at that checkpoint. ``None``: start the tables afresh.
+        A resumed table must then hold exactly the rounds 1..keep_until_round (ResultsError
+        naming the damage otherwise)."""
         for name, cols in TABLES.items():
             path = self.out / name
             if keep_until_round is None or not path.exists():
@@ -97,6 +122,9 @@ class RunWriter:
                 _restore_table(path, **restore[name])
             else:
                 truncate_rows(path, keep_until_round)
+            if keep_until_round is not None:
+                check_rounds(path, keep_until_round, per_round=name != "metrics.csv")
+            self._hash[name] = hashlib.sha256(path.read_bytes())
             # a run written by an older mmfl keeps its own columns when it is resumed
             with open(path, encoding="utf-8", newline="") as f:
                 cols = tuple(next(csv.reader(f), cols))
@@ -124,13 +152,16 @@ class RunWriter:
             f.flush()
             os.fsync(f.fileno())
             self._durable[name] = os.fstat(f.fileno()).st_size
+            for text in self._tail.get(name, ()):
+                self._hash[name].update(text.encode("utf-8"))
             self._tail[name] = []
         self._pending = 0
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
-        """table -> {"durable": bytes fsynced, "tail": text written after them} (JSON-able)."""
-        return {name: {"durable": self._durable[name], "tail": "".join(self._tail[name])}
-                for name in self._files}
+        """table -> {"durable": bytes fsynced, "sha256": their hash, "tail": text written
+        after them} (JSON-able)."""
+        return {name: {"durable": self._durable[name], "sha256": self._hash[name].hexdigest(),
+                       "tail": "".join(self._tail[name])} for name in self._files}
 
     def close(self) -> None:
         for f in self._files.values():
@@ -138,16 +169,28 @@ class RunWriter:
         self._files.clear()
 
 
-def _restore_table(path: Path, durable: int, tail: str) -> None:
-    """Make ``path`` its first ``durable`` bytes followed by ``tail`` (a checkpoint's copy)."""
+def _restore_table(path: Path, durable: int, tail: str, sha256: str | None = None) -> None:
+    """Make ``path`` its first ``durable`` bytes followed by ``tail`` (a checkpoint's copy),
+    after checking those bytes against the checkpoint's ``sha256`` of them (older checkpoints
+    have none)."""
     size = path.stat().st_size
     if size < durable:
         raise ResultsError(f"{path}: {size} bytes, shorter than the {durable} the checkpoint "
-                           "found on disk; the run directory is damaged (start a new run)")
+                           f"found on disk; the table is damaged: {RECOVER}")
+    if sha256 is not None:
+        with open(path, "rb") as f:
+            if hashlib.sha256(f.read(durable)).hexdigest() != sha256:
+                raise ResultsError(f"{path}: its rows differ from those the checkpoint "
+                                   f"recorded (edited or damaged); {RECOVER}")
     with open(path, "r+b") as f:
+        data = tail.encode("utf-8")
+        f.seek(durable)
+        if f.read(len(data)) != data:  # later rows (a round in progress) are expected
+            log.warning("%s: the rows after byte %d differ from the checkpoint's copy "
+                        "(damaged, or lost in a system crash); restored from it", path, durable)
         f.truncate(durable)
         f.seek(durable)
-        f.write(tail.encode("utf-8"))
+        f.write(data)
 
 
 def _csv_cell(text: str) -> str:
@@ -156,7 +199,11 @@ def _csv_cell(text: str) -> str:
 
 def truncate_rows(path: Path, last_round: int) -> None:
     """Keep the header and the complete rows with ``round <= last_round`` (atomic rewrite)."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ResultsError(f"{path}: not text (damaged or not written by mmfl); "
+                           f"{RECOVER}") from None
     lines = text.split("\n")
     complete = lines[:-1]  # the part after the last newline is a torn row (or empty)
     if not complete:
@@ -169,6 +216,23 @@ def truncate_rows(path: Path, last_round: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("\n".join(kept) + "\n", encoding="utf-8")
     os.replace(tmp, path)
+
+
+def check_rounds(path: Path, last_round: int, *, per_round: bool) -> None:
+    """ResultsError unless the rows of ``path`` cover rounds 1..``last_round`` in order: one
+    row each (``per_round``) or any number per round (metrics.csv, one per task)."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            rounds = [int(row[0]) for row in list(csv.reader(f))[1:]]
+    except (ValueError, IndexError, UnicodeDecodeError, csv.Error):
+        raise ResultsError(f"{path}: unreadable rows (not written by mmfl); {RECOVER}") from None
+    want = list(range(1, last_round + 1))
+    ok = (rounds == want if per_round
+          else sorted(set(rounds)) == want and rounds == sorted(rounds))
+    if not ok:
+        last = rounds[-1] if rounds else 0
+        raise ResultsError(f"{path}: holds rounds up to {last} with gaps or repeats, where the "
+                           f"checkpoint is at round {last_round}; {RECOVER}")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import math
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,6 +36,8 @@ from mmfl.errors import ResultsError
 from mmfl.experiment import checkpoint, tomlio
 from mmfl.experiment.config import ExperimentConfig
 from mmfl.experiment.federation import Federation
+from mmfl.experiment.results import RECOVER
+from mmfl.experiment.runlock import check_ownership
 
 __all__ = ["CHECKPOINT", "Checkpointer", "RunState", "check_out_dir", "config_fingerprint",
            "federation_info", "writing"]
@@ -108,6 +111,11 @@ def legacy_fingerprints(cfg: ExperimentConfig, data_dir: Path | None, out: Path)
     return [_digest(d, data_dir)]
 
 
+def _crc(a: np.ndarray) -> int:
+    """CRC-32 of an array's bytes: detects damage to a checkpoint's tensors."""
+    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
+
+
 def _digest(d: dict, data_dir: Path | None) -> str:
     text = tomlio.dumps(d) + f"\ndata_dir={data_dir}"
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -116,9 +124,18 @@ def _digest(d: dict, data_dir: Path | None) -> str:
 def check_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
     """Check the run directory before anything is written; True when a checkpoint will be
     resumed. Raises ResultsError for a run that exists without ``resume``, a different config,
-    or an ``--out`` that is not a folder."""
+    an ``--out`` that is not a folder or cannot be used, or a folder holding files mmfl did
+    not write (:func:`~mmfl.experiment.runlock.check_ownership`)."""
+    try:
+        return _check_out_dir(cfg, out, resume)
+    except OSError as e:  # e.g. a name too long for the file system
+        raise ResultsError(f"{out}: unusable --out ({e.strerror or e})") from None
+
+
+def _check_out_dir(cfg: ExperimentConfig, out: Path, resume: bool) -> bool:
     if out.exists() and not out.is_dir():
         raise ResultsError(f"{out}: --out exists and is not a folder")
+    check_ownership(out)
     has_run = (out / "metrics.csv").exists()
     if has_run and not resume:
         raise ResultsError(
@@ -204,7 +221,8 @@ class Checkpointer:
             arrays["runner.history_loss"] = np.array([h[2] for h in st.history], np.float64)
             arrays["runner.history_time"] = np.array(st.history_time, np.float64)
         meta = {"round": st.round, "sim_time": st.sim_time, "cost": st.cost.as_dict(),
-                "local_steps": st.local_steps, "fingerprint": self.fingerprint}
+                "local_steps": st.local_steps, "fingerprint": self.fingerprint,
+                "crc32": {k: _crc(v) for k, v in arrays.items()}}
         if tables is not None:
             meta["tables"] = tables
         now = time.perf_counter()
@@ -216,12 +234,27 @@ class Checkpointer:
     def load(self, st: RunState) -> dict[str, Any] | None:
         """Fill ``st`` (whose ``params`` has the run's S tensors) and the stateful objects;
         returns the tables' snapshot saved with the checkpoint (None in older checkpoints)."""
-        import torch
-
         arrays, meta = checkpoint.load(self.path)
         if meta.get("fingerprint") not in self.accepted:
             raise ResultsError(f"{self.path.parent}: the checkpoint was written by another config "
                                "or data folder; resume with the run's own config and --data-dir")
+        for k, crc in meta.get("crc32", {}).items():  # absent in older checkpoints
+            if k not in arrays or _crc(arrays[k]) != crc:
+                raise ResultsError(f"{self.path}: tensor {k} is damaged (checksum mismatch); "
+                                   f"{RECOVER}")
+        try:
+            return self._restore(st, arrays, meta)
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise ResultsError(f"{self.path}: damaged checkpoint ({type(e).__name__}: {e}); "
+                               f"{RECOVER}") from None
+
+    def _restore(self, st: RunState, arrays: dict, meta: dict) -> dict[str, Any] | None:
+        import torch
+
+        for s, p in enumerate(st.params):
+            got = arrays[f"param.{s}"].shape
+            if got != tuple(p.shape):
+                raise ValueError(f"param.{s} has shape {got}, the model {tuple(p.shape)}")
         st.round = int(meta["round"])
         st.params = [torch.from_numpy(arrays[f"param.{s}"].copy()) for s in range(len(st.params))]
         for prefix, obj in self.stateful:

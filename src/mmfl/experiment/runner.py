@@ -10,8 +10,10 @@ Per round t (0-based; files count completed rounds, t + 1):
    with the control-variate corrections c_s - c_{i,s}); pairs the engine returns no update for
    (a distributed engine whose node did not answer, see :mod:`mmfl.flower`) are *missing*:
    dropped from the assignment like stragglers past the deadline and counted in rounds.csv;
-4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models; stale updates
-   h and SCAFFOLD's control variates are updated from the round's G;
+   every update passes the server's check (:mod:`.update_check`): rejected ones (non-finite,
+   or over a norm limit) are dropped the same way, named in the round's note;
+4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models, which must be
+   finite; stale updates h and SCAFFOLD's control variates are updated from the round's G;
 5. evaluation every ``eval_every`` rounds, in each of the last ``eval_last`` rounds and in the
    last round; a :class:`~.recording.RoundRecord` to the recorder (the run directory's tables)
    and the callbacks; a checkpoint every ``checkpoint_every`` rounds and the last
@@ -30,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mmfl import registry
-from mmfl.errors import MmflError
+from mmfl.errors import MmflError, NumericalError
 from mmfl.experiment import tomlio
 from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
 from mmfl.experiment.environment import Environment
@@ -43,6 +45,8 @@ from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_ou
                                     writing)
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
 from mmfl.experiment.profile import build_profile
+from mmfl.experiment.runlock import RunLock, remove_leftovers
+from mmfl.experiment.update_check import UpdateCheck, check_losses, check_models
 from mmfl.rng import ALLOCATE, stream
 from mmfl.types import Assignment, RoundState
 
@@ -95,10 +99,11 @@ class Runner:
         self.env = Environment(cfg, pop, build_profile(cfg),
                                np.array(self.engine.flops_per_sample()),
                                4.0 * np.array(self.engine.num_parameters()))
+        self.check = UpdateCheck(cfg.update_check, pop.task_names)
         self.stores = PairStores(pop, self.engine.num_parameters(),
                                  needs_stale=self.aggregator.uses_stale,
                                  requires=self.allocator.requires, dtype=cfg.stale_dtype,
-                                 root=self.out if cfg.stale_on_disk else None)
+                                 root=self.out if cfg.stale_on_disk else None, check=self.check)
         self.signals = SignalGatherer(self.engine, self.allocator, self.aggregator, self.stores,
                                       self._task_lr, cfg.seed)
         self.checkpointer = Checkpointer(
@@ -115,11 +120,22 @@ class Runner:
             host = getattr(registry.get("engine", cfg.engine, key="engine").obj, "host_run", None)
             if host is not None:
                 return host(self, resume=resume)
-        resuming = check_out_dir(cfg, self.out, resume=resume)
+        check_out_dir(cfg, self.out, resume=resume)
         self._build()  # data and model errors surface before anything is written
+        with writing(self.out):
+            lock = RunLock(self.out).acquire()
+        try:
+            return self._run_locked(resume)
+        finally:
+            lock.release()
+
+    def _run_locked(self, resume: bool) -> dict[str, Any]:
+        cfg = self.cfg
+        # checked again under the lock: another run may have written here in the meantime
+        resuming = check_out_dir(cfg, self.out, resume=resume)
         self.state = st = RunState(params=self.engine.init_params())
         with writing(self.out):
-            self.out.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(self.out)
             (self.out / "config.toml").write_text(tomlio.dumps(cfg.to_dict()), encoding="utf-8")
             write_json(self.out / "federation.json", federation_info(self.federation))
             if resuming:
@@ -165,7 +181,14 @@ class Runner:
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)
         st.sim_time += sim_seconds
-        assignment, out = _received(asked, trained, lost, late, measured.notes)
+        checked = self.check.take()
+        if checked.diverged():
+            name = pop.task_names[checked.diverged()[0]]
+            raise NumericalError(f"round {t + 1}: every update of {name} was non-finite "
+                                 f"(tasks.lr of {name} too large?); the run stopped, results up "
+                                 "to the last round are kept")
+        assignment, out = _received(asked, trained, lost, late, (
+            *measured.notes, *checked.notes(pop.task_names)))
         # -- aggregate and apply ------------------------------------------------------------
         state = self.signals.after_training(state, out, measured)
         self._aggregate(st, state, assignment, out)
@@ -174,6 +197,7 @@ class Runner:
         acc = loss = None
         if (t + 1) % cfg.eval_every == 0 or t + 1 == cfg.rounds or t >= cfg.rounds - cfg.eval_last:
             acc, loss = self.engine.evaluate(st.params)
+            check_losses(loss, pop.task_names, t)
             st.evaluated(t + 1, acc, loss)
         t_eval = time.perf_counter()
         # -- record -------------------------------------------------------------------------
@@ -197,6 +221,7 @@ class Runner:
         if self.allocator.observes:
             self.allocator.observe(plan.client, plan.task, self.signals.observed(state, out))
         st.params = self.engine.apply(st.params, out, plan, self.stores.stale)
+        check_models(st.params, self.federation.population.task_names, st.round)
         self.stores.absorb(out, self._task_lr, self.federation.population.data_weight)
 
     def _train(self, t: int, st: RunState, asked: Assignment, measured: Measurements):
@@ -218,6 +243,7 @@ class Runner:
         acc, loss = evaluation
         cost = count_cost(asked, measured, late=late, lost=lost,
                           control_variates=self.stores.controls is not None)
+        rejected = 0 if trained.rejected is None else int(trained.rejected.sum())
         every = measured.full if measured.full is not None else trained  # every training
         probe = measured.probe_set
         steps = int(every.steps.sum()) + (0 if probe is None else int(probe.steps.sum()))
@@ -231,7 +257,7 @@ class Runner:
             available=int(np.sum(state.available)), budget=self.federation.budget,
             expected_slots=assignment.expected_slots, slots_assigned=asked.num_slots, cost=cost,
             local_steps=steps, stale_bytes=self.stores.nbytes, sim_seconds=sim_seconds,
-            sim_time=st.sim_time, stragglers=late, missing=lost + measured.missing,
+            sim_time=st.sim_time, stragglers=late, missing=lost + measured.missing + rejected,
             note=assignment.note, train_seconds=times[1] - times[0],
             eval_seconds=times[2] - times[1])
 
@@ -244,8 +270,8 @@ def _received(asked: Assignment, trained, lost: np.ndarray, late: np.ndarray,
               notes: tuple[str, ...]):
     """The assignment and TrainOutput that aggregation sees: ``asked`` without the pairs that
     never answered (``lost``, (U,) over ``asked.pairs()``: biased unless failures are
-    independent of the updates) and without the stragglers (``late``, (K,) over ``trained``),
-    with the round's notes."""
+    independent of the updates), without the stragglers (``late``, (K,) over ``trained``) and
+    the updates the server's check rejected (``trained.rejected``), with the round's notes."""
     clients, tasks = asked.pairs()
     assignment = asked
     notes = list(notes)
@@ -259,6 +285,10 @@ def _received(asked: Assignment, trained, lost: np.ndarray, late: np.ndarray,
         assignment = assignment.without_pairs(trained.clients[late], trained.tasks[late],
                                               note=f"{int(late.sum())} stragglers dropped")
         trained = trained.subset(~late)
+    if trained.rejected is not None and trained.rejected.any():  # named in ``notes``
+        bad = trained.rejected
+        assignment = assignment.without_pairs(trained.clients[bad], trained.tasks[bad])
+        trained = trained.accepted()
     return assignment, trained
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +37,7 @@ class Measurements:
         probe_pairs: (clients (U,), tasks (U,)) of the loss probes, or None.
         probe_set: TrainOutput of StaleVRE's random probe set, or None.
         missing: requested measurements that never arrived (offline nodes).
+        full_missing: pairs of the full computation among them.
         notes: human-readable notes for rounds.csv.
     """
 
@@ -45,16 +47,21 @@ class Measurements:
     probe_pairs: tuple[np.ndarray, np.ndarray] | None = None
     probe_set: object | None = None
     missing: int = 0
+    full_missing: int = 0
     notes: tuple[str, ...] = ()
 
 
 class PairStores:
     """Per-(client, task) vectors of the server, each in RAM or memory-mapped under ``root``:
     ``stale`` (h, when the aggregator aggregates stale updates or the sampler scores them),
-    ``probe`` (G~, StaleVRE's probe set) and ``controls`` (SCAFFOLD's c_{i,s} and c_s)."""
+    ``probe`` (G~, StaleVRE's probe set) and ``controls`` (SCAFFOLD's c_{i,s} and c_s).
+    :meth:`train` is the server's one way to get updates: each passes ``check``
+    (:class:`~mmfl.experiment.update_check.UpdateCheck`) first."""
 
     def __init__(self, population: Population, num_params: list[int], *, needs_stale: bool,
-                 requires: frozenset[Signal], dtype: str, root: Path | None):
+                 requires: frozenset[Signal], dtype: str, root: Path | None,
+                 check: Callable | None = None):
+        self.check = check or (lambda out, t: out)
         def per_pair(cls, needed: bool, folder: str):
             if not needed:
                 return None
@@ -78,11 +85,12 @@ class PairStores:
 
     def train(self, engine, params, clients: np.ndarray, tasks: np.ndarray, t: int):
         """``engine.train`` of the pairs, with SCAFFOLD's corrections c_s - c_{i,s} when
-        control variates are kept."""
+        control variates are kept, through the update check (rejected pairs are marked in
+        the TrainOutput's ``rejected``)."""
         if self.controls is None:
-            return engine.train(params, clients, tasks, t)
-        return engine.train(params, clients, tasks, t,
-                            corrections=self.controls.corrections(clients, tasks))
+            return self.check(engine.train(params, clients, tasks, t), t)
+        return self.check(engine.train(params, clients, tasks, t,
+                                       corrections=self.controls.corrections(clients, tasks)), t)
 
     def absorb(self, out, lr: np.ndarray, data_weight: np.ndarray) -> None:
         """After aggregation: h <- G for the aggregated pairs of ``out``; SCAFFOLD option II,
@@ -150,17 +158,22 @@ class SignalGatherer:
             if lost.any():  # no update from these pairs: their clients sit this round out
                 state = offline(state, clients[lost])
                 got["missing"] += int(lost.sum())
+                got["full_missing"] = int(lost.sum())
                 got["notes"].append(f"{int(lost.sum())} pairs missing from the full "
                                     "computation (clients offline this round)")
-            sig["update_norm"] = update_norms(full, shape, self.lr)
+            if full.rejected is not None:  # so do the clients of rejected updates
+                state = offline(state, full.clients[full.rejected])
+            kept = full.accepted()
+            sig["update_norm"] = update_norms(kept, shape, self.lr)
             if self.stores.stale is not None:
-                sig["stale_dot"] = self.stores.stale_dots(full, self.lr)
+                sig["stale_dot"] = self.stores.stale_dots(kept, self.lr)
             got["full"], got["full_pairs"] = full, len(clients)
         if Signal.PROBE in req:  # a random probe set trains first; its updates G~ are kept
             clients, tasks = self.allocator.probe_set(state, stream(self.seed, PROBE, t))
             probe = self.stores.train(self.engine, params, clients, tasks, t)
-            for s in probe.updates:
-                self.stores.probe.put(s, *probe.pair_updates(s))
+            kept = probe.accepted()
+            for s in kept.updates:
+                self.stores.probe.put(s, *kept.pair_updates(s))
             sig["probe_norm_sq"] = self.stores.probe.norm_sq / self.lr[None, :] ** 2
             sig["probe_dot"] = self.stores.probe_dots(self.lr)
             got["probe_set"] = probe
