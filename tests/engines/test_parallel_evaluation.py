@@ -3,11 +3,14 @@ so the numbers do not depend on the thread count."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
 from testkit import tiny_config_text
 
+import mmfl
 from mmfl import registry
 from mmfl.experiment.config import load_config
 from mmfl.experiment.federation import build_federation
@@ -29,3 +32,11 @@ def test_evaluation_is_identical_for_any_thread_count(tmp_path, engine):
     np.testing.assert_array_equal(acc1, acc3)
     np.testing.assert_array_equal(loss1, loss3)
     assert acc1.shape == (fed.population.num_tasks,) and np.isfinite(loss1).all()
+
+
+def test_a_run_stops_its_evaluation_threads(tmp_path):
+    """The evaluation pool lives as long as the run: no threads are left behind."""
+    p = tmp_path / "cfg.toml"
+    p.write_text(tiny_config_text(rounds=2), encoding="utf-8")
+    mmfl.run(load_config(p, ["threads=2"]), tmp_path / "r")
+    assert not [t for t in threading.enumerate() if t.name.startswith("mmfl-eval")]

@@ -237,6 +237,12 @@ class Engine:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="mmfl-eval")
         return list(self._pool.map(fn, tasks))
 
+    def close(self) -> None:
+        """Stop the evaluation threads (the runner calls this when a run ends)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
 
 def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
     """Build task s's model; a model that cannot exist for this data is a ConfigError."""

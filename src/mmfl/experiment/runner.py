@@ -128,6 +128,8 @@ class Runner:
             return self._run_locked(resume)
         finally:
             lock.release()
+            if hasattr(self.engine, "close"):
+                self.engine.close()
 
     def _run_locked(self, resume: bool) -> dict[str, Any]:
         cfg = self.cfg
