@@ -246,6 +246,7 @@ class Engine:
 
 def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
     """Build task s's model; a model that cannot exist for this data is a ConfigError."""
+    from mmfl.tasks.losses import PROBE_SAMPLES, attach_loss
     from mmfl.tasks.models import build_model
 
     try:
@@ -259,7 +260,8 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
     if any(True for _ in model.buffers()):
         raise ConfigError(f"tasks[{s}].model", "models with buffers (e.g. batch norm) are not "
                           "supported: buffers are neither aggregated nor checkpointed", cfg.model)
-    return model
+    x = to_tensor(ds.x_train[:PROBE_SAMPLES], np.float32)
+    return attach_loss(model, cfg.loss, x, ds.num_classes, s)
 
 
 _COUNTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)

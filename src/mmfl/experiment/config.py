@@ -53,6 +53,7 @@ class TaskConfig:
     stop_round: int
     class_mask: str
     test_subset: str
+    loss: str
 
 
 @dataclass(frozen=True)
@@ -172,7 +173,7 @@ class ExperimentConfig:
 #: "sampler" the options of the run's sampler.
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
-    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks.dataset_options", "normalize"),
+    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
     ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
     ("server", "max_norm_ratio"), ("server", "norm_action"),
@@ -308,6 +309,11 @@ TASK = {
                           "the last k (the authors' default: the last 70%)."),
     "start_round": Option(int, 0, ">= 0", "First round the model is trained (it joins late)."),
     "stop_round": Option(int, 0, ">= 0", "Round from which it is no longer trained (0 = never)."),
+    "loss": Option(str, "auto", "one of auto|nll|cross_entropy",
+                   "Local training and evaluation loss: 'nll' on a model that returns "
+                   "log-probabilities (mmfl's own models), 'cross_entropy' on one that returns "
+                   "logits; 'auto' tells them apart by one forward pass at start-up "
+                   "(docs/algorithms.md section 2)."),
     "class_mask": Option(str, "none", "one of none|zero|exclude",
                          "Local training only: 'zero' sets the loss scores of the classes the "
                          "client holds no sample of to 0 (the authors' code, with their CNN's "

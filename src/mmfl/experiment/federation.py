@@ -29,7 +29,7 @@ def training_spec(task: TaskConfig, index: int) -> TrainingSpec:
     return TrainingSpec(name=task.name, model=task.model, lr=task.lr,
                         local_epochs=task.local_epochs, batch_size=task.batch_size,
                         model_options=dict(task.model_options), class_mask=task.class_mask,
-                        index=index)
+                        index=index, loss=task.loss)
 
 
 def draw_distribution(spec: int | tuple, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -26,6 +26,7 @@ class TrainingSpec:
         lr: local SGD learning rate eta_s; ``local_epochs`` E_s; ``batch_size`` B.
         class_mask: "none" | "zero" | "exclude" (local training's treatment of the classes a
             client holds no sample of, :mod:`mmfl.tasks.masking`).
+        loss: "auto" | "nll" | "cross_entropy" (:mod:`mmfl.tasks.losses`).
         index: the task's position s (names the config key ``tasks[s]`` in errors).
     """
 
@@ -37,6 +38,7 @@ class TrainingSpec:
     model_options: Mapping[str, Any] = field(default_factory=dict)
     class_mask: str = "none"
     index: int = 0
+    loss: str = "auto"
 
 
 @dataclass(frozen=True)
