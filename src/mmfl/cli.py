@@ -129,18 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "registered with `flwr supernode register` before the node starts")
     p.add_argument("--round-timeout", type=float, default=None, metavar="S",
                    help="seconds the ServerApp waits for a round's replies; a node that has not "
-                        "answered by then misses the round (0 = no limit; default: the "
-                        "config's flower.round_timeout, 600)")
+                        "answered by then misses the round (finite, >= 0; 0 = no limit; "
+                        "default: the config's flower.round_timeout, 600)")
     p.add_argument("--node-wait", type=float, default=None, metavar="S",
                    help="seconds the ServerApp waits for all SuperNodes to connect and answer "
-                        "discovery (default: the config's flower.node_wait, 120)")
+                        "discovery (finite, > 0; default: the config's flower.node_wait, 120)")
     p.add_argument("--port", type=int, default=None, metavar="P",
                    help="SuperLink port (default: a free port; SuperNode runtime ports are "
                         "always picked free)")
     p.add_argument("--host", default="127.0.0.1", metavar="H",
-                   help="address the SuperLink listens on and SuperNodes connect to (default "
-                        "127.0.0.1; 0.0.0.0 = every interface, local processes use loopback); "
-                        "added to the TLS certificate")
+                   help="address the SuperLink listens on and SuperNodes connect to: an IP "
+                        "address or a host name (default 127.0.0.1; 0.0.0.0 = every interface, "
+                        "local processes use loopback; only the Fleet API is served to other "
+                        "machines); added to the TLS certificate")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("--keep-logs", action="store_true",
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true",
                    help="write the shards, config, app, FLWR_HOME, certificates and keys and "
                         "OUT/flower/commands.sh (the command of every process, e.g. to run them "
-                        "on several machines), print it and start nothing")
+                        "on several machines), print it and start nothing; only what mmfl "
+                        "created under OUT/flower is replaced")
 
     p = sub.add_parser("config", help="config helpers: 'example' prints every key with its "
                        "default and meaning", description="Config helpers.")
