@@ -150,7 +150,18 @@ class Engine:
         list; the inputs are not modified.
         """
         new = list(params)
-        for s in range(len(params)):
+        for s, step in enumerate(self.aggregate(len(params), out, plan, store)):
+            if step is not None:
+                new[s] = params[s] - plan.server_lr * step
+        return new
+
+    def aggregate(self, num_tasks: int, out: TrainOutput, plan: AggregationPlan,
+                  store=None) -> list[torch.Tensor | None]:
+        """(S,) the aggregated updates A_s = sum_k c_k G_k + sum_j e_j h_j of :meth:`apply`
+        ((D_s,) each; None for a model without a term this round), for a server optimizer
+        (:mod:`mmfl.experiment.server_optimizer`)."""
+        steps: list[torch.Tensor | None] = []
+        for s in range(num_tasks):
             step = None
             mine = plan.task == s
             if mine.any():
@@ -166,9 +177,8 @@ class Engine:
                 coef = torch.from_numpy(plan.stale_coefficient[stale].astype(np.float32))
                 h_term = coef @ store.get(s, plan.stale_client[stale])
                 step = h_term if step is None else step + h_term
-            if step is not None:
-                new[s] = params[s] - plan.server_lr * step
-        return new
+            steps.append(step)
+        return steps
 
     @torch.no_grad()
     def probe_losses(self, params: list[torch.Tensor], clients: np.ndarray,

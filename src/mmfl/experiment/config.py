@@ -106,6 +106,16 @@ class UpdateCheckConfig:
 
 
 @dataclass(frozen=True)
+class ServerOptimizerConfig:
+    """``[server] optimizer`` and ``[server.optimizer_options]`` (every option resolved): the
+    rule that turns the aggregated update into the server's step (docs/algorithms.md section
+    3.2)."""
+
+    name: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class FlowerConfig:
     """Settings of engine ``flower`` (``[flower]``); see :mod:`mmfl.flower` and docs/flower.md."""
 
@@ -138,6 +148,9 @@ class ExperimentConfig:
     tasks: tuple[TaskConfig, ...]
     flower: FlowerConfig = field(default_factory=lambda: default_flower())
     update_check: UpdateCheckConfig = field(default_factory=lambda: default_update_check())
+    server_optimizer: ServerOptimizerConfig = field(
+        default_factory=lambda: ServerOptimizerConfig(SERVER["optimizer"].default,
+                                                      MappingProxyType({})))
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a TOML-shaped nested dict (what ``config.toml`` holds);
@@ -148,7 +161,11 @@ class ExperimentConfig:
         d = _plain(self)
         if self.engine != "flower" and self.flower == default_flower():
             d.pop("flower")
-        d["server"] = {"lr": d.pop("server_lr"), **d.pop("update_check")}
+        opt = d.pop("server_optimizer")
+        d["server"] = {"lr": d.pop("server_lr"), **d.pop("update_check"),
+                       "optimizer": opt["name"]}
+        if opt["options"]:
+            d["server"]["optimizer_options"] = opt["options"]
         d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
                         **d["sampler"]["options"]}
         for t in d["tasks"]:
@@ -176,7 +193,7 @@ _NEW_KEYS = (
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
     ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
-    ("server", "max_norm_ratio"), ("server", "norm_action"),
+    ("server", "max_norm_ratio"), ("server", "norm_action"), ("server", "optimizer"),
 )
 
 
@@ -257,6 +274,20 @@ SERVER = {
     "norm_action": Option(str, "reject", "one of reject|clip", "What happens to an update over "
                           "a norm limit: rejected like a missing pair, or scaled down to the "
                           "limit."),
+    "optimizer": Option(str, "sgd", "one of sgd|fedavgm|fedadam|fedyogi", "Server optimizer "
+                        "applied to the aggregated update with learning rate lr: sgd (w -= lr "
+                        "x aggregate, the papers'), or the adaptive federated optimizers, "
+                        "options in [server.optimizer_options] (docs/algorithms.md 3.2)."),
+}
+#: ``[server.optimizer_options]`` of each server optimizer
+SERVER_OPTIMIZERS: dict[str, dict[str, Option]] = {
+    "sgd": {},
+    "fedavgm": {"momentum": Option(float, 0.9, "0..1", "Server momentum beta.")},
+    **{name: {"beta1": Option(float, 0.9, "0..1", "First-moment decay beta_1."),
+              "beta2": Option(float, 0.99, "0..1", "Second-moment decay beta_2."),
+              "tau": Option(float, 1e-3, "> 0", "Adaptivity tau (added to sqrt(v)); v starts "
+                            "at tau^2.")}
+       for name in ("fedadam", "fedyogi")},
 }
 SYSTEM = {
     "flops_per_second": Option(float, 1e9, "> 0", "FLOP/s of the reference client device."),
@@ -333,7 +364,8 @@ FLOWER = {
 
 def default_update_check() -> UpdateCheckConfig:
     """``[server]``'s update limits at their defaults (from :data:`SERVER`): none."""
-    return UpdateCheckConfig(**{k: o.default for k, o in SERVER.items() if k != "lr"})
+    return UpdateCheckConfig(**{k: o.default for k, o in SERVER.items()
+                                if k in UpdateCheckConfig.__dataclass_fields__})
 
 
 def default_flower() -> FlowerConfig:
@@ -557,7 +589,12 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     _component("engine", "engine", top["engine"])
     top["threads"] = _threads(top["threads"])
 
-    server = _fixed("server.", _table("server", raw.get("server", {})), SERVER)
+    server = _fixed("server.", _table("server", raw.get("server", {})), SERVER,
+                    ("optimizer_options",))
+    server_opt = ServerOptimizerConfig(server["optimizer"], MappingProxyType(
+        registry.resolve_options("server.optimizer_options", _table(
+            "server.optimizer_options", raw.get("server", {}).get("optimizer_options", {})),
+            SERVER_OPTIMIZERS[server.pop("optimizer")])))
     system = SystemConfig(**_fixed("system.", _table("system", raw.get("system", {})), SYSTEM))
     flower = FlowerConfig(**_fixed("flower.", _table("flower", raw.get("flower", {})), FLOWER))
 
@@ -595,6 +632,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
 
     return ExperimentConfig(
         **top, server_lr=server.pop("lr"), update_check=UpdateCheckConfig(**server),
+        server_optimizer=server_opt,
         clients=clients, system=system, sampler=sampler,
         tasks=tasks, flower=flower
     )

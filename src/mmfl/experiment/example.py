@@ -9,7 +9,8 @@ from typing import Any
 
 from mmfl import registry
 from mmfl.experiment import tomlio
-from mmfl.experiment.config import CLIENTS, FLOWER, SAMPLER_FIXED, SERVER, SYSTEM, TASK, TOP
+from mmfl.experiment.config import (CLIENTS, FLOWER, SAMPLER_FIXED, SERVER, SERVER_OPTIMIZERS,
+                                   SYSTEM, TASK, TOP)
 from mmfl.registry import Option
 from mmfl.tasks.partition import PARTITION_OPTIONS
 
@@ -89,6 +90,13 @@ def example_toml() -> str:
     lines = HEADER.rstrip("\n").split("\n") + [""]
     lines += _keys(TOP, {"name": "example"})
     lines += ["", "[server]"] + _keys(SERVER)
+    lines += ["# [server.optimizer_options] of each server optimizer:"]
+    for name, options in SERVER_OPTIMIZERS.items():
+        for key, spec in options.items():
+            note = _note(spec)
+            lines += [f"#   {line}" for line in textwrap.wrap(
+                f"{name}: {key} = {_value(spec.default)}" + (f"  ({note})" if note else ""),
+                WIDTH - 4)]
     lines += ["", "[clients]"] + _keys(CLIENTS)
     lines += ["", "[system]"] + _keys(SYSTEM)
     lines += ["", "[sampler]"] + _keys(SAMPLER_FIXED)

@@ -12,8 +12,9 @@ Per round t (0-based; files count completed rounds, t + 1):
    dropped from the assignment like stragglers past the deadline and counted in rounds.csv;
    every update passes the server's check (:mod:`.update_check`): rejected ones (non-finite,
    or over a norm limit) are dropped the same way, named in the round's note;
-4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models, which must be
-   finite; stale updates h and SCAFFOLD's control variates are updated from the round's G;
+4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models (or the
+   aggregate through a server optimizer, :mod:`.server_optimizer`), which must be finite;
+   stale updates h and SCAFFOLD's control variates are updated from the round's G;
 5. evaluation every ``eval_every`` rounds, in each of the last ``eval_last`` rounds and in the
    last round; a :class:`~.recording.RoundRecord` to the recorder (the run directory's tables)
    and the callbacks; a checkpoint every ``checkpoint_every`` rounds and the last
@@ -46,6 +47,7 @@ from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_ou
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
 from mmfl.experiment.profile import build_profile
 from mmfl.experiment.runlock import RunLock, remove_leftovers
+from mmfl.experiment.server_optimizer import build_server_optimizer
 from mmfl.experiment.update_check import UpdateCheck, check_losses, check_models
 from mmfl.rng import ALLOCATE, stream
 from mmfl.types import Assignment, RoundState
@@ -99,6 +101,8 @@ class Runner:
         self.env = Environment(cfg, pop, build_profile(cfg),
                                np.array(self.engine.flops_per_sample()),
                                4.0 * np.array(self.engine.num_parameters()))
+        self.server_optimizer = build_server_optimizer(cfg.server_optimizer,
+                                                       self.engine.num_parameters())
         self.check = UpdateCheck(cfg.update_check, pop.task_names)
         self.stores = PairStores(pop, self.engine.num_parameters(),
                                  needs_stale=self.aggregator.uses_stale,
@@ -109,7 +113,8 @@ class Runner:
         self.checkpointer = Checkpointer(
             self.out, config_fingerprint(cfg, self.data_dir),
             [("allocator", self.allocator), ("aggregator", self.aggregator),
-             *self.stores.stateful()],
+             *self.stores.stateful(),
+             *([("server_optimizer", self.server_optimizer)] if self.server_optimizer else [])],
             accepted=tuple(legacy_fingerprints(cfg, self.data_dir, self.out)))
         self.recorder = Recorder(self.out, lambda: self._summary("running", None))
 
@@ -222,7 +227,11 @@ class Runner:
             self.aggregator.observe(plan.client, plan.task, state)
         if self.allocator.observes:
             self.allocator.observe(plan.client, plan.task, self.signals.observed(state, out))
-        st.params = self.engine.apply(st.params, out, plan, self.stores.stale)
+        if self.server_optimizer is None:
+            st.params = self.engine.apply(st.params, out, plan, self.stores.stale)
+        else:
+            aggregates = self.engine.aggregate(len(st.params), out, plan, self.stores.stale)
+            st.params = self.server_optimizer.step(st.params, aggregates, plan.server_lr)
         check_models(st.params, self.federation.population.task_names, st.round)
         self.stores.absorb(out, self._task_lr, self.federation.population.data_weight)
 
