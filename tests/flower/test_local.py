@@ -205,7 +205,8 @@ def test_tls_run(tmp_path, reaper):
 @pytest.mark.timeout(300)
 def test_auth_run(tmp_path, reaper):
     """--auth: one ECDSA key per SuperNode, registered with `flwr supernode register`; the
-    SuperLink only admits registered nodes (FLOWER-NOTES s. 6)."""
+    SuperLink only admits registered nodes (FLOWER-NOTES s. 6), and the ServerApp accepts
+    client i only from the node with key i."""
     out = tmp_path / "run"
     p = start_cli(str(write_config(tmp_path, rounds=1)), "--out", str(out), "--auth",
                   "--keep-logs", "--round-timeout", "60")
@@ -217,6 +218,9 @@ def test_auth_run(tmp_path, reaper):
     ids = [n["node_id"] for n in dep["nodes"]]
     assert all(isinstance(i, int) for i in ids) and len(set(ids)) == 3
     assert not (out / "flower" / "keys").exists()
+    # identity.json bound every client to its key; Flower showed the ServerApp the registered
+    # keys (NodeInfo.public_key) and all three matched: no node was refused
+    assert not (out / "flower" / "rejected.jsonl").exists()
     assert_no_survivors(out)
 
 

@@ -479,8 +479,8 @@ class LocalDeployment:
                 if (p.exists() or p.is_symlink()) and name not in owned:
                     raise ResultsError(f"{p}: exists but was not created by mmfl; move it away "
                                        "or choose another --out")
-            for name in sorted(owned):
-                _remove(d / name)
+            for name in sorted(owned - {"rejected.jsonl"}):  # rejections of earlier attempts
+                _remove(d / name)                               # of this run stay on record
         else:
             d.mkdir(mode=0o700)
         self._write_manifest(OWNED)
