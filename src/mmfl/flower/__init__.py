@@ -12,9 +12,12 @@ Flower parts live in submodules that need it:
 * :mod:`mmfl.flower.shards`: the per-client data files (no flwr needed).
 * :mod:`mmfl.flower.simulation`: engine ``flower`` of ``mmfl run``, i.e. the same apps under
   Flower's simulation engine (``flwr.simulation.run_simulation``, Ray backend).
+* :mod:`mmfl.flower.local`: ``mmfl flower-local``, a real deployment on this machine, whose
+  SuperLink runs through :mod:`mmfl.flower.linkguard` (Control and Runtime APIs for loopback
+  peers of the same user only).
 
 See docs/flower.md ("The flower engine") for the protocol, the options and how faults are
-handled.
+handled, and its "Threat model" for what each deployment mode defends against.
 """
 
 from __future__ import annotations

@@ -282,13 +282,14 @@ class LocalDeployment:
         auth: SuperNode authentication (implies ``tls``): one ECDSA key per node, registered
             with ``flwr supernode register`` before the node starts.
         round_timeout: seconds the ServerApp waits for the replies of a round (run config
-            ``round-timeout``; 0 = no limit); a node that does not answer in time misses the
-            round. Default: the config's ``flower.round_timeout``.
+            ``round-timeout``; finite, 0 = no limit); a node that does not answer in time misses
+            the round. Default: the config's ``flower.round_timeout``.
         node_wait: seconds the ServerApp waits for all SuperNodes to connect and answer
             discovery (``node-wait``). Default: the config's ``flower.node_wait``.
         port: SuperLink port (default: a free one).
-        host: address the SuperLink listens on (``127.0.0.1``; ``0.0.0.0`` lets other machines
-            connect, see docs/flower.md).
+        host: address the SuperLink listens on, an IP address or a host name (``127.0.0.1``;
+            ``0.0.0.0`` lets other machines connect to the Fleet API, never to the Control and
+            Runtime APIs: :mod:`mmfl.flower.linkguard`; see docs/flower.md).
         resume: continue the run in ``out`` from its checkpoint (run config ``resume``).
         keep_logs: keep ``OUT/flower/logs`` after a completed run.
         app_dir: Flower app directory to submit (default :data:`APP_DIR`, mmfl's own app).
