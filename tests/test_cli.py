@@ -118,6 +118,14 @@ def test_example_registers_custom_components_and_runs(tmp_path):
     assert "blobs" in registry.names("dataset") and "tiny_mlp" in registry.names("model")
 
 
+def test_example_own_model_trains_logits_and_loads_back(tmp_path):
+    mod = runpy.run_path(str(ROOT / "examples" / "own_model.py"))
+    accuracy = mod["main"](str(tmp_path / "own"))
+    summary = json.loads((tmp_path / "own" / "summary.json").read_text())
+    assert accuracy == summary["tasks"]["digits"]["accuracy"] > 0.5  # 10 classes
+    assert (tmp_path / "own" / "models" / "digits.safetensors").exists()
+
+
 @pytest.mark.slow
 def test_quickstart_config_learns_every_task(tmp_path):
     """The quickstart (or its offline twin): every task ends clearly above chance (0.1)."""

@@ -7,6 +7,8 @@ The public API::
     cfg = mmfl.load_config("configs/quickstart.toml", overrides=["rounds=5"])
     summary = mmfl.run(cfg, "runs/demo")
     results = mmfl.read_results("runs/demo")
+    model = mmfl.load_model("runs/demo", "fmnist")       # the trained nn.Module
+    x, y = mmfl.load_data("runs/demo", "fmnist")         # its test split, as evaluated
 
     @mmfl.register("sampler", "mine", options={"alpha": mmfl.Option(float, 1.0, "> 0")})
     class Mine(mmfl.Allocator): ...
@@ -30,6 +32,8 @@ _LAZY = {
     "run": ("mmfl.experiment.runner", "run"),
     "build_federation": ("mmfl.experiment.federation", "build_federation"),
     "read_results": ("mmfl.experiment.results", "read_results"),
+    "load_model": ("mmfl.experiment.trained", "load_model"),
+    "load_data": ("mmfl.experiment.trained", "load_data"),
     "RunResults": ("mmfl.experiment.results", "RunResults"),
     "plan_sweep": ("mmfl.experiment.sweep", "plan_sweep"),
     "run_sweep": ("mmfl.experiment.sweep", "run_sweep"),

@@ -119,3 +119,9 @@ def test_a_logits_model_runs_end_to_end_and_learns(tmp_path):
     summary = mmfl.run(cfg, tmp_path / "r")
     assert summary["tasks"]["d"]["accuracy"] > 0.5
     assert "loss" not in mmfl.read_results(tmp_path / "r").config["tasks"][0]  # auto: default
+    model = mmfl.load_model(tmp_path / "r", "d")  # the user's own module, returning logits
+    assert isinstance(model, Logits)
+    x, y = mmfl.load_data(tmp_path / "r", "d")
+    with torch.no_grad():
+        acc = float((model(x).argmax(1) == y).double().mean())
+    assert acc == summary["tasks"]["d"]["accuracy"]

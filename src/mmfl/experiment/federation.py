@@ -19,7 +19,7 @@ from mmfl.tasks.spec import Federation, TaskData, TrainingSpec
 from mmfl.types import Population
 
 __all__ = ["Federation", "TaskData", "authors_processors", "build_federation", "draw_capacity",
-           "draw_distribution", "load_dataset", "membership", "training_spec"]
+           "draw_distribution", "load_dataset", "membership", "task_dataset", "training_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,11 @@ def load_dataset(task: TaskConfig, data_dir: Path | None, seed: int):
     return _DATASETS[key]
 
 
+def task_dataset(cfg: ExperimentConfig, s: int, data_dir: Path | None):
+    """Task s's dataset exactly as the engines train and evaluate on it (loaded, subsampled)."""
+    return _subsample(load_dataset(cfg.tasks[s], data_dir, cfg.seed), cfg.tasks[s], s, cfg.seed)
+
+
 def _subsample(ds, task: TaskConfig, s: int, seed: int):
     """Deterministic subsets of the train / test splits (``train_samples``, ``test_samples``):
     random (sorted indices drawn from the task's stream), or for the test split with
@@ -120,7 +125,7 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
     n_samples = np.zeros((n_clients, n_tasks), dtype=np.int64)
     tasks = []
     for s, task in enumerate(cfg.tasks):
-        ds = _subsample(load_dataset(task, data_dir, cfg.seed), task, s, cfg.seed)
+        ds = task_dataset(cfg, s, data_dir)
         if len(ds.y_test) == 0 or len(ds.y_train) < ds.num_classes:
             raise DataError(f"task {task.name}: dataset {task.dataset} has {len(ds.y_train)} "
                             f"training and {len(ds.y_test)} test samples; it needs at least "

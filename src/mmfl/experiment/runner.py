@@ -48,6 +48,7 @@ from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, an
 from mmfl.experiment.profile import build_profile
 from mmfl.experiment.runlock import RunLock, remove_leftovers
 from mmfl.experiment.server_optimizer import build_server_optimizer
+from mmfl.experiment.trained import write_models
 from mmfl.experiment.update_check import UpdateCheck, check_losses, check_models
 from mmfl.rng import ALLOCATE, stream
 from mmfl.types import Assignment, RoundState
@@ -156,6 +157,9 @@ class Runner:
             with writing(self.out):
                 for t in range(st.round, cfg.rounds):
                     self._round(t, st)
+                if hasattr(self.engine, "models"):  # the trained models back (.trained)
+                    write_models(self.out, self.federation, self.engine.models, st.params,
+                                 st.round)
             summary = self._summary("completed", time.perf_counter() - t0)
         except (MmflError, KeyboardInterrupt) as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"

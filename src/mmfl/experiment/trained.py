@@ -1,0 +1,129 @@
+"""The trained models back: each task's final weights as a plain ``state_dict`` file, and
+:func:`load_model` / :func:`load_data` to use them.
+
+A completed run writes ``models/<task>.safetensors``: the model's ``state_dict`` under its
+standard parameter names (the user's own module, without mmfl's log-softmax wrapper of
+:mod:`mmfl.tasks.losses`), readable with safetensors and torch alone, e.g.::
+
+    from safetensors.torch import load_file
+    model = MyNet()
+    model.load_state_dict(load_file("runs/demo/models/fmnist.safetensors"))
+
+Its metadata names the model, its options, input shape, classes, loss and round, which is what
+:func:`load_model` builds the module from (the model must be registered in the session, as it
+was for the run). :func:`load_data` rebuilds a task's test (or train) split exactly as the
+engines evaluated on it, input scaling included.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.utils import vector_to_parameters
+
+from mmfl.errors import ResultsError
+from mmfl.experiment import tomlio
+
+__all__ = ["FOLDER", "load_data", "load_model", "write_models"]
+
+FOLDER = "models"
+FORMAT = "mmfl-model-1"
+
+
+def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The user's module inside mmfl's loss wrapper (itself otherwise)."""
+    from mmfl.tasks.losses import LogSoftmaxOutput
+
+    return model.inner if isinstance(model, LogSoftmaxOutput) else model
+
+
+def write_models(out: Path, federation, models, params, round_: int) -> None:
+    """Write ``models/<task>.safetensors`` of every task: ``models`` (S,) the engine's modules,
+    ``params`` (S,) the flat global weights after ``round_`` rounds."""
+    from safetensors.torch import save_file
+
+    from mmfl.tasks.losses import LogSoftmaxOutput
+
+    folder = out / FOLDER
+    folder.mkdir(exist_ok=True)
+    for td, model, flat in zip(federation.tasks, models, params):
+        spec, ds = td.spec, td.dataset
+        copy_ = copy.deepcopy(model)
+        vector_to_parameters(flat.detach().clone(), copy_.parameters())
+        state = {k: v.detach().contiguous() for k, v in _plain_module(copy_).state_dict().items()}
+        meta = {"format": FORMAT, "task": spec.name, "model": spec.model,
+                "model_options": json.dumps(dict(spec.model_options), sort_keys=True),
+                "input_shape": json.dumps([int(d) for d in ds.input_shape]),
+                "num_classes": str(int(ds.num_classes)), "round": str(int(round_)),
+                "loss": "cross_entropy" if isinstance(model, LogSoftmaxOutput) else "nll"}
+        tmp = folder / f"{spec.name}.safetensors.tmp"
+        save_file(state, str(tmp), metadata=meta)
+        tmp.replace(folder / f"{spec.name}.safetensors")
+
+
+def load_model(run_dir: str | Path, task: str, *, round: int | None = None) -> torch.nn.Module:
+    """Task ``task``'s trained model of the run in ``run_dir``, in eval mode: the final one, or
+    with ``round`` the one of the run's checkpoint when it is at that round. The module is the
+    registered model as written (a logits model returns logits, mmfl's own models
+    log-probabilities); its ``argmax`` over :func:`load_data`'s inputs gives the accuracy the
+    run reported."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from mmfl.tasks.models import build_model
+
+    run_dir = Path(run_dir)
+    path = run_dir / FOLDER / f"{task}.safetensors"
+    if not path.exists():
+        known = sorted(p.name.removesuffix(".safetensors") for p in (run_dir / FOLDER).glob(
+            "*.safetensors")) if (run_dir / FOLDER).is_dir() else []
+        raise ResultsError(f"{path}: no such model file (tasks with one: "
+                           f"{', '.join(known) or 'none; the run has not completed'})")
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ResultsError(f"{path}: not an mmfl model file")
+    model = build_model(meta["model"], json.loads(meta["model_options"]),
+                        tuple(json.loads(meta["input_shape"])), int(meta["num_classes"]), 0)
+    if round is None or round == int(meta["round"]):
+        model.load_state_dict(load_file(str(path)))
+    else:
+        _load_checkpoint_round(model, run_dir, task, round)
+    return model.eval()
+
+
+def _load_checkpoint_round(model: torch.nn.Module, run_dir: Path, task: str, round_: int):
+    from mmfl.experiment import checkpoint
+    from mmfl.experiment.rundir import CHECKPOINT
+
+    names = list(tomlio.load(run_dir / "config.toml").get("tasks", []))
+    s = next((k for k, t in enumerate(names) if t.get("name") == task), None)
+    arrays, meta = checkpoint.load(run_dir / CHECKPOINT)
+    if s is None or int(meta.get("round", -1)) != round_:
+        raise ResultsError(f"{run_dir}: round {round_} is not kept (the final model and the "
+                           f"checkpoint of round {meta.get('round')} are)")
+    vector_to_parameters(torch.from_numpy(np.array(arrays[f"param.{s}"])), model.parameters())
+
+
+def load_data(run_dir: str | Path, task: str, split: str = "test", *,
+              data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x, y)`` of ``task``'s ``split`` ("test" or "train") exactly as the run's engines
+    used them: float32 inputs (N, *input_shape) after mmfl's preprocessing, int64 labels (N,)."""
+    from mmfl.experiment.config import config_from_dict, resolve_data_dir
+    from mmfl.experiment.federation import task_dataset
+
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train', got {split!r}")
+    cfg = config_from_dict(tomlio.load(Path(run_dir) / "config.toml"))
+    names = [t.name for t in cfg.tasks]
+    if task not in names:
+        raise ResultsError(f"{run_dir}: no task {task!r} (tasks: {', '.join(names)})")
+    ds = task_dataset(cfg, names.index(task),
+                      resolve_data_dir(cfg, None if data_dir is None else str(data_dir)))
+    x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+    return (torch.from_numpy(np.array(x, dtype=np.float32)),
+            torch.from_numpy(np.array(y, dtype=np.int64)))
