@@ -324,7 +324,8 @@ def _tampered(path: Path, dest: Path, *, shift_labels=False, lr=None, drop=0) ->
 
 
 @pytest.mark.timeout(420)
-def test_rogue_supernodes_are_refused_and_control_api_is_loopback_only(tmp_path, reaper):
+def test_rogue_supernodes_are_refused_and_control_api_is_loopback_only(tmp_path, reaper,
+                                                                      caplog):
     """--host 0.0.0.0 (insecure). The Control API answers 403 to a peer on this machine's
     non-loopback address (a `flwr run` through it fails; only the deployment's run exists),
     while the Fleet API serves it: two rogue SuperNodes connect through that address, one
@@ -384,6 +385,7 @@ def test_rogue_supernodes_are_refused_and_control_api_is_loopback_only(tmp_path,
     assert "sha256" in recs[1]["reason"] and "n = " in recs[2]["reason"]
     assert rejected.stat().st_mode & 0o077 == 0
     assert "node refused" in (out / "flower" / "logs" / "serverapp.log").read_text()
+    assert caplog.text.count("Flower: rejected discovery") == 2  # flower-local's own log
     assert_no_survivors(out)
 
 

@@ -351,6 +351,7 @@ class LocalDeployment:
         self._status_at = 0.0  # monotonic time of the last `flwr ls`
         self._watchdog: subprocess.Popen | None = None
         self._claimed = False  # OUT/flower is ours to write (its manifest lists our names)
+        self._rejections_seen = 0  # records of rejected.jsonl already logged
 
     # -- context manager: always stop ---------------------------------------------------------
     def __enter__(self) -> Self:
@@ -486,6 +487,8 @@ class LocalDeployment:
             d.mkdir(mode=0o700)
         self._write_manifest(OWNED)
         self._claimed = True
+        with contextlib.suppress(OSError):  # earlier attempts' records were reported then
+            self._rejections_seen = len((d / "rejected.jsonl").read_text().splitlines())
 
     @property
     def connect_host(self) -> str:
@@ -809,6 +812,7 @@ class LocalDeployment:
         seen = len(self.rounds_done()) if self.resume else 0
 
         def report() -> int:
+            self._report_rejections()
             rows = self.rounds_done()
             for k in range(seen, len(rows)):
                 if progress is not None:
@@ -844,6 +848,21 @@ class LocalDeployment:
         except (OSError, json.JSONDecodeError) as e:
             raise FlowerRunError(f"run {self.run_id} completed but {self.out / 'summary.json'} "
                                  f"cannot be read ({e})", _server_traceback(text)) from None
+
+    def _report_rejections(self) -> None:
+        """Log the records the ServerApp appended to ``rejected.jsonl`` since the last look,
+        so refused nodes and rejected replies show in this command's output too."""
+        try:
+            with open(self.dir / "rejected.jsonl", encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        for line in lines[self._rejections_seen:]:
+            with contextlib.suppress(ValueError, AttributeError):
+                r = json.loads(line)
+                log.warning("Flower: rejected %s from node %s (client %s): %s", r.get("what"),
+                            r.get("node"), r.get("client"), r.get("reason"))
+        self._rejections_seen = max(self._rejections_seen, len(lines))
 
     def wait_round(self, r: int, timeout: float = 300.0) -> None:
         """Block until ``rounds.csv`` holds round ``r`` (for fault injection in tests)."""

@@ -52,10 +52,7 @@ update centrally, in every engine.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -70,6 +67,7 @@ from mmfl.engines.base import Engine, TrainOutput, check_corrections
 from mmfl.errors import ConfigError, MmflError
 from mmfl.experiment.config import FLOWER
 from mmfl.flower import messages as M
+from mmfl.flower.identity import REJECTED, Claims, RejectionLog, node_keys
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +84,6 @@ def _polls():
         yield wait
         wait = min(wait * 1.5, POLL[1])
 
-
-#: File name (under ``OUT/flower/``) of the refused nodes and rejected replies.
-REJECTED = "rejected.jsonl"
 
 #: A node that did not answer discovery is asked again this many rounds later.
 RETRY_AFTER = 3
@@ -170,11 +165,8 @@ class FlowerEngine(Engine):
         self._retry: dict[int, int] = {}      # node id -> call from which to ask it again
         self._refused: set[int] = set()       # node ids refused at discovery (never asked again)
         self._round = -1                      # the round being trained (for the records)
-        self._identity: dict[int, dict] = {}  # client -> fingerprint (n, sha256, key)
-        if self.settings.identity_file:
-            from mmfl.flower.shards import load_identity
-
-            self._identity = load_identity(self.settings.identity_file)
+        self._claims = Claims(federation.population, self.settings.identity_file)
+        self._rejections = RejectionLog(self.settings.rejected_file)
         self._dims = self.num_parameters()
         self._names = list(federation.population.task_names)
         self.wait_for_nodes()
@@ -221,7 +213,8 @@ class FlowerEngine(Engine):
 
     def discover(self, *, timeout: float | None = None, retry: bool = True) -> None:
         """Map the node ids not seen before to their clients (``query.discover``); forget
-        nodes that left. Each claim is checked (:meth:`_check_claim`, and a second claim to a
+        nodes that left. Each claim is checked (:class:`~mmfl.flower.identity.Claims`; a second
+        claim to a
         client whose node still answers is refused; module docstring); refused nodes are
         recorded and never asked again. A client whose node stopped answering maps to the new
         node. A node that does not answer is asked again :data:`RETRY_AFTER` calls later (so a
@@ -240,14 +233,14 @@ class FlowerEngine(Engine):
         if not new:
             return
         msgs = [M.request(M.DISCOVER, nid, self._config(), {}) for nid in new]
-        keys = self._node_keys() if any("key" in f for f in self._identity.values()) else {}
+        keys = node_keys(self.grid) if self._claims.keyed else {}
         claims = []
         for msg, rep in self._exchange(msgs, timeout=timeout):
             nid = msg.metadata.dst_node_id
             if rep is None:  # no answer (yet): asked again a few rounds later
                 self._retry[nid] = self._calls + RETRY_AFTER
                 continue
-            client, why = self._check_claim(nid, rep, keys)
+            client, why = self._claims.check(nid, rep, keys)
             if why:
                 self._refuse(nid, client, why)
             else:
@@ -265,78 +258,20 @@ class FlowerEngine(Engine):
             self._client_of[nid] = client
             self._node_of[client] = nid
 
-    def _check_claim(self, nid: int, rep: Message, keys: dict[int, str]
-                     ) -> tuple[int | None, str]:
-        """(claimed client, why the claim is refused or "") of a discovery reply."""
-        pop = self.federation.population
-        try:
-            met = rep.content["metrics"]
-            client = int(met["client"])
-            n = np.asarray(met["n-samples"], np.int64)
-            conf = rep.content["config"] if "config" in rep.content else {}
-            sha = str(conf.get("sha256", ""))
-        except (KeyError, TypeError, ValueError) as e:
-            return None, f"malformed discovery reply ({type(e).__name__}: {e})"
-        if not 0 <= client < pop.num_clients:
-            return client, f"claims client {client}, but the federation has {pop.num_clients}"
-        if n.shape != (pop.num_tasks,) or not np.array_equal(n, pop.n_samples[client]):
-            return client, (f"its shard holds n = {n.tolist()} samples per task, the server's "
-                            f"federation {pop.n_samples[client].tolist()} (shard of another "
-                            f"config, or not client {client}'s)")
-        fp = self._identity.get(client) if self._identity else None
-        if self._identity and fp is None:
-            return client, f"client {client} has no fingerprint in the identity file"
-        if fp is not None and sha != fp["sha256"]:
-            return client, (f"its shard's sha256 {sha[:12] or '(none)'}... differs from client "
-                            f"{client}'s fingerprint {fp['sha256'][:12]}...")
-        if fp is not None and "key" in fp and keys.get(nid) != fp["key"]:
-            return client, (f"its public key {'(none)' if nid not in keys else keys[nid][:12]}"
-                            f"... is not the key registered for client {client}")
-        return client, ""
-
-    def _node_keys(self) -> dict[int, str]:
-        """node id -> digest of its registered public key, for the nodes whose key Flower
-        exposes (``grid.get_nodes()``; only under SuperNode authentication)."""
-        from mmfl.flower.certs import public_key_digest
-
-        out = {}
-        for info in getattr(self.grid, "get_nodes", lambda: ())():
-            key = bytes(getattr(info, "public_key", b"") or b"")
-            if key:
-                try:
-                    out[int(info.node_id)] = public_key_digest(key)
-                except (ValueError, TypeError):
-                    continue
-        return out
-
     def _answers(self, nid: int, client: int, timeout: float | None,
                  keys: dict[int, str]) -> bool:
         """Whether node ``nid`` still answers discovery as ``client`` (a liveness check before
         a second claim to the client is refused)."""
         ((_, rep),) = self._exchange([M.request(M.DISCOVER, nid, self._config(), {})],
                                      timeout=timeout)
-        return rep is not None and self._check_claim(nid, rep, keys) == (client, "")
+        return rep is not None and self._claims.check(nid, rep, keys) == (client, "")
 
     def _refuse(self, nid: int, client: int | None, why: str) -> None:
         self._refused.add(nid)
         self._reject(nid, "discovery", client, f"node refused: {why}")
 
     def _reject(self, nid: int, what: str, client: int | None, reason: str) -> None:
-        """Log a refused node or rejected reply and append it to the rejection file."""
-        log.warning("flower: rejected %s from node %s (client %s): %s", what, nid, client, reason)
-        path = self.settings.rejected_file
-        if not path:
-            return
-        rec = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-               "round": self._round + 1, "node": int(nid), "what": what,
-               "client": client, "reason": reason}
-        try:
-            Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
-        except OSError as e:
-            log.warning("flower: cannot record the rejection in %s (%s)", path, e)
+        self._rejections.record(nid, what, client, reason, self._round + 1)
 
     # -- messaging ---------------------------------------------------------------------------
     def _check_stop(self) -> None:

@@ -31,7 +31,8 @@ import threading
 from typing import Any
 
 from mmfl.experiment.federation import build_federation
-from mmfl.flower.server import REJECTED, FlowerError, FlowerSettings, engine_factory
+from mmfl.flower.identity import REJECTED
+from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
 from mmfl.flower.shards import write_identity, write_shards
 from mmfl.supervisor import ONE_THREAD, environment
 
