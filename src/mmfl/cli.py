@@ -21,6 +21,14 @@ log = logging.getLogger("mmfl")
 INPUT_ERRORS = (ConfigError, ConfigFileError, DataError, ResultsError)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the usage errors of every other input error: one line on stderr naming
+    the argument, exit status 2 (``--help`` still shows the usage)."""
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        self.exit(2, f"mmfl: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="experiment TOML file (see configs/example.toml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -31,7 +39,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmfl", description="Multi-model federated learning: joint client sampling and "
                                  "model allocation across several models.")
     parser.add_argument("--version", action="version", version=f"mmfl {_version()}")

@@ -26,8 +26,20 @@ class ConfigError(MmflError):
         self.got = got
         msg = f"{key}: {constraint}"
         if show_got:
-            msg += f" (got {got!r})"
+            msg += f" (got {_shown(got)})"
         super().__init__(msg)
+
+
+def _shown(got: object, limit: int = 200) -> str:
+    """``repr(got)``, cut to ``limit`` characters (a value pasted by mistake can be huge; an
+    integer too long for ``repr`` is shown by its length)."""
+    try:
+        text = repr(got)
+    except ValueError:  # int with more digits than int -> str allows
+        return f"<an integer of about {int(got.bit_length() * 0.30103) + 1} digits>"
+    except RecursionError:
+        return f"<a {type(got).__name__} nested too deeply to show>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 class ConfigFileError(MmflError):

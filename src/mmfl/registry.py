@@ -25,6 +25,9 @@ from mmfl.errors import ConfigError
 
 KINDS = ("dataset", "model", "sampler", "aggregator", "engine")
 
+#: The range of every integer option (int64; tighter rules give a sane range per option).
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+
 _BUILTIN_MODULES: dict[str, tuple[str, ...]] = {
     "dataset": ("mmfl.tasks.datasets", "mmfl.tasks.standard_datasets"),
     "model": ("mmfl.tasks.models",),
@@ -187,12 +190,21 @@ def check_value(key: str, value: Any, spec: Option) -> Any:
     elif t is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(key, "must be an integer", value)
+        _check_rule(key, value, spec.check)
+        if not INT_MIN <= value <= INT_MAX:  # numpy and torch count and index with int64
+            bound = f"at most {INT_MAX}" if value > 0 else f"at least {INT_MIN}"
+            raise ConfigError(key, f"must be {bound} (a 64-bit integer)", value)
+        return value
     elif t is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(key, "must be a number", value)
-        value = float(value)
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond the float range
+            number = math.inf
+        if not math.isfinite(number):
             raise ConfigError(key, "must be finite", value)
+        value = number
     elif t is str:
         if not isinstance(value, str):
             raise ConfigError(key, "must be a string", value)

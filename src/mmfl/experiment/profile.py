@@ -8,6 +8,7 @@ availability the probability of being online in a round.
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,11 @@ def load_trace(path: str | Path, num_clients: int) -> SystemProfile:
             rows = list(csv.DictReader(f))
     except OSError as e:
         raise DataError(f"{p}: cannot read system.trace ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{p}: system.trace is not a UTF-8 text file (byte {e.start}: "
+                        f"{e.reason})") from None
+    except csv.Error as e:  # a NUL byte, a field beyond the size limit
+        raise DataError(f"{p}: system.trace is not a readable CSV file ({e})") from None
     if not rows or set(TRACE_COLUMNS) - set(rows[0]):
         raise DataError(f"{p}: system.trace needs the columns {','.join(TRACE_COLUMNS)}")
     speed, bandwidth, avail = np.ones(num_clients), np.ones(num_clients), np.ones(num_clients)
@@ -37,9 +43,14 @@ def load_trace(path: str | Path, num_clients: int) -> SystemProfile:
             i = int(row["client"])
             vals = float(row["speed"]), float(row["bandwidth"]), float(row["availability"])
         except (TypeError, ValueError):
-            raise DataError(f"{p}:{k}: malformed row {row}") from None
+            shown = ", ".join(f"{c}={row.get(c)!r}" for c in TRACE_COLUMNS)[:160]
+            raise DataError(f"{p}:{k}: malformed row ({shown}); expected an integer client "
+                            "and numbers speed, bandwidth, availability") from None
         if not 0 <= i < num_clients:
             raise DataError(f"{p}:{k}: client {i} outside 0..{num_clients - 1}")
+        if not all(math.isfinite(v) for v in vals):
+            raise DataError(f"{p}:{k}: speed, bandwidth and availability must be finite "
+                            f"(got {vals[0]!r}, {vals[1]!r}, {vals[2]!r})")
         if vals[0] <= 0 or vals[1] <= 0 or not 0 <= vals[2] <= 1:
             raise DataError(f"{p}:{k}: speed and bandwidth must be > 0, availability in [0, 1]")
         speed[i], bandwidth[i], avail[i] = vals

@@ -39,6 +39,7 @@ from a headless browser.
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import logging
@@ -50,7 +51,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from mmfl.core.metrics import rounds_to_target
-from mmfl.errors import ResultsError
+from mmfl.errors import ConfigError, ConfigFileError, ResultsError
 from mmfl.experiment import plots
 from mmfl.experiment.results import RunResults, read_results
 
@@ -85,6 +86,95 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             raise ResultsError(f"{p}: holds no run directory (no summary.json found below it)")
         found.extend(below)
     return list(dict.fromkeys(found))
+
+
+def _read_run(d: Path) -> RunResults:
+    """:func:`read_results` of ``d``, checked for everything the report reads; a file that
+    cannot be read or holds the wrong thing is a ResultsError naming it (the run is left out)."""
+    try:
+        run = read_results(d)
+    except ConfigFileError as e:
+        raise ResultsError(str(e)) from None
+    except (OSError, ValueError, RecursionError, csv.Error) as e:
+        # which file: the first of the run's files that does not read back
+        for name in ("summary.json", "metrics.csv", "rounds.csv"):
+            why = _unreadable(d / name)
+            if why:
+                raise ResultsError(f"{d / name}: {why}") from None
+        raise ResultsError(f"{d}: cannot read the run directory ({str(e)[:200]})") from None
+    _check_summary(d / "summary.json", run.summary)
+    _check_rows(d / "metrics.csv", run.metrics, ("accuracy", "clients"))
+    _check_rows(d / "rounds.csv", run.rounds, ("local_trainings", "model_uploads", "sim_time"))
+    seed = run.config.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ResultsError(f"{d / 'config.toml'}: seed must be an integer (got {str(seed)[:60]})")
+    for key in ("tasks", "clients"):
+        v = run.config.get(key)
+        if v is not None and not (isinstance(v, dict) if key == "clients" else
+                                  isinstance(v, list) and all(isinstance(t, dict) for t in v)):
+            raise ResultsError(f"{d / 'config.toml'}: {key} is not "
+                               f"{'a table' if key == 'clients' else 'an array of tables'}")
+    return run
+
+
+def _unreadable(path: Path) -> str:
+    """Why ``path`` (a run's JSON or CSV file) does not read back, or "" (also when absent)."""
+    if not path.exists():
+        return ""
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix == ".json":
+            json.loads(text)
+        else:
+            list(csv.DictReader(text.splitlines()))
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    except UnicodeDecodeError:
+        return "not a UTF-8 text file"
+    except (ValueError, RecursionError, csv.Error) as e:
+        return f"not valid {'JSON' if path.suffix == '.json' else 'CSV'} ({str(e)[:120]})"
+    return ""
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _check_summary(path: Path, s: Any) -> None:
+    def bad(why: str) -> ResultsError:
+        return ResultsError(f"{path}: {why}")
+
+    if not isinstance(s, dict):
+        raise bad(f"must hold a JSON object, not {type(s).__name__}")
+    for k in ("mean_accuracy", "min_accuracy", "mean_accuracy_window", "max_min_accuracy",
+              "accuracy_variance"):
+        if not _is_number(s.get(k)):
+            raise bad(f"{k} must be a number or null (got {str(s.get(k))[:60]})")
+    seed = s.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise bad(f"seed must be an integer (got {str(seed)[:60]})")
+    if not isinstance(s.get("status", ""), str):
+        raise bad("status must be a string")
+    tasks, cost = s.get("tasks", {}), s.get("cost", {})
+    if not isinstance(tasks, dict) or not all(
+            isinstance(v, dict) and _is_number(v.get("accuracy")) for v in tasks.values()):
+        raise bad('tasks must map task names to {"accuracy": number, ...}')
+    if not isinstance(cost, dict) or not all(_is_number(v) for v in cost.values()):
+        raise bad("cost must map names to numbers")
+
+
+def _check_rows(path: Path, rows: list[dict[str, str]], columns: Sequence[str]) -> None:
+    for i, row in enumerate(rows, start=2):
+        try:
+            int(row.get("round") or "")
+            for c in columns:
+                if row.get(c) not in ("", None):
+                    float(row[c])
+        except (TypeError, ValueError):
+            raise ResultsError(f"{path}:{i}: malformed row (round must be an integer, "
+                               f"{', '.join(columns)} numbers)") from None
+        if None in row or (columns[0] == "accuracy" and row.get("task") is None):
+            raise ResultsError(f"{path}:{i}: malformed row (wrong number of fields)")
 
 
 def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -533,6 +623,9 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
         ResultsError: a path that does not exist, or no completed run among them.
         MmflError: matplotlib missing (names the ``plot`` extra).
     """
+    if target is not None and (isinstance(target, bool) or not isinstance(target, (int, float))
+                               or not 0.0 <= target <= 1.0):  # NaN fails too
+        raise ConfigError("--target", "must be an accuracy in [0, 1]", target)
     plots.require_matplotlib()
     out = Path(out)
     dirs = find_run_dirs(run_dirs)
@@ -540,7 +633,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
     left_out: list[tuple[str, str]] = []
     for d in dirs:
         try:
-            r = read_results(d)
+            r = _read_run(d)
         except ResultsError as e:
             left_out.append((str(d), str(e)))
             continue

@@ -91,7 +91,7 @@ def parse_grid(items: Iterable[str]) -> dict[str, list[Any]]:
         pieces = [p.strip() for p in _split_top_level(text)]
         if not pieces or any(p == "" for p in pieces):
             raise ConfigError("--grid", f"{key}: needs comma-separated non-empty values", item)
-        values = [tomlio.parse_value(p) for p in pieces]
+        values = [tomlio.parse_value(p, "--grid") for p in pieces]
         if len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
             raise ConfigError("--grid", f"{key}: a value is repeated", item)
         grid[key] = values

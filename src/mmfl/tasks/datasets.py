@@ -26,6 +26,7 @@ import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import pathlib
 import threading
@@ -228,14 +229,19 @@ def read_idx(path: pathlib.Path | str) -> np.ndarray:
         raise DataError(f"malformed idx file {path}: truncated header")
     dims = tuple(int(d) for d in np.frombuffer(raw, ">u4", count=ndim, offset=4))
     dtype = IDX_DTYPES[raw[2]]
-    expected = header + int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    expected = header + math.prod(dims) * dtype.itemsize  # exact: no int64 overflow
     if len(raw) != expected:
         what = "truncated" if len(raw) < expected else "has trailing bytes"
         raise DataError(
             f"malformed idx file {path}: {what} ({len(raw)} bytes, header {dims} needs {expected})"
         )
     data = np.frombuffer(raw, dtype, offset=header).reshape(dims)
-    return data.astype(dtype.newbyteorder("="), copy=True)
+    data = data.astype(dtype.newbyteorder("="), copy=True)
+    if data.dtype.kind == "f" and not np.isfinite(data).all():
+        bad = np.unravel_index(int(np.argmin(np.isfinite(data))), data.shape)
+        raise DataError(f"malformed idx file {path}: non-finite value "
+                        f"{data[bad]} at index {tuple(int(i) for i in bad)}")
+    return data
 
 
 def find_idx_files(
@@ -479,11 +485,39 @@ def _cache_file(
     return pathlib.Path(data_dir).expanduser() / sub / f"{name}-{digest}.npz"
 
 
+#: Most examples ``mnist1d`` generates (about 3 GB of memory while generating).
+MNIST1D_MAX_SAMPLES = 1_000_000
+
+
+def _check_mnist1d_cache(path: pathlib.Path, arrs: dict[str, np.ndarray], n: int) -> None:
+    """DataError naming the cache file unless it holds what :func:`load_mnist1d` wrote:
+    float32 (n_split, 40) finite inputs and int64 labels in 0..9, n examples in all."""
+    def bad(why: str) -> DataError:
+        return DataError(f"mnist1d cache {path}: {why}; delete the file and mmfl regenerates it")
+
+    for split in ("train", "test"):
+        x, y = arrs[f"x_{split}"], arrs[f"y_{split}"]
+        if x.dtype != np.float32 or x.ndim != 2 or x.shape[1] != _MNIST1D_LEN:
+            raise bad(f"x_{split} holds {x.dtype} {x.shape}, expected float32 (n, "
+                      f"{_MNIST1D_LEN})")
+        if y.dtype != np.int64 or y.shape != (len(x),):
+            raise bad(f"y_{split} holds {y.dtype} {y.shape}, expected int64 ({len(x)},)")
+        if len(y) and (int(y.min()) < 0 or int(y.max()) > 9):
+            raise bad(f"y_{split} holds labels outside 0..9 ({int(y.min())}..{int(y.max())})")
+        if not np.isfinite(x).all():
+            raise bad(f"x_{split} holds non-finite values")
+    if len(arrs["y_train"]) + len(arrs["y_test"]) != n:
+        raise bad(f"{len(arrs['y_train'])} + {len(arrs['y_test'])} examples, expected "
+                  f"num_samples = {n}")
+
+
 @register(
     "dataset",
     "mnist1d",
     options={
-        "num_samples": Option(int, 5000, "> 0", "train + test examples generated"),
+        "num_samples": Option(int, 5000, f"1..{MNIST1D_MAX_SAMPLES}",
+                              "train + test examples generated (about 3 KB of memory each "
+                              "while generating)"),
         "test_fraction": Option(float, 0.2, "(0..1)", "fraction held out for test"),
     },
 )
@@ -498,14 +532,24 @@ def load_mnist1d(options: dict, data_dir: pathlib.Path | None, seed: int) -> Dat
     payload = {"version": 1, "num_samples": n, "test_fraction": test_fraction, "seed": int(seed)}
     path = _cache_file(data_dir, "mnist1d", "mnist1d", payload)
     if path is not None and path.is_file():
+        arrs = None
         try:
             with np.load(path) as z:
                 arrs = {k: z[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-            return Dataset("mnist1d", num_classes=10, input_shape=(_MNIST1D_LEN,), **arrs)
-        except Exception as e:  # corrupt cache: regenerate
+        except Exception as e:  # unreadable (e.g. cut short): regenerate
             log.warning("ignoring unreadable mnist1d cache %s: %s", path, e)
+        if arrs is not None:
+            _check_mnist1d_cache(path, arrs, n)
+            return Dataset("mnist1d", num_classes=10, input_shape=(_MNIST1D_LEN,), **arrs)
+    if n > MNIST1D_MAX_SAMPLES:
+        raise DataError(f"mnist1d: num_samples = {n} is more than {MNIST1D_MAX_SAMPLES}")
     rng = stream(seed, dataset_purpose("mnist1d"))
-    x, y = mnist1d_generate(n, rng)
+    try:
+        x, y = mnist1d_generate(n, rng)
+    except MemoryError:
+        raise DataError(f"mnist1d: not enough memory to generate num_samples = {n} examples "
+                        f"(about {n * 3 / 1e6:.1f} GB); lower dataset_options.num_samples"
+                        ) from None
     tr, te = stratified_split(y, test_fraction, rng)
     mean, std = x[tr].mean(), x[tr].std()
     x = ((x - mean) / std).astype(np.float32)
@@ -525,6 +569,8 @@ def load_mnist1d(options: dict, data_dir: pathlib.Path | None, seed: int) -> Dat
 # --------------------------------------------------------------------------------------------
 # synthetic(alpha, beta) of FedProx
 
+#: Most samples (num_groups x mean_samples) :func:`load_synthetic` generates (about 2.4 GB).
+SYNTHETIC_MAX_SAMPLES = 10_000_000
 #: normals drawn per block of devices by :func:`load_synthetic` (2**23 floats = 64 MiB)
 _SYNTHETIC_BLOCK = 2**23
 
@@ -535,8 +581,10 @@ _SYNTHETIC_BLOCK = 2**23
     options={
         "alpha": Option(float, 1.0, ">= 0", "std of u_k: how much devices' models differ"),
         "beta": Option(float, 1.0, ">= 0", "std of B_k: how much devices' inputs differ"),
-        "num_groups": Option(int, 30, "> 0", "number of devices (natural groups)"),
-        "mean_samples": Option(int, 200, "> 0", "mean samples per device (lognormal, floor 20)"),
+        "num_groups": Option(int, 30, "1..1000000", "number of devices (natural groups)"),
+        "mean_samples": Option(int, 200, "1..10000000",
+                               "mean samples per device (lognormal, floor 20; num_groups x "
+                               "mean_samples at most 10,000,000)"),
         "test_fraction": Option(float, 0.2, "(0..1)", "fraction of each device held out"),
     },
 )
@@ -554,6 +602,10 @@ def load_synthetic(options: dict, data_dir: pathlib.Path | None, seed: int) -> D
     K = int(options.get("num_groups", 30))
     mean_samples = int(options.get("mean_samples", 200))
     test_fraction = float(options.get("test_fraction", 0.2))
+    if K * mean_samples > SYNTHETIC_MAX_SAMPLES:
+        raise DataError(f"synthetic: num_groups x mean_samples = {K} x {mean_samples} is more "
+                        f"than {SYNTHETIC_MAX_SAMPLES} samples; lower dataset_options.num_groups "
+                        "or mean_samples")
     dim, classes = 60, 10
     rng = stream(seed, dataset_purpose("synthetic"))
     sigma_ln = 1.0

@@ -165,8 +165,8 @@ def make_logreg(options: dict, input_shape: tuple[int, ...], num_classes: int) -
     "model",
     "mlp",
     options={
-        "hidden": Option(int, 64, "> 0", "width of each hidden layer"),
-        "layers": Option(int, 1, ">= 1", "number of hidden layers"),
+        "hidden": Option(int, 64, "1..65536", "width of each hidden layer"),
+        "layers": Option(int, 1, "1..64", "number of hidden layers"),
     },
 )
 def make_mlp(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -178,7 +178,7 @@ def make_mlp(options: dict, input_shape: tuple[int, ...], num_classes: int) -> n
 @register(
     "model",
     "cnn",
-    options={"hidden": Option(int, 512, "> 0", "width of the fully connected layer")},
+    options={"hidden": Option(int, 512, "1..65536", "width of the fully connected layer")},
 )
 def make_cnn(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The papers' Fashion-MNIST CNN (two 5x5 conv + pool layers, FC 512); images (C, H, W)."""
@@ -191,7 +191,7 @@ def make_cnn(options: dict, input_shape: tuple[int, ...], num_classes: int) -> n
 @register(
     "model",
     "authors_cnn",
-    options={"hidden": Option(int, 512, "> 0", "width of fc1")},
+    options={"hidden": Option(int, 512, "1..65536", "width of fc1")},
 )
 def make_authors_cnn(options: dict, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """The authors' MnistCNN (haoran-zh/mmfl-Dec), quirks included: two 3x3 conv + pool layers
@@ -318,10 +318,10 @@ class _LSTMParams(nn.Module):
     "model",
     "lstm",
     options={
-        "hidden": Option(int, 256, "> 0", "LSTM units per layer"),
-        "layers": Option(int, 2, ">= 1", "stacked LSTM layers"),
-        "embed": Option(int, 8, "> 0", "character embedding dimension"),
-        "vocab": Option(int, 0, ">= 0", "embedding rows; 0 = num_classes + 1 (the characters "
+        "hidden": Option(int, 256, "1..65536", "LSTM units per layer"),
+        "layers": Option(int, 2, "1..64", "stacked LSTM layers"),
+        "embed": Option(int, 8, "1..65536", "character embedding dimension"),
+        "vocab": Option(int, 0, "0..1000000", "embedding rows; 0 = num_classes + 1 (the characters "
                         "plus the reserved unknown/padding index of shakespeare)"),
     },
 )

@@ -335,8 +335,12 @@ def _read_leaf(folder: pathlib.Path) -> dict[str, tuple[list, list]]:
         try:
             with open(path, encoding="utf-8") as f:
                 obj = json.load(f)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(f"shakespeare: cannot read LEAF file {path}: {e}") from None
+        except (OSError, ValueError) as e:  # ValueError: bad UTF-8, JSON or number
+            raise DataError(f"shakespeare: cannot read LEAF file {path}: "
+                            f"{str(e)[:200]}") from None
+        except RecursionError:
+            raise DataError(f"shakespeare: cannot read LEAF file {path}: arrays or objects "
+                            "nested too deeply") from None
         data = obj.get("user_data") if isinstance(obj, dict) else None
         if not isinstance(data, dict):
             raise DataError(f"shakespeare: {path} is not a LEAF data file (no \"user_data\" "
@@ -379,7 +383,7 @@ def _encode_users(data: dict[str, tuple[list, list]], users: Iterable[str], seq_
     options={
         "max_users": Option(int, 0, ">= 0", "speaking roles (LEAF users) kept, drawn at random "
                             "with the seed; 0 = all"),
-        "seq_len": Option(int, 80, "> 0", "characters per input (LEAF: 80)"),
+        "seq_len": Option(int, 80, "1..100000", "characters per input (LEAF: 80)"),
     },
 )
 def load_shakespeare(options: dict, data_dir: pathlib.Path | None, seed: int) -> Dataset:
