@@ -5,6 +5,8 @@ Batches: in local epoch e of round t, client i shuffles its indices with the e-t
 drawn from ``stream(seed, "shuffle", t, i, s)`` and takes consecutive batches of ``batch_size``
 (the last one may be smaller; ``batch_size >= n_{i,s}`` is full-batch gradient descent).
 With SCAFFOLD corrections r = c_s - c_{i,s} every step is ``p <- p - lr * (grad + r)``.
+Another local optimizer (``tasks[i].optimizer``) is ``torch.optim``'s own, built fresh for
+every pair and round, fed grad + r.
 A task with ``class_mask`` other than ``"none"`` takes the nll of
 :func:`~mmfl.tasks.masking.training_log_probs` of the output with the client's held classes.
 """
@@ -20,6 +22,7 @@ from mmfl.engines.base import Engine, TrainOutput, check_corrections
 from mmfl.registry import register
 from mmfl.rng import SHUFFLE, stream
 from mmfl.tasks.masking import training_log_probs
+from mmfl.tasks.optimizers import is_plain_sgd, options_of, torch_optimizer
 
 
 def local_batches(indices: np.ndarray, epochs: int, batch_size: int, seed: int, round: int,
@@ -58,6 +61,9 @@ class SequentialEngine(Engine):
             mode = self.class_mask(s)
             held = None if mode == "none" else self.held_classes(s)[i:i + 1]  # (1, K)
             total = 0.0
+            options = options_of(cfg)
+            opt = (None if is_plain_sgd(cfg.optimizer, options)  # fresh each round and pair
+                   else torch_optimizer(cfg.optimizer, options, model.parameters(), cfg.lr))
             for batch in local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
                                        self.seed, round, i, s):
                 b = torch.from_numpy(batch)
@@ -68,7 +74,11 @@ class SequentialEngine(Engine):
                 loss = F.nll_loss(out, y[b])
                 loss.backward()
                 with torch.no_grad():
-                    if corr is None:
+                    if opt is not None:  # SCAFFOLD's correction joins the gradient first
+                        for p, r in zip(model.parameters(), corr or ()):
+                            p.grad.add_(r)
+                        opt.step()
+                    elif corr is None:
                         for p in model.parameters():
                             p.sub_(cfg.lr * p.grad)
                     else:  # SCAFFOLD: y <- y - eta (g + c - c_i)

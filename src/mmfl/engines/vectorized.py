@@ -76,6 +76,7 @@ from mmfl.engines.batched_ops import nll_and_grad_, write_updates
 from mmfl.registry import register
 from mmfl.tasks.masking import training_log_probs
 from mmfl.tasks.models import MLP, LogReg
+from mmfl.tasks.optimizers import LocalOptimizer, is_plain_sgd, options_of
 
 log = logging.getLogger(__name__)
 
@@ -304,13 +305,15 @@ class VectorizedEngine(Engine):
             D = w.numel()
             sizes = np.array([len(td.client_indices[i]) for i in clients[sel]], dtype=np.int64)
             chunk = max(1, STACK_BUDGET // max(2 * D, 1))
-            cnn = self._cnn[s]
+            options = options_of(cfg)
+            plain = is_plain_sgd(cfg.optimizer, options)  # else: the vmap path steps it
+            cnn, layers = (self._cnn[s], self._layers[s]) if plain else (None, None)
             max_rows = 0
             if cnn is not None:
                 max_rows = ACTIVATION_BUDGET // cnn.sample_floats
                 per_client = cfg.batch_size * cnn.sample_floats + 2 * cnn.conv_floats
                 chunk = min(chunk, max(1, CNN_CACHE_BUDGET // per_client))
-            elif self._layers[s] is None:
+            elif layers is None:
                 max_rows = self._generic_rows(s)
             G = torch.empty((len(sel), D), dtype=w.dtype)
             pos_in_task = np.empty(len(clients), dtype=np.int64)
@@ -327,7 +330,7 @@ class VectorizedEngine(Engine):
                 dest = pos_in_task[rows]
                 corr = None if corrections is None else corrections[s][torch.from_numpy(dest)]
                 U, direct = self._rows_of(G, dest)
-                if self._layers[s] is not None:
+                if layers is not None:
                     loss_sum = self._train_linear(s, w, plan, cfg.lr, corr, U)
                 elif cnn is not None:
                     loss_sum = train_cnn(cnn, w, self.train_x[s], self.train_y[s], plan,
@@ -335,7 +338,8 @@ class VectorizedEngine(Engine):
                 else:
                     held = (None if self.class_mask(s) == "none"
                             else self.held_classes(s)[torch.from_numpy(clients[rows])])
-                    loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U, held)
+                    opt = None if plain else LocalOptimizer(cfg.optimizer, options, cfg.lr)
+                    loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U, held, opt)
                 if not direct:
                     G.index_copy_(0, torch.from_numpy(dest), U)
                 steps[rows] = plan.steps
@@ -481,10 +485,12 @@ class VectorizedEngine(Engine):
 
     def _train_generic(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
                        corr: torch.Tensor | None, out: torch.Tensor,
-                       held: torch.Tensor | None = None) -> np.ndarray:
+                       held: torch.Tensor | None = None,
+                       opt: LocalOptimizer | None = None) -> np.ndarray:
         """vmap(grad(functional_call)) SGD for any model; same arguments and returns as
         :meth:`_train_linear`, plus ``held``: for a masked task the clients' (K, K_classes)
-        bool held classes in ``plan.order`` (None for ``class_mask = "none"``)."""
+        bool held classes in ``plan.order`` (None for ``class_mask = "none"``), and ``opt``:
+        a fresh local optimizer other than plain SGD (:mod:`mmfl.tasks.optimizers`)."""
         model = self.models[s]
         K = len(plan.order)
         P: dict[str, torch.Tensor] = {}
@@ -508,12 +514,17 @@ class VectorizedEngine(Engine):
             args = (xb, yb, plan.weight[t, :k]) if held is None else (
                 xb, yb, plan.weight[t, :k], held[:k])
             g, value = fn({n: v[:k] for n, v in P.items()}, *args)
+            if opt is not None:
+                opt.tick()
             with torch.no_grad():
                 for n, v in P.items():
                     # out of place: torch.func may return one tensor as the gradient of two
                     # parameters (e.g. a sum of two biases), which in-place ops would scale twice
                     gn = g[n] + R[n][:k] if R else g[n]  # SCAFFOLD: g + c - c_i
-                    v[:k].sub_(lr * gn)
+                    if opt is None:
+                        v[:k].sub_(lr * gn)
+                    else:
+                        opt.step(n, v, gn)
                 loss_acc[:k] += value
         with torch.no_grad():
             write_updates(out, w, P.values())

@@ -54,6 +54,8 @@ class TaskConfig:
     class_mask: str
     test_subset: str
     loss: str
+    optimizer: str
+    optimizer_options: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -168,8 +170,10 @@ class ExperimentConfig:
             d["server"]["optimizer_options"] = opt["options"]
         d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
                         **d["sampler"]["options"]}
-        for t in d["tasks"]:
+        for t, task in zip(d["tasks"], self.tasks):
             t["partition"] = {"kind": t["partition"]["kind"], **t["partition"]["options"]}
+            if dict(task.optimizer_options) == _optimizer_options("", task.optimizer, {}):
+                del t["optimizer_options"]  # at its defaults: kept out (as every new key)
         _drop_new_defaults(d)
         order = [*TOP, "server", "clients", "system", "sampler", "tasks",
                  *(["flower"] if "flower" in d else [])]
@@ -190,7 +194,7 @@ class ExperimentConfig:
 #: "sampler" the options of the run's sampler.
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
-    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks.dataset_options", "normalize"),
+    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
     ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
     ("server", "max_norm_ratio"), ("server", "norm_action"), ("server", "optimizer"),
@@ -345,12 +349,15 @@ TASK = {
                    "log-probabilities (mmfl's own models), 'cross_entropy' on one that returns "
                    "logits; 'auto' tells them apart by one forward pass at start-up "
                    "(docs/algorithms.md section 2)."),
+    "optimizer": Option(str, "sgd", "one of sgd|adam|adamw",
+                        "Local optimizer, started fresh each round; options in "
+                        "[tasks.optimizer_options] (docs/algorithms.md section 2)."),
     "class_mask": Option(str, "none", "one of none|zero|exclude",
                          "Local training only: 'zero' sets the loss scores of the classes the "
                          "client holds no sample of to 0 (the authors' code, with their CNN's "
                          "probabilities as scores), 'exclude' removes them from the softmax."),
 }
-TASK_TABLES = ("partition", "dataset_options", "model_options")
+TASK_TABLES = ("partition", "dataset_options", "model_options", "optimizer_options")
 FLOWER = {
     "round_timeout": Option(float, 600.0, ">= 0", "Seconds the server waits for a round's "
                             "replies (0 = no limit); pairs without a reply are missing."),
@@ -567,7 +574,27 @@ def _task(i: int, raw: Any) -> TaskConfig:
         partition=PartitionConfig(kind, MappingProxyType(part_opts)),
         dataset_options=MappingProxyType(ds_opts),
         model_options=MappingProxyType(md_opts),
+        optimizer_options=MappingProxyType(_optimizer_options(
+            prefix + "optimizer_options", vals["optimizer"],
+            _table(prefix + "optimizer_options", raw.get("optimizer_options", {})))),
     )
+
+
+def _optimizer_options(key: str, name: str, given: dict) -> dict[str, Any]:
+    """``[tasks.optimizer_options]`` of local optimizer ``name``, resolved and checked."""
+    from mmfl.tasks.optimizers import OPTIMIZERS
+
+    opts = registry.resolve_options(key, given, OPTIMIZERS[name])
+    if "betas" in opts:
+        b = opts["betas"]
+        if (not isinstance(b, (list, tuple)) or len(b) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                           and 0 <= x < 1 for x in b)):
+            raise ConfigError(key + ".betas", "must be [beta1, beta2], each in [0, 1)", b)
+        opts["betas"] = [float(x) for x in b]
+    if opts.get("nesterov") and not opts.get("momentum"):
+        raise ConfigError(key + ".nesterov", "needs momentum > 0", True)
+    return opts
 
 
 def _quantity_skew(key: str, value: Any) -> dict[str, float]:

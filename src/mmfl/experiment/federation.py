@@ -29,7 +29,8 @@ def training_spec(task: TaskConfig, index: int) -> TrainingSpec:
     return TrainingSpec(name=task.name, model=task.model, lr=task.lr,
                         local_epochs=task.local_epochs, batch_size=task.batch_size,
                         model_options=dict(task.model_options), class_mask=task.class_mask,
-                        index=index, loss=task.loss)
+                        index=index, loss=task.loss, optimizer=task.optimizer,
+                        optimizer_options=dict(task.optimizer_options))
 
 
 def draw_distribution(spec: int | tuple, size: int, rng: np.random.Generator) -> np.ndarray:

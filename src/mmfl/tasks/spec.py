@@ -27,6 +27,8 @@ class TrainingSpec:
         class_mask: "none" | "zero" | "exclude" (local training's treatment of the classes a
             client holds no sample of, :mod:`mmfl.tasks.masking`).
         loss: "auto" | "nll" | "cross_entropy" (:mod:`mmfl.tasks.losses`).
+        optimizer: "sgd" | "adam" | "adamw" and ``optimizer_options`` (a missing option takes
+            its default), the local optimizer (:mod:`mmfl.tasks.optimizers`).
         index: the task's position s (names the config key ``tasks[s]`` in errors).
     """
 
@@ -39,6 +41,8 @@ class TrainingSpec:
     class_mask: str = "none"
     index: int = 0
     loss: str = "auto"
+    optimizer: str = "sgd"
+    optimizer_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
