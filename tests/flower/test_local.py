@@ -167,6 +167,7 @@ def test_fault_killed_supernode_run_finishes(tmp_path, reaper):
     cfg = load_config(write_config(tmp_path, rounds=3))
     with LocalDeployment(cfg, out, round_timeout=25, node_wait=90, keep_logs=True) as dep:
         dep.prepare()
+        (dep.dir / "notes.txt").write_text("mine", encoding="utf-8")  # a user's file
         dep.start()
         dep.submit()
         dep.wait_round(1, timeout=180)
@@ -182,6 +183,9 @@ def test_fault_killed_supernode_run_finishes(tmp_path, reaper):
     assert [int(r["missing"]) for r in rows] == [0, 1, 0], rows
     assert [int(r["model_uploads"]) for r in rows] == [3, 2, 3]
     assert "missing" in rows[1]["note"]
+    # the completed run's cleanup removed mmfl's working files only
+    assert (dep.dir / "notes.txt").read_text() == "mine"
+    assert not (dep.dir / "shards").exists() and (dep.dir / "logs").is_dir()
     assert dep.processes() == []
     assert_no_survivors(out)
 

@@ -29,7 +29,7 @@ Layout of the run directory ``OUT`` (the experiment's own files, ``config.toml``
                          removes or overwrites
 
 Everything is private: folders 0700, files 0600, created so (a umask of 077 while the files are
-written and in every process started), not changed afterwards. A name mmfl needs that exists
+written and in every process started), not changed afterwards (:mod:`mmfl.flower.workdir`). A name mmfl needs that exists
 without being listed in ``.mmfl-created`` (a user's file) is a one-line ResultsError; other
 files in ``OUT/flower`` are left alone. After a completed run the listed names are removed
 except ``deployment.json``, ``rejected.jsonl`` (and ``logs/`` with ``keep_logs``); after a
@@ -74,6 +74,7 @@ from pathlib import Path
 from typing import Any, Self
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
+from mmfl.flower.workdir import KEPT, UMASK, WorkDir, copy_app, private_files
 from mmfl.supervisor import (ONE_THREAD, descendants, poll_until, processes_with_env,
                              set_pdeathsig, start_watchdog)
 
@@ -94,16 +95,6 @@ FLOWER_ENV = {
     "PYTHONUNBUFFERED": "1",
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
-#: Lists the names mmfl created under ``OUT/flower`` (module docstring).
-MANIFEST = ".mmfl-created"
-#: Every name mmfl may create under ``OUT/flower``.
-OWNED = ("logs", "home", "superlink", "nodes", "shards", "app", "tls", "keys",
-         "experiment.toml", "run-config.toml", "identity.json", "commands.sh",
-         "deployment.json", "rejected.jsonl")
-#: Names kept after a completed run (plus ``logs`` with keep_logs).
-KEPT = ("deployment.json", "rejected.jsonl")
-#: Files and folders of a deployment: private to its user.
-UMASK = 0o077
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -198,35 +189,6 @@ def check_seconds(key: str, value: float, *, zero: bool) -> float:
         rule = ">= 0 seconds (0 = no limit)" if zero else "> 0 seconds"
         raise ConfigError(key, f"must be a finite number {rule}", value)
     return v
-
-
-@contextlib.contextmanager
-def private_files():
-    """Files and folders created meanwhile are private (umask 077; process-wide, restored)."""
-    old = os.umask(UMASK)
-    try:
-        yield
-    finally:
-        os.umask(old)
-
-
-def _copy_app(src: Path, dst: Path) -> None:
-    """Copy the app folder's files (not caches), contents only: the copies get the modes of
-    new files (private under :func:`private_files`), not the source's."""
-    for f in sorted(src.rglob("*")):
-        rel = f.relative_to(src)
-        if "__pycache__" in rel.parts or f.suffix == ".pyc" or not f.is_file():
-            continue
-        (dst / rel).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        shutil.copyfile(f, dst / rel)
-
-
-def _remove(path: Path) -> None:
-    """Remove a file, link or folder tree (what mmfl created under OUT/flower)."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
 
 
 @dataclass
@@ -350,7 +312,7 @@ class LocalDeployment:
         self._old_handlers: dict[int, Any] = {}
         self._status_at = 0.0  # monotonic time of the last `flwr ls`
         self._watchdog: subprocess.Popen | None = None
-        self._claimed = False  # OUT/flower is ours to write (its manifest lists our names)
+        self.workdir = WorkDir(self.dir)  # OUT/flower: private, ours only once claimed
         self._rejections_seen = 0  # records of rejected.jsonl already logged
 
     # -- context manager: always stop ---------------------------------------------------------
@@ -423,7 +385,9 @@ class LocalDeployment:
         from mmfl.experiment import tomlio
         from mmfl.flower.shards import write_identity
 
-        self._claim_dir()
+        self.workdir.claim()
+        with contextlib.suppress(OSError):  # earlier attempts' records were reported then
+            self._rejections_seen = len((self.dir / "rejected.jsonl").read_text().splitlines())
         for d in (self.logs, self.home, self.dir / "superlink"):
             d.mkdir(mode=0o700, parents=True, exist_ok=True)
         writer = self.shard_writer
@@ -437,7 +401,7 @@ class LocalDeployment:
         if self.data_dir:  # --data-dir travels inside the config the ServerApp reads
             raw["data_dir"] = str(Path(self.data_dir).absolute())
         (self.dir / "experiment.toml").write_text(tomlio.dumps(raw), encoding="utf-8")
-        _copy_app(self.app_dir, self.dir / "app")
+        copy_app(self.app_dir, self.dir / "app")
         if self.tls:
             from mmfl.flower.certs import make_tls_files
 
@@ -454,41 +418,6 @@ class LocalDeployment:
         self.port = self.port or free_port()
         self._write_connection()
         self._write_run_config()
-
-    def _owned(self) -> set[str]:
-        """Names under OUT/flower that mmfl created (its manifest; empty when there is none)."""
-        try:
-            names = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return set()
-        return {n for n in names if n in OWNED} if isinstance(names, list) else set()
-
-    def _write_manifest(self, names) -> None:
-        (self.dir / MANIFEST).write_text(json.dumps(sorted(names)) + "\n", encoding="utf-8")
-
-    def _claim_dir(self) -> None:
-        """Make OUT/flower ready for a new deployment: refuse (ResultsError) when a name mmfl
-        needs exists but mmfl did not create it; remove what an earlier deployment of mmfl
-        left; leave every other file alone; list the names in the manifest before writing."""
-        d = self.dir
-        if d.is_symlink() or (d.exists() and not d.is_dir()):
-            raise ResultsError(f"{d}: exists and is not a folder mmfl created; move it away "
-                               "or choose another --out")
-        if d.exists():
-            owned = self._owned()
-            for name in OWNED:
-                p = d / name
-                if (p.exists() or p.is_symlink()) and name not in owned:
-                    raise ResultsError(f"{p}: exists but was not created by mmfl; move it away "
-                                       "or choose another --out")
-            for name in sorted(owned - {"rejected.jsonl"}):  # rejections of earlier attempts
-                _remove(d / name)                               # of this run stay on record
-        else:
-            d.mkdir(mode=0o700)
-        self._write_manifest(OWNED)
-        self._claimed = True
-        with contextlib.suppress(OSError):  # earlier attempts' records were reported then
-            self._rejections_seen = len((d / "rejected.jsonl").read_text().splitlines())
 
     @property
     def connect_host(self) -> str:
@@ -512,7 +441,7 @@ class LocalDeployment:
         (self.home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
     def _save_state(self) -> None:
-        if not self._claimed:  # never write into a folder mmfl did not claim
+        if not self.workdir.claimed:  # never write into a folder mmfl did not claim
             return
         state = {
             "superlink": f"{self.host}:{self.port}", "connection": CONNECTION,
@@ -1008,15 +937,9 @@ class LocalDeployment:
             w.wait()
 
     def _clean(self, *, keep_logs: bool) -> None:
-        """Remove the working files mmfl created (the manifest's names) except :data:`KEPT`
+        """Remove the working files mmfl created except :data:`~mmfl.flower.workdir.KEPT`
         (and ``logs`` with ``keep_logs``); anything else in OUT/flower stays."""
-        keep = set(KEPT) | ({"logs"} if keep_logs else set())
-        owned = self._owned()
-        for name in owned - keep:
-            with contextlib.suppress(OSError):
-                _remove(self.dir / name)
-        with contextlib.suppress(OSError), private_files():
-            self._write_manifest(owned & keep)
+        self.workdir.clean(set(KEPT) | ({"logs"} if keep_logs else set()))
 
 
 def _server_traceback(text: str, lines: int = 40) -> str:
