@@ -23,7 +23,9 @@ from hypothesis import strategies as st
 from testkit import idx_bytes, tiny_config_text, write_file
 
 from mmfl.cli import main
+from mmfl import registry
 from mmfl.errors import ConfigError, ConfigFileError, DataError, ResultsError
+from mmfl.experiment import config as C
 from mmfl.experiment.config import load_config
 from mmfl.experiment.profile import load_trace
 from mmfl.experiment.tomlio import parse_value
@@ -99,6 +101,7 @@ FLOAT_KEYS = [
     "tasks[0].partition.skew_clients", "tasks[0].partition.skew_data",
     "tasks[1].partition.alpha",
 ]
+FLOAT_KEYS += [f"server.{k}" for k, o in C.SERVER.items() if o.type is float and k != "lr"]
 #: every int key of the tiny config; a value of 10**30 overflows int64
 INT_KEYS = [
     "seed", "rounds", "eval_every", "checkpoint_every", "eval_last", "clients.count",
@@ -145,6 +148,14 @@ SET_CASES += [
     (["tasks[0].model_options.hidden=1000000000000"], "tasks[0].model_options.hidden"),
     (["tasks[0].model_options.layers=100000"], "tasks[0].model_options.layers"),
     (["tasks[1].dataset_options.num_samples=1000000000"], "tasks[1].dataset_options.num_samples"),
+    (["tasks[0].partition.kind=class_ranges",
+      f"tasks[0].partition.sample_ranges=[[1.0, 9, {HUGE}]]"], "tasks[0].partition.sample_ranges"),
+    (["system.speed_sigma=1e300"], "system.speed_sigma"),  # speeds overflow to inf / 0
+    (["system.bandwidth_sigma=11"], "system.bandwidth_sigma"),
+    (["tasks[0].partition.kind=class_ranges", "tasks[0].partition.sample_ranges=[[nan, 9, 15]]"],
+     "tasks[0].partition.sample_ranges"),
+    (["tasks[0].partition.kind=class_ranges", "tasks[0].partition.sample_ranges=[[inf, 9, 15]]"],
+     "tasks[0].partition.sample_ranges"),
     # unknown keys at every level
     (["bogus=1"], "bogus"), (["clients.bogus=1"], "clients.bogus"),
     (["system.bogus=1"], "system.bogus"), (["flower.bogus=1"], "flower.bogus"),
@@ -172,13 +183,48 @@ def test_bad_set_values_exit_2_naming_the_key(tiny, sets, key):
 
 def test_every_float_key_of_the_schema_is_covered():
     """FLOAT_KEYS lists every float key of the fixed tables (a new one must be added here)."""
-    from mmfl.experiment import config as C
-
     fixed = {f"{p}{k}" for p, t in (("", C.TOP), ("server.", C.SERVER), ("system.", C.SYSTEM),
                                      ("clients.", C.CLIENTS), ("flower.", C.FLOWER))
              for k, o in t.items() if o.type is float}
     fixed |= {f"tasks[0].{k}" for k, o in C.TASK.items() if o.type is float}
-    assert fixed <= set(FLOAT_KEYS) | {k for k in fixed if k.startswith("server.")}
+    assert fixed <= set(FLOAT_KEYS)
+
+
+def _every_option() -> list[tuple[str, registry.Option]]:
+    from mmfl.tasks.partition import PARTITION_OPTIONS
+
+    out = [(f"{name}.{k}", o) for name, t in (("top", C.TOP), ("server", C.SERVER),
+                                               ("system", C.SYSTEM), ("clients", C.CLIENTS),
+                                               ("flower", C.FLOWER), ("task", C.TASK))
+           for k, o in t.items()]
+    for kind in registry.KINDS:
+        for name, _, opts in registry.describe(kind):
+            out += [(f"{kind}:{name}.{k}", o) for k, o in opts.items()]
+    for kind, opts in PARTITION_OPTIONS.items():
+        out += [(f"partition:{kind}.{k}", o) for k, o in opts.items()]
+    return out
+
+
+def test_every_float_option_rejects_nan_and_inf_and_every_int_option_absurd_sizes():
+    """No option anywhere (fixed tables, every registered component, partitions) documents
+    that it accepts inf, so every float option refuses NaN and +-inf; every int option
+    refuses values beyond int64, named by key."""
+    floats = ints = 0
+    for key, o in _every_option():
+        if o.type is float:
+            floats += 1
+            for bad in (float("nan"), float("inf"), float("-inf"), 10**400):
+                with pytest.raises(ConfigError, match="finite") as e:
+                    registry.check_value(key, bad, o)
+                assert e.value.key == key
+        elif o.type is int:
+            ints += 1
+            for bad in (2**63, -(2**63) - 1, HUGE, -HUGE):
+                with pytest.raises(ConfigError) as e:
+                    registry.check_value(key, bad, o)
+                assert e.value.key == key and "\n" not in str(e.value)
+            assert registry.check_value(key, o.default, o) == o.default
+    assert floats > 30 and ints > 25, (floats, ints)
 
 
 # --------------------------------------------------------------------------------------------

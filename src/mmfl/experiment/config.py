@@ -56,6 +56,7 @@ class TaskConfig:
     loss: str
     optimizer: str
     optimizer_options: Mapping[str, Any]
+    buffers: str
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class ExperimentConfig:
 #: "sampler" the options of the run's sampler.
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
-    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks.dataset_options", "normalize"),
+    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
     ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
     ("server", "max_norm_ratio"), ("server", "norm_action"), ("server", "optimizer"),
@@ -295,9 +296,9 @@ SERVER_OPTIMIZERS: dict[str, dict[str, Option]] = {
 }
 SYSTEM = {
     "flops_per_second": Option(float, 1e9, "> 0", "FLOP/s of the reference client device."),
-    "speed_sigma": Option(float, 0.0, ">= 0", "Lognormal spread of client speeds (0 = equal)."),
+    "speed_sigma": Option(float, 0.0, "0..10", "Lognormal spread of client speeds (0 = equal)."),
     "bandwidth": Option(float, 1e6, "> 0", "Median client bandwidth, bytes/s (up and down)."),
-    "bandwidth_sigma": Option(float, 0.0, ">= 0", "Lognormal spread of client bandwidths."),
+    "bandwidth_sigma": Option(float, 0.0, "0..10", "Lognormal spread of client bandwidths."),
     "deadline": Option(float, 0.0, ">= 0", "Round deadline in simulated seconds (0 = none); "
                        "later pairs are dropped as stragglers."),
     "trace": Option(str, "", "", "CSV with columns client,speed,bandwidth,availability "
@@ -352,6 +353,10 @@ TASK = {
     "optimizer": Option(str, "sgd", "one of sgd|adam|adamw",
                         "Local optimizer, started fresh each round; options in "
                         "[tasks.optimizer_options] (docs/algorithms.md section 2)."),
+    "buffers": Option(str, "aggregate", "one of aggregate|local",
+                      "Models with buffers (batch norm): the server averages the clients' "
+                      "buffers after each round, or each client keeps its own (FedBN); "
+                      "docs/algorithms.md section 2."),
     "class_mask": Option(str, "none", "one of none|zero|exclude",
                          "Local training only: 'zero' sets the loss scores of the classes the "
                          "client holds no sample of to 0 (the authors' code, with their CNN's "

@@ -473,7 +473,7 @@ def partition(
 def ranges_option(value: Any) -> list[tuple[float, int, int]]:
     """Validate ``sample_ranges``: [[fraction, min, max], ...], fractions summing to 1."""
     bad = ValueError("sample_ranges must be a list of [fraction, min, max] with fractions in "
-                     "(0, 1] summing to 1 and integers 0 <= min <= max")
+                     "(0, 1] summing to 1 and integers 0 <= min <= max <= 1000000000")
     if not isinstance(value, (list, tuple)) or not value:
         raise bad
     out = []
@@ -483,7 +483,7 @@ def ranges_option(value: Any) -> list[tuple[float, int, int]]:
         f, lo, hi = row
         if (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f <= 1
                 or any(isinstance(v, bool) or not isinstance(v, int) for v in (lo, hi))
-                or not 0 <= lo <= hi):
+                or not 0 <= lo <= hi <= 10**9):
             raise bad
         out.append((float(f), int(lo), int(hi)))
     if abs(sum(f for f, _, _ in out) - 1.0) > 1e-6:
