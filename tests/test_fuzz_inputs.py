@@ -478,11 +478,25 @@ def test_damaged_gz_files_exit_2_naming_the_file(tmp_path, tiny):
     folder = tmp_path / "data" / "mnist"
     _mnist_files(folder, gz=True)
     good = (folder / (IMG + ".gz")).read_bytes()
-    for raw in (good[: len(good) // 2], b"not gzip at all", good[:10], b""):
+    corrupt = bytearray(gzip.compress(gzip.decompress(good)))  # header without a file name
+    corrupt[10:18] = b"\xff" * 8  # zlib.error: invalid block type
+    for raw in (good[: len(good) // 2], b"not gzip at all", good[:10], b"", bytes(corrupt)):
         _clear_dataset_caches()
         (folder / (IMG + ".gz")).write_bytes(raw)
         assert_input_error(["describe", tiny, "--set", "tasks[0].dataset=mnist",
                             "--data-dir", tmp_path / "data"], IMG + ".gz")
+
+
+@pytest.mark.parametrize("gz", [False, True], ids=["plain", "gz"])
+def test_dataset_files_beyond_the_size_cap_are_refused(tmp_path, monkeypatch, gz):
+    """A gzip bomb (or a huge file) stops at MAX_FILE_BYTES instead of filling memory."""
+    monkeypatch.setattr(datasets, "MAX_FILE_BYTES", 10_000)
+    p = write_file(tmp_path / ("big-idx" + (".gz" if gz else "")), bytes(20_000))
+    with pytest.raises(DataError, match="more than 10000 bytes"):
+        read_idx(p)
+    if not gz and Path("/dev/zero").exists():  # a device reports size 0: read in chunks
+        with pytest.raises(DataError, match="more than 10000 bytes"):
+            datasets.read_maybe_gzipped(Path("/dev/zero"), "idx file")
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

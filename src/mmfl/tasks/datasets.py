@@ -29,7 +29,9 @@ import logging
 import math
 import os
 import pathlib
+import stat
 import threading
+import zlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -190,15 +192,34 @@ IDX_DTYPES: dict[int, np.dtype] = {
 }
 
 
+#: Most bytes a dataset file may hold (after gunzip): EMNIST byclass's training images, the
+#: largest file mmfl reads, are 547 MB; a gzip bomb or a device file stops here.
+MAX_FILE_BYTES = 2**31
+
+
 def read_maybe_gzipped(path: pathlib.Path, what: str) -> bytes:
     """The bytes of ``path``, gunzipped when its name ends in ``.gz``; DataError naming ``what``
-    and the file when it cannot be read."""
+    and the file when it cannot be read, is corrupt or holds more than
+    :data:`MAX_FILE_BYTES`."""
+    gz = path.name.endswith(".gz")
+    too_big = DataError(f"cannot read {what} {path}: more than {MAX_FILE_BYTES} bytes"
+                        + (" once decompressed" if gz else ""))
     try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        with (gzip.open if gz else open)(path, "rb") as f:
+            if not gz:
+                st = os.fstat(f.fileno())
+                if stat.S_ISREG(st.st_mode):  # else a device or FIFO: read in chunks below
+                    if st.st_size > MAX_FILE_BYTES:
+                        raise too_big
+                    return f.read()
+            chunks, total = [], 0
+            while chunk := f.read(1 << 24):
+                total += len(chunk)
+                if total > MAX_FILE_BYTES:
+                    raise too_big
+                chunks.append(chunk)
+            return b"".join(chunks)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
         raise DataError(f"cannot read {what} {path}: {e}") from None
 
 
