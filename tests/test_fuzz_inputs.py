@@ -804,3 +804,28 @@ def test_case_count():
     n = (len(SET_CASES) + len(TOML_FILES) + len(CLI_CASES) + len(REPORT_DAMAGE)
          + 2 * len(IDX_DAMAGE) + len(LEAF_DAMAGE) + len(TRACE_DAMAGE))
     assert n >= 300, n
+
+
+# --------------------------------------------------------------------------------------------
+# sweep folders: a damaged index.json or summary.json is treated as not finished, never a crash
+
+
+@pytest.mark.parametrize("raw", [b"[1, 2]", b"{oops", b"[" * 100_000 + b"]" * 100_000,
+                                 b'{"runs": [1]}', b'{"runs": {"a": 1}}', bytes(range(256)),
+                                 b'{"status": "completed", "rounds_completed": "x"}',
+                                 b'{"status": "completed", "rounds_completed": 1e999}'])
+def test_damaged_sweep_files_are_not_trusted(tmp_path, tiny, raw):
+    from mmfl.experiment import sweep
+
+    plan = sweep.plan_sweep(load_config(tiny), {"sampler.name": ["random", "full"]}, [1],
+                            tmp_path / "sw")
+    run_dir = plan.run_dir(plan.runs[0])
+    run_dir.mkdir(parents=True)
+    (run_dir / "summary.json").write_bytes(raw)
+    assert sweep.finished_summary(plan.runs[0].config, run_dir) is None
+    assert sweep._rounds_done(run_dir) == 0
+    (plan.out / sweep.INDEX).write_bytes(raw)
+    sweep._write_index(plan, {})
+    index = json.loads((plan.out / sweep.INDEX).read_text())
+    assert sorted(index["runs"]) == sorted(r.name for r in plan.runs)
+    assert all(v["status"] == "pending" for v in index["runs"].values())

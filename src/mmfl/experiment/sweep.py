@@ -374,21 +374,31 @@ class _Tracker:
 
 
 def _read_summary(run_dir: Path) -> dict[str, Any] | None:
+    """summary.json of ``run_dir`` when it reads back as a JSON object, else None (missing,
+    damaged: the run is treated as not finished)."""
     try:
-        return json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        s = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
         return None
+    return s if isinstance(s, dict) else None
+
+
+def _completed(s: dict[str, Any] | None) -> int:
+    """``rounds_completed`` of a summary (0 when absent or not a number)."""
+    try:
+        return int(s.get("rounds_completed", 0)) if s else 0
+    except (TypeError, ValueError, OverflowError):
+        return 0
 
 
 def _rounds_done(run_dir: Path) -> int:
-    s = _read_summary(run_dir)
-    return int(s.get("rounds_completed", 0)) if s else 0
+    return _completed(_read_summary(run_dir))
 
 
 def finished_summary(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any] | None:
     """The summary of a run directory that finished ``cfg``'s rounds, else None."""
     s = _read_summary(run_dir)
-    if s and s.get("status") == "completed" and s.get("rounds_completed", 0) >= cfg.rounds:
+    if s and s.get("status") == "completed" and _completed(s) >= cfg.rounds:
         return s
     return None
 
@@ -615,9 +625,11 @@ def _write_index(plan: SweepPlan, outcomes: Mapping[str, RunOutcome]) -> None:
     old: dict[str, Any] = {}
     if path.exists():
         try:
-            old = json.loads(path.read_text(encoding="utf-8")).get("runs", {})
-        except (OSError, ValueError):
-            old = {}
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):  # damaged: rewritten from this sweep
+            doc = {}
+        old = doc.get("runs", {}) if isinstance(doc, dict) else {}
+        old = {k: v for k, v in old.items() if isinstance(v, dict)} if isinstance(old, dict) else {}
     runs = dict(old)
     for r in plan.runs:
         o = outcomes.get(r.name)
