@@ -684,6 +684,14 @@ def test_damaged_system_trace_ends_mmfl_run_with_exit_2(tmp_path, tiny, name):
                        str(p))
 
 
+@pytest.mark.parametrize("name", ["speed_nan", "bandwidth_inf", "latin1", "nul", "client_long"])
+def test_damaged_system_trace_found_by_mmfl_describe(tmp_path, tiny, name):
+    raw = {c[0]: c[1] for c in TRACE_DAMAGE}[name]
+    p = tmp_path / "trace.csv"
+    p.write_bytes(raw)
+    assert_input_error(["describe", tiny, "--set", f"system.trace={json.dumps(str(p))}"], str(p))
+
+
 def test_a_valid_trace_still_loads(tmp_path):
     p = tmp_path / "trace.csv"
     p.write_bytes(_trace(GOOD_ROWS))

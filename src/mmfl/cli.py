@@ -294,6 +294,10 @@ def _cmd_describe(args) -> int:
 
     cfg = _load(args)
     fed = build_federation(cfg, resolve_data_dir(cfg, args.data_dir))
+    if cfg.system.trace:  # every input file a run reads is checked here too
+        from mmfl.experiment.profile import load_trace
+
+        load_trace(cfg.system.trace, cfg.clients.count)
     print(describe_federation(cfg, fed))
     return 0
 
