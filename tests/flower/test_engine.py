@@ -365,6 +365,27 @@ def test_training_settings_come_from_the_server(setup, tmp_path):
         assert float((a.updates[s] - b.updates[s]).abs().max()) <= TOL
 
 
+def test_the_local_optimizer_comes_from_the_server(tmp_path):
+    """tasks[i].optimizer (here adam with weight decay, and sgd with momentum) reaches the
+    ClientApp in the message: its updates equal the sequential engine's."""
+    tasks = [{**CFG["tasks"][0], "optimizer": "adam", "optimizer_options": {"weight_decay": 0.01}},
+             {**CFG["tasks"][1], "optimizer": "sgd", "optimizer_options": {"momentum": 0.9}}]
+    cfg = config_from_dict({**CFG, "tasks": tasks})
+    fed = build_federation(cfg)
+    paths = write_shards(fed, tmp_path)
+    eng = _engine(fed, FakeGrid(_deployed(paths)))
+    seq = SequentialEngine(fed, seed=7)
+    params = [p + 0.01 for p in seq.init_params()]
+    clients, tasks_ = _pairs(fed)
+    a = seq.train(params, clients, tasks_, 1)
+    b = eng.train(params, clients, tasks_, 1)
+    plain = SequentialEngine(build_federation(config_from_dict(CFG)), seed=7).train(
+        params, clients, tasks_, 1)
+    for s in a.updates:
+        assert float((a.updates[s] - b.updates[s]).abs().max()) <= TOL
+        assert float((a.updates[s] - plain.updates[s]).abs().max()) > 1e-4  # it mattered
+
+
 class _KeyedGrid(FakeGrid):
     """A FakeGrid whose ``get_nodes`` exposes registered public keys (as under --auth)."""
 
@@ -511,6 +532,12 @@ def test_server_app_reads_its_run_config(setup, tmp_path):
                   run_config={"out-dir": str(tmp_path / "x")})
     with pytest.raises(FlowerError, match="config-file is required"):
         server._main(FakeGrid(_deployed(paths)), bad)
+    for key, value in (("round-timeout", float("nan")), ("node-wait", float("inf")),
+                       ("nodes", -1)):
+        nan = Context(run_id=4, node_id=1, node_config={}, state=RecordDict(),
+                      run_config={**rc, key: value})
+        with pytest.raises(FlowerError, match=f"{key} must be a finite number"):
+            server._main(FakeGrid(_deployed(paths)), nan)
 
 
 def test_a_silent_new_node_is_not_asked_every_round(setup):

@@ -14,10 +14,11 @@ Local training is :class:`ShardEngine`: engine ``sequential``'s own ``train`` (t
 :func:`~mmfl.engines.sequential.local_batches`, SGD step, SCAFFOLD correction and class
 masking, imported, not copied) on an engine whose data are the shard's samples, so a
 ClientApp's update equals the ``sequential`` engine's for the same pair bit for bit. What
-shapes training (learning rate, epochs, batch size, class masking, model) comes from each
-message (:data:`mmfl.flower.messages.SPEC_KEYS`), never from the shard's metadata: the shard
-is the node's data, the server decides how it is trained. The update is returned as it is,
-finite or not; the server's runner checks every update centrally. Loaded shards are cached per process (a Ray actor in simulation serves many messages; in
+shapes training (learning rate, epochs, batch size, class masking, model, loss, optimizer)
+comes from each message (:data:`mmfl.flower.messages.SPEC_KEYS`), never from the shard's
+metadata: the shard is the node's data, the server decides how it is trained. The update is
+returned as it is, finite or not; the server's runner checks every update centrally. Loaded
+shards are cached per process (a Ray actor in simulation serves many messages; in
 deployment every message starts a new ClientApp process, so loading is kept cheap: one ``.npz``
 read, models built on demand).
 """
@@ -81,11 +82,15 @@ class ShardEngine(SequentialEngine):
         self.train_x = [to_tensor(t.x, np.float32) for t in shard.tasks]
         self.train_y = [to_tensor(t.y, np.int64) for t in shard.tasks]
         self.test_x, self.test_y = [], []
+        # the engine's buffer state (models with buffers, e.g. batch norm): none travel in
+        # the Flower messages, and the server refuses such models for engine flower
+        self.buffers = [torch.zeros(0) for _ in shard.tasks]
+        self.local_buffers: list[dict] = [{} for _ in shard.tasks]
 
     def configure(self, tasks, conf) -> None:
         """Train ``tasks`` with the settings of the message config ``conf``
         (:data:`~mmfl.flower.messages.SPEC_KEYS`, lists in the order of ``tasks``): each
-        task's spec becomes the shard's with those values; a model whose architecture
+        task's spec becomes the shard's with those values; a model whose architecture or loss
         changed is rebuilt on next use."""
         fed = list(self.federation.tasks)
         for j, s in enumerate(tasks):
@@ -94,13 +99,15 @@ class ShardEngine(SequentialEngine):
                 if key not in conf or len(conf[key]) != len(tasks):
                     raise DataError(f"client {self.client}: message without {key} per task")
                 v = conf[key][j]
-                values[attr] = dict(json.loads(v)) if attr == "model_options" else v
+                values[attr] = dict(json.loads(v)) if attr in M.MAPPINGS else v
             old = fed[s].spec
             new = replace(old, lr=float(values["lr"]), local_epochs=int(values["local_epochs"]),
                           batch_size=int(values["batch_size"]),
                           class_mask=str(values["class_mask"]), model=str(values["model"]),
-                          model_options=values["model_options"])
-            if (new.model, dict(new.model_options)) != (old.model, dict(old.model_options)):
+                          model_options=values["model_options"], loss=str(values["loss"]),
+                          optimizer=str(values["optimizer"]),
+                          optimizer_options=values["optimizer_options"])
+            if _arch(new) != _arch(old):
                 self.models[s] = _NoModel()
             fed[s] = TaskData(new, None, fed[s].client_indices)
         self.federation = _ClientFederation(tuple(fed))
@@ -112,19 +119,29 @@ class ShardEngine(SequentialEngine):
     def need(self, tasks, dims: dict[int, int] | None = None) -> None:
         """Build the models of ``tasks`` (task indices) that are not built yet; ``dims``
         (s -> D_s of the server's vector) is checked against them."""
+        from mmfl.tasks.losses import PROBE_SAMPLES, attach_loss
         from mmfl.tasks.models import build_model
 
         for s in tasks:
             if isinstance(self.models[s], _NoModel):
                 t, spec = self.shard.tasks[s], self.federation.tasks[s].spec
-                self.models[s] = build_model(spec.model, dict(spec.model_options),
-                                             t.input_shape, t.num_classes, 0)
+                model = build_model(spec.model, dict(spec.model_options), t.input_shape,
+                                    t.num_classes, 0)
+                x = self.train_x[s][:PROBE_SAMPLES]  # the loss check, as the server's
+                if not len(x):
+                    x = torch.zeros((1, *t.input_shape))
+                self.models[s] = attach_loss(model, spec.loss, x, t.num_classes, s)
             if dims is not None:
                 d = sum(p.numel() for p in self.models[s].parameters())
                 if d != dims[s]:
                     raise DataError(f"task {self.shard.tasks[s].spec.name}: the server's model has "
                                     f"{dims[s]} parameters, this client's {d} (shard of another "
                                     "config?)")
+
+
+def _arch(spec) -> tuple:
+    """What a built model depends on: its name, options and loss."""
+    return spec.model, json.dumps(dict(spec.model_options), sort_keys=True), spec.loss
 
 
 _CACHE: dict[str, tuple[int, ShardEngine]] = {}

@@ -15,8 +15,9 @@ travel as one-array :class:`flwr.app.ArrayRecord` s of float32 numpy arrays.
     content: ``config`` ConfigRecord ``round`` (t, 0-based), ``seed`` (experiment seed),
     ``client`` (i), ``tasks`` (list of task indices s), ``task-names`` (their names), the
     training settings of those tasks (:data:`SPEC_KEYS`: ``lr``, ``local-epochs``,
-    ``batch-size``, ``class-mask``, ``model``, ``model-options`` as JSON; lists in the order of
-    ``tasks``: the ClientApp trains with these, never with its shard's metadata), and
+    ``batch-size``, ``class-mask``, ``model``, ``model-options`` (JSON), ``loss``,
+    ``optimizer``, ``optimizer-options`` (JSON); lists in the order of ``tasks``: the ClientApp
+    trains with these, never with its shard's metadata), and
     ``shard-dir`` in simulation; ``w.<s>`` ArrayRecord: w_s, the (D_s,) global parameters;
     with SCAFFOLD also ``r.<s>``: the (D_s,) correction c_s - c_{i,s}.
     reply: ``g.<s>`` ArrayRecord: the (D_s,) update G = w_s - w_{i,s} per task, as computed
@@ -49,7 +50,11 @@ PROBE = "query.probe"
 #: The per-task training settings every ``train`` / ``query.probe`` message carries, as
 #: (message key, TrainingSpec attribute).
 SPEC_KEYS = (("lr", "lr"), ("local-epochs", "local_epochs"), ("batch-size", "batch_size"),
-             ("class-mask", "class_mask"), ("model", "model"), ("model-options", "model_options"))
+             ("class-mask", "class_mask"), ("model", "model"), ("model-options", "model_options"),
+             ("loss", "loss"), ("optimizer", "optimizer"),
+             ("optimizer-options", "optimizer_options"))
+#: The SPEC_KEYS attributes that are mappings (sent as JSON strings).
+MAPPINGS = ("model_options", "optimizer_options")
 
 
 def spec_config(specs) -> dict:
@@ -58,7 +63,7 @@ def spec_config(specs) -> dict:
     conf: dict = {}
     for key, attr in SPEC_KEYS:
         values = [getattr(sp, attr) for sp in specs]
-        if attr == "model_options":
+        if attr in MAPPINGS:
             values = [json.dumps(dict(v), sort_keys=True) for v in values]
         conf[key] = values
     return conf

@@ -53,6 +53,7 @@ update centrally, in every engine.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -154,6 +155,11 @@ class FlowerEngine(Engine):
             raise ConfigError("engine", "engine flower runs inside a Flower ServerApp (use "
                               "mmfl run / mmfl.run, which start Flower's simulation)", "flower")
         super().__init__(federation, seed=seed, threads=threads)
+        for s, b in enumerate(getattr(self, "buffers", ())):
+            if b.numel():  # the messages carry parameters only, not b_s or a node's buffers
+                raise ConfigError(f"tasks[{s}].model", "engine flower does not support "
+                                  "models with buffers (e.g. batch norm) yet",
+                                  federation.tasks[s].spec.model)
         self.grid = grid
         self.settings = settings or FlowerSettings()
         self._stop = stop
@@ -518,5 +524,11 @@ def _main(grid: Grid, context: Context) -> None:
 
 
 def _opt(rc, key: str, kind):
-    """run config value ``key`` as ``kind``, or None when absent."""
-    return kind(rc[key]) if key in rc else None
+    """run config value ``key`` as ``kind``, or None when absent; a negative or non-finite
+    number is a FlowerError (NaN would mean "no limit" to a comparison)."""
+    if key not in rc:
+        return None
+    value = kind(rc[key])
+    if not math.isfinite(value) or value < 0:
+        raise FlowerError(f"run config: {key} must be a finite number >= 0 (got {rc[key]!r})")
+    return value
