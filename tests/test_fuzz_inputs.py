@@ -150,6 +150,13 @@ SET_CASES += [
     (["tasks[1].dataset_options.num_samples=1000000000"], "tasks[1].dataset_options.num_samples"),
     (["tasks[0].partition.kind=class_ranges",
       f"tasks[0].partition.sample_ranges=[[1.0, 9, {HUGE}]]"], "tasks[0].partition.sample_ranges"),
+    (["clients.count=10000000", "clients.processors={1 = 0.5, 1024 = 0.5}"],
+     "clients.count"),  # P = 5e9 processors: tens of GB of arrays
+    (["clients.count=10000000", "clients.processors=\"authors\"",
+      "tasks=" + "[" + ", ".join(["{name = \"t%d\", dataset = \"digits\"}" % i
+                                  for i in range(11)]) + "]"], "clients.count"),
+    (["tasks=[" + ", ".join(["{name = \"t%d\", dataset = \"digits\"}" % i
+                             for i in range(1001)]) + "]"], "tasks"),
     (["system.speed_sigma=1e300"], "system.speed_sigma"),  # speeds overflow to inf / 0
     (["system.bandwidth_sigma=11"], "system.bandwidth_sigma"),
     (["tasks[0].partition.kind=class_ranges", "tasks[0].partition.sample_ranges=[[nan, 9, 15]]"],

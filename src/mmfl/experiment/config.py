@@ -602,6 +602,25 @@ def _optimizer_options(key: str, name: str, given: dict) -> dict[str, Any]:
     return opts
 
 
+#: Most [[tasks]] a config may have.
+MAX_TASKS = 1000
+#: Most entries a per-client x per-task or per-processor array may have (N x S, P): beyond it
+#: the federation needs tens of GB before the first round.
+MAX_PAIRS = 10**8
+
+
+def _check_size(cl: dict[str, Any], num_tasks: int) -> None:
+    """N x S and the most processors P = sum B_i may reach stay within :data:`MAX_PAIRS`."""
+    p = cl["processors"]
+    most_b = (num_tasks if p == "authors" else p if isinstance(p, int)
+              else max(v for v, prob in p if prob > 0))
+    n = cl["count"]
+    for what, k in (("tasks", num_tasks), ("processors per client", most_b)):
+        if n * k > MAX_PAIRS:
+            raise ConfigError("clients.count", f"times the {k} {what} gives more than "
+                              f"{MAX_PAIRS} client entries to hold in memory", n)
+
+
 def _quantity_skew(key: str, value: Any) -> dict[str, float]:
     """``quantity_skew = {clients = 0.9, data = 0.1}``: a fraction ``clients`` of the holders
     shares a fraction ``data`` of the samples (alias of ``skew_clients`` / ``skew_data``)."""
@@ -639,6 +658,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     traw = raw.get("tasks")
     if not isinstance(traw, list) or not traw:
         raise ConfigError("tasks", "at least one [[tasks]] table is required", traw)
+    if len(traw) > MAX_TASKS:
+        raise ConfigError("tasks", f"at most {MAX_TASKS} [[tasks]] tables", len(traw))
     tasks = tuple(_task(i, t) for i, t in enumerate(traw))
     seen: dict[str, int] = {}
     for i, t in enumerate(tasks):
@@ -651,6 +672,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     cl["tasks_per_client"] = _distribution(
         "clients.tasks_per_client", cl["tasks_per_client"], lo=0, hi=len(tasks)
     )
+    _check_size(cl, len(tasks))
     clients = ClientsConfig(**cl)
 
     sraw = dict(_table("sampler", raw.get("sampler", {})))
