@@ -7,6 +7,7 @@ section 2), also a flat (D_s,) vector.
 
 from __future__ import annotations
 
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from mmfl.errors import ConfigError
 from mmfl.rng import INIT, torch_seed
+from mmfl.tasks.buffers import buffers_to_vector, vector_to_buffers
 from mmfl.threads import resolve_threads
 from mmfl.types import AggregationPlan
 
@@ -34,6 +36,9 @@ class TrainOutput:
         steps: (U,) int, local SGD steps taken by each pair.
         rejected: (U,) bool, pairs whose update the server's check rejected
             (:mod:`mmfl.experiment.update_check`), or None when none was.
+        buffers: per task s with buffers, a (U_s, Db_s) float32 tensor of the buffers each
+            pair ended local training with (:mod:`mmfl.tasks.buffers`); None when no task
+            has buffers.
     """
 
     clients: np.ndarray
@@ -42,18 +47,24 @@ class TrainOutput:
     train_loss: np.ndarray
     steps: np.ndarray
     rejected: np.ndarray | None = None
+    buffers: dict[int, torch.Tensor] | None = None
 
     def subset(self, keep: np.ndarray) -> "TrainOutput":
         """The pairs where ``keep`` ((U,) bool) is True, in the same order."""
         keep = np.asarray(keep, bool)
-        updates = {}
-        for s, g in self.updates.items():
-            mine = keep[self.tasks == s]
-            if mine.any():
-                updates[s] = g[torch.from_numpy(np.flatnonzero(mine))]
-        return TrainOutput(self.clients[keep], self.tasks[keep], updates,
+
+        def rows(per_task: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+            out = {}
+            for s, g in per_task.items():
+                mine = keep[self.tasks == s]
+                if mine.any():
+                    out[s] = g[torch.from_numpy(np.flatnonzero(mine))]
+            return out
+
+        return TrainOutput(self.clients[keep], self.tasks[keep], rows(self.updates),
                            self.train_loss[keep], self.steps[keep],
-                           None if self.rejected is None else self.rejected[keep])
+                           None if self.rejected is None else self.rejected[keep],
+                           None if self.buffers is None else rows(self.buffers))
 
     def accepted(self) -> "TrainOutput":
         """The pairs whose update the server accepted (all but :attr:`rejected`)."""
@@ -91,10 +102,72 @@ class Engine:
             self.train_y.append(to_tensor(ds.y_train, np.int64))
             self.test_x.append(to_tensor(ds.x_test, np.float32))
             self.test_y.append(to_tensor(ds.y_test, np.int64))
+        #: (S,) the server's buffer vectors b_s ((Db_s,), empty for a model without buffers)
+        #: and, for ``buffers = "local"``, each client's own b_{i,s} (mmfl.tasks.buffers)
+        self.buffers = [buffers_to_vector(m) for m in self.models]
+        self.local_buffers: list[dict[int, torch.Tensor]] = [{} for _ in self.models]
 
     @property
     def num_tasks(self) -> int:
         return len(self.models)
+
+    # -- buffers (mmfl.tasks.buffers) -------------------------------------------------------
+    def has_buffers(self, s: int) -> bool:
+        return self.buffers[s].numel() > 0
+
+    def start_buffers(self, s: int, client: int) -> torch.Tensor:
+        """b_s, or with ``buffers = "local"`` client i's own b_{i,s} once it has one."""
+        return self.local_buffers[s].get(int(client), self.buffers[s])
+
+    @contextlib.contextmanager
+    def global_model(self, s: int, flat: torch.Tensor):
+        """Task s's module holding w_s = ``flat`` and the server's b_s, in eval mode (for
+        evaluation and loss probes); back in train mode afterwards."""
+        model = self.models[s]
+        vector_to_parameters(flat.detach().clone(), model.parameters())
+        if self.has_buffers(s):
+            vector_to_buffers(self.buffers[s], model)
+        model.eval()
+        try:
+            yield model
+        finally:
+            model.train()
+
+    def absorb_buffers(self, out: TrainOutput) -> None:
+        """After aggregation: the server's b_s from the accepted pairs' final buffers."""
+        if out.buffers is None:
+            return
+        n = self.federation.population.n_samples
+        for s, B in out.buffers.items():
+            clients = out.clients[out.tasks == s]
+            if self.federation.tasks[s].spec.buffers == "local":
+                for i, row in zip(clients.tolist(), B):
+                    self.local_buffers[s][i] = row.clone()
+                clients = np.array(sorted(self.local_buffers[s]), np.int64)
+                B = torch.stack([self.local_buffers[s][i] for i in clients.tolist()])
+            w = torch.from_numpy(n[clients, s].astype(np.float64))
+            if float(w.sum()) > 0:
+                self.buffers[s] = ((w / w.sum()) @ B.double()).float()
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The buffer state (for checkpoints): b_s and the clients' own b_{i,s}."""
+        out = {}
+        for s, b in enumerate(self.buffers):
+            if b.numel():
+                out[f"buffers.{s}"] = b.numpy()
+                mine = sorted(self.local_buffers[s])
+                out[f"local_clients.{s}"] = np.array(mine, np.int64)
+                out[f"local.{s}"] = np.stack([self.local_buffers[s][i].numpy() for i in mine]) \
+                    if mine else np.zeros((0, b.numel()), np.float32)
+        return out
+
+    def load_state_dict(self, d: dict[str, np.ndarray]) -> None:
+        for s, b in enumerate(self.buffers):
+            if b.numel():
+                self.buffers[s] = torch.from_numpy(np.array(d[f"buffers.{s}"], np.float32))
+                rows = np.array(d[f"local.{s}"], np.float32)
+                self.local_buffers[s] = {int(i): torch.from_numpy(r) for i, r in
+                                         zip(d[f"local_clients.{s}"].tolist(), rows)}
 
     def init_params(self) -> list[torch.Tensor]:
         """Initial global parameters: per task a (D_s,) float32 vector (a fresh copy on every
@@ -187,16 +260,15 @@ class Engine:
         (the LVR score, docs/algorithms.md section 5): one forward pass over the client's samples."""
         out = np.zeros(len(clients))
         for s in np.unique(tasks):
-            model = self.models[s]
-            vector_to_parameters(params[s].clone(), model.parameters())
-            x, y = self.train_x[s], self.train_y[s]
-            for k in np.flatnonzero(tasks == s):
-                idx = torch.from_numpy(self.federation.tasks[s].client_indices[clients[k]])
-                total = 0.0
-                for a in range(0, len(idx), EVAL_BATCH):
-                    b = idx[a:a + EVAL_BATCH]
-                    total += float(F.nll_loss(model(x[b]), y[b], reduction="sum"))
-                out[k] = total / max(len(idx), 1)
+            with self.global_model(s, params[s]) as model:
+                x, y = self.train_x[s], self.train_y[s]
+                for k in np.flatnonzero(tasks == s):
+                    idx = torch.from_numpy(self.federation.tasks[s].client_indices[clients[k]])
+                    total = 0.0
+                    for a in range(0, len(idx), EVAL_BATCH):
+                        b = idx[a:a + EVAL_BATCH]
+                        total += float(F.nll_loss(model(x[b]), y[b], reduction="sum"))
+                    out[k] = total / max(len(idx), 1)
         return out
 
     def flops_per_sample(self) -> list[float]:
@@ -228,14 +300,13 @@ class Engine:
     def _evaluate_task(self, s: int, flat: torch.Tensor) -> tuple[float, float]:
         """(accuracy, mean loss) of task s's model with parameters ``flat`` on its test split."""
         torch.set_num_threads(1)  # a worker thread's own setting
-        model = self.models[s]
-        vector_to_parameters(flat.clone(), model.parameters())
         x, y = self.test_x[s], self.test_y[s]
         correct, total = 0, 0.0
-        for a in range(0, len(y), EVAL_BATCH):
-            logp = model(x[a:a + EVAL_BATCH])
-            total += float(F.nll_loss(logp, y[a:a + EVAL_BATCH], reduction="sum"))
-            correct += int((logp.argmax(1) == y[a:a + EVAL_BATCH]).sum())
+        with self.global_model(s, flat) as model:
+            for a in range(0, len(y), EVAL_BATCH):
+                logp = model(x[a:a + EVAL_BATCH])
+                total += float(F.nll_loss(logp, y[a:a + EVAL_BATCH], reduction="sum"))
+                correct += int((logp.argmax(1) == y[a:a + EVAL_BATCH]).sum())
         return correct / max(len(y), 1), total / max(len(y), 1)
 
     def _map_tasks(self, fn, tasks) -> list:
@@ -267,9 +338,6 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
     except (RuntimeError, MemoryError, ValueError) as e:
         raise ConfigError(f"tasks[{s}].model_options", f"the model cannot be built ({e})",
                           dict(cfg.model_options)) from None
-    if any(True for _ in model.buffers()):
-        raise ConfigError(f"tasks[{s}].model", "models with buffers (e.g. batch norm) are not "
-                          "supported: buffers are neither aggregated nor checkpointed", cfg.model)
     x = to_tensor(ds.x_train[:PROBE_SAMPLES], np.float32)
     return attach_loss(model, cfg.loss, x, ds.num_classes, s)
 
@@ -279,7 +347,17 @@ _COUNTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
 
 def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Forward FLOPs of ``model`` on the batch ``x`` (one sample): analytic for models built
-    from Linear and Conv layers, PyTorch's FLOP counter otherwise."""
+    from Linear and Conv layers, PyTorch's FLOP counter otherwise. The pass runs in eval mode
+    (batch norm's statistics are neither needed nor updated)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _count_flops(model, x)
+    finally:
+        model.train(was_training)
+
+
+def _count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     counted = sum(p.numel() for m in model.modules() if isinstance(m, _COUNTED)
                   for p in m.parameters(recurse=False))
     if counted != sum(p.numel() for p in model.parameters()):

@@ -21,6 +21,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from mmfl.engines.base import Engine, TrainOutput, check_corrections
 from mmfl.registry import register
 from mmfl.rng import SHUFFLE, stream
+from mmfl.tasks.buffers import buffers_to_vector, vector_to_buffers
 from mmfl.tasks.masking import training_log_probs
 from mmfl.tasks.optimizers import is_plain_sgd, options_of, torch_optimizer
 
@@ -36,61 +37,86 @@ def local_batches(indices: np.ndarray, epochs: int, batch_size: int, seed: int, 
             yield perm[a:a + batch_size]
 
 
+def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor | None,
+               round: int) -> tuple[torch.Tensor, float, int, torch.Tensor | None]:
+    """Local training of client i on task s from the global model ``w`` (D_s,), one plain
+    PyTorch loop: (update G (D_s,), mean loss, steps, final buffers (Db_s,) or None). ``r``:
+    SCAFFOLD's correction c_s - c_{i,s} (D_s,) or None. A model with buffers starts from
+    :meth:`Engine.start_buffers` and trains in train mode (mmfl.tasks.buffers)."""
+    td = engine.federation.tasks[s]
+    cfg = td.spec
+    model = engine.models[s]
+    # clone: vector_to_parameters makes the parameters views of the vector it is given
+    vector_to_parameters(w.clone(), model.parameters())
+    buffered = engine.has_buffers(s)
+    if buffered:
+        vector_to_buffers(engine.start_buffers(s, i), model)
+    corr = None
+    if r is not None:  # one view per parameter
+        corr = [v.view_as(p) for v, p in zip(
+            torch.split(r, [p.numel() for p in model.parameters()]), model.parameters())]
+    x, y = engine.train_x[s], engine.train_y[s]
+    mode = engine.class_mask(s)
+    held = None if mode == "none" else engine.held_classes(s)[i:i + 1]  # (1, K)
+    total, steps = 0.0, 0
+    options = options_of(cfg)
+    opt = (None if is_plain_sgd(cfg.optimizer, options)  # fresh each round and pair
+           else torch_optimizer(cfg.optimizer, options, model.parameters(), cfg.lr))
+    for batch in local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
+                               engine.seed, round, i, s):
+        if buffered and len(batch) < 2:  # batch norm cannot train on one sample
+            continue
+        b = torch.from_numpy(batch)
+        model.zero_grad(set_to_none=True)
+        out = model(x[b])
+        if held is not None:  # class masking (mmfl.tasks.masking), training only
+            out = training_log_probs(model, out, held, mode)
+        loss = F.nll_loss(out, y[b])
+        loss.backward()
+        with torch.no_grad():
+            if opt is not None:  # SCAFFOLD's correction joins the gradient first
+                for p, c in zip(model.parameters(), corr or ()):
+                    p.grad.add_(c)
+                opt.step()
+            elif corr is None:
+                for p in model.parameters():
+                    p.sub_(cfg.lr * p.grad)
+            else:  # SCAFFOLD: y <- y - eta (g + c - c_i)
+                for p, c in zip(model.parameters(), corr):
+                    p.sub_(cfg.lr * (p.grad + c))
+        total += float(loss.detach())
+        steps += 1
+    g = w - parameters_to_vector(model.parameters()).detach()
+    return g, total / max(steps, 1), steps, buffers_to_vector(model) if buffered else None
+
+
+def train_pairs(engine: Engine, params, clients: np.ndarray, tasks: np.ndarray, round: int,
+                corrections=None) -> TrainOutput:
+    """:func:`train_pair` for every pair (the sequential engine's :meth:`train`)."""
+    clients, tasks = np.asarray(clients, np.int64), np.asarray(tasks, np.int64)
+    updates: dict[int, list[torch.Tensor]] = {}
+    buffers: dict[int, list[torch.Tensor]] = {}
+    losses = np.zeros(len(clients))
+    steps = np.zeros(len(clients), dtype=np.int64)
+    for k, (i, s) in enumerate(zip(clients.tolist(), tasks.tolist())):
+        r = None if corrections is None else corrections[s][len(updates.get(s, []))]
+        g, losses[k], steps[k], b = train_pair(engine, s, i, params[s], r, round)
+        updates.setdefault(s, []).append(g)
+        if b is not None:
+            buffers.setdefault(s, []).append(b)
+    return TrainOutput(
+        clients=clients, tasks=tasks,
+        updates={s: torch.stack(g) for s, g in updates.items()},
+        train_loss=losses, steps=steps,
+        buffers={s: torch.stack(b) for s, b in buffers.items()} if buffers else None,
+    )
+
+
 @register("engine", "sequential")
 class SequentialEngine(Engine):
     """Reference engine: trains the active pairs one after the other with plain PyTorch SGD."""
 
     def train(self, params, clients, tasks, round, corrections=None):
-        clients, tasks = np.asarray(clients, np.int64), np.asarray(tasks, np.int64)
-        corrections = check_corrections(corrections, tasks, self.num_parameters())
-        updates: dict[int, list[torch.Tensor]] = {}
-        losses = np.zeros(len(clients))
-        steps = np.zeros(len(clients), dtype=np.int64)
-        for k, (i, s) in enumerate(zip(clients.tolist(), tasks.tolist())):
-            td = self.federation.tasks[s]
-            cfg = td.spec
-            model = self.models[s]
-            # clone: vector_to_parameters makes the parameters views of the vector it is given
-            vector_to_parameters(params[s].clone(), model.parameters())
-            corr = None
-            if corrections is not None:  # r_k = c_s - c_{i,s}, one view per parameter
-                r = corrections[s][len(updates.get(s, []))]
-                corr = [v.view_as(p) for v, p in zip(
-                    torch.split(r, [p.numel() for p in model.parameters()]), model.parameters())]
-            x, y = self.train_x[s], self.train_y[s]
-            mode = self.class_mask(s)
-            held = None if mode == "none" else self.held_classes(s)[i:i + 1]  # (1, K)
-            total = 0.0
-            options = options_of(cfg)
-            opt = (None if is_plain_sgd(cfg.optimizer, options)  # fresh each round and pair
-                   else torch_optimizer(cfg.optimizer, options, model.parameters(), cfg.lr))
-            for batch in local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
-                                       self.seed, round, i, s):
-                b = torch.from_numpy(batch)
-                model.zero_grad(set_to_none=True)
-                out = model(x[b])
-                if held is not None:  # class masking (mmfl.tasks.masking), training only
-                    out = training_log_probs(model, out, held, mode)
-                loss = F.nll_loss(out, y[b])
-                loss.backward()
-                with torch.no_grad():
-                    if opt is not None:  # SCAFFOLD's correction joins the gradient first
-                        for p, r in zip(model.parameters(), corr or ()):
-                            p.grad.add_(r)
-                        opt.step()
-                    elif corr is None:
-                        for p in model.parameters():
-                            p.sub_(cfg.lr * p.grad)
-                    else:  # SCAFFOLD: y <- y - eta (g + c - c_i)
-                        for p, r in zip(model.parameters(), corr):
-                            p.sub_(cfg.lr * (p.grad + r))
-                total += float(loss.detach())
-                steps[k] += 1
-            g = params[s] - parameters_to_vector(model.parameters()).detach()
-            updates.setdefault(s, []).append(g)
-            losses[k] = total / max(int(steps[k]), 1)
-        return TrainOutput(
-            clients=np.asarray(clients), tasks=np.asarray(tasks),
-            updates={s: torch.stack(g) for s, g in updates.items()},
-            train_loss=losses, steps=steps,
-        )
+        corrections = check_corrections(corrections, np.asarray(tasks, np.int64),
+                                        self.num_parameters())
+        return train_pairs(self, params, clients, tasks, round, corrections)

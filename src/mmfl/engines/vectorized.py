@@ -66,13 +66,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import vector_to_parameters
 
 from mmfl import rng
 from mmfl.engines.base import (EVAL_BATCH, Engine, TrainOutput, check_corrections,
                                sum_over_forward)
 from mmfl.engines.batched_cnn import cnn_spec, train_cnn
 from mmfl.engines.batched_ops import nll_and_grad_, write_updates
+from mmfl.engines.sequential import train_pairs
 from mmfl.registry import register
 from mmfl.tasks.masking import training_log_probs
 from mmfl.tasks.models import MLP, LogReg
@@ -280,6 +280,12 @@ class VectorizedEngine(Engine):
         self._conv_rows: dict[int, int] = {}
         self._scratch_bufs: dict[str, torch.Tensor] = {}
         for s, (layers, cnn) in enumerate(zip(self._layers, self._cnn)):
+            if self.has_buffers(s):
+                log.info("task %s: its model has buffers (e.g. batch norm), which the batched "
+                         "paths do not carry per client: the vectorized engine trains it one "
+                         "client at a time (the sequential engine's loop)",
+                         federation.tasks[s].spec.name)
+                continue
             log.debug("task %d: %s path", s,
                       "batched-matmul" if layers else "grouped-conv" if cnn else "vmap")
 
@@ -297,8 +303,15 @@ class VectorizedEngine(Engine):
         losses = np.zeros(len(clients))
         steps = np.zeros(len(clients), dtype=np.int64)
         updates: dict[int, torch.Tensor] = {}
+        buffers: dict[int, torch.Tensor] = {}
         for s in np.unique(tasks).tolist():
             sel = np.flatnonzero(tasks == s)
+            if self.has_buffers(s):  # one client at a time (said once at start-up)
+                sub = train_pairs(self, params, clients[sel], tasks[sel], round,
+                                  None if corrections is None else {s: corrections[s]})
+                updates[s], buffers[s] = sub.updates[s], sub.buffers[s]
+                losses[sel], steps[sel] = sub.train_loss, sub.steps
+                continue
             td = self.federation.tasks[s]
             cfg = td.spec
             w = params[s].detach()
@@ -346,7 +359,7 @@ class VectorizedEngine(Engine):
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
             updates[s] = G
         return TrainOutput(clients=clients, tasks=tasks, updates=updates, train_loss=losses,
-                           steps=steps)
+                           steps=steps, buffers=buffers or None)
 
     def _generic_rows(self, s: int) -> int:
         """Most batch rows per vmap call of the generic path for task s: for a model with
@@ -549,13 +562,12 @@ class VectorizedEngine(Engine):
             if lens.sum() == 0:
                 continue
             flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
-            model = self.models[s]
-            vector_to_parameters(params[s].detach().clone(), model.parameters())
             nll = torch.empty(len(flat), dtype=torch.float64)
-            for a in range(0, len(flat), EVAL_BATCH):
-                b = flat[a:a + EVAL_BATCH]
-                nll[a:a + len(b)] = F.nll_loss(model(self.train_x[s][b]), self.train_y[s][b],
-                                               reduction="none").double()
+            with self.global_model(s, params[s]) as model:
+                for a in range(0, len(flat), EVAL_BATCH):
+                    b = flat[a:a + EVAL_BATCH]
+                    nll[a:a + len(b)] = F.nll_loss(model(self.train_x[s][b]),
+                                                   self.train_y[s][b], reduction="none").double()
             seg = torch.from_numpy(np.repeat(np.arange(len(sel)), lens))
             sums = torch.zeros(len(sel), dtype=torch.float64).index_add_(0, seg, nll)
             out[sel] = sums.numpy() / np.maximum(lens, 1)

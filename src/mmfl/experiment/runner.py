@@ -33,7 +33,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mmfl import registry
-from mmfl.errors import MmflError, NumericalError
+from mmfl.errors import ConfigError, MmflError, NumericalError
 from mmfl.experiment import tomlio
 from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
 from mmfl.experiment.environment import Environment
@@ -104,6 +104,12 @@ class Runner:
                                4.0 * np.array(self.engine.num_parameters()))
         self.server_optimizer = build_server_optimizer(cfg.server_optimizer,
                                                        self.engine.num_parameters())
+        buffered = [s for s in range(pop.num_tasks)
+                    if getattr(self.engine, "has_buffers", lambda s: False)(s)]
+        if buffered and cfg.engine == "flower":
+            raise ConfigError(f"tasks[{buffered[0]}].model", "models with buffers (batch norm) "
+                              "run on the local engines only so far, not on engine flower",
+                              cfg.tasks[buffered[0]].model)
         self.check = UpdateCheck(cfg.update_check, pop.task_names)
         self.stores = PairStores(pop, self.engine.num_parameters(),
                                  needs_stale=self.aggregator.uses_stale,
@@ -115,7 +121,8 @@ class Runner:
             self.out, config_fingerprint(cfg, self.data_dir),
             [("allocator", self.allocator), ("aggregator", self.aggregator),
              *self.stores.stateful(),
-             *([("server_optimizer", self.server_optimizer)] if self.server_optimizer else [])],
+             *([("server_optimizer", self.server_optimizer)] if self.server_optimizer else []),
+             *([("engine", self.engine)] if buffered else [])],
             accepted=tuple(legacy_fingerprints(cfg, self.data_dir, self.out)))
         self.recorder = Recorder(self.out, lambda: self._summary("running", None))
 
@@ -158,8 +165,7 @@ class Runner:
                 for t in range(st.round, cfg.rounds):
                     self._round(t, st)
                 if hasattr(self.engine, "models"):  # the trained models back (.trained)
-                    write_models(self.out, self.federation, self.engine.models, st.params,
-                                 st.round)
+                    write_models(self.out, self.federation, self.engine, st.params, st.round)
             summary = self._summary("completed", time.perf_counter() - t0)
         except (MmflError, KeyboardInterrupt) as e:
             status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
@@ -237,6 +243,8 @@ class Runner:
             aggregates = self.engine.aggregate(len(st.params), out, plan, self.stores.stale)
             st.params = self.server_optimizer.step(st.params, aggregates, plan.server_lr)
         check_models(st.params, self.federation.population.task_names, st.round)
+        if out.buffers is not None:  # models with buffers (mmfl.tasks.buffers)
+            self.engine.absorb_buffers(out)
         self.stores.absorb(out, self._task_lr, self.federation.population.data_weight)
 
     def _train(self, t: int, st: RunState, asked: Assignment, measured: Measurements):

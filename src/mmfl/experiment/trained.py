@@ -41,19 +41,22 @@ def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.inner if isinstance(model, LogSoftmaxOutput) else model
 
 
-def write_models(out: Path, federation, models, params, round_: int) -> None:
-    """Write ``models/<task>.safetensors`` of every task: ``models`` (S,) the engine's modules,
-    ``params`` (S,) the flat global weights after ``round_`` rounds."""
+def write_models(out: Path, federation, engine, params, round_: int) -> None:
+    """Write ``models/<task>.safetensors`` of every task from the engine's modules, ``params``
+    (S,) the flat global weights after ``round_`` rounds and the server's buffers."""
     from safetensors.torch import save_file
 
+    from mmfl.tasks.buffers import vector_to_buffers
     from mmfl.tasks.losses import LogSoftmaxOutput
 
     folder = out / FOLDER
     folder.mkdir(exist_ok=True)
-    for td, model, flat in zip(federation.tasks, models, params):
+    for s, (td, model, flat) in enumerate(zip(federation.tasks, engine.models, params)):
         spec, ds = td.spec, td.dataset
         copy_ = copy.deepcopy(model)
         vector_to_parameters(flat.detach().clone(), copy_.parameters())
+        if engine.has_buffers(s):
+            vector_to_buffers(engine.buffers[s], copy_)
         state = {k: v.detach().contiguous() for k, v in _plain_module(copy_).state_dict().items()}
         meta = {"format": FORMAT, "task": spec.name, "model": spec.model,
                 "model_options": json.dumps(dict(spec.model_options), sort_keys=True),

@@ -29,6 +29,7 @@ class TrainingSpec:
         loss: "auto" | "nll" | "cross_entropy" (:mod:`mmfl.tasks.losses`).
         optimizer: "sgd" | "adam" | "adamw" and ``optimizer_options`` (a missing option takes
             its default), the local optimizer (:mod:`mmfl.tasks.optimizers`).
+        buffers: "aggregate" | "local", models with buffers (:mod:`mmfl.tasks.buffers`).
         index: the task's position s (names the config key ``tasks[s]`` in errors).
     """
 
@@ -43,6 +44,7 @@ class TrainingSpec:
     loss: str = "auto"
     optimizer: str = "sgd"
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
+    buffers: str = "aggregate"
 
 
 @dataclass(frozen=True)
