@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from testkit import idx_bytes, tiny_config_text, write_file
 
-from mmfl.cli import main
 from mmfl import registry
-from mmfl.errors import ConfigError, ConfigFileError, DataError, ResultsError
+from mmfl.cli import main
+from mmfl.errors import ConfigError, ConfigFileError, DataError
 from mmfl.experiment import config as C
 from mmfl.experiment.config import load_config
 from mmfl.experiment.profile import load_trace
@@ -153,9 +153,9 @@ SET_CASES += [
     (["clients.count=10000000", "clients.processors={1 = 0.5, 1024 = 0.5}"],
      "clients.count"),  # P = 5e9 processors: tens of GB of arrays
     (["clients.count=10000000", "clients.processors=\"authors\"",
-      "tasks=" + "[" + ", ".join(["{name = \"t%d\", dataset = \"digits\"}" % i
+      "tasks=" + "[" + ", ".join([f"{{name = \"t{i}\", dataset = \"digits\"}}"
                                   for i in range(11)]) + "]"], "clients.count"),
-    (["tasks=[" + ", ".join(["{name = \"t%d\", dataset = \"digits\"}" % i
+    (["tasks=[" + ", ".join([f"{{name = \"t{i}\", dataset = \"digits\"}}"
                              for i in range(1001)]) + "]"], "tasks"),
     (["system.speed_sigma=1e300"], "system.speed_sigma"),  # speeds overflow to inf / 0
     (["system.bandwidth_sigma=11"], "system.bandwidth_sigma"),
@@ -379,7 +379,7 @@ def test_report_of_the_fake_run_works(tmp_path, tiny):
     run = _fake_run(tmp_path / "r1", tiny)
     rc, out, err = run_main(["report", str(run), "--out", str(tmp_path / "rep")])
     assert rc == 0, err
-    assert (tmp_path / "rep" / "report.html").is_file()
+    assert "report:" in out and (tmp_path / "rep" / "report.html").is_file()
 
 
 REPORT_DAMAGE: list[tuple[str, str, bytes]] = [
@@ -544,8 +544,8 @@ def test_synthetic_total_size_is_bounded(tiny):
     with pytest.raises(DataError, match="num_groups x mean_samples"):
         datasets.load_synthetic({"num_groups": 1_000_000, "mean_samples": 1_000_000}, None, 0)
     assert_input_error(["describe", tiny, "--set", "tasks[1].dataset=synthetic",
-                        "--set", "tasks[1].dataset_options={num_groups = 1000000, "
-                        "mean_samples = 1000000}"], "num_groups")
+                        "--set", ("tasks[1].dataset_options={num_groups = 1000000, "
+                                  "mean_samples = 1000000}")], "num_groups")
 
 
 def _mnist1d_cache(data_dir: Path) -> Path:
@@ -591,7 +591,7 @@ def test_unreadable_mnist1d_cache_is_regenerated(tmp_path, tiny):
     _clear_dataset_caches()
     rc, out, err = run_main(["describe", str(tiny), "--data-dir", str(data)])
     assert rc == 0, err
-    assert path.read_bytes() == good
+    assert "task 1 wave" in out and path.read_bytes() == good
 
 
 # --------------------------------------------------------------------------------------------
@@ -747,9 +747,9 @@ _keys = st.sampled_from(FLOAT_KEYS + INT_KEYS + [
 def test_any_set_value_validates_or_names_its_key(key, text):
     """--set KEY=VALUE for arbitrary values: a valid config or a ConfigError naming the key;
     never anything else."""
-    from testkit import TINY
-
     import tempfile
+
+    from testkit import TINY
 
     with tempfile.TemporaryDirectory() as d:
         p = Path(d) / "tiny.toml"

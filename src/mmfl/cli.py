@@ -25,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse with the usage errors of every other input error: one line on stderr naming
     the argument, exit status 2 (``--help`` still shows the usage)."""
 
-    def error(self, message: str):  # noqa: D102 (argparse API)
+    def error(self, message: str):
         self.exit(2, f"mmfl: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
