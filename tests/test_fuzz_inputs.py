@@ -844,3 +844,23 @@ def test_damaged_sweep_files_are_not_trusted(tmp_path, tiny, raw):
     index = json.loads((plan.out / sweep.INDEX).read_text())
     assert sorted(index["runs"]) == sorted(r.name for r in plan.runs)
     assert all(v["status"] == "pending" for v in index["runs"].values())
+
+
+def test_as_a_user_sees_it_in_a_subprocess(tmp_path, tiny):
+    """The same outcome outside pytest's capture: exit 2, one error line (log lines aside:
+    INFO lines such as "loading mnist from ..." may precede it), no traceback."""
+    from testkit import run_cli
+
+    imgs = np.zeros((40, 28, 28))
+    imgs[0, 0, 0] = np.nan
+    _mnist_files(tmp_path / "data" / "fashion-mnist", **{IMG: idx_bytes(imgs, 0x0D)})
+    deep = tmp_path / "deep.toml"
+    deep.write_bytes(b"a = " + b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    for args in (["describe", str(tiny), "--set", "tasks[0].dataset=fashion_mnist",
+                  "--data-dir", str(tmp_path / "data")],
+                 ["describe", str(deep)],
+                 ["describe", str(tiny), "--set", f"tasks[0].batch_size={HUGE}"]):
+        r = run_cli(*args, timeout=120)
+        errors = [x for x in r.stderr.splitlines() if " INFO " not in x]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(errors) == 1 and errors[0].startswith("mmfl: error: "), r.stderr
