@@ -205,3 +205,12 @@ def test_checkpoint_checksums_cover_every_tensor(stopped):
     assert all(isinstance(v, int) for v in meta["crc32"].values())
     assert all(isinstance(t["sha256"], str) for t in meta["tables"].values())
     assert np.all([len(t["sha256"]) == 64 for t in meta["tables"].values()])
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[1, 2]"])
+def test_read_results_names_a_damaged_summary(tmp_path, content):
+    out = tmp_path / "r"
+    mmfl.run(_cfg(tmp_path, rounds=1), out)
+    (out / "summary.json").write_bytes(content)
+    with pytest.raises(ResultsError, match=r"summary\.json: not a JSON object"):
+        mmfl.read_results(out)

@@ -74,6 +74,7 @@ class ClientsConfig:
     join_round: int
     leave_fraction: float
     leave_round: int
+    federation_file: str
 
 
 @dataclass(frozen=True)
@@ -195,6 +196,7 @@ class ExperimentConfig:
 #: "sampler" the options of the run's sampler.
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
+    ("clients", "federation_file"),
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
     ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
@@ -306,6 +308,10 @@ SYSTEM = {
 }
 CLIENTS = {
     "count": Option(int, 50, "1..10000000", "Number of clients N."),
+    "federation_file": Option(str, "", "", "JSON file that fixes the federation instead of "
+                              "drawing it: membership, processors and each task's client sample "
+                              "indices (e.g. exported from another code for a paired "
+                              "comparison; mmfl.experiment.federation_file). Empty = drawn."),
     "active_rate": Option(float, 0.1, "(0..1]", "C: budget m = floor(C * P) updates per round."),
     "processors": Option("table", 1, "", "B_i: an int, a table {value = probability}, or "
                          "\"authors\": the authors' rule (see processor_levels)."),

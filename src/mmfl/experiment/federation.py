@@ -87,6 +87,37 @@ def load_dataset(task: TaskConfig, data_dir: Path | None, seed: int):
     return _DATASETS[key]
 
 
+def _partition(cfg: ExperimentConfig, s: int, ds, holders: np.ndarray, n_clients: int):
+    """Task s's training indices split over its ``holders`` (``tasks[s].partition``)."""
+    from mmfl.tasks.partition import partition
+
+    task = cfg.tasks[s]
+    try:
+        return partition(
+            ds.y_train, holders, task.partition.kind, dict(task.partition.options),
+            ds.num_classes, stream(cfg.seed, PARTITION, s), groups=ds.groups,
+            num_clients=n_clients,
+        )
+    except ValueError as e:
+        raise ConfigError(f"tasks[{s}].partition", str(e), task.partition.kind) from None
+
+
+def _fixed_federation(cfg: ExperimentConfig, data_dir: Path | None):
+    """The federation of ``clients.federation_file``, or None when it is drawn."""
+    if not cfg.clients.federation_file:
+        return None
+    from mmfl.experiment.federation_file import read_federation_file
+
+    for s, t in enumerate(cfg.tasks):
+        if t.train_samples:
+            raise ConfigError(f"tasks[{s}].train_samples", "must be 0 with "
+                              "clients.federation_file (its indices refer to the whole split)",
+                              t.train_samples)
+    sizes = [len(task_dataset(cfg, s, data_dir).y_train) for s in range(len(cfg.tasks))]
+    return read_federation_file(cfg.clients.federation_file, cfg.clients.count,
+                                len(cfg.tasks), sizes)
+
+
 def task_dataset(cfg: ExperimentConfig, s: int, data_dir: Path | None):
     """Task s's dataset exactly as the engines train and evaluate on it (loaded, subsampled)."""
     return _subsample(load_dataset(cfg.tasks[s], data_dir, cfg.seed), cfg.tasks[s], s, cfg.seed)
@@ -116,11 +147,11 @@ def _subsample(ds, task: TaskConfig, s: int, seed: int):
 
 
 def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Federation:
-    """Draw processors and membership, check the budget, load and partition every task."""
-    from mmfl.tasks.partition import partition
-
-    member = membership(cfg)
-    capacity = draw_capacity(cfg, member)
+    """Draw processors and membership (or read them, ``clients.federation_file``), check the
+    budget, load and partition every task."""
+    fixed = _fixed_federation(cfg, data_dir)
+    member = membership(cfg) if fixed is None else fixed.membership
+    capacity = draw_capacity(cfg, member) if fixed is None else fixed.processors
     budget = budget_of(cfg.clients, int(capacity.sum()))
     n_clients, n_tasks = member.shape
     n_samples = np.zeros((n_clients, n_tasks), dtype=np.int64)
@@ -132,14 +163,10 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
                             f"training and {len(ds.y_test)} test samples; it needs at least "
                             f"{ds.num_classes} training samples and one test sample")
         holders = np.flatnonzero(member[:, s])
-        try:
-            parts = partition(
-                ds.y_train, holders, task.partition.kind, dict(task.partition.options),
-                ds.num_classes, stream(cfg.seed, PARTITION, s), groups=ds.groups,
-                num_clients=n_clients,
-            )
-        except ValueError as e:
-            raise ConfigError(f"tasks[{s}].partition", str(e), task.partition.kind) from None
+        if fixed is not None:
+            parts = [fixed.indices[s][i] for i in holders]
+        else:
+            parts = _partition(cfg, s, ds, holders, n_clients)
         # parts are int64 views into one array per task (no per-client copies)
         indices: list[np.ndarray] = [_EMPTY] * n_clients
         for i, idx in zip(holders.tolist(), parts):

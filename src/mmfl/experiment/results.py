@@ -277,10 +277,17 @@ def read_results(path: str | Path) -> RunResults:
     for f in ("config.toml", "metrics.csv", "summary.json"):
         if not (p / f).exists():
             raise ResultsError(f"{p}: not a run directory (missing {f})")
+    try:
+        summary = json.loads((p / "summary.json").read_text(encoding="utf-8"))
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+        summary = None
+    if not isinstance(summary, dict):
+        raise ResultsError(f"{p / 'summary.json'}: not a JSON object (damaged or not written "
+                           "by mmfl)")
     return RunResults(
         path=p,
         config=tomlio.load(p / "config.toml"),
-        summary=json.loads((p / "summary.json").read_text(encoding="utf-8")),
+        summary=summary,
         metrics=read_csv(p / "metrics.csv"),
         rounds=read_csv(p / "rounds.csv") if (p / "rounds.csv").exists() else [],
     )
