@@ -1,8 +1,10 @@
-"""Bring your own PyTorch model: a CNN that returns logits, trained by mmfl with a server
-optimizer, then loaded back for inference.
+"""Bring your own PyTorch model: a torchvision-style CNN with batch norm that returns logits,
+trained by mmfl with Adam on the clients and FedAdam on the server, then loaded back for
+inference.
 
 The model is plain PyTorch (no log_softmax at the end); ``loss = "auto"`` (the default) sees
-logits at start-up and trains it with the cross-entropy loss. After the run,
+logits at start-up and trains it with the cross-entropy loss. Its batch-norm statistics are
+averaged by the server (``buffers = "aggregate"``; ``"local"`` would keep them per client). After the run,
 ``mmfl.load_model`` gives the trained module back and ``mmfl.load_data`` the test split exactly
 as mmfl evaluated it; ``models/<task>.safetensors`` is a plain state_dict for anyone without
 mmfl.
@@ -22,12 +24,12 @@ import mmfl
 
 
 class SmallCNN(nn.Module):
-    """Conv(8) - ReLU - MaxPool - Linear(num_classes): returns logits."""
+    """Conv(width) - BatchNorm - ReLU - MaxPool - Linear(num_classes): returns logits."""
 
     def __init__(self, channels: int, side: int, num_classes: int, width: int):
         super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.ReLU(),
-                                      nn.MaxPool2d(2))
+        self.features = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1),
+                                      nn.BatchNorm2d(width), nn.ReLU(), nn.MaxPool2d(2))
         self.head = nn.Linear(width * (side // 2) ** 2, num_classes)
 
     def forward(self, x):
@@ -45,8 +47,9 @@ CONFIG = {
     "server": {"lr": 0.1, "optimizer": "fedadam"},
     "clients": {"count": 20, "active_rate": 0.5},
     "sampler": {"name": "random"},
-    "tasks": [{"name": "digits", "dataset": "digits", "model": "small_cnn", "lr": 0.1,
-               "batch_size": 16, "partition": {"kind": "dirichlet", "alpha": 1.0}}],
+    "tasks": [{"name": "digits", "dataset": "digits", "model": "small_cnn", "lr": 0.01,
+               "optimizer": "adam", "batch_size": 16,
+               "partition": {"kind": "dirichlet", "alpha": 1.0}}],
 }
 
 
