@@ -87,13 +87,19 @@ class RunState:
         return bool(self.history) and self.history[-1][0] == round_
 
 
-def config_fingerprint(cfg: ExperimentConfig, data_dir: Path | None) -> str:
+def config_fingerprint(cfg: ExperimentConfig, data_dir: Path | None, *,
+                       threads: int | None = None) -> str:
     """Hash of everything that determines a run's rounds except :data:`RESUMABLE_KEYS` (and
-    with the data folder): a checkpoint only resumes under the same fingerprint."""
+    with the data folder): a checkpoint only resumes under the same fingerprint. ``threads``:
+    keep that value in place of the config's (the fingerprint of older checkpoints)."""
     d = cfg.to_dict()
-    for k in RESUMABLE_KEYS:
-        d.pop(k)
-    return _digest(d, data_dir)
+    d.pop("rounds")
+    if threads is None:
+        d.pop("threads")
+    else:
+        d["threads"] = threads  # in its place, as the older mmfl wrote it
+    text = tomlio.dumps(d) + f"\ndata_dir={data_dir}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def legacy_fingerprints(cfg: ExperimentConfig, data_dir: Path | None, out: Path) -> list[str]:
@@ -105,20 +111,13 @@ def legacy_fingerprints(cfg: ExperimentConfig, data_dir: Path | None, out: Path)
         return []
     if not isinstance(old, int):
         return []
-    d = cfg.to_dict()
-    d.pop("rounds")
-    d["threads"] = old  # in its place, as the older mmfl wrote it
-    return [_digest(d, data_dir)]
+    return [config_fingerprint(cfg, data_dir, threads=old)]
 
 
 def _crc(a: np.ndarray) -> int:
     """CRC-32 of an array's bytes: detects damage to a checkpoint's tensors."""
     return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
 
-
-def _digest(d: dict, data_dir: Path | None) -> str:
-    text = tomlio.dumps(d) + f"\ndata_dir={data_dir}"
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def check_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
