@@ -59,7 +59,8 @@ def collect(kind: str, root: Path, method: str, label: str) -> list[tuple[np.nda
     # a sweep folder (sampler.name=M/seed=S) or the copies in docs/paper1_authors (M_sS)
     folders = sorted((root / f"sampler.name={method}").glob("seed=*")) or sorted(
         root.glob(f"{method}_s*"))
-    return [mmfl_run(f) for f in folders if (f / "metrics.csv").exists()]
+    return [mmfl_run(f) for f in folders  # a run that has not finished a round yet is left out
+            if (f / "metrics.csv").exists() and len(_rows(f / "metrics.csv"))]
 
 
 def fmt(values: list[float]) -> str:
