@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,14 @@ class Entry:
     obj: Any
     options: dict[str, Option] = field(default_factory=dict)
     doc: str = ""
+    #: ``__name__`` of the module whose code registered the component ("" if unknown): mmfl's
+    #: own modules for the built-ins, the user's module (or ``__main__``) otherwise
+    origin: str = ""
+
+    @property
+    def builtin(self) -> bool:
+        """Registered by mmfl itself (a worker process gets it by importing mmfl)."""
+        return self.origin == "mmfl" or self.origin.startswith("mmfl.")
 
 
 _REGISTRY: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
@@ -82,7 +91,8 @@ def register(kind: str, name: str, *, options: dict[str, Option] | None = None, 
 
     def deco(obj):
         text = doc or (obj.__doc__ or "").strip().split("\n")[0]
-        _REGISTRY[kind][name] = Entry(name, obj, dict(options or {}), text)
+        origin = sys._getframe(1).f_globals.get("__name__", "")  # the registering module
+        _REGISTRY[kind][name] = Entry(name, obj, dict(options or {}), text, str(origin))
         if isinstance(obj, type):  # the class reads its defaults from here (``opt``)
             obj.OPTIONS = dict(options or {})
         return obj
@@ -123,6 +133,21 @@ def option_default(cls: type, name: str) -> Any:
         if table and name in table:
             return table[name].default
     raise KeyError(f"{cls.__name__}: no registered option {name!r}")
+
+
+def user_entries() -> list[tuple[str, Entry]]:
+    """(kind, entry) of every component registered by code outside mmfl, kind by kind in
+    registration order (what a worker process must be given, see
+    :func:`mmfl.experiment.sweep.run_sweep`)."""
+    return [(k, e) for k in KINDS for e in _REGISTRY[k].values() if not e.builtin]
+
+
+def add_entry(kind: str, entry: Entry) -> None:
+    """Put ``entry`` (e.g. one received from another process) into the registry as it was
+    registered there: the built-ins of ``kind`` load first, so that the entry replaces a
+    built-in of the same name as it did in the registering process."""
+    _load_builtins(kind)
+    _REGISTRY[kind][entry.name] = entry
 
 
 def _load_builtins(kind: str) -> None:

@@ -29,14 +29,26 @@ Rules:
   before importing torch and ``torch.set_num_threads(1)``. Progress comes back over a queue and
   reaches :class:`SweepCallback` objects in the calling process; the library only reports it,
   the CLI draws it.
+- Components registered outside mmfl (``@mmfl.register`` in a notebook, a script or a module)
+  reach the workers: each worker receives every such registration (pickled: a class or
+  function travels as a reference to its module, which the worker imports, by file path when
+  it is not importable by name) before its first run. A component the sweep uses that cannot be
+  sent (defined in ``__main__`` of an interactive session such as a notebook or ``python -c``,
+  or inside a function) is a one-line ConfigError naming it, raised before anything runs. A
+  script's ``__main__`` is re-imported by every worker (Python's spawn), so a script must start
+  the sweep under ``if __name__ == "__main__":``.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import itertools
 import json
 import logging
 import os
+import pickle
+import sys
 import queue as queue_mod
 import re
 import time
@@ -158,6 +170,10 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Mapping[str, Any],
     return cfg.replace(**rest) if rest else cfg
 
 
+def _about(cfg: ExperimentConfig) -> str:
+    return f"tasks=[{', '.join(t.name for t in cfg.tasks)}], rounds={cfg.rounds}"
+
+
 @dataclass(frozen=True)
 class SweepRun:
     """One combination: its run directory name (relative to the sweep folder), the grid values
@@ -167,6 +183,9 @@ class SweepRun:
     overrides: dict[str, Any]
     seed: int
     config: ExperimentConfig
+
+    def __repr__(self) -> str:
+        return f"SweepRun({self.name!r}, seed={self.seed}, {_about(self.config)})"
 
 
 @dataclass(frozen=True)
@@ -181,6 +200,11 @@ class SweepPlan:
 
     def run_dir(self, run_: SweepRun) -> Path:
         return self.out / run_.name
+
+    def __repr__(self) -> str:
+        grid = ", ".join(f"{k}={len(v)}" for k, v in self.grid.items())
+        return (f"SweepPlan({str(self.out)!r}, runs={len(self.runs)}, grid=[{grid}], "
+                f"seeds={self.seeds}, {_about(self.base)})")
 
 
 Naming = Callable[[Mapping[str, Any], int], str]
@@ -258,6 +282,12 @@ class RunOutcome:
     start_round: int = 0
     seconds: float = 0.0
 
+    def __repr__(self) -> str:
+        acc = (self.summary or {}).get("mean_accuracy")
+        more = (f", error={self.error[:80]!r}" if self.error else
+                f", mean_accuracy={acc:.4f}" if isinstance(acc, float) else "")
+        return f"RunOutcome({self.name!r}, {self.status}{more})"
+
 
 @dataclass
 class SweepProgress:
@@ -306,6 +336,15 @@ class SweepResult:
     @property
     def summaries(self) -> list[dict[str, Any] | None]:
         return [o.summary for o in self.outcomes]
+
+    def __repr__(self) -> str:
+        counts = {k: sum(o.status == k for o in self.outcomes)
+                  for k in ("completed", "skipped", "failed")}
+        other = len(self.outcomes) - sum(counts.values())
+        status = ", ".join(f"{n} {k}" for k, n in counts.items()) + (
+            f", {other} interrupted" if other else "")
+        return (f"SweepResult({str(self.plan.out)!r}, runs={len(self.outcomes)}, "
+                f"{_about(self.plan.base)}, status: {status})")
 
 
 class _Tracker:
@@ -426,6 +465,9 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, data_dir: str | None = None,
         raise ConfigError("--jobs", "must be >= 1", jobs)
     if run_callbacks and jobs > 1:
         raise ValueError("run_callbacks need jobs == 1 (runs in this process)")
+    if _bootstrapping():
+        raise MmflError("run_sweep was called while a worker process imported the main script; "
+                        "start the sweep under 'if __name__ == \"__main__\":'")
     outcomes: dict[str, RunOutcome] = {}
     pending: list[SweepRun] = []
     for r in plan.runs:
@@ -436,6 +478,9 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, data_dir: str | None = None,
                                           start_round=int(s.get("rounds_completed", 0)))
         else:
             pending.append(r)
+    pool = jobs > 1 and len(pending) > 1
+    # user components for the workers; one they cannot get is an error before anything runs
+    registrations = registrations_for_workers(plan) if pool else []
     plan.out.mkdir(parents=True, exist_ok=True)
     _write_index(plan, outcomes)
     tracker = _Tracker(plan, pending, len(outcomes), callbacks)
@@ -451,11 +496,11 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, data_dir: str | None = None,
         _write_index(plan, outcomes)
 
     try:
-        if jobs == 1 or len(pending) <= 1:
+        if not pool:
             for r in pending:
                 finish(_run_here(plan, r, data_dir, tracker, run_callbacks))
         else:
-            _run_pool(plan, pending, jobs, data_dir, tracker, finish)
+            _run_pool(plan, pending, jobs, data_dir, tracker, finish, registrations)
     finally:
         _write_index(plan, outcomes)
     tracker.end()
@@ -496,20 +541,121 @@ def _run_here(plan: SweepPlan, r: SweepRun, data_dir: str | None, tracker: _Trac
 
 
 def _describe(e: BaseException) -> str:
+    from concurrent.futures.process import BrokenProcessPool
+
+    if isinstance(e, BrokenProcessPool):
+        return ("a worker process died (killed, out of memory, or a script that starts the "
+                "sweep outside 'if __name__ == \"__main__\":', which every worker re-runs when "
+                "it imports the script)")
     text = str(e) or type(e).__name__
     return text if isinstance(e, MmflError) else f"{type(e).__name__}: {text}"
+
+
+def _bootstrapping() -> bool:
+    """True in a spawned process that is still importing its parent's main script."""
+    import multiprocessing
+
+    return bool(getattr(multiprocessing.current_process(), "_inheriting", False))
+
+
+# -- user components in worker processes ------------------------------------------------------
+
+#: (kind, name, module of the object, that module's file, pickled (Entry, class OPTIONS))
+_Registration = tuple[str, str, str, "str | None", bytes]
+
+
+def _used_components(plan: SweepPlan) -> set[tuple[str, str]]:
+    """(kind, name) of every component a run of ``plan`` looks up by name."""
+    used: set[tuple[str, str]] = set()
+    for r in plan.runs:
+        c = r.config
+        used |= {("sampler", c.sampler.name), ("engine", c.engine)}
+        if c.sampler.aggregator != "default":
+            used.add(("aggregator", c.sampler.aggregator))
+        for t in c.tasks:
+            used |= {("dataset", t.dataset), ("model", t.model)}
+    return used
+
+
+def _unsendable(obj: Any) -> str | None:
+    """Why ``obj`` cannot reach a spawned worker by reference, or None."""
+    module = getattr(obj, "__module__", None)
+    if module == "__main__" and not getattr(sys.modules.get("__main__"), "__file__", None):
+        return ("is defined in __main__ of an interactive session (a notebook, python -c or a "
+                "REPL), which worker processes cannot import")
+    if "<locals>" in getattr(obj, "__qualname__", ""):
+        return "is defined inside a function, which worker processes cannot import"
+    return None
+
+
+def registrations_for_workers(plan: SweepPlan) -> list[_Registration]:
+    """Every component registered outside mmfl, ready for :func:`restore_registrations` in a
+    worker process. A component that cannot be sent is left out, unless ``plan`` uses it: then
+    a ConfigError names it and says what to do."""
+    from mmfl import registry
+
+    used = _used_components(plan)
+    out: list[_Registration] = []
+    for kind, entry in registry.user_entries():
+        why = _unsendable(entry.obj)
+        blob = b""
+        if why is None:
+            cls_options = entry.obj.__dict__.get("OPTIONS") if isinstance(entry.obj, type) else None
+            try:
+                blob = pickle.dumps((entry, cls_options))
+            except Exception as e:  # noqa: BLE001 - any pickling failure means "cannot send"
+                why = f"cannot be sent to worker processes ({type(e).__name__}: {str(e)[:120]})"
+        if why is not None:
+            if (kind, entry.name) in used:
+                raise ConfigError("jobs", f"{kind} {entry.name!r} (registered by "
+                                  f"{entry.origin or 'unknown code'}) {why}; define it at the top "
+                                  "level of a module (a .py file) that you import, or run the "
+                                  "sweep with jobs=1", show_got=False)
+            log.debug("%s %r is not sent to the sweep's workers: %s", kind, entry.name, why)
+            continue
+        module = getattr(entry.obj, "__module__", None) or ""
+        file = getattr(sys.modules.get(module), "__file__", None)
+        out.append((kind, entry.name, module, file, blob))
+    return out
+
+
+def restore_registrations(items: Sequence[_Registration]) -> dict[tuple[str, str], str]:
+    """Register ``items`` (from :func:`registrations_for_workers`) in this process; returns
+    (kind, name) -> why, for those that could not be restored."""
+    from mmfl import registry
+
+    failed: dict[tuple[str, str], str] = {}
+    for kind, name, module, file, blob in items:
+        try:
+            if (module and module not in sys.modules and file
+                    and importlib.util.find_spec(module) is None):
+                spec = importlib.util.spec_from_file_location(module, file)
+                mod = importlib.util.module_from_spec(spec)
+                sys.modules[module] = mod
+                spec.loader.exec_module(mod)
+            entry, cls_options = pickle.loads(blob)
+        except Exception as e:  # noqa: BLE001 - reported when a run needs the component
+            failed[(kind, name)] = (f"{kind} {name!r}: the worker process could not import it "
+                                    f"from {file or module} ({type(e).__name__}: {str(e)[:160]})")
+            continue
+        registry.add_entry(kind, entry)
+        if cls_options is not None:
+            entry.obj.OPTIONS = cls_options
+    return failed
 
 
 # -- worker processes ------------------------------------------------------------------------
 
 _QUEUE = None  # the progress queue of a worker process
 _STOP = None  # set by the parent on Ctrl-C: runs stop after their round, queued ones are dropped
+_LOST: dict[tuple[str, str], str] = {}  # user components this worker could not restore
 
 
-def _init_worker(q, stop) -> None:
+def _init_worker(q, stop, registrations: Sequence[_Registration] = ()) -> None:
     """Worker set-up: one thread for every numerical library, before torch is imported; Ctrl-C
-    is left to the parent, which asks the runs to stop through ``stop``."""
-    global _QUEUE, _STOP
+    is left to the parent, which asks the runs to stop through ``stop``; the parent's user
+    components registered (:func:`restore_registrations`)."""
+    global _QUEUE, _STOP, _LOST
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -518,6 +664,20 @@ def _init_worker(q, stop) -> None:
 
     torch.set_num_threads(1)
     _QUEUE, _STOP = q, stop
+    _LOST = restore_registrations(registrations)
+
+
+def _lost_component(raw: dict) -> str | None:
+    """Why a component the config ``raw`` names is missing in this worker, or None."""
+    if not _LOST:
+        return None
+    sampler = raw.get("sampler") if isinstance(raw.get("sampler"), dict) else {}
+    names = [("sampler", sampler.get("name")), ("aggregator", sampler.get("aggregator")),
+             ("engine", raw.get("engine"))]
+    for t in raw.get("tasks") or ():
+        if isinstance(t, dict):
+            names += [("dataset", t.get("dataset")), ("model", t.get("model"))]
+    return next((_LOST[k] for k in names if k in _LOST), None)
 
 
 class _QueueRelay:
@@ -544,6 +704,10 @@ def _worker_run(name: str, raw: dict, run_dir: str, data_dir: str | None) -> dic
         return {"status": "cancelled"}
     relay = _QueueRelay(name)
     t0 = time.perf_counter()
+    lost = _lost_component(raw)
+    if lost is not None:
+        return {"status": "failed", "error": lost, "summary": _read_summary(Path(run_dir)),
+                "start_round": 0, "seconds": 0.0}
     try:
         summary = run(config_from_dict(raw), run_dir, resume=True, data_dir=data_dir,
                       callbacks=[relay])
@@ -558,7 +722,8 @@ def _worker_run(name: str, raw: dict, run_dir: str, data_dir: str | None) -> dic
 
 
 def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str | None,
-              tracker: _Tracker, finish: Callable[[RunOutcome], None]) -> None:
+              tracker: _Tracker, finish: Callable[[RunOutcome], None],
+              registrations: Sequence[_Registration] = ()) -> None:
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
@@ -583,7 +748,8 @@ def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str
                           seconds=res.get("seconds", 0.0))
 
     with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
-                             initializer=_init_worker, initargs=(q, stop)) as pool:
+                             initializer=_init_worker,
+                             initargs=(q, stop, registrations)) as pool:
         futures: dict[Future, SweepRun] = {}
         handled: set[Future] = set()
         try:
