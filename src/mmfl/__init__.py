@@ -7,6 +7,8 @@ The public API::
     cfg = mmfl.load_config("configs/quickstart.toml", overrides=["rounds=5"])
     summary = mmfl.run(cfg, "runs/demo")
     results = mmfl.read_results("runs/demo")
+    df = results.to_frame("metrics")                     # pandas (the analysis extra)
+    table = mmfl.collect(["runs/sweep"], table="summary")  # many runs, grid keys and seed
     model = mmfl.load_model("runs/demo", "fmnist")       # the trained nn.Module
     x, y = mmfl.load_data("runs/demo", "fmnist")         # its test split, as evaluated
 
@@ -35,6 +37,7 @@ _LAZY = {
     "load_model": ("mmfl.experiment.trained", "load_model"),
     "load_data": ("mmfl.experiment.trained", "load_data"),
     "RunResults": ("mmfl.experiment.results", "RunResults"),
+    "collect": ("mmfl.experiment.frames", "collect"),
     "plan_sweep": ("mmfl.experiment.sweep", "plan_sweep"),
     "run_sweep": ("mmfl.experiment.sweep", "run_sweep"),
     "write_report": ("mmfl.experiment.report", "write_report"),

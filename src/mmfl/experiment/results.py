@@ -240,7 +240,7 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@dataclass
+@dataclass(repr=False)
 class RunResults:
     """A finished (or partial) run read back from its directory.
 
@@ -261,6 +261,23 @@ class RunResults:
     @property
     def task_names(self) -> list[str]:
         return list(self.summary.get("tasks", {}))
+
+    def __repr__(self) -> str:
+        s = self.summary
+        tasks = self.task_names or [t.get("name", "?") for t in self.config.get("tasks", [])
+                                    if isinstance(t, dict)]
+        return (f"RunResults({str(self.path)!r}, tasks=[{', '.join(map(str, tasks))}], "
+                f"rounds={s.get('rounds_completed', '?')}/{s.get('rounds', '?')}, "
+                f"status={s.get('status', '?')})")
+
+    def to_frame(self, table: str = "metrics"):
+        """``table`` as a pandas DataFrame: ``"metrics"`` (one row per round and task),
+        ``"rounds"`` (one row per round) or ``"summary"`` (one row, summary.json flattened
+        with dotted names). Numeric columns are numbers, empty cells NaN; see
+        :mod:`mmfl.experiment.frames`. Needs pandas (``pip install 'mmfl[analysis]'``)."""
+        from mmfl.experiment.frames import run_frame
+
+        return run_frame(self, table)
 
     def accuracy(self, task: str) -> tuple[np.ndarray, np.ndarray]:
         """(rounds (R,), accuracy (R,)) of ``task`` over the evaluated rounds."""
