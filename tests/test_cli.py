@@ -160,6 +160,40 @@ def test_compare_runs_samplers_by_seeds_and_resumes(tiny_config, tmp_path):
     assert bad.returncode == 2 and "--samplers" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_version_prints_the_package_version():
+    import mmfl
+
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"mmfl {mmfl.__version__}"
+    assert mmfl.__version__.count(".") >= 2
+
+
+def test_compare_has_jobs_and_the_seed_default_of_sweep(tiny_config, tmp_path):
+    helps = [run_cli(cmd, "--help").stdout for cmd in ("compare", "sweep")]
+    for h in helps:
+        assert "--jobs" in h and "default: the config's seed" in " ".join(h.split())
+    out = tmp_path / "cmp"
+    r = run_cli("compare", str(tiny_config), "--samplers", "random,full", "--set", "rounds=2",
+                "--jobs", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "[2/2]" in r.stderr  # the sweep's progress lines: the runs went to workers
+    table = (out / "table.md").read_text()
+    assert "| random | 1 |" in table and "| full | 1 |" in table
+    # no --seeds: the config's seed (3 in the tiny config), as for sweep
+    for name in ("random", "full"):
+        s = json.loads((out / name / "seed-3" / "summary.json").read_text())
+        assert s["status"] == "completed" and s["seed"] == 3
+    assert sorted(p.name for p in (out / "random").iterdir()) == ["seed-3"]
+    sw = tmp_path / "sw"
+    assert run_cli("sweep", str(tiny_config), "--set", "rounds=1", "--out", str(sw)).returncode == 0
+    assert [p.name for p in sw.iterdir() if p.is_dir()] == ["seed=3"]
+    for args in (["--jobs", "0"], ["--seeds", "1,1"]):
+        bad = run_cli("compare", str(tiny_config), "--samplers", "random", "--out",
+                      str(tmp_path / "bad"), *args)
+        assert bad.returncode == 2 and args[0] in bad.stderr and "Traceback" not in bad.stderr
+        assert len(bad.stderr.strip().splitlines()) == 1
+
+
 def test_data_fetch_of_an_unknown_dataset_exits_2(tmp_path):
     r = run_cli("data", "fetch", "no_such_dataset", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "no_such_dataset" in r.stderr and "Traceback" not in r.stderr

@@ -38,6 +38,23 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="dataset folder (default: the config's data_dir, then $MMFL_DATA)")
 
 
+def _add_seeds_jobs_args(p: argparse.ArgumentParser) -> None:
+    """--seeds and --jobs, the same for every command that runs several runs (see _seeds)."""
+    p.add_argument("--seeds", default=None,
+                   help="comma-separated distinct seeds, one run each (default: the config's seed)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs at a time, each in its own worker process (default 1)")
+
+
+def _seeds(args, cfg) -> list[int]:
+    """The seeds of a multi-run command: --seeds, else the config's seed; and --jobs checked."""
+    from mmfl.experiment.sweep import parse_seeds
+
+    if args.jobs < 1:
+        raise ConfigError("--jobs", "must be >= 1", args.jobs)
+    return parse_seeds(args.seeds) if args.seeds is not None else [cfg.seed]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mmfl", description="Multi-model federated learning: joint client sampling and "
@@ -70,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--samplers", default="all",
                    help="comma-separated sampler names, or 'all' (default)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    _add_seeds_jobs_args(p)
     p.add_argument("--out", required=True, help="folder for the run directories and table.md")
 
     p = sub.add_parser("sweep", help="run every combination of a grid of config values x seeds",
@@ -84,11 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
                    help="a dotted config key and its comma-separated values (TOML), e.g. "
                         "--grid sampler.name=gvr,random (repeatable: every combination runs)")
-    p.add_argument("--seeds", default=None,
-                   help="comma-separated seeds (default: the config's seed)")
+    _add_seeds_jobs_args(p)
     p.add_argument("--out", required=True, help="sweep folder (run directories and index.json)")
-    p.add_argument("--jobs", type=int, default=1,
-                   help="runs at a time, each in its own worker process (default 1)")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="progress display: a bar on a terminal, log lines otherwise (default auto)")
 
@@ -302,13 +316,6 @@ def _cmd_describe(args) -> int:
     return 0
 
 
-def _int_list(key: str, text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ConfigError(key, "must be comma-separated integers", text) from None
-
-
 def _cmd_compare(args) -> int:
     from mmfl import registry
     from mmfl.experiment.compare import comparison_table, format_table, run_comparison
@@ -318,9 +325,13 @@ def _cmd_compare(args) -> int:
         x.strip() for x in args.samplers.split(",") if x.strip()]
     for n in names:
         registry.get("sampler", n, key="--samplers")
-    seeds = _int_list("--seeds", args.seeds)
-    summaries = run_comparison(cfg, names, seeds, args.out, data_dir=args.data_dir,
-                               callbacks=[_LogProgress()])
+    seeds = _seeds(args, cfg)
+    if args.jobs == 1:  # in this process: every run's rounds as log lines
+        summaries = run_comparison(cfg, names, seeds, args.out, data_dir=args.data_dir,
+                                   callbacks=[_LogProgress()])
+    else:
+        summaries = run_comparison(cfg, names, seeds, args.out, data_dir=args.data_dir,
+                                   jobs=args.jobs, sweep_callbacks=[_SweepLog()])
     table = format_table(comparison_table(summaries))
     Path(args.out, "table.md").write_text(table + "\n", encoding="utf-8")
     print(table)
@@ -328,13 +339,11 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from mmfl.experiment.sweep import parse_grid, parse_seeds, plan_sweep, run_sweep
+    from mmfl.experiment.sweep import parse_grid, plan_sweep, run_sweep
 
     cfg = _load(args)
     grid = parse_grid(args.grid)
-    seeds = parse_seeds(args.seeds) if args.seeds is not None else [cfg.seed]
-    if args.jobs < 1:
-        raise ConfigError("--jobs", "must be >= 1", args.jobs)
+    seeds = _seeds(args, cfg)
     plan = plan_sweep(cfg, grid, seeds, args.out)  # validates every combination first
     mode = args.progress
     if mode == "auto":

@@ -16,7 +16,7 @@ import numpy as np
 from mmfl.errors import MmflError
 from mmfl.experiment.config import ExperimentConfig
 from mmfl.experiment.recording import Callback
-from mmfl.experiment.sweep import plan_sweep, run_sweep, with_sampler
+from mmfl.experiment.sweep import SweepCallback, plan_sweep, run_sweep, with_sampler
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,18 @@ def _name(overrides: Mapping[str, Any], seed: int) -> str:
 
 def run_comparison(cfg: ExperimentConfig, samplers: Sequence[str], seeds: Sequence[int],
                    out: str | Path, *, data_dir: str | None = None,
-                   callbacks: Iterable[Callback] = ()) -> list[dict]:
+                   callbacks: Iterable[Callback] = (), jobs: int = 1,
+                   sweep_callbacks: Iterable[SweepCallback] = ()) -> list[dict]:
     """Run every sampler x seed (skipping finished runs); returns one summary per run.
 
-    Raises MmflError listing the failed runs, after every other run has finished.
+    ``jobs`` runs at a time in worker processes (as :func:`~mmfl.experiment.sweep.run_sweep`);
+    ``callbacks`` are runner callbacks (only with ``jobs == 1``), ``sweep_callbacks`` receive
+    the sweep's progress. Raises MmflError listing the failed runs, after every other run has
+    finished.
     """
     plan = plan_sweep(cfg, {"sampler.name": list(samplers)}, seeds, out, naming=_name)
-    result = run_sweep(plan, data_dir=data_dir, run_callbacks=list(callbacks))
+    result = run_sweep(plan, jobs=jobs, data_dir=data_dir, run_callbacks=list(callbacks),
+                       callbacks=list(sweep_callbacks))
     if result.failures:
         raise MmflError("failed runs: " + "; ".join(f"{o.name}: {o.error}"
                                                     for o in result.failures))
