@@ -6,10 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import re
+import subprocess
 import sys
 
 import pytest
-from testkit import tiny_config_text
+from testkit import ROOT, tiny_config_text
 
 import mmfl
 from mmfl.errors import ConfigError, MmflError, ResultsError
@@ -181,3 +184,23 @@ def test_reprs_are_one_short_line(sweep):
     assert "\n" not in p and len(p) < 300
     assert "grid=[sampler.name=2, clients.processors=2]" in p and "seeds=[2, 1]" in p
     assert "\n" not in repr(plan.runs[0]) and len(repr(result.outcomes[0])) < 200
+
+
+@pytest.mark.slow
+def test_readme_pandas_workflow_runs(tmp_path):
+    """The README's "Results in pandas" script, on the tiny config with 2 rounds."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = readme.split("### Results in pandas", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, flags=re.S).group(1)
+    assert "mmfl.collect(" in code and ".savefig(" in code and "jobs=2" in code
+    (tmp_path / "tiny.toml").write_text(tiny_config_text(rounds=2), encoding="utf-8")
+    code = code.replace("configs/quickstart.toml", "tiny.toml").replace("rounds=20", "rounds=2")
+    (tmp_path / "workflow.py").write_text(code, encoding="utf-8")
+    r = subprocess.run([sys.executable, "workflow.py"], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=600,
+                       env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (tmp_path / "runs" / "sw" / "accuracy.png").stat().st_size > 1000
+    lines = r.stdout.splitlines()
+    assert "mean_accuracy" in lines[0] and [x.split()[0] for x in lines[3:]] == [
+        "random", "gvr", "stalevre"]
