@@ -149,6 +149,21 @@ def test_damaged_cell_names_the_file(sweep, tmp_path):
         mmfl.read_results(run_dir).to_frame("metrics")
 
 
+def test_index_json_damaged_or_foreign(sweep, tmp_path):
+    import shutil
+
+    tmp, plan, _ = sweep
+    folder = tmp_path / "sw"
+    shutil.copytree(plan.out / plan.runs[0].name, folder / "a")
+    (folder / "index.json").write_text("{not json")
+    with pytest.raises(ResultsError, match=r"index.json: not a JSON object"):
+        mmfl.collect(folder)
+    # above a run given by itself, an index.json that is not a sweep's is not ours: ignored
+    (folder / "index.json").write_text('{"pages": []}')
+    df = mmfl.collect(folder / "a", table="summary")
+    assert list(df.columns[:2]) == ["run", "seed"] and len(df) == 1
+
+
 def test_without_pandas_the_error_names_the_extra(sweep, monkeypatch):
     tmp, plan, _ = sweep
     res = mmfl.read_results(plan.out / plan.runs[0].name)

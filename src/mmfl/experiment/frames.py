@@ -173,8 +173,11 @@ def _sweep_of(run_dir: Path, cache: dict[Path, dict | None]) -> tuple[dict, str]
     """(index.json of the sweep that ``run_dir`` belongs to, the run's name in it), or None."""
     here = run_dir.resolve()
     for parent in list(here.parents)[:12]:
-        if parent not in cache:
-            cache[parent] = _read_index(parent / INDEX)
+        if parent not in cache:  # an unreadable or foreign index.json up there is not ours
+            try:
+                cache[parent] = _read_index(parent / INDEX)
+            except ResultsError:
+                cache[parent] = None
         index = cache[parent]
         if index is not None:
             name = here.relative_to(parent).as_posix()
