@@ -460,6 +460,14 @@ def run_sweep(plan: SweepPlan, *, jobs: int = 1, data_dir: str | None = None,
 
     A failed run (any exception) is recorded and the sweep goes on; KeyboardInterrupt stops the
     sweep (runs in progress keep their checkpoints; run the same sweep again to resume).
+    With worker processes, components registered outside mmfl are sent to them
+    (:func:`registrations_for_workers`), also from a notebook.
+
+    Raises:
+        ConfigError: ``jobs < 1``, or (``jobs > 1``) a registered component the runs use that
+            worker processes cannot import (defined in an interactive ``__main__`` or inside a
+            function), named, before anything runs.
+        MmflError: called in a worker process that is importing an unguarded main script.
     """
     if jobs < 1:
         raise ConfigError("--jobs", "must be >= 1", jobs)
