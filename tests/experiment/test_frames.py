@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import pandas as pd  # the analysis extra: scripts/setup.sh installs it for the tests
 import pytest
 from testkit import ROOT, tiny_config_text
 
@@ -21,8 +22,6 @@ from mmfl.experiment.config import load_config
 from mmfl.experiment.frames import config_value
 from mmfl.experiment.results import METRICS_COLUMNS, ROUNDS_COLUMNS
 from mmfl.experiment.sweep import plan_sweep, run_sweep
-
-pd = pytest.importorskip("pandas")
 
 
 @pytest.fixture(scope="module")
