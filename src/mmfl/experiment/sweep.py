@@ -627,6 +627,13 @@ def registrations_for_workers(plan: SweepPlan) -> list[_Registration]:
     return out
 
 
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # e.g. a parent package that is not importable either
+        return False
+
+
 def restore_registrations(items: Sequence[_Registration]) -> dict[tuple[str, str], str]:
     """Register ``items`` (from :func:`registrations_for_workers`) in this process; returns
     (kind, name) -> why, for those that could not be restored."""
@@ -635,8 +642,7 @@ def restore_registrations(items: Sequence[_Registration]) -> dict[tuple[str, str
     failed: dict[tuple[str, str], str] = {}
     for kind, name, module, file, blob in items:
         try:
-            if (module and module not in sys.modules and file
-                    and importlib.util.find_spec(module) is None):
+            if module and module not in sys.modules and file and not _importable(module):
                 spec = importlib.util.spec_from_file_location(module, file)
                 mod = importlib.util.module_from_spec(spec)
                 sys.modules[module] = mod
