@@ -553,3 +553,31 @@ def test_a_silent_new_node_is_not_asked_every_round(setup):
         assert len(out.clients) == len(clients)  # client 3 keeps its old node
     asked = [m for m in grid.sent if m.metadata.dst_node_id == 555]
     assert [m.metadata.message_type for m in asked] == [M.DISCOVER, M.DISCOVER]
+
+
+def test_a_non_finite_update_from_a_node_is_rejected_by_the_server(setup, tmp_path,
+                                                                    monkeypatch):
+    """The whole Runner on the grid: client 0's node sends a NaN update in round 2; the
+    server's update check rejects it like a missing pair, names it, and the run completes."""
+    from mmfl.flower.client import ShardEngine
+
+    cfg, fed, paths = setup
+    original = ShardEngine.train
+
+    def train(self, params, clients, tasks, round, corrections=None):
+        out = original(self, params, clients, tasks, round, corrections)
+        if round == 1 and self.client == 0:
+            s = int(out.tasks[0])
+            out.updates[s][0] = float("nan")
+        return out
+
+    monkeypatch.setattr(ShardEngine, "train", train)
+    cfg = config_from_dict({**CFG, "rounds": 3, "sampler": {"name": "random"},
+                            "clients": {**CFG["clients"], "active_rate": 1.0}})
+    summary = run_experiment(FakeGrid(_deployed(paths)), cfg, tmp_path / "run",
+                             settings=FlowerSettings(node_wait=2.0))
+    assert summary["status"] == "completed"
+    rounds = _rows(tmp_path / "run" / "rounds.csv")
+    assert "client 0 (non-finite)" in rounds[1]["note"] and int(rounds[1]["missing"]) == 1
+    assert "rejected" not in rounds[0]["note"] + rounds[2]["note"]
+    assert all(np.isfinite(t["accuracy"]) for t in summary["tasks"].values())
