@@ -151,17 +151,13 @@ def _numeric_columns(pd, df: pd.DataFrame, keep: Sequence[str] = ()) -> pd.DataF
 
 
 def _run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """:func:`~mmfl.experiment.results.find_run_dirs`, a sweep's runs in plan (grid) order."""
+    from mmfl.experiment.results import find_run_dirs
+
     found: list[Path] = []
     for p in map(Path, paths):
-        if not p.exists():
-            raise ResultsError(f"{p}: no such run directory or folder")
-        if (p / "summary.json").is_file():
-            found.append(p)
-            continue
-        below = sorted(s.parent for s in p.rglob("summary.json") if s.is_file())
-        if not below:
-            raise ResultsError(f"{p}: holds no run directory (no summary.json found below it)")
-        index = _read_index(p / INDEX)
+        below = find_run_dirs([p])
+        index = None if (p / "summary.json").is_file() else _read_index(p / INDEX)
         if index is not None:  # a sweep: its runs in plan (grid) order, then any others
             order = {name: i for i, name in enumerate(index["runs"])}
             below.sort(key=lambda d: order.get(d.relative_to(p).as_posix(), len(order)))

@@ -53,7 +53,7 @@ import numpy as np
 from mmfl.core.metrics import rounds_to_target
 from mmfl.errors import ConfigError, ConfigFileError, ResultsError
 from mmfl.experiment import plots
-from mmfl.experiment.results import RunResults, read_results
+from mmfl.experiment.results import RunResults, find_run_dirs, read_results
 
 log = logging.getLogger(__name__)
 
@@ -68,24 +68,6 @@ COSTS = ("local_trainings", "model_uploads", "forward_passes", "scalar_uploads",
 
 # --------------------------------------------------------------------------------------------
 # Finding and grouping runs
-
-
-def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
-    """Run directories among ``paths``: each path that holds ``summary.json`` itself, else every
-    folder below it that does (sorted). Raises ResultsError for a missing path or when none is
-    found."""
-    found: list[Path] = []
-    for p in map(Path, paths):
-        if not p.exists():
-            raise ResultsError(f"{p}: no such run directory or folder")
-        if (p / "summary.json").is_file():
-            found.append(p)
-            continue
-        below = sorted(s.parent for s in p.rglob("summary.json") if s.is_file())
-        if not below:
-            raise ResultsError(f"{p}: holds no run directory (no summary.json found below it)")
-        found.extend(below)
-    return list(dict.fromkeys(found))
 
 
 def _read_run(d: Path) -> RunResults:

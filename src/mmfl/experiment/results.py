@@ -28,7 +28,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -308,3 +308,21 @@ def read_results(path: str | Path) -> RunResults:
         metrics=read_csv(p / "metrics.csv"),
         rounds=read_csv(p / "rounds.csv") if (p / "rounds.csv").exists() else [],
     )
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories among ``paths``: each path that holds ``summary.json`` itself, else every
+    folder below it that does (sorted). Raises ResultsError for a missing path or when none is
+    found."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ResultsError(f"{p}: no such run directory or folder")
+        if (p / "summary.json").is_file():
+            found.append(p)
+            continue
+        below = sorted(s.parent for s in p.rglob("summary.json") if s.is_file())
+        if not below:
+            raise ResultsError(f"{p}: holds no run directory (no summary.json found below it)")
+        found.extend(below)
+    return list(dict.fromkeys(found))
