@@ -118,3 +118,27 @@ def assert_frequency_within(counts, reps: int, p, *, k: float = 4.0) -> None:
     se = np.sqrt(p * (1 - p) / reps)
     freq = np.asarray(counts, dtype=np.float64) / reps
     assert np.all(np.abs(freq - p) <= k * se + 1e-12), (freq, p, se)
+
+
+def tampered_shard(path: Path, dest: Path, *, shift_labels=False, lr=None, drop=0) -> Path:
+    """A copy of Flower shard ``path`` at ``dest``: labels shifted by one, every task's
+    metadata lr replaced, and/or the last ``drop`` samples of every held task dropped (a rogue
+    node's data in the Flower tests)."""
+    import json
+
+    import numpy as np
+
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(str(arrays.pop("meta")))
+    for s, t in enumerate(meta["tasks"]):
+        if lr is not None:
+            t["lr"] = lr
+        if shift_labels:
+            arrays[f"y{s}"] = (arrays[f"y{s}"] + 1) % 10
+        if drop and t["n"] > drop:
+            arrays[f"x{s}"], arrays[f"y{s}"] = arrays[f"x{s}"][:-drop], arrays[f"y{s}"][:-drop]
+            t["n"] -= drop
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(dest, meta=np.array(json.dumps(meta)), **arrays)
+    return dest

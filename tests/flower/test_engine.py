@@ -13,6 +13,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
+from testkit import tampered_shard
 
 pytest.importorskip("flwr")
 pytestmark = pytest.mark.flower  # needs flwr (no Ray, seconds); the runner's part of missing
@@ -271,24 +272,6 @@ def test_non_finite_update_is_passed_on_unchanged(setup):
     assert torch.isfinite(out.updates[0]).all()
 
 
-def _tampered(path, dest, *, shift_labels=False, lr=None, drop=0):
-    """A copy of shard ``path`` at ``dest``: labels shifted by one, every task's metadata lr
-    replaced, and/or the last ``drop`` samples of every held task dropped."""
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(str(arrays.pop("meta")))
-    for s, t in enumerate(meta["tasks"]):
-        if lr is not None:
-            t["lr"] = lr
-        if shift_labels:
-            arrays[f"y{s}"] = (arrays[f"y{s}"] + 1) % 10
-        if drop and t["n"] > drop:
-            arrays[f"x{s}"], arrays[f"y{s}"] = arrays[f"x{s}"][:-drop], arrays[f"y{s}"][:-drop]
-            t["n"] -= drop
-    np.savez(dest, meta=np.array(json.dumps(meta)), **arrays)
-    return dest
-
-
 def _identity(paths, tmp_path, keys=None):
     from mmfl.flower.shards import write_identity
 
@@ -307,8 +290,8 @@ def test_rogue_nodes_are_refused_and_the_run_is_unchanged(setup, tmp_path):
     cfg, _fed, paths = setup
     nodes = _deployed(paths)
     rogue = {
-        1: _tampered(paths[1], tmp_path / "r1.npz", shift_labels=True, lr=1e6),
-        2: _tampered(paths[2], tmp_path / "r2.npz", drop=1),
+        1: tampered_shard(paths[1], tmp_path / "r1.npz", shift_labels=True, lr=1e6),
+        2: tampered_shard(paths[2], tmp_path / "r2.npz", drop=1),
     }
     grid = FakeGrid({**{5 + i: {"client-id": i, "data-file": str(p)} for i, p in rogue.items()},
                      **nodes, 8: {"client-id": 3, "data-file": str(paths[3])}})
@@ -346,7 +329,7 @@ def test_training_settings_come_from_the_server(setup, tmp_path):
     """A shard whose metadata says lr = 1e6, 9 epochs, batch 1 trains exactly like the
     sequential engine with the config's settings: the ClientApp obeys the message."""
     _cfg, fed, paths = setup
-    bad = [_tampered(p, tmp_path / p.name, lr=1e6) for p in paths]
+    bad = [tampered_shard(p, tmp_path / p.name, lr=1e6) for p in paths]
     for p in bad:
         with np.load(p) as z:
             meta = json.loads(str(z["meta"]))

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from testkit import ROOT, default_sigint
+from testkit import ROOT, default_sigint, tampered_shard
 
 pytest.importorskip("flwr")
 
@@ -306,27 +306,6 @@ def _post_status(host: str, port: int, path: str) -> int:
         conn.close()
 
 
-def _tampered(path: Path, dest: Path, *, shift_labels=False, lr=None, drop=0) -> Path:
-    """A copy of shard ``path``: labels shifted by one, metadata lr replaced, and/or the last
-    ``drop`` samples of every task dropped (as tests/flower/test_engine.py's)."""
-    import numpy as np
-
-    with np.load(path, allow_pickle=False) as z:
-        arrays = {k: z[k] for k in z.files}
-    meta = json.loads(str(arrays.pop("meta")))
-    for s, t in enumerate(meta["tasks"]):
-        if lr is not None:
-            t["lr"] = lr
-        if shift_labels:
-            arrays[f"y{s}"] = (arrays[f"y{s}"] + 1) % 10
-        if drop:
-            arrays[f"x{s}"], arrays[f"y{s}"] = arrays[f"x{s}"][:-drop], arrays[f"y{s}"][:-drop]
-            t["n"] -= drop
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(dest, meta=np.array(json.dumps(meta)), **arrays)
-    return dest
-
-
 @pytest.mark.timeout(420)
 def test_rogue_supernodes_are_refused_and_control_api_is_loopback_only(tmp_path, reaper,
                                                                       caplog):
@@ -363,9 +342,9 @@ def test_rogue_supernodes_are_refused_and_control_api_is_loopback_only(tmp_path,
                  "--format", "json"], env={**os.environ, **local.FLOWER_ENV,
                                             "FLWR_HOME": str(home)},
                 capture_output=True, text=True, timeout=120)
-        rogue = {1: _tampered(dep.shards[1], tmp_path / "rogue" / "r1.npz", shift_labels=True,
-                              lr=1e6),
-                 2: _tampered(dep.shards[2], tmp_path / "rogue" / "r2.npz", drop=1)}
+        rogue = {1: tampered_shard(dep.shards[1], tmp_path / "rogue" / "r1.npz",
+                                   shift_labels=True, lr=1e6),
+                 2: tampered_shard(dep.shards[2], tmp_path / "rogue" / "r2.npz", drop=1)}
         for client, shard in rogue.items():
             argv = [local.flower_executable("flower-supernode"), "--insecure",
                     "--superlink", f"{ip or '127.0.0.1'}:{dep.port}",
@@ -678,15 +657,21 @@ except local.Terminated as e:
 """
 
 
-def test_sigterm_stops_every_process(tmp_path):
-    """SIGTERM to a process running a deployment raises Terminated in it; leaving the ``with``
-    block stops the children, also those in sessions of their own."""
-    script = tmp_path / "term.py"
+def _start_deployment_script(tmp_path):
+    """A Python process running SIGTERM_SCRIPT (a deployment that waits); its first stdout
+    line is the deployment's process marker."""
+    script = tmp_path / "deployment.py"
     script.write_text(SIGTERM_SCRIPT, encoding="utf-8")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.Popen([sys.executable, str(script), str(write_config(tmp_path)),
-                          str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, str(script), str(write_config(tmp_path)),
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def test_sigterm_stops_every_process(tmp_path):
+    """SIGTERM to a process running a deployment raises Terminated in it; leaving the ``with``
+    block stops the children, also those in sessions of their own."""
+    p = _start_deployment_script(tmp_path)
     try:
         token = p.stdout.readline().strip()
         assert len(local.marked_processes(token)) == 2
@@ -703,12 +688,7 @@ def test_children_die_when_the_parent_is_killed(tmp_path):
     """SIGKILL to a process running a deployment (no cleanup runs): its children, also those
     in sessions of their own that no death signal reaches (as Flower's superexec and apps),
     are gone within 2 s (the watchdog)."""
-    script = tmp_path / "kill.py"
-    script.write_text(SIGTERM_SCRIPT, encoding="utf-8")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.Popen([sys.executable, str(script), str(write_config(tmp_path)),
-                          str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env=env)
+    p = _start_deployment_script(tmp_path)
     try:
         token = p.stdout.readline().strip()
         assert len(local.marked_processes(token)) == 2
