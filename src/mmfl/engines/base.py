@@ -338,8 +338,38 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
     except (RuntimeError, MemoryError, ValueError) as e:
         raise ConfigError(f"tasks[{s}].model_options", f"the model cannot be built ({e})",
                           dict(cfg.model_options)) from None
+    if cfg.init_weights:
+        load_initial_weights(model, cfg.init_weights, f"tasks[{s}].init_weights")
     x = to_tensor(ds.x_train[:PROBE_SAMPLES], np.float32)
     return attach_loss(model, cfg.loss, x, ds.num_classes, s)
+
+
+def load_initial_weights(model: torch.nn.Module, path: str, key: str) -> None:
+    """Copy the arrays of ``path`` (.npz or .safetensors, in file order) into the model's
+    parameters in their order; ConfigError naming ``key`` when the file cannot be read or its
+    arrays do not match the parameters' count and shapes."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            arrays = list(load_file(str(p)).values())
+        else:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = [z[k] for k in z.files]
+    except Exception as e:  # any unreadable file: one line naming it
+        raise ConfigError(key, f"cannot read {p} ({type(e).__name__}: {e})", path) from None
+    params = list(model.parameters())
+    shapes = [tuple(a.shape) for a in arrays]
+    want = [tuple(q.shape) for q in params]
+    if shapes != want:
+        raise ConfigError(key, f"{p} holds arrays of shapes {shapes}; the model's parameters "
+                          f"are {want}", path)
+    with torch.no_grad():
+        for q, a in zip(params, arrays):
+            q.copy_(torch.from_numpy(np.asarray(a, np.float32)))
 
 
 _COUNTED = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)

@@ -57,6 +57,7 @@ class TaskConfig:
     optimizer: str
     optimizer_options: Mapping[str, Any]
     buffers: str
+    init_weights: str
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,8 @@ class ExperimentConfig:
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
     ("clients", "federation_file"),
-    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"), ("tasks.dataset_options", "normalize"),
+    ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"),
+    ("tasks", "init_weights"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
     ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
     ("server", "max_norm_ratio"), ("server", "norm_action"), ("server", "optimizer"),
@@ -359,6 +361,10 @@ TASK = {
     "optimizer": Option(str, "sgd", "one of sgd|adam|adamw",
                         "Local optimizer, started fresh each round; options in "
                         "[tasks.optimizer_options] (docs/algorithms.md section 2)."),
+    "init_weights": Option(str, "", "", "A .npz or .safetensors file of initial weights: one "
+                           "array per parameter, in the model's parameter order and shapes "
+                           "(names may differ), e.g. another code's initial model for a paired "
+                           "comparison. Empty = mmfl's seeded initialisation."),
     "buffers": Option(str, "aggregate", "one of aggregate|local",
                       "Models with buffers (batch norm): the server averages the clients' "
                       "buffers after each round, or each client keeps its own (FedBN); "

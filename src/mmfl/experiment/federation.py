@@ -30,7 +30,8 @@ def training_spec(task: TaskConfig, index: int) -> TrainingSpec:
                         local_epochs=task.local_epochs, batch_size=task.batch_size,
                         model_options=dict(task.model_options), class_mask=task.class_mask,
                         index=index, loss=task.loss, optimizer=task.optimizer,
-                        optimizer_options=dict(task.optimizer_options), buffers=task.buffers)
+                        optimizer_options=dict(task.optimizer_options), buffers=task.buffers,
+                        init_weights=task.init_weights)
 
 
 def draw_distribution(spec: int | tuple, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -30,6 +30,7 @@ class TrainingSpec:
         optimizer: "sgd" | "adam" | "adamw" and ``optimizer_options`` (a missing option takes
             its default), the local optimizer (:mod:`mmfl.tasks.optimizers`).
         buffers: "aggregate" | "local", models with buffers (:mod:`mmfl.tasks.buffers`).
+        init_weights: a file of initial weights ("" = the seeded initialisation).
         index: the task's position s (names the config key ``tasks[s]`` in errors).
     """
 
@@ -45,6 +46,7 @@ class TrainingSpec:
     optimizer: str = "sgd"
     optimizer_options: Mapping[str, Any] = field(default_factory=dict)
     buffers: str = "aggregate"
+    init_weights: str = ""
 
 
 @dataclass(frozen=True)
