@@ -7,6 +7,7 @@ input (one line on stderr naming the key or the file), 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint")
     p.add_argument("--progress", choices=("auto", "bar", "log", "none"), default="auto",
                    help="progress display: a bar on a terminal, log lines otherwise (default auto)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="also write the rounds as TensorBoard event files under DIR (the "
+                        "config's [logging] tensorboard)")
 
     p = sub.add_parser("describe", help="print the federation of a config without training",
                        description="Build the federation (clients, processors, tasks, samples, "
@@ -221,7 +225,10 @@ def main(argv: list[str] | None = None) -> int:
 def _load(args):
     from mmfl.experiment.config import load_config
 
-    return load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if getattr(args, "tensorboard", None):
+        overrides.append(f"logging.tensorboard={json.dumps(str(args.tensorboard))}")
+    return load_config(args.config, overrides)
 
 
 def _cmd_run(args) -> int:

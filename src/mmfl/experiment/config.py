@@ -121,6 +121,15 @@ class ServerOptimizerConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    """``[logging]``: where a run also reports its rounds (``tensorboard``: a folder for
+    TensorBoard event files, "" = none). Not part of what a run computes: may change on
+    ``--resume``."""
+
+    tensorboard: str
+
+
+@dataclass(frozen=True)
 class FlowerConfig:
     """Settings of engine ``flower`` (``[flower]``); see :mod:`mmfl.flower` and docs/flower.md."""
 
@@ -153,6 +162,8 @@ class ExperimentConfig:
     tasks: tuple[TaskConfig, ...]
     flower: FlowerConfig = field(default_factory=lambda: default_flower())
     update_check: UpdateCheckConfig = field(default_factory=lambda: default_update_check())
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(
+        **{k: o.default for k, o in LOGGING.items()}))
     server_optimizer: ServerOptimizerConfig = field(
         default_factory=lambda: ServerOptimizerConfig(SERVER["optimizer"].default,
                                                       MappingProxyType({})))
@@ -166,6 +177,8 @@ class ExperimentConfig:
         d = _plain(self)
         if self.engine != "flower" and self.flower == default_flower():
             d.pop("flower")
+        if not any(d["logging"].values()):
+            d.pop("logging")
         opt = d.pop("server_optimizer")
         d["server"] = {"lr": d.pop("server_lr"), **d.pop("update_check"),
                        "optimizer": opt["name"]}
@@ -179,7 +192,7 @@ class ExperimentConfig:
                 del t["optimizer_options"]  # at its defaults: kept out (as every new key)
         _drop_new_defaults(d)
         order = [*TOP, "server", "clients", "system", "sampler", "tasks",
-                 *(["flower"] if "flower" in d else [])]
+                 *(["flower"] if "flower" in d else []), *(["logging"] if "logging" in d else [])]
         return {k: d[k] for k in order if k in d}
 
     def replace(self, **overrides: Any) -> "ExperimentConfig":
@@ -375,6 +388,11 @@ TASK = {
                          "probabilities as scores), 'exclude' removes them from the softmax."),
 }
 TASK_TABLES = ("partition", "dataset_options", "model_options", "optimizer_options")
+LOGGING = {
+    "tensorboard": Option(str, "", "", "Folder for TensorBoard event files of the run's rounds "
+                          "(accuracy, loss, costs, simulated time); \"\" = none. Needs the "
+                          "tensorboard package (the logging extra)."),
+}
 FLOWER = {
     "round_timeout": Option(float, 600.0, ">= 0", "Seconds the server waits for a round's "
                             "replies (0 = no limit); pairs without a reply are missing."),
@@ -648,7 +666,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         raise ConfigError(where[:60] or "config", f"tables or arrays nested more than "
                           f"{tomlio.MAX_DEPTH} levels deep", show_got=False)
     raw = copy.deepcopy(dict(raw))
-    top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server", "system", "flower"))
+    top = _fixed("", raw, TOP, ("clients", "sampler", "tasks", "server", "system", "flower",
+                                "logging"))
     _component("engine", "engine", top["engine"])
     top["threads"] = _threads(top["threads"])
 
@@ -660,6 +679,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
             SERVER_OPTIMIZERS[server.pop("optimizer")])))
     system = SystemConfig(**_fixed("system.", _table("system", raw.get("system", {})), SYSTEM))
     flower = FlowerConfig(**_fixed("flower.", _table("flower", raw.get("flower", {})), FLOWER))
+    logging_ = LoggingConfig(**_fixed("logging.", _table("logging", raw.get("logging", {})),
+                                      LOGGING))
 
     craw = _table("clients", raw.get("clients", {}))
     cl = _fixed("clients.", craw, CLIENTS)
@@ -698,7 +719,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
 
     return ExperimentConfig(
         **top, server_lr=server.pop("lr"), update_check=UpdateCheckConfig(**server),
-        server_optimizer=server_opt,
+        server_optimizer=server_opt, logging=logging_,
         clients=clients, system=system, sampler=sampler,
         tasks=tasks, flower=flower
     )

@@ -9,7 +9,8 @@ from typing import Any
 
 from mmfl import registry
 from mmfl.experiment import tomlio
-from mmfl.experiment.config import (CLIENTS, FLOWER, SAMPLER_FIXED, SERVER, SERVER_OPTIMIZERS,
+from mmfl.experiment.config import (CLIENTS, FLOWER, LOGGING, SAMPLER_FIXED, SERVER,
+                                   SERVER_OPTIMIZERS,
                                    SYSTEM, TASK, TOP)
 from mmfl.registry import Option
 from mmfl.tasks.partition import PARTITION_OPTIONS
@@ -123,4 +124,6 @@ def example_toml() -> str:
                 WIDTH - 4)]
     lines += ["", "[flower]                  # engine \"flower\" only (docs/flower.md)"]
     lines += _keys(FLOWER)
+    lines += ["", "[logging]                 # where the rounds are also reported"]
+    lines += _keys(LOGGING)
     return "\n".join(line.rstrip() for line in lines) + "\n"

@@ -45,9 +45,9 @@ __all__ = ["CHECKPOINT", "Checkpointer", "RunState", "check_out_dir", "config_fi
 CHECKPOINT = "checkpoint.safetensors"
 #: a checkpoint written this many seconds after the last fsynced one is fsynced
 DURABLE_SECONDS = 30.0
-#: top-level keys that may change when a run is resumed: ``rounds``, and ``threads`` (an
-#: execution setting: results do not depend on it, :mod:`mmfl.threads`)
-RESUMABLE_KEYS = ("rounds", "threads")
+#: top-level keys that may change when a run is resumed: ``rounds``, ``threads`` (an
+#: execution setting: results do not depend on it, :mod:`mmfl.threads`) and ``[logging]``
+RESUMABLE_KEYS = ("rounds", "threads", "logging")
 
 
 @dataclass
@@ -94,6 +94,7 @@ def config_fingerprint(cfg: ExperimentConfig, data_dir: Path | None, *,
     keep that value in place of the config's (the fingerprint of older checkpoints)."""
     d = cfg.to_dict()
     d.pop("rounds")
+    d.pop("logging", None)
     if threads is None:
         d.pop("threads")
     else:

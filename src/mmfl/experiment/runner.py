@@ -75,6 +75,10 @@ class Runner:
         self.out = Path(out)
         self.data_dir = resolve_data_dir(cfg, data_dir)
         self.callbacks = list(callbacks)
+        if cfg.logging.tensorboard:  # [logging]: TensorBoard event files of the rounds
+            from mmfl.experiment.tensorboard import TensorBoardCallback
+
+            self.callbacks.append(TensorBoardCallback(cfg.logging.tensorboard))
         self.engine_factory = engine_factory
         self.prebuilt = federation
 
