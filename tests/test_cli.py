@@ -197,3 +197,18 @@ def test_compare_has_jobs_and_the_seed_default_of_sweep(tiny_config, tmp_path):
 def test_data_fetch_of_an_unknown_dataset_exits_2(tmp_path):
     r = run_cli("data", "fetch", "no_such_dataset", "--data-dir", str(tmp_path))
     assert r.returncode == 2 and "no_such_dataset" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_describe_warns_about_classes_no_client_holds(tmp_path):
+    """A class-ratio partition over few clients leaves classes out: describe says which."""
+    from testkit import tiny_config_text
+
+    p = tmp_path / "c.toml"
+    p.write_text(tiny_config_text(rounds=1), encoding="utf-8")
+    r = run_cli("describe", str(p), "--set", "clients.count=2", "--set",
+                'tasks[0].partition={kind = "classes", class_ratio = 0.2}')
+    assert r.returncode == 0, r.stderr
+    warn = [line for line in r.stdout.splitlines() if "held by no client" in line]
+    assert len(warn) == 1 and "classes [" in warn[0]
+    r = run_cli("describe", str(p))
+    assert "held by no client" not in r.stdout

@@ -14,6 +14,14 @@ def _stats(x: np.ndarray) -> str:
     return f"min {int(x.min())}, median {int(np.median(x))}, max {int(x.max())}"
 
 
+def unheld_classes(td) -> list[int]:
+    """Classes of a task (TaskData) that no client holds a training sample of."""
+    ds = td.dataset
+    parts = [idx for idx in td.client_indices if len(idx)]
+    held = np.unique(ds.y_train[np.concatenate(parts)]) if parts else np.zeros(0, np.int64)
+    return sorted(set(range(ds.num_classes)) - set(held.tolist()))
+
+
 def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
     """A multi-line summary: clients, processors, budget, and per task the partition."""
     pop = fed.population
@@ -41,4 +49,8 @@ def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
             f"samples per client {_stats(n[held])}; classes per client {_stats(classes)}",
             f"    train label histogram {np.bincount(ds.y_train, minlength=ds.num_classes).tolist()}",
         ]
+        unheld = unheld_classes(td)
+        if unheld:
+            lines.append(f"    warning: classes {unheld} are held by no client: the model never "
+                         "trains on them, yet they are in its test set")
     return "\n".join(lines)

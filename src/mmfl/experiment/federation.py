@@ -176,6 +176,10 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
         if n_samples[:, s].sum() == 0:
             raise ConfigError(f"tasks[{s}]", "no client received any training sample", task.name)
         tasks.append(TaskData(training_spec(task, s), ds, tuple(indices)))
+        held = np.unique(np.concatenate([ds.y_train[i] for i in indices if len(i)]))
+        if len(held) < ds.num_classes:
+            log.warning("task %s: classes %s are held by no client: the model never trains on "
+                        "them", task.name, sorted(set(range(ds.num_classes)) - set(held.tolist())))
         log.info("task %s: %s, %d clients hold %d samples", task.name, task.dataset,
                  int((n_samples[:, s] > 0).sum()), int(n_samples[:, s].sum()))
     population = Population(n_samples, capacity, tuple(t.name for t in cfg.tasks))
