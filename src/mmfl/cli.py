@@ -18,6 +18,9 @@ from pathlib import Path
 from mmfl.errors import ConfigError, ConfigFileError, DataError, MmflError, ResultsError
 
 log = logging.getLogger("mmfl")
+#: loggers of the libraries mmfl runs (Flower's database migrations, Ray, gRPC), quiet below
+#: WARNING without --verbose
+THIRD_PARTY_LOGGERS = ("alembic", "sqlalchemy", "ray", "grpc", "flwr", "urllib3", "matplotlib")
 
 INPUT_ERRORS = (ConfigError, ConfigFileError, DataError, ResultsError)
 
@@ -203,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
                         stream=sys.stderr)
+    if not args.verbose:  # other libraries speak at WARNING and above unless --verbose
+        for name in THIRD_PARTY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     commands = {"run": _cmd_run, "describe": _cmd_describe, "compare": _cmd_compare,
                 "sweep": _cmd_sweep, "report": _cmd_report, "data": _cmd_data,
                 "components": _cmd_components, "config": _cmd_config,

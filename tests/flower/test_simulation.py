@@ -150,6 +150,10 @@ def test_mmfl_run_command_with_engine_flower(tmp_path):
     for name in ("config.toml", "metrics.csv", "rounds.csv", "summary.json"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert 'engine = "flower"' in (tmp_path / "run" / "config.toml").read_text()
+    # other libraries' INFO lines stay out of mmfl's output (they appear with --verbose)
+    noise = [line for line in (out.stdout + out.stderr).splitlines()
+             if "alembic" in line.lower() or " INFO ray" in line or "INFO flwr" in line]
+    assert noise == [], noise[:5]
 
 
 @pytest.mark.flower
