@@ -15,6 +15,8 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from mmfl.errors import ConfigError, ConfigFileError, DataError, MmflError, ResultsError
 
 log = logging.getLogger("mmfl")
@@ -272,14 +274,17 @@ class _LogProgress:
                  cfg.name, pop.num_clients, pop.num_processors, federation.budget,
                  ",".join(pop.task_names), cfg.sampler.name, cfg.engine,
                  f", resuming after round {start_round}" if start_round else "")
+        log.info("slots per round: drawn at random by most samplers, so they vary around m "
+                 "(m is their expected number); merged slots of a client train once")
         self.t0 = time.perf_counter()
         self.start = start_round
 
     def on_round(self, record):
         done = record.round - self.start
         eta = (time.perf_counter() - self.t0) / max(done, 1) * (record.rounds - record.round)
-        log.info("round %d/%d  slots %d  %.2fs  ETA %.0fs  %s", record.round, record.rounds,
-                 record.slots, record.seconds, eta, _accuracies(record))
+        log.info("round %d/%d  slots %d (m=%g)  %.2fs  ETA %.0fs  %s", record.round,
+                 record.rounds, record.slots, record.budget, record.seconds, eta,
+                 _accuracies(record))
 
     def on_end(self, summary):
         pass
@@ -292,17 +297,19 @@ class _BarProgress:
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
+        # readable at 80 columns: a short name, a bar of at least 20, the mean and worst model
         self.progress = Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            TextColumn("{task.fields[acc]}"), transient=False,
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=20),
+            MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+            TimeRemainingColumn(), TextColumn("{task.fields[acc]}"), transient=False,
         )
         self.progress.start()
-        self.bar = self.progress.add_task(cfg.name, total=cfg.rounds, completed=start_round, acc="")
+        name = cfg.name if len(cfg.name) <= 14 else cfg.name[:13] + "~"
+        self.bar = self.progress.add_task(name, total=cfg.rounds, completed=start_round, acc="")
 
     def on_round(self, record):
-        acc = _accuracies(record)
-        if acc:
+        if record.accuracy is not None:
+            acc = f"acc {float(np.mean(record.accuracy)):.3f} min {float(np.min(record.accuracy)):.3f}"
             self.progress.update(self.bar, acc=acc)
         self.progress.update(self.bar, completed=record.round)
 
