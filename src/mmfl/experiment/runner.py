@@ -202,12 +202,7 @@ class Runner:
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)
         st.sim_time += sim_seconds
-        checked = self.check.take()
-        if checked.diverged():
-            name = pop.task_names[checked.diverged()[0]]
-            raise NumericalError(f"round {t + 1}: every update of {name} was non-finite "
-                                 f"(tasks.lr of {name} too large?); the run stopped, results up "
-                                 "to the last round are kept")
+        checked = self._checked(t)
         assignment, out = _received(asked, trained, lost, late, (
             *measured.notes, *checked.notes(pop.task_names)))
         # -- aggregate and apply ------------------------------------------------------------
@@ -231,6 +226,17 @@ class Runner:
                                    final=st.round == cfg.rounds)
         for cb in self.callbacks:
             cb.on_round(record)
+
+    def _checked(self, t: int):
+        """The round's update-check results (:mod:`.update_check`); stops the run (exit 1)
+        when every update of a model was non-finite: its training diverged."""
+        checked = self.check.take()
+        if checked.diverged():
+            name = self.federation.population.task_names[checked.diverged()[0]]
+            raise NumericalError(f"round {t + 1}: every update of {name} was non-finite "
+                                 f"(tasks.lr of {name} too large?); the run stopped, results up "
+                                 "to the last round are kept")
+        return checked
 
     def _aggregate(self, st: RunState, state: RoundState, assignment: Assignment, out) -> None:
         """Plan the aggregation (docs/algorithms.md sections 3 and 6), let the aggregator and
