@@ -21,7 +21,7 @@ from mmfl.experiment.report import group_runs, write_report
 from mmfl.experiment.results import RunResults
 from mmfl.experiment.sweep import plan_sweep, run_sweep
 
-PNGS = {"accuracy.png", "tasks.png", "fairness.png", "cost.png", "clients.png"}
+PNGS = {"accuracy.png", "tasks.png", "fairness.png", "cost.png", "cost_curve.png", "clients.png"}
 
 
 @pytest.fixture(scope="module")

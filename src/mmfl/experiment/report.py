@@ -25,7 +25,8 @@ Contents (the same tables in the HTML and Markdown twins; the PNGs sit beside th
     mean-over-tasks panel and the target line); final accuracy per task (``tasks.png``);
     fairness across tasks at the end (mean, min, max-min, variance) and max-min over rounds
     (``fairness.png``); cost vs final mean accuracy (local trainings and model uploads,
-    ``cost.png``); rounds to a target accuracy (default: 90% of the best group's final mean
+    ``cost.png``) and mean accuracy against the cumulative cost over the run
+    (``cost_curve.png``); rounds to a target accuracy (default: 90% of the best group's final mean
     accuracy) for the mean and for every task (min), with the local trainings spent until then and,
     when ``rounds.csv`` has a ``sim_time`` column (the simulated clock at the end of each round,
     in seconds), the simulated seconds until then; clients per task over rounds
@@ -497,16 +498,19 @@ def _plots(out: Path, groups: list[Group], stats: list[_GroupStats], target: flo
                  "Clients that trained each task in each round (metrics.csv clients): mean over "
                  "seeds and min..max band."))
 
-    sim = []
-    for st in stats:
-        parts = []
-        for i, cum in enumerate(st.cumulative):
-            pts = [(cum[int(t)]["sim_time"], np.nanmean(st.acc[i, j]))
-                   for j, t in enumerate(st.rounds)
-                   if "sim_time" in cum.get(int(t), {}) and not np.all(np.isnan(st.acc[i, j]))]
-            if pts:
-                parts.append(np.array(pts))
-        sim.append(parts)
+    panels = [{"title": f"vs cumulative {key.replace('_', ' ')}",
+               "series": [None if not parts else _band_xy(parts)
+                          for parts in _against(stats, key)],
+               "hline": (target, f"target {target:.3f}")}
+              for key in ("local_trainings", "model_uploads")]
+    plots.band_panels(out / "cost_curve.png", panels, labels, ylabel="mean test accuracy",
+                      xlabel="cumulative count")
+    figs.append(("cost_curve.png", "Accuracy vs cost over the run",
+                 "Mean accuracy across tasks against the run's cumulative local trainings and "
+                 "model uploads (rounds.csv): the papers' trade-off, which method reaches an "
+                 "accuracy for the least client work; band: min..max over seeds."))
+
+    sim = _against(stats, "sim_time")
     if any(sim):
         panels = [{"title": "mean accuracy over tasks", "series": [
             None if not parts else _band_xy(parts) for parts in sim],
@@ -517,6 +521,22 @@ def _plots(out: Path, groups: list[Group], stats: list[_GroupStats], target: flo
                      "Mean accuracy across tasks against the simulated clock (rounds.csv "
                      "sim_time); band: min..max over seeds at the shared time points."))
     return figs
+
+
+def _against(stats: list[_GroupStats], key: str) -> list[list[np.ndarray]]:
+    """Per group, per run: (K, 2) points (cumulative ``key`` after round t, mean accuracy
+    across tasks after round t) at the evaluated rounds."""
+    out = []
+    for st in stats:
+        parts = []
+        for i, cum in enumerate(st.cumulative):
+            pts = [(cum[int(t)][key], np.nanmean(st.acc[i, j]))
+                   for j, t in enumerate(st.rounds)
+                   if key in cum.get(int(t), {}) and not np.all(np.isnan(st.acc[i, j]))]
+            if pts:
+                parts.append(np.array(pts))
+        out.append(parts)
+    return out
 
 
 def _band_xy(parts: list[np.ndarray]):
@@ -670,7 +690,7 @@ def _layout(tables: list[_Table], figs):
     fig = {f[0]: f for f in figs}
     order = [by_id["groups"], by_id["accuracy"], fig["accuracy.png"], fig["tasks.png"],
              by_id["fairness"], fig["fairness.png"], by_id["cost"], fig["cost.png"],
-             by_id["target"]]
+             fig["cost_curve.png"], by_id["target"]]
     if "sim_time.png" in fig:
         order.append(fig["sim_time.png"])
     order += [fig["clients.png"], by_id["runs"]]
