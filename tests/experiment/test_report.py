@@ -242,3 +242,11 @@ def test_report_cli(sweep, tmp_path):
     assert "## Rounds to target accuracy 0.2500" in md and "Target: given" in md
     r = run_cli("report", str(tmp_path / "missing"), "--out", str(tmp_path / "rep2"))
     assert r.returncode == 2 and "missing" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_groups_come_in_grid_order(report):
+    """The sweep's grid says random, then full: so do the report's tables (not alphabetical)."""
+    md = (report.parent / "report.md").read_text(encoding="utf-8")
+    rows = [r[0] for r in _md_table(md, "Runs")]
+    samplers = [re.search(r"sampler\.name=(\w+)", r).group(1) for r in rows]
+    assert samplers == ["random", "random", "full", "full"]

@@ -150,7 +150,7 @@ def _numeric_columns(pd, df: pd.DataFrame, keep: Sequence[str] = ()) -> pd.DataF
 # Many runs
 
 
-def _run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+def ordered_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """:func:`~mmfl.experiment.results.find_run_dirs`, a sweep's runs in plan (grid) order."""
     from mmfl.experiment.results import find_run_dirs
 
@@ -250,7 +250,7 @@ def collect(paths: str | Path | Sequence[str | Path], table: str = "metrics") ->
 
     if isinstance(paths, (str, Path)):
         paths = [paths]
-    dirs = _run_dirs(paths)
+    dirs = ordered_run_dirs(paths)
     cache: dict[Path, dict | None] = {}
     sweeps = [_sweep_of(d, cache) for d in dirs]
     keys: list[str] = []

@@ -54,6 +54,7 @@ import numpy as np
 from mmfl.core.metrics import rounds_to_target
 from mmfl.errors import ConfigError, ConfigFileError, ResultsError
 from mmfl.experiment import plots
+from mmfl.experiment.frames import ordered_run_dirs
 from mmfl.experiment.results import RunResults, find_run_dirs, read_results
 
 log = logging.getLogger(__name__)
@@ -630,7 +631,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
         raise ConfigError("--target", "must be an accuracy in [0, 1]", target)
     plots.require_matplotlib()
     out = Path(out)
-    dirs = find_run_dirs(run_dirs)
+    dirs = ordered_run_dirs(run_dirs)  # a sweep's runs in grid order
     runs: list[RunResults] = []
     left_out: list[tuple[str, str]] = []
     for d in dirs:
