@@ -109,7 +109,11 @@ def grouped_bars(path: Path, categories: Sequence[str], labels: Sequence[str],
                yerr=np.nan_to_num(std[g]), color=_color(g), label=labels[g], capsize=2)
     ax.set_xticks(x, list(categories))
     ax.set_ylabel(ylabel)
-    ax.set_ylim(0, 1.05 * max(1e-9, float(np.nanmax(mean + std)) if mean.size else 1.0))
+    # the axis spans the data, not 0..max: a 2-point difference between bars stays visible
+    lo_v = float(np.nanmin(mean - std)) if mean.size and np.isfinite(mean).any() else 0.0
+    hi_v = float(np.nanmax(mean + std)) if mean.size and np.isfinite(mean).any() else 1.0
+    pad = max(0.15 * (hi_v - lo_v), 0.01)
+    ax.set_ylim(max(0.0, lo_v - pad), hi_v + pad)
     ax.grid(axis="y", alpha=0.3)
     _legend(fig, [ax], labels)
     return _save(fig, path)
@@ -123,10 +127,9 @@ def cost_scatter(path: Path, labels: Sequence[str], accuracy: np.ndarray,
     axes = _grid(fig, len(costs), ncols=len(costs))
     for ax, (name, cost, cost_std) in zip(axes, costs):
         for g, label in enumerate(labels):
+            # colours name the groups (the legend); no per-point labels, which overlapped
             ax.errorbar(cost[g], accuracy[g], xerr=cost_std[g], yerr=accuracy_std[g], fmt="o",
                         color=_color(g), label=label, capsize=2)
-            ax.annotate(label, (cost[g], accuracy[g]), xytext=(4, 4), textcoords="offset points",
-                        fontsize="x-small")
         ax.set_xlabel(f"{name} (total per run)")
         ax.set_ylabel("final mean accuracy")
         ax.grid(alpha=0.3)
