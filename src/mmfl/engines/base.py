@@ -19,6 +19,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from mmfl.errors import ConfigError
 from mmfl.rng import INIT, torch_seed
 from mmfl.tasks.buffers import buffers_to_vector, vector_to_buffers
+from mmfl.tasks.models import eval_mode
 from mmfl.threads import resolve_threads
 from mmfl.types import AggregationPlan
 
@@ -122,16 +123,13 @@ class Engine:
     @contextlib.contextmanager
     def global_model(self, s: int, flat: torch.Tensor):
         """Task s's module holding w_s = ``flat`` and the server's b_s, in eval mode (for
-        evaluation and loss probes); back in train mode afterwards."""
+        evaluation and loss probes); back in its mode afterwards."""
         model = self.models[s]
         vector_to_parameters(flat.detach().clone(), model.parameters())
         if self.has_buffers(s):
             vector_to_buffers(self.buffers[s], model)
-        model.eval()
-        try:
+        with eval_mode(model):
             yield model
-        finally:
-            model.train()
 
     def absorb_buffers(self, out: TrainOutput) -> None:
         """After aggregation: the server's b_s from the accepted pairs' final buffers."""
@@ -379,12 +377,8 @@ def count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:
     """Forward FLOPs of ``model`` on the batch ``x`` (one sample): analytic for models built
     from Linear and Conv layers, PyTorch's FLOP counter otherwise. The pass runs in eval mode
     (batch norm's statistics are neither needed nor updated)."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _count_flops(model, x)
-    finally:
-        model.train(was_training)
 
 
 def _count_flops(model: torch.nn.Module, x: torch.Tensor) -> int:

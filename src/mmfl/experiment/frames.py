@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
+from mmfl.experiment.results import INDEX
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -43,8 +44,6 @@ TABLES = ("metrics", "rounds", "summary")
 TEXT_COLUMNS = ("task", "note")
 #: text fields of summary.json
 SUMMARY_TEXT = ("name", "status", "sampler", "aggregator", "engine")
-#: the name of a sweep's index (see mmfl.experiment.sweep)
-INDEX = "index.json"
 
 
 def require_pandas():

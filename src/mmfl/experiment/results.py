@@ -36,6 +36,8 @@ from mmfl.errors import ResultsError
 
 log = logging.getLogger(__name__)
 
+#: a sweep folder's index of its runs (mmfl.experiment.sweep writes it)
+INDEX = "index.json"
 #: how to recover from a damaged run directory (said by every such error)
 RECOVER = ("start the run afresh in another --out (or delete this folder's checkpoint and "
            "tables to restart it here)")

@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from mmfl.errors import ResultsError
+from mmfl.experiment.results import INDEX
 
 try:  # POSIX; elsewhere runs are not locked (documented)
     import fcntl
@@ -54,7 +55,7 @@ def check_ownership(out: Path) -> None:
 def remove_leftovers(out: Path) -> list[str]:
     """Delete the temporary files an interrupted write left in ``out``; their names."""
     gone = []
-    for name in (*RUN_FILES, "index.json"):
+    for name in (*RUN_FILES, INDEX):
         tmp = out / (name + ".tmp")
         if tmp.is_file():
             tmp.unlink()

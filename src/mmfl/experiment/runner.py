@@ -231,8 +231,9 @@ class Runner:
         """The round's update-check results (:mod:`.update_check`); stops the run (exit 1)
         when every update of a model was non-finite: its training diverged."""
         checked = self.check.take()
-        if checked.diverged():
-            name = self.federation.population.task_names[checked.diverged()[0]]
+        diverged = checked.diverged()
+        if diverged:
+            name = self.federation.population.task_names[diverged[0]]
             raise NumericalError(f"round {t + 1}: every update of {name} was non-finite "
                                  f"(tasks.lr of {name} too large?); the run stopped, results up "
                                  "to the last round are kept")

@@ -62,7 +62,7 @@ from mmfl.errors import ConfigError, MmflError, ResultsError
 from mmfl.experiment import tomlio
 from mmfl.experiment.config import ExperimentConfig, config_from_dict
 from mmfl.experiment.recording import Callback, RoundRecord
-from mmfl.experiment.results import write_json
+from mmfl.experiment.results import INDEX, write_json
 from mmfl.experiment.rundir import check_out_dir
 from mmfl.experiment.runner import run
 from mmfl.supervisor import ONE_THREAD, sigint_ignored
@@ -70,7 +70,6 @@ from mmfl.threads import AUTO_THREADS_ENV
 
 log = logging.getLogger(__name__)
 
-INDEX = "index.json"
 
 __all__ = [
     "RunOutcome", "SweepCallback", "SweepPlan", "SweepProgress", "SweepResult", "SweepRun",

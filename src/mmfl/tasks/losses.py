@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfl.errors import ConfigError
+from mmfl.tasks.models import eval_mode
 
 __all__ = ["LOSSES", "LogSoftmaxOutput", "attach_loss", "is_log_probabilities"]
 
@@ -54,13 +55,8 @@ def attach_loss(model: nn.Module, loss: str, x: torch.Tensor, num_classes: int,
     (log-probabilities) or wrapped in :class:`LogSoftmaxOutput` (logits). ``x`` holds a few
     training inputs for the start-up check of the output's shape (B, num_classes) and kind;
     the check runs in eval mode without touching any random stream."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        was_training = model.training
-        model.eval()
-        try:
-            out = model(x)
-        finally:
-            model.train(was_training)
+    with torch.random.fork_rng(devices=[]), torch.no_grad(), eval_mode(model):
+        out = model(x)
     key = f"tasks[{index}].model"
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (len(x), num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -10,9 +10,10 @@ disturb torch's global random state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from mmfl.registry import Option, get, register, resolve_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CNN", "AuthorsCNN", "CharLSTM", "MLP", "LogReg", "build_model", "make_authors_cnn",
+__all__ = ["CNN", "AuthorsCNN", "CharLSTM", "MLP", "LogReg", "build_model", "eval_mode", "make_authors_cnn",
            "make_cnn", "make_logreg", "make_lstm", "make_mlp", "num_parameters"]
 
 
@@ -201,6 +202,18 @@ def make_authors_cnn(options: dict, input_shape: tuple[int, ...], num_classes: i
         raise ConfigError("model", "authors_cnn needs image input (C, H, W) with H, W >= 4",
                           shape)
     return AuthorsCNN(shape, num_classes, hidden=int(options.get("hidden", 512)))
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode (batch norm reads its running statistics and updates none,
+    dropout is off), back in the mode it had afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def build_model(
