@@ -165,10 +165,11 @@ def test_variant_defaults_per_option():
     entry = registry.get("sampler", "stalevre")
     paper = registry.resolve_options("sampler", {}, entry.options)
     authors = registry.resolve_options("sampler", {}, entry.options, "authors")
-    assert paper == {"b0": 0.9, "schedule": "paper", "init": "full", "score": "stored",
-                     "budget": "fixed"}
+    assert paper == {"b0": 0.9, "schedule": "paper", "idle_model": "stale", "init": "full",
+                     "score": "stored", "budget": "fixed"}
     # main2.py's choices (their StaleVRE experiments); main.py's path is named options only
-    assert authors == {**paper, "schedule": "authors", "init": "computation", "score": "probe"}
+    assert authors == {**paper, "schedule": "authors", "idle_model": "skip",
+                       "init": "computation", "score": "probe"}
     entry = registry.get("sampler", "random")
     given = registry.resolve_options("sampler", {"draw": "independent"}, entry.options, "authors")
     assert given == {"draw": "independent", "probability": "authors"}  # an explicit option wins
@@ -230,3 +231,62 @@ def test_stalevre_probe_set_is_the_authors_random_draw():
     clients, tasks = alloc.probe_set(RoundState(1, POP, 3.0, np.ones(4, bool)),
                                      np.random.default_rng(0))
     assert 1 <= len(clients) <= 3 and POP.holds[clients, tasks].all()
+
+
+def _stale_state(pop):
+    """A round in which every held pair has a stored update h."""
+    sig = Signals(stale_norm_sq=np.where(pop.holds, 1.0, 0.0))
+    return RoundState(3, pop, 2.0, np.ones(pop.num_clients, bool), signals=sig)
+
+
+@pytest.mark.parametrize("idle, stale_tasks", [("stale", [0, 0, 0, 1, 1, 1, 2, 2, 2]),
+                                               ("skip", [0, 0, 0])])
+def test_idle_model_hand_worked(idle, stale_tasks):
+    """FedVARP (beta = 1), one slot: client 0 trains model a. The paper's estimator still adds
+    beta d h over every stored pair of models b and c (no slot); the authors' loop skips them."""
+    from mmfl.core.stale_aggregators import FedVARPAggregator
+
+    a = Assignment(processor=np.array([0]), client=np.array([0]), task=np.array([0]),
+                   probability=np.array([0.5]), share=np.array([1.0]),
+                   probabilities=np.full((7, 3), 0.1))
+    plan = FedVARPAggregator({"idle_model": idle}, POP).plan(a, _stale_state(POP))
+    d = POP.data_weight
+    assert plan.coefficient.tolist() == [d[0, 0] / 0.5]
+    assert plan.stale_task.tolist() == stale_tasks
+    # model a: e = beta (d - c) over its stored pairs: client 0 (fresh, c = 2 d), 1 and 3
+    e_a = plan.stale_coefficient[plan.stale_task == 0]
+    np.testing.assert_allclose(e_a, [-d[0, 0], d[1, 0], d[3, 0]])  # the same under both
+    assert plan.stale_client[plan.stale_task == 0].tolist() == [0, 1, 3]
+    if idle == "stale":
+        np.testing.assert_allclose(plan.stale_coefficient[plan.stale_task == 1], d[[0, 2, 3], 1])
+
+
+@pytest.mark.parametrize("idle", ["stale", "skip"])
+def test_idle_model_monte_carlo_bias(idle):
+    """Scalar updates G, stored h, beta = 1, independent draws: the paper's estimator is
+    unbiased for sum_i d G; skipping a slot-less model removes its stale sum, so
+    E = sum_i d G - P(no slot) sum_i d h for that model (Monte-Carlo, 4 standard errors)."""
+    from mmfl.core.stale_aggregators import FedVARPAggregator
+
+    rng = np.random.default_rng(11)
+    g = rng.normal(1.0, 1.0, N_SAMPLES.shape) * POP.holds
+    h = rng.normal(2.0, 1.0, N_SAMPLES.shape) * POP.holds
+    alloc = RandomAllocator({"draw": "independent"}, POP, 0)
+    agg = FedVARPAggregator({"idle_model": idle}, POP)
+    state = _stale_state(POP)
+    reps = 20_000
+    est = np.zeros((reps, POP.num_tasks))
+    none = np.zeros(POP.num_tasks)
+    for r in range(reps):
+        a = alloc.allocate(state, rng)
+        none += ~np.isin(np.arange(POP.num_tasks), a.task)
+        plan = agg.plan(a, state)
+        np.add.at(est[r], plan.task, plan.coefficient * g[plan.client, plan.task])
+        np.add.at(est[r], plan.stale_task, plan.stale_coefficient * h[plan.stale_client,
+                                                                       plan.stale_task])
+    target = (POP.data_weight * g).sum(axis=0)
+    if idle == "skip":
+        p_none = none / reps  # P(model s has no slot), measured on the same draws
+        target = target - p_none * (POP.data_weight * h).sum(axis=0)
+        assert (p_none > 0.05).all()  # the bias is there to see
+    assert_mean_within(est, target)

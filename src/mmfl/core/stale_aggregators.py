@@ -24,6 +24,11 @@ B0 = Option(float, 0.9, "0..1",
             "main2.py; with 1.0 and score = stored, a pair whose beta never decays scores 0 and "
             "is never sampled again")
 BETA = Option(float, 0.5, "0..1", "fixed stale-update coefficient beta (FedStale)")
+IDLE_MODEL = Option(str, "stale", "one of stale|skip",
+                    "a model no slot trains in a round: stale = its stale sum sum_i beta d h is "
+                    "applied (the estimator of docs/algorithms.md section 6.1, unbiased); skip = "
+                    "the model is left unchanged that round, as the authors' aggregation loop "
+                    "does (biased: the stale terms' expectation is missing)", authors="skip")
 
 
 def stale_plan(assignment: Assignment, population: Population, beta: np.ndarray,
@@ -68,23 +73,28 @@ class StaleAggregator(Aggregator):
 
     def plan(self, assignment: Assignment, state: RoundState) -> AggregationPlan:
         beta = state.signals.beta if state.signals.beta is not None else self.beta(state)
-        return stale_plan(assignment, state.population, beta, _stored(state))
+        stored = _stored(state)
+        if self.opt("idle_model") == "skip":  # no stale terms for a model without fresh slots
+            stored &= np.isin(np.arange(stored.shape[1]), assignment.task)[None, :]
+        return stale_plan(assignment, state.population, beta, stored)
 
 
-@register("aggregator", "fedvarp", doc="Stale-update aggregation with beta = 1 (FedVARP).")
+@register("aggregator", "fedvarp", options={"idle_model": IDLE_MODEL},
+          doc="Stale-update aggregation with beta = 1 (FedVARP).")
 class FedVARPAggregator(StaleAggregator):
     def beta(self, state):
         return np.ones(state.population.n_samples.shape)
 
 
-@register("aggregator", "fedstale", options={"beta": BETA},
+@register("aggregator", "fedstale", options={"beta": BETA, "idle_model": IDLE_MODEL},
           doc="Stale-update aggregation with a fixed beta (FedStale).")
 class FedStaleAggregator(StaleAggregator):
     def beta(self, state):
         return np.full(state.population.n_samples.shape, float(self.opt("beta")))
 
 
-@register("aggregator", "stalevr", doc="Stale-update aggregation with the optimal beta = <G,h>/||h||^2.")
+@register("aggregator", "stalevr", options={"idle_model": IDLE_MODEL},
+          doc="Stale-update aggregation with the optimal beta = <G,h>/||h||^2.")
 class StaleVRAggregator(StaleAggregator):
     """beta_{i,s} = <G_{i,s}, h_{i,s}> / ||h_{i,s}||^2 (0 where h = 0): the projection minimising
     ||G - beta h||. Needs a fresh G of every pair before allocation (full computation)."""
@@ -103,7 +113,8 @@ SCHEDULE = Option(str, "paper", "one of paper|authors",
                   "authors' code", authors="authors")
 
 
-@register("aggregator", "stalevre", options={"b0": B0, "schedule": SCHEDULE},
+@register("aggregator", "stalevre", options={"b0": B0, "schedule": SCHEDULE,
+                                             "idle_model": IDLE_MODEL},
           doc="Stale-update aggregation with beta decaying linearly in staleness (StaleVRE).")
 class StaleVREAggregator(StaleAggregator):
     """StaleVRE's estimated beta (docs/algorithms.md section 6.2).

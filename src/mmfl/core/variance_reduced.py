@@ -27,7 +27,7 @@ from mmfl.core.allocators import (FAIR_OPTIONS, Allocator, FairAllocator, FullAl
 from mmfl.core.drawing import DRAW_OPTION, draw
 from mmfl.core.per_model import optimal_probabilities_per_model_info
 from mmfl.core.probabilities import optimal_probabilities_info
-from mmfl.core.stale_aggregators import B0, BETA, SCHEDULE
+from mmfl.core.stale_aggregators import B0, BETA, IDLE_MODEL, SCHEDULE
 from mmfl.registry import Option, register
 from mmfl.rng import LVR_FRESHNESS, stream
 from mmfl.types import Assignment, RoundState, Signal
@@ -187,7 +187,8 @@ class LVRAllocator(_LossScores, OptimalAllocator):
         return self.losses(state)
 
 
-@register("sampler", "stalevr", doc="MMFL-StaleVR: optimal sampling by ||G - beta h|| (full computation).")
+@register("sampler", "stalevr", options={"idle_model": IDLE_MODEL},
+          doc="MMFL-StaleVR: optimal sampling by ||G - beta h|| (full computation).")
 class StaleVRAllocator(OptimalAllocator):
     """MMFL-StaleVR: score = ||G - beta h|| / eta_s with the optimal beta = <G,h>/||h||^2, from
     the full computation; aggregated with the stale rule of section 6."""
@@ -207,6 +208,7 @@ class StaleVRAllocator(OptimalAllocator):
 STALEVRE_OPTIONS = {
     "b0": B0,
     "schedule": SCHEDULE,
+    "idle_model": IDLE_MODEL,
     "init": Option(str, "full", "one of full|random|computation",
                    "round 0: full: every pair trains once (fills every h); computation: every "
                    "pair trains once for its score ||G|| / eta and the round is sampled "
@@ -361,7 +363,8 @@ def _baseline(name: str, aggregator: str, doc: str, options: dict | None = None)
     return register("sampler", name, options={"draw": DRAW_OPTION, **(options or {})}, doc=doc)(cls)
 
 
-_baseline("fedvarp", "fedvarp", "FedVARP: uniform sampling, stale-update aggregation with beta = 1.")
+_baseline("fedvarp", "fedvarp", "FedVARP: uniform sampling, stale-update aggregation with beta = 1.",
+          {"idle_model": IDLE_MODEL})
 _baseline("mifa", "mifa", "MIFA: uniform sampling, average of every client's latest update.")
 _baseline("fedstale", "fedstale", "FedStale: uniform sampling, stale aggregation with fixed beta.",
-          {"beta": BETA})
+          {"beta": BETA, "idle_model": IDLE_MODEL})

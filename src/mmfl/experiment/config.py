@@ -97,6 +97,7 @@ class SamplerConfig:
     name: str
     aggregator: str
     options: Mapping[str, Any]
+    replay_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -185,7 +186,7 @@ class ExperimentConfig:
         if opt["options"]:
             d["server"]["optimizer_options"] = opt["options"]
         d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
-                        **d["sampler"]["options"]}
+                        "replay_file": d["sampler"]["replay_file"], **d["sampler"]["options"]}
         for t, task in zip(d["tasks"], self.tasks):
             t["partition"] = {"kind": t["partition"]["kind"], **t["partition"]["options"]}
             if dict(task.optimizer_options) == _optimizer_options("", task.optimizer, {}):
@@ -214,7 +215,8 @@ _NEW_KEYS = (
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"),
     ("tasks", "init_weights"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
-    ("sampler", "refresh"), ("sampler", "schedule"), ("server", "max_update_norm"),
+    ("sampler", "refresh"), ("sampler", "schedule"), ("sampler", "replay_file"),
+    ("sampler", "idle_model"), ("server", "max_update_norm"),
     ("server", "max_norm_ratio"), ("server", "norm_action"), ("server", "optimizer"),
 )
 
@@ -230,7 +232,7 @@ def _drop_new_defaults(d: dict[str, Any]) -> None:
         if section == "tasks":
             return TASK
         if section == "sampler":
-            return registry.get("sampler", d["sampler"]["name"]).options
+            return {**SAMPLER_FIXED, **registry.get("sampler", d["sampler"]["name"]).options}
         return registry.get("dataset", table["dataset"]).options  # tasks.dataset_options
 
     for section, key in _NEW_KEYS:
@@ -348,6 +350,9 @@ CLIENTS = {
 SAMPLER_FIXED = {
     "name": Option(str, "random", "", "Sampler (registry kind 'sampler')."),
     "aggregator": Option(str, "default", "", "'default' = the sampler's own, or an aggregator name."),
+    "replay_file": Option(str, "", "", "JSON of (client, task) slots per round that replace the "
+                          "sampler's draw in those rounds, for paired comparisons with another "
+                          "code (mmfl.experiment.replay). Empty = the sampler draws."),
 }
 TASK = {
     "name": Option(str, None, "", "Unique task name."),
@@ -715,7 +720,8 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     opts = registry.resolve_options("sampler", sraw, entry.options, top["variant"])
     if sv["aggregator"] != "default":
         _component("aggregator", "sampler.aggregator", sv["aggregator"])
-    sampler = SamplerConfig(sv["name"], sv["aggregator"], MappingProxyType(opts))
+    sampler = SamplerConfig(sv["name"], sv["aggregator"], MappingProxyType(opts),
+                            sv["replay_file"])
 
     return ExperimentConfig(
         **top, server_lr=server.pop("lr"), update_check=UpdateCheckConfig(**server),

@@ -46,6 +46,7 @@ from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_ou
                                     writing)
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
 from mmfl.experiment.profile import build_profile
+from mmfl.experiment.replay import read_replay_file
 from mmfl.experiment.runlock import RunLock, remove_leftovers
 from mmfl.experiment.server_optimizer import build_server_optimizer
 from mmfl.experiment.trained import write_models
@@ -89,6 +90,8 @@ class Runner:
         pop = fed.population
         entry = registry.get("sampler", cfg.sampler.name, key="sampler.name")
         self.allocator = entry.obj(dict(cfg.sampler.options), pop, cfg.seed)
+        self.replay = (read_replay_file(cfg.sampler.replay_file, pop)
+                       if cfg.sampler.replay_file else None)
         agg_name = cfg.sampler.aggregator
         if agg_name == "default":
             agg_name = self.allocator.default_aggregator
@@ -197,7 +200,7 @@ class Runner:
         # -- signals ------------------------------------------------------------------------
         state, measured = self.signals.gather(t, st.params, state)
         # -- allocate -----------------------------------------------------------------------
-        asked = self.allocator.allocate(state, stream(cfg.seed, ALLOCATE, t))
+        asked = self._allocate(t, state)
         # -- train (stragglers past the deadline and missing pairs are dropped) --------------
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)
@@ -226,6 +229,12 @@ class Runner:
                                    final=st.round == cfg.rounds)
         for cb in self.callbacks:
             cb.on_round(record)
+
+    def _allocate(self, t: int, state: RoundState) -> Assignment:
+        """The sampler's assignment of round t, or the slots ``sampler.replay_file`` lists for
+        it (with the sampler's probabilities; :mod:`.replay`)."""
+        asked = self.allocator.allocate(state, stream(self.cfg.seed, ALLOCATE, t))
+        return asked if self.replay is None else self.replay(t, asked, self.federation.population)
 
     def _checked(self, t: int):
         """The round's update-check results (:mod:`.update_check`); stops the run (exit 1)
