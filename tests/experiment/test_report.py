@@ -21,7 +21,8 @@ from mmfl.experiment.report import group_runs, write_report
 from mmfl.experiment.results import RunResults
 from mmfl.experiment.sweep import plan_sweep, run_sweep
 
-PNGS = {"accuracy.png", "tasks.png", "fairness.png", "cost.png", "cost_curve.png", "clients.png"}
+PNGS = {"accuracy.png", "tasks.png", "loss.png", "train_loss.png", "fairness.png", "cost.png",
+        "cost_curve.png", "clients.png"}
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,11 @@ def test_headless_chromium_loads_the_page_and_every_image(report, tmp_path):
     n = len(list(report.parent.glob("*.png")))
     assert n >= len(PNGS) and f'data-images-loaded="{n}/{n}"' in dom
     assert "Rounds to target accuracy" in dom and "sampler.name=full/seed=2" in dom
+    # the loss curves and the table against the baseline
+    for src in ("loss.png", "train_loss.png", "clients.png", "cost_curve.png"):
+        assert f'<img src="{src}"' in dom
+    assert '<h2 id="significance">Against the baseline (random)</h2>' in dom
+    assert "too few seeds (2 pairs" in dom
     # the check itself notices a missing image
     broken = tmp_path / "broken"
     shutil.copytree(report.parent, broken)
@@ -250,3 +256,92 @@ def test_groups_come_in_grid_order(report):
     rows = [r[0] for r in _md_table(md, "Runs")]
     samplers = [re.search(r"sampler\.name=(\w+)", r).group(1) for r in rows]
     assert samplers == ["random", "random", "full", "full"]
+
+
+def test_significance_table_of_the_sweep(sweep, report):
+    """full against random over seeds 1 and 2: the paired difference, and no p-value (2 pairs)."""
+    md = (report.parent / "report.md").read_text(encoding="utf-8")
+    rows = _md_table(md, "Against the baseline (random)")
+    summaries = _summaries(sweep).values()
+    by = {name: {s["seed"]: s for s in summaries if s["sampler"] == name}
+          for name in ("random", "full")}
+    for row, key in zip(rows, ("mean_accuracy", "min_accuracy")):
+        d = [by["full"][seed][key] - by["random"][seed][key] for seed in (1, 2)]
+        assert row[:4] == ["full", "random", key.replace("_", " "), "2"]
+        assert row[6] == f"{np.mean(d):+.4f}"
+        assert row[7:10] == ["–", "–", "–"] and row[10].startswith("too few seeds (2 pairs")
+    assert len(rows) == 2
+
+
+def test_report_cli_baseline(sweep, tmp_path):
+    r = run_cli("report", str(sweep), "--out", str(tmp_path / "rep"), "--baseline", "full")
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "rep" / "report.md").read_text(encoding="utf-8")
+    rows = _md_table(md, "Against the baseline (full)")
+    assert [row[:3] for row in rows] == [["random", "full", "mean accuracy"],
+                                         ["random", "full", "min accuracy"]]
+    r = run_cli("report", str(sweep), "--out", str(tmp_path / "rep2"), "--baseline", "gvr")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].endswith(
+        "--baseline: must name a sampler of the runs (one of: random, full) (got 'gvr')")
+    assert not (tmp_path / "rep2").exists()
+
+
+def test_loss_curves_read_metrics_csv(sweep):
+    """The loss plots' data: test loss and train_loss per run, round and task (NaN where a task
+    had no client)."""
+    from mmfl.experiment.report import _read_run, _stats
+
+    runs = [_read_run(d.parent) for d in sorted(sweep.rglob("metrics.csv"))]
+    groups, _ = group_runs(runs)
+    for g in groups:
+        st = _stats(g)
+        for i, run in enumerate(g.runs):
+            rows = list(csv.DictReader(open(run.path / "metrics.csv", encoding="utf-8")))
+            for column in ("loss", "train_loss"):
+                rounds, values = getattr(st, column)
+                for row in rows:
+                    t, k = int(row["round"]), g.tasks.index(row["task"])
+                    if row[column]:
+                        assert values[i, list(rounds).index(t), k] == float(row[column])
+                    else:  # not evaluated / no client: no point at that round
+                        assert t not in rounds or np.isnan(values[i, list(rounds).index(t), k])
+
+
+def test_clients_axis_is_not_squashed_by_a_full_first_round(tmp_path):
+    """A first round with every client (30) above later rounds of about 5: the y axis spans the
+    later rounds, the first value is named in the panel title and marked on the top edge."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from mmfl.experiment import plots
+
+    x = np.arange(1, 7)
+    spiky = (x, np.array([30.0, 5, 6, 4, 5, 6]), np.array([30.0, 4, 5, 3, 4, 5]),
+             np.array([30.0, 6, 7, 5, 6, 7]))
+    flat = (x, np.full(6, 5.0), np.full(6, 4.0), np.full(6, 6.0))
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for s in (spiky, flat):
+        ax.plot(s[0], s[1])
+    note = plots._clip_first(ax, [spiky, None, flat], ["stalevre", "gvr", "random"], "round")
+    # the later rounds' bands span 3..7; a margin of 8% of the span 4 = 0.32 on either side
+    assert ax.get_ylim() == pytest.approx((2.68, 7.32))
+    assert note == "round 1 off scale (▲): stalevre 30"
+    assert [tuple(line.get_xydata()[0]) for line in ax.lines[2:]] == [(1.0, pytest.approx(7.32))]
+    # nothing far off scale: the axis and the title stay as they are. A first value of 11
+    # is below 7.32 + (7.32 - 2.68) = 11.96, i.e. showing it does not double the axis height
+    mild = (x, np.array([11.0, 5, 6, 4, 5, 6]), np.array([11.0, 4, 5, 3, 4, 5]),
+            np.array([11.0, 6, 7, 5, 6, 7]))
+    for case in ([flat], [mild, flat]):
+        ax2 = Figure().subplots()
+        ax2.plot(x, case[0][1])
+        before = ax2.get_ylim()
+        assert plots._clip_first(ax2, case, ["a", "b"], "round") == ""
+        assert ax2.get_ylim() == before and len(ax2.lines) == 1
+    # through band_panels: the PNG is written
+    path = plots.band_panels(tmp_path / "clients.png", [
+        {"title": "digits", "series": [spiky, flat], "clip_first": True}],
+        ["stalevre", "random"], ylabel="clients")
+    assert path.read_bytes()[:4] == b"\x89PNG"

@@ -8,6 +8,7 @@ Every function takes plain numpy data prepared by the report and writes one PNG.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,8 +67,9 @@ def _color(i: int) -> str:
 def band_panels(path: Path, panels: Sequence[dict[str, Any]], labels: Sequence[str], *,
                 ylabel: str, xlabel: str = "round") -> Path:
     """One panel per entry of ``panels`` (``title``, ``series``: per group ``(x (R,), mean (R,),
-    low (R,), high (R,))`` or None, optional ``hline``: (y, text)); a mean line and a shaded
-    low..high band per group."""
+    low (R,), high (R,))`` or None, optional ``hline``: (y, text), optional ``clip_first``:
+    True to keep a first-x spike from squashing the axis, see :func:`_clip_first`); a mean line
+    and a shaded low..high band per group."""
     from matplotlib.ticker import MaxNLocator
 
     fig = _figure(4.2 * min(len(panels), 3), 3.2 * math.ceil(len(panels) / 3) + 0.6)
@@ -86,7 +88,11 @@ def band_panels(path: Path, panels: Sequence[dict[str, Any]], labels: Sequence[s
             ax.annotate(text, (0.01, y), xycoords=("axes fraction", "data"),
                         xytext=(0, 3), textcoords="offset points", fontsize="x-small",
                         color="0.3")
-        ax.set_title(panel["title"], fontsize="medium")
+        title = panel["title"]
+        if panel.get("clip_first"):
+            note = _clip_first(ax, panel["series"], labels, xlabel)
+            title += f"\n{note}" if note else ""
+        ax.set_title(title, fontsize="medium")
         if xlabel == "round":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel(xlabel)
@@ -94,6 +100,46 @@ def band_panels(path: Path, panels: Sequence[dict[str, Any]], labels: Sequence[s
         ax.grid(alpha=0.3)
     _legend(fig, axes, labels)
     return _save(fig, path)
+
+
+def _clip_first(ax, series: Sequence[Any], labels: Sequence[str], xlabel: str) -> str:
+    """Limit the y axis to the data after the first x; mark the first-x means above it.
+
+    A sampler whose first round trains every pair (StaleVRE's ``init = "full"``, round 1 in
+    metrics.csv) has a first value many times its later ones, which would squash the rest of
+    the curve. When some group's first-x mean lies so far above the low..high bands of the later
+    x (every x after the panel's first) that showing it would more than double the axis height,
+    the axis spans those later bands only, with a margin of 8% of their span; each such group is
+    drawn as a triangle on the top edge in its colour, and the returned text (the panel title's
+    second line) names the groups and their first-x means, e.g. ``round 1 off scale (▲): stalevre
+    30``. Otherwise returns "" and changes nothing.
+    """
+    usable = [s for s in series if s is not None and len(s[0])]
+    if not usable:
+        return ""
+    first = min(float(s[0][0]) for s in usable)
+    later = [(s[2][s[0] > first], s[3][s[0] > first]) for s in usable]
+    later = [(lo, hi) for lo, hi in later if lo.size and not np.all(np.isnan(hi))]
+    if not later:
+        return ""
+    lo_v = float(np.nanmin(np.concatenate([lo for lo, _ in later])))
+    hi_v = float(np.nanmax(np.concatenate([hi for _, hi in later])))
+    pad = 0.08 * (hi_v - lo_v) if hi_v > lo_v else max(0.5, 0.08 * abs(hi_v))
+    bottom, top = lo_v - pad, hi_v + pad
+    spikes = [(g, float(s[1][0])) for g, s in enumerate(series)
+              if s is not None and len(s[0]) and float(s[0][0]) == first
+              and s[1][0] > top + (top - bottom)]
+    if not spikes:
+        return ""
+    all_low = np.concatenate([s[2] for s in usable])
+    if bottom < 0 <= np.nanmin(all_low):  # counts: the axis does not go below 0 needlessly
+        bottom = 0.0
+    ax.set_ylim(bottom, top)
+    for g, _ in spikes:  # on the top edge, drawn outside the clipped area
+        ax.plot([first], [top], marker="^", ms=8, color=_color(g), clip_on=False, zorder=5)
+    where = f"round {first:g}" if xlabel == "round" else f"{xlabel} {first:g}"
+    text = f"{where} off scale (▲): " + ", ".join(f"{labels[g]} {v:.3g}" for g, v in spikes)
+    return textwrap.fill(textwrap.shorten(text, width=100, placeholder=" ..."), width=52)
 
 
 def grouped_bars(path: Path, categories: Sequence[str], labels: Sequence[str],

@@ -21,17 +21,22 @@ Groups:
 
 Contents (the same tables in the HTML and Markdown twins; the PNGs sit beside them):
     groups and what sets them apart; final accuracy (mean and min across tasks, mean ± std over
-    seeds, and the papers' last-window mean); accuracy per task vs round (``accuracy.png``, with a
-    mean-over-tasks panel and the target line); final accuracy per task (``tasks.png``);
-    fairness across tasks at the end (mean, min, max-min, variance) and max-min over rounds
+    seeds, and the papers' last-window mean); each sampler against a baseline sampler (default
+    ``random``, ``baseline=``/``--baseline``): the paired difference of the final mean and min
+    accuracy over seeds, its 95% interval and a paired t-test (:func:`significance_table`; no
+    interval or p-value under 3 seed pairs); accuracy per task vs round (``accuracy.png``, with a
+    mean-over-tasks panel and the target line); final accuracy per task (``tasks.png``); test
+    loss and training loss per task vs round (``loss.png``, ``train_loss.png``); fairness across
+    tasks at the end (mean, min, max-min, variance) and max-min over rounds
     (``fairness.png``); cost vs final mean accuracy (local trainings and model uploads,
     ``cost.png``) and mean accuracy against the cumulative cost over the run
     (``cost_curve.png``); rounds to a target accuracy (default: 90% of the best group's final mean
     accuracy) for the mean and for every task (min), with the local trainings spent until then and,
     when ``rounds.csv`` has a ``sim_time`` column (the simulated clock at the end of each round,
     in seconds), the simulated seconds until then; clients per task over rounds
-    (``clients.png``, from ``metrics.csv``'s ``clients``); and one row per run with its
-    ``summary.json`` values.
+    (``clients.png``, from ``metrics.csv``'s ``clients``; its y axis spans the rounds after the
+    first, and a first round above them, such as StaleVRE's full round 0, is marked on the top
+    edge with its value); and one row per run with its ``summary.json`` values.
 
 The HTML is self-contained except for the PNGs (relative ``src``); a small inline script sets
 ``data-images-loaded="LOADED/TOTAL"`` on ``<html>`` once the page has loaded, which the tests read
@@ -41,9 +46,11 @@ from a headless browser.
 from __future__ import annotations
 
 import csv
+import functools
 import html
 import json
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,10 +66,20 @@ from mmfl.experiment.results import RunResults, find_run_dirs, read_results
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_TARGET_FRACTION", "Group", "find_run_dirs", "group_runs", "write_report"]
+__all__ = ["DEFAULT_BASELINE", "DEFAULT_TARGET_FRACTION", "Group", "PairedTest", "find_run_dirs",
+           "group_runs", "paired_t_test", "significance_table", "student_t_central",
+           "student_t_critical", "write_report"]
 
 #: Default target: this fraction of the best group's final mean accuracy.
 DEFAULT_TARGET_FRACTION = 0.9
+#: Default baseline of the significance table: the sampler every other one is compared with.
+DEFAULT_BASELINE = "random"
+#: Confidence level of the significance table's intervals (two-sided).
+CONFIDENCE = 0.95
+#: Fewest seed pairs for which the significance table shows an interval and a p-value.
+MIN_PAIRS = 3
+#: The final metrics the significance table compares: (label, summary.json key).
+COMPARED = (("mean accuracy", "mean_accuracy"), ("min accuracy", "min_accuracy"))
 #: Config keys that do not change results: ignored when grouping.
 IGNORED_KEYS = ("seed", "data_dir", "threads", "checkpoint_every", "stale_on_disk")
 COSTS = ("local_trainings", "model_uploads", "forward_passes", "scalar_uploads", "local_steps")
@@ -87,7 +104,7 @@ def _read_run(d: Path) -> RunResults:
                 raise ResultsError(f"{d / name}: {why}") from None
         raise ResultsError(f"{d}: cannot read the run directory ({str(e)[:200]})") from None
     _check_summary(d / "summary.json", run.summary)
-    _check_rows(d / "metrics.csv", run.metrics, ("accuracy", "clients"))
+    _check_rows(d / "metrics.csv", run.metrics, ("accuracy", "clients", "loss", "train_loss"))
     _check_rows(d / "rounds.csv", run.rounds, ("local_trainings", "model_uploads", "sim_time"))
     seed = run.config.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -251,15 +268,17 @@ def _label(config: dict[str, Any], keys: list[str]) -> str:
 # Statistics
 
 
-def _series(run: RunResults, column: str, tasks: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def _series(run: RunResults, column: str, tasks: Sequence[str], *, every_task: bool = True
+            ) -> tuple[np.ndarray, np.ndarray]:
     """(rounds (R,), values (R, S)) of a metrics.csv column over the rounds where it is set
-    for every task."""
+    for every task (``every_task``) or for some task (the others NaN: ``train_loss`` is empty
+    for a task no client trained in that round)."""
     table: dict[int, dict[str, float]] = {}
     for row in run.metrics:
         if row.get(column, "") not in ("", None):
             table.setdefault(int(row["round"]), {})[row["task"]] = float(row[column])
-    rounds = sorted(t for t, v in table.items() if all(s in v for s in tasks))
-    vals = np.array([[table[t][s] for s in tasks] for t in rounds], dtype=np.float64)
+    rounds = sorted(t for t, v in table.items() if not every_task or all(s in v for s in tasks))
+    vals = np.array([[table[t].get(s, np.nan) for s in tasks] for t in rounds], dtype=np.float64)
     return np.array(rounds, dtype=np.int64), vals.reshape(len(rounds), len(tasks))
 
 
@@ -290,6 +309,8 @@ class _GroupStats:
     client_rounds: np.ndarray           # (R',) every round
     clients: np.ndarray                 # (runs, R', S)
     cumulative: list[dict[int, dict[str, float]]]  # per run: round -> cumulative costs / sim time
+    loss: tuple[np.ndarray, np.ndarray]        # (rounds (R'',), test loss (runs, R'', S))
+    train_loss: tuple[np.ndarray, np.ndarray]  # (rounds, (runs, rounds, S)); NaN: no client
 
 
 def _cumulative(run: RunResults) -> dict[int, dict[str, float]]:
@@ -309,7 +330,10 @@ def _stats(g: Group) -> _GroupStats:
     tasks = g.tasks
     rounds, acc = _stack([_series(r, "accuracy", tasks) for r in g.runs])
     crounds, clients = _stack([_series(r, "clients", tasks) for r in g.runs])
-    return _GroupStats(rounds, acc, crounds, clients, [_cumulative(r) for r in g.runs])
+    return _GroupStats(rounds, acc, crounds, clients, [_cumulative(r) for r in g.runs],
+                       _stack([_series(r, "loss", tasks) for r in g.runs]),
+                       _stack([_series(r, "train_loss", tasks, every_task=False)
+                               for r in g.runs]))
 
 
 def _mean_std(v: np.ndarray) -> tuple[float, float]:
@@ -330,6 +354,128 @@ def _num(x: float, digits: int = 4) -> str:
 
 def _count(x: float) -> str:
     return "–" if np.isnan(x) else f"{x:.0f}"
+
+
+# --------------------------------------------------------------------------------------------
+# Significance: a paired t-test over seeds (numpy only; scipy is not a dependency)
+
+
+def student_t_central(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with ``df`` (a positive integer) degrees of freedom.
+
+    The closed form of Abramowitz & Stegun, Handbook of Mathematical Functions, 26.7.3 (odd df)
+    and 26.7.4 (even df), with theta = arctan(|t| / sqrt(df)):
+
+        df = 1:      A = 2 theta / pi
+        df odd > 1:  A = (2/pi) [theta + sin(theta) cos(theta) sum_{k=0}^{(df-3)/2} b_k cos^{2k}]
+                     b_0 = 1, b_k = b_{k-1} (2k) / (2k + 1)
+        df even:     A = sin(theta) sum_{k=0}^{df/2-1} a_k cos^{2k}(theta)
+                     a_0 = 1, a_k = a_{k-1} (2k - 1) / (2k)
+
+    e.g. df = 2: A = sin(theta) = t / sqrt(t^2 + 2). Exact for integer df (a finite sum of
+    df/2 terms), which the paired test always has (df = pairs - 1).
+    """
+    if isinstance(df, bool) or int(df) != df or df < 1:
+        raise ValueError(f"df must be a positive integer (got {df})")
+    df = int(df)
+    if np.isnan(t):
+        return float("nan")
+    theta = math.atan(abs(t) / math.sqrt(df)) if np.isfinite(t) else math.pi / 2
+    c2 = math.cos(theta) ** 2
+    if df % 2 == 0:
+        term, total = 1.0, 1.0
+        for k in range(1, df // 2):
+            term *= c2 * (2 * k - 1) / (2 * k)
+            total += term
+        return min(1.0, math.sin(theta) * total)
+    if df == 1:
+        return 2 * theta / math.pi
+    term, total = 1.0, 1.0
+    for k in range(1, (df - 1) // 2):
+        term *= c2 * (2 * k) / (2 * k + 1)
+        total += term
+    return min(1.0, 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total))
+
+
+@functools.lru_cache(maxsize=256)
+def student_t_critical(level: float, df: int) -> float:
+    """The t > 0 with P(|T| <= t) = ``level`` for ``df`` degrees of freedom: the two-sided
+    critical value t_{(1+level)/2, df} (e.g. 4.3027 for level 0.95, df 2). Found by bisection
+    on theta in (0, pi/2), on which :func:`student_t_central` is increasing; t = sqrt(df)
+    tan(theta)."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1) (got {level})")
+    lo, hi = 0.0, math.pi / 2
+    for _ in range(100):  # the bracket halves: 2^-100 pi/2 is below float resolution
+        mid = 0.5 * (lo + hi)
+        if student_t_central(math.sqrt(df) * math.tan(mid), df) < level:
+            lo = mid
+        else:
+            hi = mid
+    return math.sqrt(df) * math.tan(0.5 * (lo + hi))
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired comparison of two methods' metric over shared seeds (:func:`paired_t_test`).
+
+    Attributes:
+        n: pairs (seeds both ran, both values finite).
+        mean: mean of the differences d_i = x_i - y_i.
+        std: their sample standard deviation (ddof = 1); NaN when n < 2.
+        low, high: the ``level`` confidence interval mean -+ t_crit std / sqrt(n); NaN when
+            n < 2.
+        t: the paired t statistic mean / (std / sqrt(n)) (+-inf when every d_i is the same
+            non-zero number, NaN when n < 2 or every d_i is 0; "the same" up to rounding: a
+            std below 64 machine epsilons of the largest |x_i|, |y_i| counts as 0).
+        p: two-sided p-value P(|T_{n-1}| >= |t|) (1 when every d_i is 0, 0 when all are the
+            same non-zero number); NaN when n < 2.
+    """
+
+    n: int
+    mean: float
+    std: float
+    low: float
+    high: float
+    t: float
+    p: float
+
+
+def paired_t_test(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> PairedTest:
+    """Paired t-test of x against y: x (n,) and y (n,) are two methods' values on the same seeds
+    (pair i = seed i); NaN pairs are dropped.
+
+    With d_i = x_i - y_i, dbar their mean and s their sample std (ddof = 1):
+    t = dbar / (s / sqrt(n)) on n - 1 degrees of freedom, p = P(|T_{n-1}| >= |t|) (two-sided),
+    and the interval dbar -+ t_{(1+level)/2, n-1} s / sqrt(n). The test assumes the differences
+    are independent draws from a normal distribution.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D of the same length (got {x.shape}, {y.shape})")
+    ok = np.isfinite(x) & np.isfinite(y)
+    d = (x - y)[ok]
+    n = int(d.size)
+    nan = float("nan")
+    if n == 0:
+        return PairedTest(0, nan, nan, nan, nan, nan, nan)
+    mean = float(d.mean())
+    if n < 2:
+        return PairedTest(n, mean, nan, nan, nan, nan, nan)
+    std = float(d.std(ddof=1))
+    # differences equal but for rounding (0.7 - 0.6 != 0.8 - 0.7) count as equal: a spread
+    # below 64 machine epsilons of the values' magnitude is 0
+    if std <= 64 * np.finfo(np.float64).eps * float(np.max(np.abs(np.r_[x[ok], y[ok]]))):
+        std = 0.0
+    se = std / math.sqrt(n)
+    half = student_t_critical(level, n - 1) * se
+    if se == 0.0:  # every difference the same number
+        t = nan if mean == 0 else math.copysign(math.inf, mean)
+        p = 1.0 if mean == 0 else 0.0
+    else:
+        t = mean / se
+        p = max(0.0, 1.0 - student_t_central(t, n - 1))
+    return PairedTest(n, mean, std, mean - half, mean + half, t, p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,8 +521,102 @@ def _target_rows(groups, stats, target):
     return header, rows
 
 
+def _sampler(g: Group) -> Any:
+    return g.config.get("sampler.name")
+
+
+def baseline_name(groups: Sequence[Group], baseline: str | None) -> str | None:
+    """The sampler the significance table compares with: ``baseline`` (a ConfigError naming
+    ``--baseline`` when no group uses it), else :data:`DEFAULT_BASELINE` when some group uses
+    it, else None."""
+    names = list(dict.fromkeys(str(_sampler(g)) for g in groups))
+    if baseline is not None:
+        if baseline not in names:
+            raise ConfigError("--baseline", "must name a sampler of the runs (one of: "
+                              + ", ".join(names) + ")", baseline)
+        return baseline
+    return DEFAULT_BASELINE if DEFAULT_BASELINE in names else None
+
+
+def significance_table(groups: Sequence[Group], baseline: str | None,
+                       level: float = CONFIDENCE) -> tuple[list[str], list[list[str]], str]:
+    """(header, rows, note) of the table comparing every group with its baseline group.
+
+    Each group whose sampler is not ``baseline`` is compared with every group of the
+    ``baseline`` sampler whose config is the same except the ``sampler.*`` keys (a grid over
+    samplers and, say, the active rate compares like with like). Runs are paired by seed; per
+    metric of :data:`COMPARED` the row holds the pairs n, the mean paired difference (group
+    minus baseline), its ``level`` interval and the paired t-test (:func:`paired_t_test`).
+    With fewer than :data:`MIN_PAIRS` pairs the interval and the p-value are not shown.
+    """
+    header = ["group", "baseline", "metric", "seed pairs", "group mean", "baseline mean",
+              "difference", f"{level:.0%} CI", "t", "p (paired t)", "evidence"]
+    note = (f"Each sampler against the baseline sampler ({baseline}) on the same config but for "
+            "the sampler's keys. Runs are paired by seed; per pair d = group's final value - "
+            "baseline's (summary.json). difference: mean of d over the pairs (group mean, "
+            f"baseline mean: over the same seeds); {level:.0%} CI: mean ± "
+            f"t(n-1) x sd(d) / sqrt(n); p: two-sided paired t-test (Student's t on the "
+            f"differences, n-1 degrees of freedom), assuming normal differences. With fewer than "
+            f"{MIN_PAIRS} pairs no interval or p-value is given. No correction for the number "
+            "of comparisons: with many rows, some p < 0.05 arise by chance.")
+    if baseline is None:
+        return header, [], (f"No baseline: no group uses the sampler '{DEFAULT_BASELINE}'; name "
+                            "one with mmfl report --baseline NAME.")
+    rest = [{k: v for k, v in g.config.items() if not k.startswith("sampler.")} for g in groups]
+    base = [i for i, g in enumerate(groups) if _sampler(g) == baseline]
+    rows = []
+    for gi, g in enumerate(groups):
+        if gi in base:
+            continue
+        for bi in (b for b in base if rest[b] == rest[gi]):
+            b = groups[bi]
+            seeds = sorted(set(g.seeds) & set(b.seeds))
+            for label, key in COMPARED:
+                x = _by_seed(g, key, seeds)
+                y = _by_seed(b, key, seeds)
+                r = paired_t_test(x, y, level)
+                ok = np.isfinite(x) & np.isfinite(y)
+                shown = r.n >= MIN_PAIRS
+                rows.append([
+                    g.label, b.label, label, str(r.n),
+                    _num(float(np.mean(x[ok])) if r.n else np.nan),
+                    _num(float(np.mean(y[ok])) if r.n else np.nan),
+                    _signed(r.mean), f"[{_signed(r.low)}, {_signed(r.high)}]" if shown else "–",
+                    f"{r.t:.2f}" if shown and not np.isnan(r.t) else "–",
+                    _p(r.p) if shown else "–", _evidence(r, level)])
+    if not rows:
+        note = (f"Every group uses the baseline sampler ({baseline}), or none shares a config "
+                "with a baseline group but for the sampler: nothing to compare. " + note)
+    return header, rows, note
+
+
+def _by_seed(g: Group, key: str, seeds: Sequence[int]) -> np.ndarray:
+    """(len(seeds),) the group's summary ``key`` for each seed (NaN when missing)."""
+    values = dict(zip(g.seeds, g.values(lambda s: s[key])))
+    return np.array([values[s] for s in seeds], dtype=np.float64)
+
+
+def _signed(x: float) -> str:
+    return "–" if np.isnan(x) else f"{x:+.4f}"
+
+
+def _p(p: float) -> str:
+    return "–" if np.isnan(p) else ("< 0.0001" if p < 1e-4 else f"{p:.4f}")
+
+
+def _evidence(r: PairedTest, level: float) -> str:
+    if r.n < MIN_PAIRS:
+        return (f"too few seeds ({r.n} pair{'s' if r.n != 1 else ''}; at least {MIN_PAIRS} "
+                "needed for an interval and a test)")
+    alpha = 1 - level
+    if r.p < alpha:
+        return f"{'better' if r.mean > 0 else 'worse'} (p < {alpha:.2g})"
+    return f"no significant difference (p >= {alpha:.2g})"
+
+
 def _tables(groups: list[Group], stats: list[_GroupStats], keys: list[str], target: float,
-            fraction: str, names: dict[int, str], hrefs: dict[int, str]) -> list[_Table]:
+            fraction: str, names: dict[int, str], hrefs: dict[int, str],
+            baseline: str | None = None) -> list[_Table]:
     t: list[_Table] = []
     t.append(_Table(
         "groups", "Groups",
@@ -393,6 +633,9 @@ def _tables(groups: list[Group], stats: list[_GroupStats], keys: list[str], targ
           _pm(g.values(lambda s: s["mean_accuracy_window"]))] for g in groups],
         "Mean and min across tasks at the final evaluation (summary.json), mean ± std over seeds; "
         "the last column averages the last evaluations (the papers' metric)."))
+    header, rows, note = significance_table(groups, baseline)
+    t.append(_Table("significance", f"Against the baseline{f' ({baseline})' if baseline else ''}",
+                    header, rows, note))
     t.append(_Table(
         "fairness", "Fairness across tasks (final)",
         ["group", "mean", "min", "max - min", "variance"],
@@ -492,12 +735,32 @@ def _plots(out: Path, groups: list[Group], stats: list[_GroupStats], target: flo
                  "Final mean accuracy against the total local trainings and model uploads of a "
                  "run (mean ± std over seeds)."))
 
+    for column, title, ylabel, caption in (
+            ("loss", "Test loss per task vs round", "test loss",
+             "Test loss of every task at its evaluated rounds (metrics.csv loss): mean over "
+             "seeds (line) and min..max over seeds (band)."),
+            ("train_loss", "Training loss per task vs round", "training loss",
+             "Mean local training loss of the updates aggregated into each task's model in each "
+             "round (metrics.csv train_loss; none in a round where no client trained the task): "
+             "mean over seeds and min..max band.")):
+        panels = [{"title": task, "series": [
+            task_series(st, g, task, *getattr(st, column)) for g, st in zip(groups, stats)]}
+            for task in tasks]
+        if any(x is not None for panel in panels for x in panel["series"]):
+            plots.band_panels(out / f"{column}.png", panels, labels, ylabel=ylabel)
+            figs.append((f"{column}.png", title, caption))
+
     panels = [{"title": task, "series": [task_series(st, g, task, st.client_rounds, st.clients)
-                                         for g, st in zip(groups, stats)]} for task in tasks]
+                                         for g, st in zip(groups, stats)],
+               "clip_first": True} for task in tasks]
     plots.band_panels(out / "clients.png", panels, labels, ylabel="clients")
     figs.append(("clients.png", "Clients per task over rounds",
-                 "Clients that trained each task in each round (metrics.csv clients): mean over "
-                 "seeds and min..max band."))
+                 "Clients whose updates were aggregated into each task's model in each round "
+                 "(metrics.csv clients): mean over seeds and min..max band. A first round far "
+                 "above the later ones (showing it would more than double the axis; e.g. "
+                 "StaleVRE's init = \"full\", where every pair trains) is left off the axis, "
+                 "which spans the later rounds: a triangle on the top edge marks it and the "
+                 "panel title gives its value."))
 
     panels = [{"title": f"vs cumulative {key.replace('_', ' ')}",
                "series": [None if not parts else _band_xy(parts)
@@ -613,7 +876,7 @@ def _relative(path: Path, start: Path) -> str:
 
 
 def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
-                 target: float | None = None) -> Path:
+                 target: float | None = None, baseline: str | None = None) -> Path:
     """Write ``report.html``, ``report.md`` and the PNG plots into ``out``; returns the HTML path.
 
     Args:
@@ -621,8 +884,11 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
         out: report folder (created).
         target: accuracy target for "rounds to target"; default
             :data:`DEFAULT_TARGET_FRACTION` x the best group's final mean accuracy.
+        baseline: the sampler (``sampler.name``) the significance table compares every other
+            with; default :data:`DEFAULT_BASELINE` when some run uses it (else no comparison).
 
     Raises:
+        ConfigError: ``baseline`` is no sampler of the completed runs (nothing is written).
         ResultsError: a path that does not exist, or no completed run among them.
         MmflError: matplotlib missing (names the ``plot`` extra).
     """
@@ -649,6 +915,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
         raise ResultsError("no completed run among " + ", ".join(map(str, run_dirs)) + (
             " (" + "; ".join(f"{p}: {why}" for p, why in left_out) + ")" if left_out else ""))
     groups, keys = group_runs(runs)
+    baseline = baseline_name(groups, baseline)
     stats = [_stats(g) for g in groups]
     best = max(_mean_std(g.values(lambda s: s["mean_accuracy"]))[0] for g in groups)
     if target is None:
@@ -666,7 +933,7 @@ def write_report(run_dirs: Sequence[str | Path], out: str | Path, *,
         common = common.parent
     names = {id(r): _relative(r.path, common) for r in runs}
     hrefs = {id(r): _relative(r.path, out) for r in runs}  # links from the report folder
-    tables = _tables(groups, stats, keys, float(target), fraction, names, hrefs)
+    tables = _tables(groups, stats, keys, float(target), fraction, names, hrefs, baseline)
     figs = _plots(out, groups, stats, float(target))
     _write_html(out / "report.html", runs, groups, tables, figs, left_out, common)
     _write_md(out / "report.md", runs, groups, tables, figs, left_out, common)
@@ -689,7 +956,8 @@ def _layout(tables: list[_Table], figs):
     """Tables and figures in reading order."""
     by_id = {t.id: t for t in tables}
     fig = {f[0]: f for f in figs}
-    order = [by_id["groups"], by_id["accuracy"], fig["accuracy.png"], fig["tasks.png"],
+    order = [by_id["groups"], by_id["accuracy"], by_id["significance"], fig["accuracy.png"],
+             fig["tasks.png"], *(fig[f] for f in ("loss.png", "train_loss.png") if f in fig),
              by_id["fairness"], fig["fairness.png"], by_id["cost"], fig["cost.png"],
              fig["cost_curve.png"], by_id["target"]]
     if "sim_time.png" in fig:
