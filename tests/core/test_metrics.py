@@ -45,7 +45,8 @@ def test_round_cost_counts_unique_pairs():
     c = round_cost(a)
     assert c == RoundCost(local_trainings=3, forward_passes=0, scalar_uploads=0, model_uploads=3)
     tot = c + RoundCost(1, 2, 3, 4)
-    assert tot.as_dict() == {"local_trainings": 4, "forward_passes": 2, "scalar_uploads": 3,
+    assert tot.as_dict() == {"declined": 0, "local_trainings": 4, "forward_passes": 2,
+                             "scalar_uploads": 3,
                              "model_uploads": 7}
     np.testing.assert_array_equal(clients_per_task(a, 3), [2, 1, 0])
 

@@ -87,12 +87,15 @@ class RoundCost:
         forward_passes: (client, task) loss evaluations used for sampling (e.g. LVR probes).
         scalar_uploads: scalars sent to the server for sampling (scores, losses).
         model_uploads: model updates uploaded.
+        declined: slots whose client declined the model (``clients.preferences``, soft
+            preferences): drawn, never trained, so budget wasted (docs/algorithms.md 3.3).
     """
 
     local_trainings: int = 0
     forward_passes: int = 0
     scalar_uploads: int = 0
     model_uploads: int = 0
+    declined: int = 0
 
     def __add__(self, other: "RoundCost") -> "RoundCost":
         if not isinstance(other, RoundCost):
@@ -102,10 +105,11 @@ class RoundCost:
             self.forward_passes + other.forward_passes,
             self.scalar_uploads + other.scalar_uploads,
             self.model_uploads + other.model_uploads,
+            self.declined + other.declined,
         )
 
     def as_dict(self) -> dict[str, int]:
-        """The four counts by field name."""
+        """The counts by field name."""
         return {k: int(v) for k, v in asdict(self).items()}
 
 

@@ -76,6 +76,8 @@ class ClientsConfig:
     leave_fraction: float
     leave_round: int
     federation_file: str
+    preferences: float | tuple[tuple[float, float], ...]
+    preference_file: str
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ class SamplerConfig:
     aggregator: str
     options: Mapping[str, Any]
     replay_file: str = ""
+    preference_aware: bool = False
 
 
 @dataclass(frozen=True)
@@ -186,7 +189,9 @@ class ExperimentConfig:
         if opt["options"]:
             d["server"]["optimizer_options"] = opt["options"]
         d["sampler"] = {"name": d["sampler"]["name"], "aggregator": d["sampler"]["aggregator"],
-                        "replay_file": d["sampler"]["replay_file"], **d["sampler"]["options"]}
+                        "replay_file": d["sampler"]["replay_file"],
+                        "preference_aware": d["sampler"]["preference_aware"],
+                        **d["sampler"]["options"]}
         for t, task in zip(d["tasks"], self.tasks):
             t["partition"] = {"kind": t["partition"]["kind"], **t["partition"]["options"]}
             if dict(task.optimizer_options) == _optimizer_options("", task.optimizer, {}):
@@ -211,7 +216,8 @@ class ExperimentConfig:
 #: "sampler" the options of the run's sampler.
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
-    ("clients", "federation_file"),
+    ("clients", "federation_file"), ("clients", "preferences"), ("clients", "preference_file"),
+    ("sampler", "preference_aware"),
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"),
     ("tasks", "init_weights"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
@@ -346,6 +352,15 @@ CLIENTS = {
     "join_round": Option(int, 0, ">= 0", "...at this round (0-based; offline before it)."),
     "leave_fraction": Option(float, 0.0, "0..1", "Fraction of clients that leave..."),
     "leave_round": Option(int, 0, ">= 0", "...from this round on (0 = never)."),
+    "preferences": Option(
+        "table", 1.0, "", "Willingness w in [0, 1] of each client to train each task it holds: "
+        "a number for every pair, or a table {w = probability} drawn per pair (e.g. {\"1\" = "
+        "0.7, \"0.5\" = 0.2, \"0\" = 0.1}). 0 refuses (the pair is never assigned); in "
+        "between, an assigned client declines with probability 1 - w (a wasted slot, "
+        "rounds.csv declined). 1 = everyone willing (docs/preferences.md)."),
+    "preference_file": Option(str, "", "", "CSV client,task,willingness (task by name or "
+                              "index) whose rows replace the willingness of the pairs they "
+                              "list. Empty = none."),
 }
 SAMPLER_FIXED = {
     "name": Option(str, "random", "", "Sampler (registry kind 'sampler')."),
@@ -353,6 +368,11 @@ SAMPLER_FIXED = {
     "replay_file": Option(str, "", "", "JSON of (client, task) slots per round that replace the "
                           "sampler's draw in those rounds, for paired comparisons with another "
                           "code (mmfl.experiment.replay). Empty = the sampler draws."),
+    "preference_aware": Option(bool, False, "", "With clients.preferences: every slot reports "
+                               "its effective inclusion probability p * w (the pair is drawn "
+                               "and accepts), so unbiased aggregation stays unbiased over the "
+                               "willing clients; false: p, biased by the declines "
+                               "(docs/algorithms.md section 3.3)."),
 }
 TASK = {
     "name": Option(str, None, "", "Unique task name."),
@@ -572,6 +592,40 @@ def _levels(key: str, value: Any) -> tuple[float, float, float]:
     return tuple(float(p) for p in value)
 
 
+def _preferences(key: str, value: Any) -> float | tuple[tuple[float, float], ...]:
+    """``clients.preferences``: a willingness in [0, 1], or a table {w = probability} (w in
+    [0, 1], probabilities summing to 1) as ((w, probability), ...) ascending in w. TOML reads an
+    unquoted decimal key (``0.5 = 0.2``) as the nested table {0 = {5 = 0.2}}: joined back."""
+    rule = "must be a number in [0, 1] or a table {willingness = probability}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, dict)):
+        raise ConfigError(key, rule, value)
+    if not isinstance(value, dict):
+        if not 0 <= value <= 1:
+            raise ConfigError(key, rule, value)
+        return float(value)
+
+    def flat(prefix: str, table: dict) -> list[tuple[str, Any]]:
+        return [kv for k, v in table.items() for kv in (
+            flat(f"{prefix}{k}.", v) if isinstance(v, dict) else [(f"{prefix}{k}", v)])]
+
+    items: dict[float, float] = {}
+    for k, p in flat("", value):
+        try:
+            w = float(k)
+        except ValueError:
+            w = float("nan")
+        if not 0 <= w <= 1:
+            raise ConfigError(f"{key}.{k}", "keys must be willingness values in [0, 1]", k)
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+            raise ConfigError(f"{key}.{k}", "probability must be a number in [0, 1]", p)
+        if w in items:
+            raise ConfigError(f"{key}.{k}", "willingness listed twice", k)
+        items[w] = float(p)
+    if not items or abs(sum(items.values()) - 1.0) > 1e-6:
+        raise ConfigError(key, "probabilities must sum to 1", round(sum(items.values()), 9))
+    return tuple(sorted(items.items()))
+
+
 def _component(kind: str, key: str, name: str) -> registry.Entry:
     return registry.get(kind, name, key=key)
 
@@ -692,6 +746,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     if cl["processors"] != "authors":
         cl["processors"] = _distribution("clients.processors", cl["processors"], lo=1, hi=1024)
     cl["processor_levels"] = _levels("clients.processor_levels", cl["processor_levels"])
+    cl["preferences"] = _preferences("clients.preferences", cl["preferences"])
 
     traw = raw.get("tasks")
     if not isinstance(traw, list) or not traw:
@@ -721,7 +776,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
     if sv["aggregator"] != "default":
         _component("aggregator", "sampler.aggregator", sv["aggregator"])
     sampler = SamplerConfig(sv["name"], sv["aggregator"], MappingProxyType(opts),
-                            sv["replay_file"])
+                            sv["replay_file"], sv["preference_aware"])
 
     return ExperimentConfig(
         **top, server_lr=server.pop("lr"), update_check=UpdateCheckConfig(**server),

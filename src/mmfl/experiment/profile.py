@@ -21,21 +21,29 @@ from mmfl.rng import SYSTEM, stream
 TRACE_COLUMNS = ("client", "speed", "bandwidth", "availability")
 
 
-def load_trace(path: str | Path, num_clients: int) -> SystemProfile:
-    """Read a trace CSV; DataError (one line, naming the file and row) when it is malformed."""
+def read_table(path: str | Path, key: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
+    """The rows of the CSV file ``path`` given by config key ``key`` (a header with at least
+    ``columns``); DataError (one line, naming the file and the key) when it cannot be read."""
     p = Path(path)
     try:
         with open(p, encoding="utf-8", newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError as e:
-        raise DataError(f"{p}: cannot read system.trace ({e.strerror or e})") from None
+        raise DataError(f"{p}: cannot read {key} ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{p}: system.trace is not a UTF-8 text file (byte {e.start}: "
+        raise DataError(f"{p}: {key} is not a UTF-8 text file (byte {e.start}: "
                         f"{e.reason})") from None
     except csv.Error as e:  # a NUL byte, a field beyond the size limit
-        raise DataError(f"{p}: system.trace is not a readable CSV file ({e})") from None
-    if not rows or set(TRACE_COLUMNS) - set(rows[0]):
-        raise DataError(f"{p}: system.trace needs the columns {','.join(TRACE_COLUMNS)}")
+        raise DataError(f"{p}: {key} is not a readable CSV file ({e})") from None
+    if not rows or set(columns) - set(rows[0]):
+        raise DataError(f"{p}: {key} needs the columns {','.join(columns)}")
+    return rows
+
+
+def load_trace(path: str | Path, num_clients: int) -> SystemProfile:
+    """Read a trace CSV; DataError (one line, naming the file and row) when it is malformed."""
+    p = Path(path)
+    rows = read_table(p, "system.trace", TRACE_COLUMNS)
     speed, bandwidth, avail = np.ones(num_clients), np.ones(num_clients), np.ones(num_clients)
     seen = np.zeros(num_clients, bool)
     for k, row in enumerate(rows, start=2):

@@ -50,7 +50,7 @@ ROUNDS_COLUMNS = (
     "round", "available", "budget", "expected_slots", "slots", "local_trainings", "local_steps",
     "forward_passes", "scalar_uploads", "model_uploads", "stale_bytes", "sim_seconds", "sim_time",
     "stragglers", "missing", "mean_accuracy", "min_accuracy",
-    "max_min", "variance", "note",
+    "max_min", "variance", "note", "declined",
 )
 TIMING_COLUMNS = ("round", "train_seconds", "eval_seconds", "round_seconds")
 TABLES = {"metrics.csv": METRICS_COLUMNS, "rounds.csv": ROUNDS_COLUMNS, "timing.csv": TIMING_COLUMNS}

@@ -5,7 +5,9 @@ Per round t (0-based; files count completed rounds, t + 1):
 
 1. ``RoundState`` from the population, budget m, availability (:mod:`.environment`) and the
    latest task losses; the signals the sampler requires (:mod:`.signals`);
-2. ``allocator.allocate(state, rng=stream(seed, "allocate", t))`` -> Assignment;
+2. ``allocator.allocate(state, rng=stream(seed, "allocate", t))`` -> Assignment; the assigned
+   pairs with a soft preference may decline (:mod:`.preferences`: dropped before training,
+   counted in rounds.csv's ``declined``);
 3. ``engine.train`` on the unique active (client, task) pairs -> updates G (for SCAFFOLD,
    with the control-variate corrections c_s - c_{i,s}); pairs the engine returns no update for
    (a distributed engine whose node did not answer, see :mod:`mmfl.flower`) are *missing*:
@@ -45,6 +47,7 @@ from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_ou
                                     config_fingerprint, federation_info, legacy_fingerprints,
                                     writing)
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
+from mmfl.experiment.preferences import Preferences
 from mmfl.experiment.profile import build_profile
 from mmfl.experiment.replay import read_replay_file
 from mmfl.experiment.runlock import RunLock, remove_leftovers
@@ -86,7 +89,10 @@ class Runner:
     def _build(self) -> None:
         """Federation, sampler, aggregator, engine and the run's helpers, from the config."""
         cfg = self.cfg
-        self.federation = fed = self.prebuilt or build_federation(cfg, self.data_dir)
+        fed = self.prebuilt or build_federation(cfg, self.data_dir)
+        # clients.preferences: refused pairs hold no data for the samplers and the weights d
+        self.preferences = Preferences.from_config(cfg, fed.population)
+        self.federation = fed = self.preferences.restrict(fed)
         pop = fed.population
         entry = registry.get("sampler", cfg.sampler.name, key="sampler.name")
         self.allocator = entry.obj(dict(cfg.sampler.options), pop, cfg.seed)
@@ -200,7 +206,7 @@ class Runner:
         # -- signals ------------------------------------------------------------------------
         state, measured = self.signals.gather(t, st.params, state)
         # -- allocate -----------------------------------------------------------------------
-        asked = self._allocate(t, state)
+        asked, declined = self.preferences.decline(t, self._allocate(t, state), pop)
         # -- train (stragglers past the deadline and missing pairs are dropped) --------------
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)
@@ -221,7 +227,8 @@ class Runner:
         t_eval = time.perf_counter()
         # -- record -------------------------------------------------------------------------
         record = self._record(t, st, state, asked, assignment, trained, out, measured,
-                              (sim_seconds, int(late.sum()), int(lost.sum())), (acc, loss),
+                              (sim_seconds, int(late.sum()), int(lost.sum()), declined),
+                              (acc, loss),
                               (t_start, t_train, t_eval))
         self.recorder.on_round(record)
         if st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds:
@@ -282,10 +289,11 @@ class Runner:
                 times) -> RoundRecord:
         """The round's :class:`RoundRecord`; adds its cost and steps to ``st``, which then
         counts the round as completed."""
-        sim_seconds, late, lost = drops
+        sim_seconds, late, lost, declined = drops
         acc, loss = evaluation
-        cost = count_cost(asked, measured, late=late, lost=lost,
-                          control_variates=self.stores.controls is not None)
+        cost = dataclasses.replace(count_cost(asked, measured, late=late, lost=lost,
+                                              control_variates=self.stores.controls is not None),
+                                   declined=declined)
         rejected = 0 if trained.rejected is None else int(trained.rejected.sum())
         every = measured.full if measured.full is not None else trained  # every training
         probe = measured.probe_set
@@ -305,8 +313,12 @@ class Runner:
             eval_seconds=times[2] - times[1])
 
     def _summary(self, status: str, seconds: float | None) -> dict[str, Any]:
-        return summarize(self.cfg, self.federation, self.state, aggregator=self.aggregator_name,
-                         stale_bytes=self.stores.nbytes, status=status, seconds=seconds)
+        summary = summarize(self.cfg, self.federation, self.state,
+                            aggregator=self.aggregator_name, stale_bytes=self.stores.nbytes,
+                            status=status, seconds=seconds)
+        if self.preferences.willingness is not None:  # clients.preferences in use
+            summary["preferences"] = self.preferences.summary()
+        return summary
 
 
 def _received(asked: Assignment, trained, lost: np.ndarray, late: np.ndarray,
