@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=None,
                    help="accuracy target for 'rounds to target' (default: 90%% of the best "
                         "group's final mean accuracy)")
+    p.add_argument("--baseline", default=None, metavar="SAMPLER",
+                   help="sampler (sampler.name) the significance table compares every other "
+                        "with, by a paired t-test over seeds (default: random, when run)")
 
     p = sub.add_parser("data", help="dataset files: fetch NAME downloads and verifies them",
                        description="Download a dataset's original files and verify their "
@@ -476,7 +479,8 @@ class _SweepBar:
 def _cmd_report(args) -> int:
     from mmfl.experiment.report import write_report
 
-    path = write_report([Path(d) for d in args.dirs], Path(args.out), target=args.target)
+    path = write_report([Path(d) for d in args.dirs], Path(args.out), target=args.target,
+                        baseline=args.baseline)
     print(f"report: {path}")
     return 0
 
