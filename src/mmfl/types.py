@@ -99,15 +99,18 @@ class Signal(StrEnum):
     PROBE = "probe"
     #: keep SCAFFOLD's control variates c_{i,s}, c_s and correct local training with them
     CONTROL_VARIATES = "control_variates"
+    #: full computation (as ``UPDATES``) and the clients' pairwise update distances summed over
+    #: the tasks (``group_pipeline``'s gradient grouping)
+    UPDATE_DISTANCE = "update_distance"
 
 
 @dataclass(frozen=True)
 class Signals:
     """Per-(client, task) information the server gathers for sampling (docs/algorithms.md sections 5, 6).
 
-    Every field is an (N, S) float array or None when the round's sampler did not ask for it;
-    entries that were not measured this round are NaN. Update quantities are in gradient units,
-    G / eta_s (docs/algorithms.md section 2).
+    Every field but ``update_distance`` is an (N, S) float array or None when the round's
+    sampler did not ask for it; entries that were not measured this round are NaN. Update
+    quantities are in gradient units, G / eta_s (docs/algorithms.md section 2).
 
     Attributes:
         local_loss: f_{i,s}(w_s^t), local training loss of the current global model (LVR).
@@ -118,6 +121,8 @@ class Signals:
         probe_norm_sq: ||G~_{i,s}||^2 / eta_s^2 of each pair's latest probe update G~
             (StaleVRE's ``score = "probe"``); 0 where never probed.
         probe_dot: <G~_{i,s}, h_{i,s}> / eta_s^2 (0 where either is missing).
+        update_distance: (N, N), not (N, S): D_{ij} = sum_s ||G_{i,s} - G_{j,s}|| / eta_s over
+            the tasks that both clients have an update of (``Signal.UPDATE_DISTANCE``).
     """
 
     local_loss: np.ndarray | None = None
@@ -127,6 +132,7 @@ class Signals:
     beta: np.ndarray | None = None
     probe_norm_sq: np.ndarray | None = None
     probe_dot: np.ndarray | None = None
+    update_distance: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ class Allocator(Component):
     requires: frozenset[Signal] = frozenset()
     #: when True the runner calls :meth:`observe` after every aggregation
     observes: bool = False
+    #: when True the runner hands the clients' class sets to :meth:`set_held_classes` once,
+    #: before round 0 (label grouping; the core never sees the data itself)
+    needs_held_classes: bool = False
 
     def __init__(self, options: dict | None, population: Population, seed: int = 0) -> None:
         super().__init__(options)
@@ -75,6 +78,11 @@ class Allocator(Component):
         """(N, S) bool: pairs whose local loss is probed this round (when
         ``Signal.LOCAL_LOSS`` is required); all eligible pairs by default."""
         return state.eligible
+
+    def set_held_classes(self, held: list[np.ndarray]) -> None:
+        """Per task s an (N, K_s) bool matrix: client i holds a training sample of class c
+        (called once when :attr:`needs_held_classes`; no-op by default)."""
+        return None
 
     def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
         """Called by the runner after aggregation with the round's aggregated pairs ((U,)

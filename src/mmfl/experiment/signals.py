@@ -22,8 +22,8 @@ from mmfl.engines.pair_store import ControlVariates, PairStore
 from mmfl.rng import PROBE, stream
 from mmfl.types import Population, RoundState, Signal, Signals
 
-__all__ = ["Measurements", "PairStores", "SignalGatherer", "answered", "offline", "pairs_of",
-           "update_norms"]
+__all__ = ["Measurements", "PairStores", "SignalGatherer", "answered", "held_classes",
+           "offline", "pairs_of", "update_distances", "update_norms"]
 
 
 @dataclass(frozen=True)
@@ -130,6 +130,8 @@ class SignalGatherer:
                  seed: int):
         self.engine, self.allocator, self.aggregator = engine, allocator, aggregator
         self.stores, self.lr, self.seed = stores, lr, seed
+        if getattr(allocator, "needs_held_classes", False):  # static: handed over once
+            allocator.set_held_classes(held_classes(engine.federation))
 
     def gather(self, t: int, params, state: RoundState) -> tuple[RoundState, Measurements]:
         """``state`` with its signals filled in, and what was measured. Pairs whose node did
@@ -151,7 +153,7 @@ class SignalGatherer:
             loss[clients[~lost], tasks[~lost]] = probed[~lost]
             sig["local_loss"] = loss
             got["probes"], got["probe_pairs"] = len(clients), (clients, tasks)
-        if Signal.UPDATES in req:
+        if Signal.UPDATES in req or Signal.UPDATE_DISTANCE in req:
             clients, tasks = pairs_of(state.eligible)
             full = self.stores.train(self.engine, params, clients, tasks, t)
             lost = ~answered(clients, tasks, full, shape[0])
@@ -165,6 +167,8 @@ class SignalGatherer:
                 state = offline(state, full.clients[full.rejected])
             kept = full.accepted()
             sig["update_norm"] = update_norms(kept, shape, self.lr)
+            if Signal.UPDATE_DISTANCE in req:
+                sig["update_distance"] = update_distances(kept, shape[0], self.lr)
             if self.stores.stale is not None:
                 sig["stale_dot"] = self.stores.stale_dots(kept, self.lr)
             got["full"], got["full_pairs"] = full, len(clients)
@@ -228,6 +232,42 @@ def update_norms(out, shape: tuple[int, int], lr: np.ndarray) -> np.ndarray:
         g_norm = torch.linalg.vector_norm(g, dim=1, dtype=torch.float64)  # no float64 copy
         norm[out.clients[out.tasks == s], s] = g_norm.numpy() / lr[s]
     return norm
+
+
+def update_distances(out, n: int, lr: np.ndarray, chunk: int = 16) -> np.ndarray:
+    """(N, N) D_{ij} = sum_s ||G_{i,s} - G_{j,s}|| / eta_s over the tasks s of which both i and
+    j have an update in the TrainOutput ``out`` (0 elsewhere, 0 on the diagonal).
+
+    Computed in float64 on blocks of ``chunk`` clients (no float64 copy of a task's whole
+    update matrix): O(U_s^2 P_s) per task, U_s its clients and P_s its parameters."""
+    dist = np.zeros((n, n))
+    for s, g in out.updates.items():
+        clients = out.clients[out.tasks == s]
+        block = np.zeros((len(clients), len(clients)))
+        for a in range(0, len(clients), chunk):
+            xa = g[a:a + chunk].to(torch.float64)
+            for b in range(a, len(clients), chunk):
+                d = torch.cdist(xa, g[b:b + chunk].to(torch.float64)).numpy()
+                block[a:a + chunk, b:b + chunk] = d
+                block[b:b + chunk, a:a + chunk] = d.T
+        dist[np.ix_(clients, clients)] += block / lr[s]
+    np.fill_diagonal(dist, 0.0)
+    return dist
+
+
+def held_classes(federation) -> list[np.ndarray]:
+    """Per task s an (N, K_s) bool: client i holds a training sample of class c (the class
+    sets a label-grouping sampler reads, ``Allocator.needs_held_classes``)."""
+    from mmfl.tasks.masking import held_class_matrix
+
+    n = federation.population.num_clients
+    out = []
+    for td in federation.tasks:
+        held = held_class_matrix(td.client_indices, td.dataset.y_train, td.dataset.num_classes)
+        full = np.zeros((n, held.shape[1]), bool)
+        full[:held.shape[0]] = held
+        out.append(full)
+    return out
 
 
 def pairs_of(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
