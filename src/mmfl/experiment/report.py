@@ -554,9 +554,9 @@ def significance_table(groups: Sequence[Group], baseline: str | None,
     note = (f"Each sampler against the baseline sampler ({baseline}) on the same config but for "
             "the sampler's keys. Runs are paired by seed; per pair d = group's final value - "
             "baseline's (summary.json). difference: mean of d over the pairs (group mean, "
-            f"baseline mean: over the same seeds); {level:.0%} CI: mean ± "
-            f"t(n-1) x sd(d) / sqrt(n); p: two-sided paired t-test (Student's t on the "
-            f"differences, n-1 degrees of freedom), assuming normal differences. With fewer than "
+            f"baseline mean: over the same seeds); {level:.0%} CI: mean ± t_{(1 + level) / 2:g}"
+            "(n-1) x sd(d) / sqrt(n); p: two-sided paired t-test (Student's t on the "
+            "differences, n-1 degrees of freedom), assuming normal differences. With fewer than "
             f"{MIN_PAIRS} pairs no interval or p-value is given. No correction for the number "
             "of comparisons: with many rows, some p < 0.05 arise by chance.")
     if baseline is None:
@@ -606,12 +606,12 @@ def _p(p: float) -> str:
 
 def _evidence(r: PairedTest, level: float) -> str:
     if r.n < MIN_PAIRS:
-        return (f"too few seeds ({r.n} pair{'s' if r.n != 1 else ''}; at least {MIN_PAIRS} "
-                "needed for an interval and a test)")
+        return (f"too few seeds ({r.n} pair{'s' if r.n != 1 else ''}; {MIN_PAIRS} needed for "
+                "a test)")
     alpha = 1 - level
     if r.p < alpha:
         return f"{'better' if r.mean > 0 else 'worse'} (p < {alpha:.2g})"
-    return f"no significant difference (p >= {alpha:.2g})"
+    return f"not significant (p >= {alpha:.2g})"
 
 
 def _tables(groups: list[Group], stats: list[_GroupStats], keys: list[str], target: float,
@@ -827,6 +827,7 @@ th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}
 .note{color:#555;font-size:.9em}figure{margin:1em 0}img{max-width:100%;border:1px solid #eee}
 figcaption{color:#555;font-size:.9em}code{background:#f6f6f6;padding:0 .2em}
+#significance+p+table td{white-space:nowrap}
 """
 
 _SCRIPT = """
