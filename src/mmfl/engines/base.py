@@ -16,9 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from mmfl import registry
 from mmfl.errors import ConfigError
 from mmfl.rng import INIT, torch_seed
 from mmfl.tasks.buffers import buffers_to_vector, vector_to_buffers
+from mmfl.tasks.losses import r_squared, task_loss
 from mmfl.tasks.models import eval_mode
 from mmfl.threads import resolve_threads
 from mmfl.types import AggregationPlan
@@ -100,9 +102,10 @@ class Engine:
             ds, cfg = td.dataset, td.spec
             self.models.append(_build(s, cfg, ds, seed))
             self.train_x.append(to_tensor(ds.x_train, np.float32))
-            self.train_y.append(to_tensor(ds.y_train, np.int64))
+            target = np.float32 if self.is_regression(s) else np.int64
+            self.train_y.append(to_tensor(ds.y_train, target))
             self.test_x.append(to_tensor(ds.x_test, np.float32))
-            self.test_y.append(to_tensor(ds.y_test, np.int64))
+            self.test_y.append(to_tensor(ds.y_test, target))
         #: (S,) the server's buffer vectors b_s ((Db_s,), empty for a model without buffers)
         #: and, for ``buffers = "local"``, each client's own b_{i,s} (mmfl.tasks.buffers)
         self.buffers = [buffers_to_vector(m) for m in self.models]
@@ -111,6 +114,11 @@ class Engine:
     @property
     def num_tasks(self) -> int:
         return len(self.models)
+
+    def is_regression(self, s: int) -> bool:
+        """Task s has real-valued targets and trains with ``loss = "mse"``
+        (:mod:`mmfl.tasks.losses`); False for class labels."""
+        return bool(getattr(self.federation.tasks[s].dataset, "regression", False))
 
     # -- buffers (mmfl.tasks.buffers) -------------------------------------------------------
     def has_buffers(self, s: int) -> bool:
@@ -258,6 +266,7 @@ class Engine:
         (the LVR score, docs/algorithms.md section 5): one forward pass over the client's samples."""
         out = np.zeros(len(clients))
         for s in np.unique(tasks):
+            regression = self.is_regression(s)
             with self.global_model(s, params[s]) as model:
                 x, y = self.train_x[s], self.train_y[s]
                 for k in np.flatnonzero(tasks == s):
@@ -265,7 +274,7 @@ class Engine:
                     total = 0.0
                     for a in range(0, len(idx), EVAL_BATCH):
                         b = idx[a:a + EVAL_BATCH]
-                        total += float(F.nll_loss(model(x[b]), y[b], reduction="sum"))
+                        total += float(task_loss(model(x[b]), y[b], regression, "sum"))
                     out[k] = total / max(len(idx), 1)
         return out
 
@@ -287,7 +296,9 @@ class Engine:
 
     def evaluate(self, params: list[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """Test accuracy and mean loss of every task: two (S,) float arrays. The tasks are
-        evaluated by :attr:`workers` threads at once (each task's numbers do not depend on it)."""
+        evaluated by :attr:`workers` threads at once (each task's numbers do not depend on it).
+        A regression task reports R^2 as its accuracy and the test MSE as its loss
+        (:meth:`_evaluate_regression`)."""
         results = self._map_tasks(lambda s: self._evaluate_task(s, params[s]),
                                   range(self.num_tasks))
         acc = np.array([r[0] for r in results], dtype=np.float64)
@@ -298,6 +309,8 @@ class Engine:
     def _evaluate_task(self, s: int, flat: torch.Tensor) -> tuple[float, float]:
         """(accuracy, mean loss) of task s's model with parameters ``flat`` on its test split."""
         torch.set_num_threads(1)  # a worker thread's own setting
+        if self.is_regression(s):
+            return self._evaluate_regression(s, flat)
         x, y = self.test_x[s], self.test_y[s]
         correct, total = 0, 0.0
         with self.global_model(s, flat) as model:
@@ -306,6 +319,20 @@ class Engine:
                 total += float(F.nll_loss(logp, y[a:a + EVAL_BATCH], reduction="sum"))
                 correct += int((logp.argmax(1) == y[a:a + EVAL_BATCH]).sum())
         return correct / max(len(y), 1), total / max(len(y), 1)
+
+    def _evaluate_regression(self, s: int, flat: torch.Tensor) -> tuple[float, float]:
+        """(R^2, test MSE) of regression task s: with predictions yhat and targets y (n, k),
+        SSE = sum_{j,c} (yhat_{j,c} - y_{j,c})^2 (float64), MSE = SSE / (n k) (the mean of
+        the per-sample losses of :func:`~mmfl.tasks.losses.squared_errors`) and
+        R^2 = :func:`~mmfl.tasks.losses.r_squared`."""
+        x, y = self.test_x[s], self.test_y[s]
+        sse = 0.0
+        with self.global_model(s, flat) as model:
+            for a in range(0, len(y), EVAL_BATCH):
+                yb = y[a:a + EVAL_BATCH]
+                d = model(x[a:a + EVAL_BATCH]).reshape(yb.shape).double() - yb.double()
+                sse += float(d.square().sum())
+        return r_squared(sse, y), sse / max(y.numel(), 1)
 
     def _map_tasks(self, fn, tasks) -> list:
         """``[fn(s) for s in tasks]``, on :attr:`workers` threads when there are several."""
@@ -338,8 +365,13 @@ def _build(s: int, cfg, ds, seed: int) -> torch.nn.Module:
                           dict(cfg.model_options)) from None
     if cfg.init_weights:
         load_initial_weights(model, cfg.init_weights, f"tasks[{s}].init_weights")
+    regression = bool(getattr(ds, "regression", False))
+    if regression and registry.get("model", cfg.model).builtin:
+        raise ConfigError(f"tasks[{s}].model", "mmfl's own models are classifiers (they return "
+                          "log-probabilities); a regression task needs a model of your own "
+                          "that returns predictions", cfg.model)
     x = to_tensor(ds.x_train[:PROBE_SAMPLES], np.float32)
-    return attach_loss(model, cfg.loss, x, ds.num_classes, s)
+    return attach_loss(model, cfg.loss, x, ds.num_classes, s, regression)
 
 
 def load_initial_weights(model: torch.nn.Module, path: str, key: str) -> None:

@@ -8,20 +8,21 @@ With SCAFFOLD corrections r = c_s - c_{i,s} every step is ``p <- p - lr * (grad 
 Another local optimizer (``tasks[i].optimizer``) is ``torch.optim``'s own, built fresh for
 every pair and round, fed grad + r.
 A task with ``class_mask`` other than ``"none"`` takes the nll of
-:func:`~mmfl.tasks.masking.training_log_probs` of the output with the client's held classes.
+:func:`~mmfl.tasks.masking.training_log_probs` of the output with the client's held classes; a
+regression task (``loss = "mse"``) the mean of :func:`~mmfl.tasks.losses.squared_errors`.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from mmfl.engines.base import Engine, TrainOutput, check_corrections
 from mmfl.registry import register
 from mmfl.rng import SHUFFLE, stream
 from mmfl.tasks.buffers import buffers_to_vector, vector_to_buffers
+from mmfl.tasks.losses import task_loss
 from mmfl.tasks.masking import training_log_probs
 from mmfl.tasks.optimizers import is_plain_sgd, options_of, torch_optimizer
 
@@ -58,6 +59,7 @@ def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor 
     x, y = engine.train_x[s], engine.train_y[s]
     mode = engine.class_mask(s)
     held = None if mode == "none" else engine.held_classes(s)[i:i + 1]  # (1, K)
+    regression = engine.is_regression(s)
     total, steps = 0.0, 0
     options = options_of(cfg)
     opt = (None if is_plain_sgd(cfg.optimizer, options)  # fresh each round and pair
@@ -71,7 +73,7 @@ def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor 
         out = model(x[b])
         if held is not None:  # class masking (mmfl.tasks.masking), training only
             out = training_log_probs(model, out, held, mode)
-        loss = F.nll_loss(out, y[b])
+        loss = task_loss(out, y[b], regression)
         loss.backward()
         with torch.no_grad():
             if opt is not None:  # SCAFFOLD's correction joins the gradient first

@@ -32,7 +32,9 @@ Three implementations of a step:
   hand-written backward and a fused SGD step. Client chunks keep the activations within
   :data:`ACTIVATION_BUDGET` floats and, for speed, a chunk's working set within
   :data:`CNN_CACHE_BUDGET` floats.
-* Generic path for any other model (``lstm``, ``authors_cnn``, user models):
+* Generic path for any other model (``lstm``, ``authors_cnn``, user models) and every
+  regression task (``loss = "mse"``, whose vmapped loss is sum_j c_j l_j of the per-sample
+  squared errors of :func:`~mmfl.tasks.losses.squared_errors`):
   ``torch.func.vmap`` over ``grad_and_value`` of a ``functional_call`` of the task's module,
   with the clients' stacked parameters as the vmapped argument. Large models are processed in
   client chunks so the stacked parameters and gradients stay within :data:`STACK_BUDGET` floats.
@@ -64,7 +66,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmfl import rng
@@ -74,6 +75,7 @@ from mmfl.engines.batched_cnn import cnn_spec, train_cnn
 from mmfl.engines.batched_ops import nll_and_grad_, write_updates
 from mmfl.engines.sequential import train_pairs
 from mmfl.registry import register
+from mmfl.tasks.losses import squared_errors, task_loss
 from mmfl.tasks.masking import training_log_probs
 from mmfl.tasks.models import MLP, LogReg
 from mmfl.tasks.optimizers import LocalOptimizer, is_plain_sgd, options_of
@@ -271,8 +273,10 @@ class VectorizedEngine(Engine):
 
     def __init__(self, federation, *, seed: int, threads: int | str = 1, fast_path: bool = True):
         super().__init__(federation, seed=seed, threads=threads)
-        # the fast paths have no class masking: masked tasks take the generic path
-        fast = [fast_path and self.class_mask(s) == "none" for s in range(self.num_tasks)]
+        # the fast paths have no class masking and no regression loss: such tasks take the
+        # generic path
+        fast = [fast_path and self.class_mask(s) == "none" and not self.is_regression(s)
+                for s in range(self.num_tasks)]
         self._layers = [_linear_stack(m) if f else None for m, f in zip(self.models, fast)]
         self._cnn = [cnn_spec(m, tuple(td.dataset.input_shape)) if f else None
                      for m, td, f in zip(self.models, federation.tasks, fast)]
@@ -472,7 +476,8 @@ class VectorizedEngine(Engine):
         return loss_acc.numpy()
 
     def _grad_fn(self, s: int):
-        """vmap over clients of (grad, value) of the weighted nll of the task's module.
+        """vmap over clients of (grad, value) of the weighted nll of the task's module (for a
+        regression task the weighted squared errors, sum_j c_j l_j).
 
         Arguments per client: parameters, x (Bm, ...), y (Bm,), weights c (Bm,), and for a
         masked task (``class_mask`` other than ``"none"``) its held classes (K_classes,) bool.
@@ -483,7 +488,10 @@ class VectorizedEngine(Engine):
             model = self.models[s]
             mode = self.class_mask(s)
 
-            if mode == "none":
+            if self.is_regression(s):  # c-weighted squared errors (mmfl.tasks.losses)
+                def loss(p, x, y, c):
+                    return (squared_errors(functional_call(model, p, (x,)), y) * c).sum()
+            elif mode == "none":
                 def loss(p, x, y, c):
                     logp = functional_call(model, p, (x,))
                     return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
@@ -523,7 +531,7 @@ class VectorizedEngine(Engine):
             ib = plan.idx[t, :k]
             flat = ib.reshape(-1)
             xb = X.index_select(0, flat).view(k, ib.shape[1], *shape)
-            yb = Y.index_select(0, flat).view(k, ib.shape[1])
+            yb = Y.index_select(0, flat).view(k, ib.shape[1], *Y.shape[1:])
             args = (xb, yb, plan.weight[t, :k]) if held is None else (
                 xb, yb, plan.weight[t, :k], held[:k])
             g, value = fn({n: v[:k] for n, v in P.items()}, *args)
@@ -546,7 +554,8 @@ class VectorizedEngine(Engine):
     # -- the LVR probe -----------------------------------------------------------------------
     @torch.no_grad()
     def probe_losses(self, params, clients, tasks) -> np.ndarray:
-        """(U,) mean nll of the global model w_s on client i's whole local train set, per pair.
+        """(U,) mean loss (nll; MSE for regression) of the global model w_s on client i's
+        whole local train set, per pair.
 
         All samples of one task's listed clients go through the (shared) global model in
         batches of ``EVAL_BATCH``; per-client means are segment sums. A client without data for
@@ -563,11 +572,12 @@ class VectorizedEngine(Engine):
                 continue
             flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
             nll = torch.empty(len(flat), dtype=torch.float64)
+            regression = self.is_regression(s)
             with self.global_model(s, params[s]) as model:
                 for a in range(0, len(flat), EVAL_BATCH):
                     b = flat[a:a + EVAL_BATCH]
-                    nll[a:a + len(b)] = F.nll_loss(model(self.train_x[s][b]),
-                                                   self.train_y[s][b], reduction="none").double()
+                    nll[a:a + len(b)] = task_loss(model(self.train_x[s][b]), self.train_y[s][b],
+                                                  regression, "none").double()
             seg = torch.from_numpy(np.repeat(np.arange(len(sel)), lens))
             sums = torch.zeros(len(sel), dtype=torch.float64).index_add_(0, seg, nll)
             out[sel] = sums.numpy() / np.maximum(lens, 1)

@@ -391,11 +391,13 @@ TASK = {
                           "the last k (the authors' default: the last 70%)."),
     "start_round": Option(int, 0, ">= 0", "First round the model is trained (it joins late)."),
     "stop_round": Option(int, 0, ">= 0", "Round from which it is no longer trained (0 = never)."),
-    "loss": Option(str, "auto", "one of auto|nll|cross_entropy",
+    "loss": Option(str, "auto", "one of auto|nll|cross_entropy|mse",
                    "Local training and evaluation loss: 'nll' on a model that returns "
                    "log-probabilities (mmfl's own models), 'cross_entropy' on one that returns "
-                   "logits; 'auto' tells them apart by one forward pass at start-up "
-                   "(docs/algorithms.md section 2)."),
+                   "logits; 'auto' tells them apart by one forward pass at start-up; 'mse' "
+                   "(regression: a dataset with real-valued targets, chosen by 'auto' there) "
+                   "reports the test MSE as loss and R^2 as accuracy (docs/algorithms.md "
+                   "section 2)."),
     "optimizer": Option(str, "sgd", "one of sgd|adam|adamw",
                         "Local optimizer, started fresh each round; options in "
                         "[tasks.optimizer_options] (docs/algorithms.md section 2)."),
@@ -761,6 +763,13 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
                               f"{t.start_round}", t.stop_round)
         if t.name in seen:
             raise ConfigError(f"tasks[{i}].name", f"duplicates tasks[{seen[t.name]}].name", t.name)
+        if t.loss == "mse" and t.class_mask != "none":
+            raise ConfigError(f"tasks[{i}].class_mask", "must be \"none\" with loss = \"mse\" "
+                              "(regression has no classes)", t.class_mask)
+        if t.loss == "mse" and top["engine"] == "flower":
+            raise ConfigError(f"tasks[{i}].loss", "\"mse\" (regression) runs on the local "
+                              "engines (vectorized, sequential) only so far, not on engine flower",
+                              t.loss)
         seen[t.name] = i
     cl["tasks_per_client"] = _distribution(
         "clients.tasks_per_client", cl["tasks_per_client"], lo=0, hi=len(tasks)

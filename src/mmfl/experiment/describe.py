@@ -17,6 +17,8 @@ def _stats(x: np.ndarray) -> str:
 def unheld_classes(td) -> list[int]:
     """Classes of a task (TaskData) that no client holds a training sample of."""
     ds = td.dataset
+    if ds.regression:  # real-valued targets: no classes
+        return []
     parts = [idx for idx in td.client_indices if len(idx)]
     held = np.unique(ds.y_train[np.concatenate(parts)]) if parts else np.zeros(0, np.int64)
     return sorted(set(range(ds.num_classes)) - set(held.tolist()))
@@ -39,15 +41,26 @@ def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
         t, ds = cfg.tasks[s], td.dataset
         n = pop.n_samples[:, s]
         held = n > 0
-        classes = np.array([len(np.unique(ds.y_train[idx])) for idx in td.client_indices if len(idx)])
+        regression = ds.regression
         opts = ", ".join(f"{k}={v}" for k, v in t.partition.options.items())
+        if regression:
+            y = np.asarray(ds.y_train, np.float64)
+            kind, per_client = f"{ds.num_classes} regression targets", ""
+            targets = f"    train targets: mean {y.mean():.4g}, std {y.std():.4g} (loss mse)"
+        else:
+            classes = np.array([len(np.unique(ds.y_train[idx]))
+                                for idx in td.client_indices if len(idx)])
+            kind = f"{ds.num_classes} classes"
+            per_client = f"; classes per client {_stats(classes)}"
+            hist = np.bincount(ds.y_train, minlength=ds.num_classes).tolist()
+            targets = f"    train label histogram {hist}"
         lines += [
             f"task {s} {t.name}: dataset {t.dataset} ({len(ds.y_train)} train / {len(ds.y_test)} "
-            f"test, {ds.num_classes} classes, input {tuple(ds.input_shape)}), model {t.model}, "
+            f"test, {kind}, input {tuple(ds.input_shape)}), model {t.model}, "
             f"lr {t.lr:g}, E {t.local_epochs}, batch {t.batch_size}",
             f"    partition {t.partition.kind}({opts}); held by {int(held.sum())} clients; "
-            f"samples per client {_stats(n[held])}; classes per client {_stats(classes)}",
-            f"    train label histogram {np.bincount(ds.y_train, minlength=ds.num_classes).tolist()}",
+            f"samples per client {_stats(n[held])}{per_client}",
+            targets,
         ]
         unheld = unheld_classes(td)
         if unheld:

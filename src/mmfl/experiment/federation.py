@@ -93,14 +93,41 @@ def _partition(cfg: ExperimentConfig, s: int, ds, holders: np.ndarray, n_clients
     from mmfl.tasks.partition import partition
 
     task = cfg.tasks[s]
+    labels = ds.y_train
+    if ds.regression:  # real-valued targets: no classes to split by
+        if task.partition.kind not in LABEL_FREE_PARTITIONS:
+            raise ConfigError(f"tasks[{s}].partition.kind", "splits by class label, but dataset "
+                              f"{task.dataset} has real-valued targets (regression); use one "
+                              f"of {', '.join(LABEL_FREE_PARTITIONS)}", task.partition.kind)
+        labels = np.zeros(len(ds.y_train), np.int64)
     try:
         return partition(
-            ds.y_train, holders, task.partition.kind, dict(task.partition.options),
+            labels, holders, task.partition.kind, dict(task.partition.options),
             ds.num_classes, stream(cfg.seed, PARTITION, s), groups=ds.groups,
             num_clients=n_clients,
         )
     except ValueError as e:
         raise ConfigError(f"tasks[{s}].partition", str(e), task.partition.kind) from None
+
+
+#: partition kinds that do not read class labels (the ones a regression dataset allows)
+LABEL_FREE_PARTITIONS = ("iid", "natural")
+
+
+def _check_regression(cfg: ExperimentConfig, s: int, ds) -> None:
+    """What a regression task (real-valued targets, mmfl.tasks.losses) cannot have: class
+    masking (there are no classes) and a test split whose targets do not vary (R^2, its
+    accuracy, would be undefined)."""
+    task = cfg.tasks[s]
+    if task.class_mask != "none":
+        raise ConfigError(f"tasks[{s}].class_mask", "must be \"none\" for a regression task "
+                          f"(dataset {task.dataset} has real-valued targets, not classes)",
+                          task.class_mask)
+    y = np.asarray(ds.y_test, np.float64)
+    if not (y - y.mean(axis=0)).any():
+        raise DataError(f"task {task.name}: the test targets of regression dataset "
+                        f"{task.dataset} are all equal, so R^2 (its accuracy) is undefined; "
+                        "use more test samples")
 
 
 def _fixed_federation(cfg: ExperimentConfig, data_dir: Path | None):
@@ -163,6 +190,8 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
             raise DataError(f"task {task.name}: dataset {task.dataset} has {len(ds.y_train)} "
                             f"training and {len(ds.y_test)} test samples; it needs at least "
                             f"{ds.num_classes} training samples and one test sample")
+        if ds.regression:
+            _check_regression(cfg, s, ds)
         holders = np.flatnonzero(member[:, s])
         if fixed is not None:
             parts = [fixed.indices[s][i] for i in holders]
@@ -176,6 +205,8 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
         if n_samples[:, s].sum() == 0:
             raise ConfigError(f"tasks[{s}]", "no client received any training sample", task.name)
         tasks.append(TaskData(training_spec(task, s), ds, tuple(indices)))
+        if ds.regression:
+            continue
         held = np.unique(np.concatenate([ds.y_train[i] for i in indices if len(i)]))
         if len(held) < ds.num_classes:
             log.warning("task %s: classes %s are held by no client: the model never trains on "

@@ -123,6 +123,13 @@ class Runner:
             raise ConfigError(f"tasks[{buffered[0]}].model", "models with buffers (batch norm) "
                               "run on the local engines only so far, not on engine flower",
                               cfg.tasks[buffered[0]].model)
+        regression = [s for s, td in enumerate(fed.tasks)
+                      if td.dataset.regression]
+        if regression and cfg.engine == "flower":
+            s = regression[0]
+            raise ConfigError(f"tasks[{s}].loss", "regression (real-valued targets, loss mse) "
+                              "runs on the local engines only so far, not on engine flower",
+                              cfg.tasks[s].loss)
         self.check = UpdateCheck(cfg.update_check, pop.task_names)
         self.stores = PairStores(pop, self.engine.num_parameters(),
                                  needs_stale=self.aggregator.uses_stale,

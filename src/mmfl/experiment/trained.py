@@ -62,7 +62,9 @@ def write_models(out: Path, federation, engine, params, round_: int) -> None:
                 "model_options": json.dumps(dict(spec.model_options), sort_keys=True),
                 "input_shape": json.dumps([int(d) for d in ds.input_shape]),
                 "num_classes": str(int(ds.num_classes)), "round": str(int(round_)),
-                "loss": "cross_entropy" if isinstance(model, LogSoftmaxOutput) else "nll"}
+                "loss": ("mse" if getattr(engine, "is_regression", lambda s: False)(s)
+                         else "cross_entropy"
+                         if isinstance(model, LogSoftmaxOutput) else "nll")}
         tmp = folder / f"{spec.name}.safetensors.tmp"
         save_file(state, str(tmp), metadata=meta)
         tmp.replace(folder / f"{spec.name}.safetensors")
@@ -115,7 +117,8 @@ def _load_checkpoint_round(model: torch.nn.Module, run_dir: Path, task: str, rou
 def load_data(run_dir: str | Path, task: str, split: str = "test", *,
               data_dir: str | Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x, y)`` of ``task``'s ``split`` ("test" or "train") exactly as the run's engines
-    used them: float32 inputs (N, *input_shape) after mmfl's preprocessing, int64 labels (N,)."""
+    used them: float32 inputs (N, *input_shape) after mmfl's preprocessing, int64 labels (N,)
+    (a regression task: float32 targets (N,) or (N, k))."""
     from mmfl.experiment.config import config_from_dict, resolve_data_dir
     from mmfl.experiment.federation import task_dataset
 
@@ -128,5 +131,6 @@ def load_data(run_dir: str | Path, task: str, split: str = "test", *,
     ds = task_dataset(cfg, names.index(task),
                       resolve_data_dir(cfg, None if data_dir is None else str(data_dir)))
     x, y = getattr(ds, f"x_{split}"), getattr(ds, f"y_{split}")
+    target = np.float32 if ds.regression else np.int64
     return (torch.from_numpy(np.array(x, dtype=np.float32)),
-            torch.from_numpy(np.array(y, dtype=np.int64)))
+            torch.from_numpy(np.array(y, dtype=target)))

@@ -64,13 +64,17 @@ class Dataset:
     Attributes:
         name: registry name of the dataset.
         x_train: (n, *input_shape) float32, normalised inputs.
-        y_train: (n,) int64 labels in [0, num_classes).
+        y_train: (n,) int64 labels in [0, num_classes); for a regression dataset (n,) or
+            (n, k) float32 targets.
         x_test: (n_test, *input_shape) float32.
-        y_test: (n_test,) int64.
-        num_classes: K.
+        y_test: (n_test,) int64, or for a regression dataset float32 shaped like ``y_train``.
+        num_classes: K; for a regression dataset the number k of target values per sample (the
+            model's output width; 1 for (n,) targets).
         input_shape: shape of one input, e.g. (1, 28, 28) for images or (40,) for sequences.
         groups: (n,) int64 natural client-group id of each training sample (e.g. the device of
             ``synthetic``), or None when the data has no natural split.
+        regression: real-valued targets, trained and evaluated with ``tasks[i].loss = "mse"``
+            (:mod:`mmfl.tasks.losses`); False (the default): class labels.
     """
 
     name: str
@@ -81,6 +85,7 @@ class Dataset:
     num_classes: int
     input_shape: tuple[int, ...]
     groups: np.ndarray | None = None
+    regression: bool = False
 
     def __post_init__(self) -> None:
         n, n_test = len(self.y_train), len(self.y_test)
@@ -93,8 +98,11 @@ class Dataset:
         if self.groups is not None and np.shape(self.groups) != (n,):
             raise ValueError(f"Dataset {self.name}: groups must have shape ({n},)")
         object.__setattr__(self, "input_shape", shape)
+        target = np.float32 if self.regression else np.int64
+        if self.regression:
+            _check_targets(self)
         for attr, dtype in (("x_train", np.float32), ("x_test", np.float32),
-                            ("y_train", np.int64), ("y_test", np.int64), ("groups", np.int64)):
+                            ("y_train", target), ("y_test", target), ("groups", np.int64)):
             a = getattr(self, attr)
             if a is None:
                 continue
@@ -109,6 +117,22 @@ class Dataset:
     def num_test(self) -> int:
         """n_test, number of test samples."""
         return int(len(self.y_test))
+
+
+def _check_targets(ds: Dataset) -> None:
+    """A regression dataset's targets: (n,) with num_classes = 1, or (n, k) with k =
+    num_classes, the same k in both splits, all finite."""
+    k = int(ds.num_classes)
+    for split in ("y_train", "y_test"):
+        y = np.asarray(getattr(ds, split))
+        if not (y.ndim == 1 and k == 1 or y.ndim == 2 and y.shape[1] == k):
+            raise ValueError(f"Dataset {ds.name}: regression targets {split} of shape "
+                             f"{y.shape} must be (n, num_classes) = (n, {k}), or (n,) with "
+                             "num_classes = 1")
+        if np.ndim(ds.y_train) != y.ndim:
+            raise ValueError(f"Dataset {ds.name}: y_train and y_test differ in shape")
+        if not np.isfinite(y).all():
+            raise ValueError(f"Dataset {ds.name}: {split} holds non-finite targets")
 
 
 def stratified_split(
