@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from mmfl import registry
+from mmfl.engines.device import resolve_device
 from mmfl.errors import ConfigError
 from mmfl.rng import INIT, torch_seed
 from mmfl.tasks.buffers import buffers_to_vector, vector_to_buffers
@@ -81,14 +82,22 @@ class TrainOutput:
 class Engine:
     """Base engine. Subclasses implement :meth:`train`.
 
-    Constructed as ``cls(federation, seed=..., threads=...)``. Every torch kernel runs on one
-    thread, so results never depend on ``threads``; ``threads`` (an int or "auto",
+    Constructed as ``cls(federation, seed=..., threads=..., device=...)``. Every torch kernel
+    runs on one thread, so results never depend on ``threads``; ``threads`` (an int or "auto",
     :mod:`mmfl.threads`) is the number of worker threads that evaluate the tasks' models in
-    parallel (:meth:`evaluate`).
+    parallel (:meth:`evaluate`). ``device`` ("cpu", "cuda", "cuda:N", "auto";
+    :mod:`mmfl.engines.device`): the datasets and models move there once, here; parameters
+    arrive and updates leave as CPU tensors, as on the CPU.
     """
 
-    def __init__(self, federation, *, seed: int, threads: int | str = 1):
+    #: where the data and models live (engines built without :meth:`__init__`, such as the
+    #: Flower ClientApp's, compute on the CPU)
+    device = torch.device("cpu")
+
+    def __init__(self, federation, *, seed: int, threads: int | str = 1,
+                 device: str | torch.device = "cpu"):
         torch.set_num_threads(1)
+        self.device = resolve_device(device)
         self.workers = resolve_threads(threads)
         self._pool: ThreadPoolExecutor | None = None
         self.federation = federation
@@ -110,6 +119,11 @@ class Engine:
         #: and, for ``buffers = "local"``, each client's own b_{i,s} (mmfl.tasks.buffers)
         self.buffers = [buffers_to_vector(m) for m in self.models]
         self.local_buffers: list[dict[int, torch.Tensor]] = [{} for _ in self.models]
+        if self.device.type != "cpu":  # once: datasets and models to the device
+            for data in (self.train_x, self.train_y, self.test_x, self.test_y):
+                data[:] = [t.to(self.device) for t in data]
+            for m in self.models:
+                m.to(self.device)
 
     @property
     def num_tasks(self) -> int:
@@ -133,7 +147,8 @@ class Engine:
         """Task s's module holding w_s = ``flat`` and the server's b_s, in eval mode (for
         evaluation and loss probes); back in its mode afterwards."""
         model = self.models[s]
-        vector_to_parameters(flat.detach().clone(), model.parameters())
+        # a copy on the device (vector_to_parameters makes the parameters views of it)
+        vector_to_parameters(flat.detach().to(self.device, copy=True), model.parameters())
         if self.has_buffers(s):
             vector_to_buffers(self.buffers[s], model)
         with eval_mode(model):
@@ -179,7 +194,8 @@ class Engine:
         """Initial global parameters: per task a (D_s,) float32 vector (a fresh copy on every
         call: engines may train inside the task modules, so they are not read again)."""
         if not hasattr(self, "_init"):
-            self._init = [parameters_to_vector(m.parameters()).detach().clone() for m in self.models]
+            self._init = [parameters_to_vector(m.parameters()).detach().cpu().clone()
+                          for m in self.models]
         return [w.clone() for w in self._init]
 
     def train(self, params: list[torch.Tensor], clients: np.ndarray, tasks: np.ndarray,
@@ -213,7 +229,8 @@ class Engine:
         if s not in cache:
             td = self.federation.tasks[s]
             cache[s] = torch.from_numpy(held_class_matrix(
-                td.client_indices, self.train_y[s].numpy(), self.task_classes(s)))
+                td.client_indices, self.train_y[s].cpu().numpy(),
+                self.task_classes(s))).to(self.device)
         return cache[s]
 
     def task_classes(self, s: int) -> int:
@@ -270,7 +287,8 @@ class Engine:
             with self.global_model(s, params[s]) as model:
                 x, y = self.train_x[s], self.train_y[s]
                 for k in np.flatnonzero(tasks == s):
-                    idx = torch.from_numpy(self.federation.tasks[s].client_indices[clients[k]])
+                    idx = torch.from_numpy(self.federation.tasks[s].client_indices[clients[k]]
+                                           ).to(self.device)
                     total = 0.0
                     for a in range(0, len(idx), EVAL_BATCH):
                         b = idx[a:a + EVAL_BATCH]

@@ -101,7 +101,7 @@ def _stack(spec: CNNSpec, v: torch.Tensor) -> list[torch.Tensor]:
     K = v.shape[0]
     out, off = [], 0
     for j, (shape, n) in enumerate(zip(spec.shapes, spec.sizes)):
-        t = torch.empty((K, n), dtype=v.dtype)
+        t = torch.empty((K, n), dtype=v.dtype, device=v.device)
         t.copy_(v[:, off:off + n])
         out.append(t.view(K * shape[0], *shape[1:]) if j < 4 else t.view(K, *shape))
         off += n
@@ -150,7 +150,7 @@ def train_cnn(spec: CNNSpec, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, 
     labels = Y[plan.idx].unsqueeze(3)  # (T, K, Bm, 1)
     weights = plan.weight.unsqueeze(3)  # (T, K, Bm, 1)
     neg_weights = weights.neg()
-    loss_acc = torch.zeros(K, dtype=torch.float64)
+    loss_acc = torch.zeros(K, dtype=torch.float64, device=w.device)
     for t, k in enumerate(plan.active):
         # client k's rows of the stacked tensors are a prefix of length k (* C_out for convs)
         rows = [k * s[0] if j < 4 else k for j, s in enumerate(spec.shapes)]
@@ -178,4 +178,4 @@ def train_cnn(spec: CNNSpec, w: torch.Tensor, X: torch.Tensor, Y: torch.Tensor, 
                 P[j][:rows[j]].sub_(g.mul_(lr))  # g is a fresh tensor: scale it in place
             loss_acc[:k] += loss
     write_updates(out, w, P)
-    return loss_acc.numpy()
+    return loss_acc.cpu().numpy()

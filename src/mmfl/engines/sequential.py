@@ -47,20 +47,23 @@ def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor 
     td = engine.federation.tasks[s]
     cfg = td.spec
     model = engine.models[s]
-    # clone: vector_to_parameters makes the parameters views of the vector it is given
-    vector_to_parameters(w.clone(), model.parameters())
+    dev = engine.device  # w, r and the result are CPU tensors; data and model live on dev
+    # a copy: vector_to_parameters makes the parameters views of the vector it is given
+    vector_to_parameters(w.to(dev, copy=True), model.parameters())
     buffered = engine.has_buffers(s)
     if buffered:
         vector_to_buffers(engine.start_buffers(s, i), model)
     corr = None
     if r is not None:  # one view per parameter
         corr = [v.view_as(p) for v, p in zip(
-            torch.split(r, [p.numel() for p in model.parameters()]), model.parameters())]
+            torch.split(r.to(dev), [p.numel() for p in model.parameters()]), model.parameters())]
     x, y = engine.train_x[s], engine.train_y[s]
     mode = engine.class_mask(s)
     held = None if mode == "none" else engine.held_classes(s)[i:i + 1]  # (1, K)
     regression = engine.is_regression(s)
-    total, steps = 0.0, 0
+    # the loss sum in float64 on the device (no host sync per step): the same additions as
+    # Python floats of the float32 losses
+    total, steps = torch.zeros((), dtype=torch.float64, device=dev), 0
     options = options_of(cfg)
     opt = (None if is_plain_sgd(cfg.optimizer, options)  # fresh each round and pair
            else torch_optimizer(cfg.optimizer, options, model.parameters(), cfg.lr))
@@ -68,7 +71,7 @@ def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor 
                                engine.seed, round, i, s):
         if buffered and len(batch) < 2:  # batch norm cannot train on one sample
             continue
-        b = torch.from_numpy(batch)
+        b = torch.from_numpy(batch).to(dev)
         model.zero_grad(set_to_none=True)
         out = model(x[b])
         if held is not None:  # class masking (mmfl.tasks.masking), training only
@@ -86,10 +89,10 @@ def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor 
             else:  # SCAFFOLD: y <- y - eta (g + c - c_i)
                 for p, c in zip(model.parameters(), corr):
                     p.sub_(cfg.lr * (p.grad + c))
-        total += float(loss.detach())
+        total += loss.detach()
         steps += 1
-    g = w - parameters_to_vector(model.parameters()).detach()
-    return g, total / max(steps, 1), steps, buffers_to_vector(model) if buffered else None
+    g = (w.to(dev) - parameters_to_vector(model.parameters()).detach()).cpu()
+    return g, float(total) / max(steps, 1), steps, buffers_to_vector(model) if buffered else None
 
 
 def train_pairs(engine: Engine, params, clients: np.ndarray, tasks: np.ndarray, round: int,

@@ -62,7 +62,7 @@ per-pair loop every engine can use and the tests compare against).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -141,6 +141,12 @@ class BatchPlan:
     @property
     def num_steps(self) -> int:
         return len(self.active)
+
+    def to(self, device: torch.device) -> "BatchPlan":
+        """The plan with ``idx`` and ``weight`` on ``device`` (itself on the CPU)."""
+        if device.type == "cpu":
+            return self
+        return replace(self, idx=self.idx.to(device), weight=self.weight.to(device))
 
 
 def batch_plan(indices: list[np.ndarray], clients: np.ndarray, task: int, epochs: int,
@@ -267,12 +273,15 @@ def _linear_stack(model: nn.Module) -> list[nn.Linear] | None:
 class VectorizedEngine(Engine):
     """Trains all active clients of a task together; same results as ``sequential``.
 
-    Constructed as ``VectorizedEngine(federation, seed=..., threads=..., fast_path=True)``;
-    ``fast_path=False`` forces the generic ``torch.func`` path for every model (for tests).
+    Constructed as ``VectorizedEngine(federation, seed=..., threads=..., device="cpu",
+    fast_path=True)``; ``fast_path=False`` forces the generic ``torch.func`` path for every
+    model (for tests). On a ``device`` other than the CPU every buffer and batch plan lives
+    there; parameters arrive and updates leave once per task and round.
     """
 
-    def __init__(self, federation, *, seed: int, threads: int | str = 1, fast_path: bool = True):
-        super().__init__(federation, seed=seed, threads=threads)
+    def __init__(self, federation, *, seed: int, threads: int | str = 1,
+                 device: str | torch.device = "cpu", fast_path: bool = True):
+        super().__init__(federation, seed=seed, threads=threads, device=device)
         # the fast paths have no class masking and no regression loss: such tasks take the
         # generic path
         fast = [fast_path and self.class_mask(s) == "none" and not self.is_regression(s)
@@ -318,7 +327,7 @@ class VectorizedEngine(Engine):
                 continue
             td = self.federation.tasks[s]
             cfg = td.spec
-            w = params[s].detach()
+            w = params[s].detach().to(self.device)  # the broadcast: once per task and round
             D = w.numel()
             sizes = np.array([len(td.client_indices[i]) for i in clients[sel]], dtype=np.int64)
             chunk = max(1, STACK_BUDGET // max(2 * D, 1))
@@ -332,7 +341,7 @@ class VectorizedEngine(Engine):
                 chunk = min(chunk, max(1, CNN_CACHE_BUDGET // per_client))
             elif layers is None:
                 max_rows = self._generic_rows(s)
-            G = torch.empty((len(sel), D), dtype=w.dtype)
+            G = torch.empty((len(sel), D), dtype=w.dtype, device=self.device)
             pos_in_task = np.empty(len(clients), dtype=np.int64)
             pos_in_task[sel] = np.arange(len(sel))
             for part in client_groups(sel, sizes, cfg.batch_size, chunk, max_rows):
@@ -342,10 +351,12 @@ class VectorizedEngine(Engine):
                 # changes no result)
                 part = np.sort(part)
                 plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
-                                  s, cfg.local_epochs, cfg.batch_size, self.seed, round)
+                                  s, cfg.local_epochs, cfg.batch_size, self.seed, round
+                                  ).to(self.device)
                 rows = part[plan.order]
                 dest = pos_in_task[rows]
-                corr = None if corrections is None else corrections[s][torch.from_numpy(dest)]
+                corr = (None if corrections is None
+                        else corrections[s][torch.from_numpy(dest)].to(self.device))
                 U, direct = self._rows_of(G, dest)
                 if layers is not None:
                     loss_sum = self._train_linear(s, w, plan, cfg.lr, corr, U)
@@ -354,14 +365,15 @@ class VectorizedEngine(Engine):
                                          cfg.lr, corr, U)
                 else:
                     held = (None if self.class_mask(s) == "none"
-                            else self.held_classes(s)[torch.from_numpy(clients[rows])])
+                            else self.held_classes(s)[torch.from_numpy(clients[rows])
+                                                      .to(self.device)])
                     opt = None if plain else LocalOptimizer(cfg.optimizer, options, cfg.lr)
                     loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U, held, opt)
                 if not direct:
-                    G.index_copy_(0, torch.from_numpy(dest), U)
+                    G.index_copy_(0, torch.from_numpy(dest).to(self.device), U)
                 steps[rows] = plan.steps
                 losses[rows] = loss_sum / np.maximum(plan.steps, 1)
-            updates[s] = G
+            updates[s] = G.cpu()  # the uploads: once per task and round
         return TrainOutput(clients=clients, tasks=tasks, updates=updates, train_loss=losses,
                            steps=steps, buffers=buffers or None)
 
@@ -384,7 +396,7 @@ class VectorizedEngine(Engine):
         n = int(np.prod(shape))
         buf = self._scratch_bufs.get(name)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(n, dtype=torch.float32)
+            buf = torch.empty(n, dtype=torch.float32, device=self.device)
             if n <= SCRATCH_BUDGET:
                 self._scratch_bufs[name] = buf
         return buf[:n].view(shape)
@@ -441,7 +453,7 @@ class VectorizedEngine(Engine):
         labels = self.train_y[s][plan.idx].unsqueeze(3)  # (T, K, Bm, 1)
         weights = plan.weight.unsqueeze(3)                # (T, K, Bm, 1)
         neg_weights = weights.neg()
-        loss_acc = torch.zeros(K, dtype=torch.float64)
+        loss_acc = torch.zeros(K, dtype=torch.float64, device=w.device)
         L = len(layers)
         Bm = plan.idx.shape[2]
         for t, k in enumerate(plan.active):
@@ -473,7 +485,7 @@ class VectorizedEngine(Engine):
                 if l > 0:
                     dz = torch.ops.aten.threshold_backward(dprev, prev, 0)  # relu'
         torch.sub(w, P, out=out)  # G_k = w - w_k
-        return loss_acc.numpy()
+        return loss_acc.cpu().numpy()
 
     def _grad_fn(self, s: int):
         """vmap over clients of (grad, value) of the weighted nll of the task's module (for a
@@ -526,7 +538,7 @@ class VectorizedEngine(Engine):
         fn = self._grad_fn(s)
         X, Y = self.train_x[s], self.train_y[s]
         shape = tuple(X.shape[1:])
-        loss_acc = torch.zeros(K, dtype=torch.float64)
+        loss_acc = torch.zeros(K, dtype=torch.float64, device=w.device)
         for t, k in enumerate(plan.active):
             ib = plan.idx[t, :k]
             flat = ib.reshape(-1)
@@ -549,7 +561,7 @@ class VectorizedEngine(Engine):
                 loss_acc[:k] += value
         with torch.no_grad():
             write_updates(out, w, P.values())
-        return loss_acc.numpy()
+        return loss_acc.cpu().numpy()
 
     # -- the LVR probe -----------------------------------------------------------------------
     @torch.no_grad()
@@ -570,15 +582,17 @@ class VectorizedEngine(Engine):
             lens = np.array([len(p) for p in parts], dtype=np.int64)
             if lens.sum() == 0:
                 continue
-            flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
-            nll = torch.empty(len(flat), dtype=torch.float64)
+            flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)
+                                    ).to(self.device)
+            nll = torch.empty(len(flat), dtype=torch.float64, device=self.device)
             regression = self.is_regression(s)
             with self.global_model(s, params[s]) as model:
                 for a in range(0, len(flat), EVAL_BATCH):
                     b = flat[a:a + EVAL_BATCH]
                     nll[a:a + len(b)] = task_loss(model(self.train_x[s][b]), self.train_y[s][b],
                                                   regression, "none").double()
-            seg = torch.from_numpy(np.repeat(np.arange(len(sel)), lens))
-            sums = torch.zeros(len(sel), dtype=torch.float64).index_add_(0, seg, nll)
-            out[sel] = sums.numpy() / np.maximum(lens, 1)
+            seg = torch.from_numpy(np.repeat(np.arange(len(sel)), lens)).to(self.device)
+            sums = torch.zeros(len(sel), dtype=torch.float64,
+                               device=self.device).index_add_(0, seg, nll)
+            out[sel] = sums.cpu().numpy() / np.maximum(lens, 1)
         return out

@@ -153,6 +153,7 @@ class ExperimentConfig:
     engine: str
     eval_every: int
     threads: int | str
+    device: str
     checkpoint_every: int
     server_lr: float
     data_dir: str
@@ -215,7 +216,7 @@ class ExperimentConfig:
 #: directories still resume. (table, key); "tasks.dataset_options" is that table of every task,
 #: "sampler" the options of the run's sampler.
 _NEW_KEYS = (
-    ("", "variant"), ("", "eval_last"), ("clients", "processor_levels"),
+    ("", "variant"), ("", "eval_last"), ("", "device"), ("clients", "processor_levels"),
     ("clients", "federation_file"), ("clients", "preferences"), ("clients", "preference_file"),
     ("sampler", "preference_aware"),
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"),
@@ -280,6 +281,10 @@ TOP = {
                       "parallel (every kernel runs on one thread, so results do not depend on "
                       "it): an int 1..256, or \"auto\": every core for a lone run, one per "
                       "worker in a sweep with --jobs > 1."),
+    "device": Option(str, "cpu", "", "Where the engines train and evaluate: \"cpu\", "
+                     "\"cuda\", \"cuda:N\" or \"auto\" (a GPU when torch sees one, else the "
+                     "CPU). Data and models move there once; bit-exact on cpu, deterministic "
+                     "kernels on cuda (mmfl.engines.device)."),
     "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
     "data_dir": Option(str, "", "", "Dataset folder ('' = --data-dir, $MMFL_DATA, then defaults)."),
     "stale_dtype": Option(str, "float32", "one of float32|float16",
@@ -556,6 +561,17 @@ def _threads(value: Any) -> int | str:
     return value
 
 
+def _device(value: str, engine: str) -> str:
+    """``device``: "cpu", "cuda", "cuda:N" or "auto" (whether the GPU exists is checked when
+    the engine is built, mmfl.engines.device); engine flower computes on the CPU only."""
+    if not re.fullmatch(r"cpu|cuda|cuda:\d{1,4}|auto", value):
+        raise ConfigError("device", 'must be "cpu", "cuda", "cuda:N" or "auto"', value)
+    if engine == "flower" and value != "cpu":
+        raise ConfigError("device", 'engine flower trains on the CPU only so far; use "cpu"',
+                          value)
+    return value
+
+
 def _distribution(key: str, value: Any, *, lo: int, hi: int | None) -> int | tuple:
     """An int in [lo, hi], or a table {int value = probability} with probabilities summing to 1."""
     if isinstance(value, bool):
@@ -731,6 +747,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
                                 "logging"))
     _component("engine", "engine", top["engine"])
     top["threads"] = _threads(top["threads"])
+    top["device"] = _device(top["device"], top["engine"])
 
     server = _fixed("server.", _table("server", raw.get("server", {})), SERVER,
                     ("optimizer_options",))

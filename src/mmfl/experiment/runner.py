@@ -110,7 +110,9 @@ class Runner:
             self.engine = self.engine_factory(fed)
         else:
             eng = registry.get("engine", cfg.engine, key="engine")
-            self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads)
+            # device only when it is not the CPU (an engine of one's own may not take it)
+            where = {} if cfg.device == "cpu" else {"device": cfg.device}
+            self.engine = eng.obj(fed, seed=cfg.seed, threads=cfg.threads, **where)
         self._task_lr = np.array([t.lr for t in cfg.tasks], dtype=np.float64)
         self.env = Environment(cfg, pop, build_profile(cfg),
                                np.array(self.engine.flops_per_sample()),

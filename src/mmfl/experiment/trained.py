@@ -53,7 +53,7 @@ def write_models(out: Path, federation, engine, params, round_: int) -> None:
     folder.mkdir(exist_ok=True)
     for s, (td, model, flat) in enumerate(zip(federation.tasks, engine.models, params)):
         spec, ds = td.spec, td.dataset
-        copy_ = copy.deepcopy(model)
+        copy_ = copy.deepcopy(model).cpu()  # the file holds CPU tensors, whatever the device
         vector_to_parameters(flat.detach().clone(), copy_.parameters())
         if engine.has_buffers(s):
             vector_to_buffers(engine.buffers[s], copy_)

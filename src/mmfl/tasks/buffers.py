@@ -33,11 +33,11 @@ def float_buffers(model: nn.Module) -> list[torch.Tensor]:
 
 
 def buffers_to_vector(model: nn.Module) -> torch.Tensor:
-    """(Db,) float32 copy of the model's floating-point buffers (empty if none)."""
+    """(Db,) float32 CPU copy of the model's floating-point buffers (empty if none)."""
     bufs = float_buffers(model)
     if not bufs:
         return torch.zeros(0)
-    return torch.cat([b.detach().reshape(-1).float() for b in bufs]).clone()
+    return torch.cat([b.detach().reshape(-1).float() for b in bufs]).cpu().clone()
 
 
 @torch.no_grad()
