@@ -55,12 +55,12 @@ def load_preference_file(path: str | Path, population: Population) -> np.ndarray
         task = (row["task"] or "").strip()
         try:
             i, w = int(row["client"]), float(row["willingness"])
-            s = names[task] if task in names else int(task)
         except (TypeError, ValueError):
             raise DataError(f"{p}:{k}: {key}: malformed row (client={row['client']!r}, "
                             f"task={row['task']!r}, willingness={row['willingness']!r}); "
                             "expected an integer client, a task name or index and a number"
                             ) from None
+        s = names[task] if task in names else int(task) if task.isdigit() else -1
         if not 0 <= i < n:
             raise DataError(f"{p}:{k}: {key}: client {i} outside 0..{n - 1}")
         if not 0 <= s < s_count:
