@@ -21,8 +21,9 @@ from testkit import ROOT, default_sigint, tampered_shard
 
 pytest.importorskip("flwr")
 
-from mmfl.flower import local
-from mmfl.flower.local import FlowerRunError, LocalDeployment, processes_with_env
+from mmfl.flower import flwr_cli, local, processes
+from mmfl.flower.local import FlowerRunError, LocalDeployment
+from mmfl.supervisor import processes_with_env
 
 pytestmark = [pytest.mark.flower]
 
@@ -338,23 +339,25 @@ def test_rogue_supernodes_are_refused_and_control_api_is_loopback_only(tmp_path,
                 f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "{ip}:{dep.port}"\n'
                 'insecure = true\n', encoding="utf-8")
             attack = subprocess.run(
-                [local.flower_executable("flwr"), "run", str(dep.dir / "app"), "x",
-                 "--format", "json"], env={**os.environ, **local.FLOWER_ENV,
+                [flwr_cli.flower_executable("flwr"), "run", str(dep.dir / "app"), "x",
+                 "--format", "json"], env={**os.environ, **flwr_cli.FLOWER_ENV,
                                             "FLWR_HOME": str(home)},
                 capture_output=True, text=True, timeout=120)
         rogue = {1: tampered_shard(dep.shards[1], tmp_path / "rogue" / "r1.npz",
                                    shift_labels=True, lr=1e6),
                  2: tampered_shard(dep.shards[2], tmp_path / "rogue" / "r2.npz", drop=1)}
         for client, shard in rogue.items():
-            argv = [local.flower_executable("flower-supernode"), "--insecure",
+            argv = [flwr_cli.flower_executable("flower-supernode"), "--insecure",
                     "--superlink", f"{ip or '127.0.0.1'}:{dep.port}",
-                    "--port", str(local.free_port()),
+                    "--port", str(processes.free_port()),
                     "--node-config", f"client-id={client} data-file='{shard}'"]
-            dep._spawn(local._Proc(f"rogue{client}", argv, tmp_path / "rogue" / f"n{client}",
-                                   dep.logs / f"rogue{client}.log", {**dep._env, **ONE_THREAD}))
+            dep.procs.spawn(processes.Proc(f"rogue{client}", argv,
+                                           tmp_path / "rogue" / f"n{client}",
+                                           dep.logs / f"rogue{client}.log",
+                                           {**dep.env, **ONE_THREAD}))
         dep.submit()
         summary = dep.wait(timeout=300)
-        runs = dep._json(dep.flwr("ls", local.CONNECTION, "--format", "json"), "flwr ls")["runs"]
+        runs = dep.cli.runs()
     if attack is not None:
         assert attack.returncode != 0 or '"success": false' in attack.stdout, attack.stdout
     assert [str(r["run-id"]) for r in runs] == [dep.run_id]
@@ -582,12 +585,12 @@ def test_stop_kills_detached_grandchildren(tmp_path):
 
     cfg = load_config(write_config(tmp_path))
     dep = LocalDeployment(cfg, tmp_path / "run", grace=1.0)
-    dep._env = {**os.environ, local.MARKER: dep.token}
+    env = {**os.environ, processes.MARKER: dep.token}
     code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
             "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
-    proc = local._Proc("fake", [sys.executable, "-c", code], tmp_path, tmp_path / "fake.log",
-                       dep._env)
-    dep._spawn(proc)
+    proc = processes.Proc("fake", [sys.executable, "-c", code], tmp_path, tmp_path / "fake.log",
+                          env)
+    dep.procs.spawn(proc)
     dep.superlink = proc
     deadline = time.monotonic() + 20
     while len(dep.processes()) < 2 and time.monotonic() < deadline:
@@ -636,23 +639,23 @@ def test_prepare_only_writes_commands(tmp_path):
 SIGTERM_SCRIPT = """
 import os, sys, time
 from mmfl.experiment.config import load_config
-from mmfl.flower import local
+from mmfl.flower import local, processes
 
 dep = local.LocalDeployment(load_config(sys.argv[1]), sys.argv[2], grace=1.0)
-dep._env = {**os.environ, local.MARKER: dep.token}
+env = {**os.environ, processes.MARKER: dep.token}
 code = ("import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', "
         "'import time; time.sleep(60)'], start_new_session=True); time.sleep(60)")
 try:
     with dep:
-        proc = local._Proc("fake", [sys.executable, "-c", code], dep.out, dep.out / "f.log", dep._env)
+        proc = processes.Proc("fake", [sys.executable, "-c", code], dep.out, dep.out / "f.log", env)
         dep.out.mkdir(parents=True, exist_ok=True)
-        dep._spawn(proc)
+        dep.procs.spawn(proc)
         dep.superlink = proc
         while len(dep.processes()) < 2:
             time.sleep(0.1)
         print(dep.token, flush=True)
         time.sleep(60)
-except local.Terminated as e:
+except processes.Terminated as e:
     sys.exit(128 + e.signum)
 """
 
@@ -674,10 +677,10 @@ def test_sigterm_stops_every_process(tmp_path):
     p = _start_deployment_script(tmp_path)
     try:
         token = p.stdout.readline().strip()
-        assert len(local.marked_processes(token)) == 2
+        assert len(processes.marked_processes(token)) == 2
         p.send_signal(signal.SIGTERM)
         assert p.wait(timeout=30) == 128 + signal.SIGTERM
-        assert local.marked_processes(token) == []
+        assert processes.marked_processes(token) == []
     finally:
         if p.poll() is None:
             p.kill()
@@ -691,13 +694,13 @@ def test_children_die_when_the_parent_is_killed(tmp_path):
     p = _start_deployment_script(tmp_path)
     try:
         token = p.stdout.readline().strip()
-        assert len(local.marked_processes(token)) == 2
+        assert len(processes.marked_processes(token)) == 2
         p.kill()
         p.wait(timeout=10)
         t0 = time.monotonic()
-        while local.marked_processes(token) and time.monotonic() - t0 < 5:
+        while processes.marked_processes(token) and time.monotonic() - t0 < 5:
             time.sleep(0.05)
-        assert local.marked_processes(token) == []
+        assert processes.marked_processes(token) == []
         assert time.monotonic() - t0 < 2.0
     finally:
         if p.poll() is None:

@@ -14,7 +14,11 @@ Flower parts live in submodules that need it:
   Flower's simulation engine (``flwr.simulation.run_simulation``, Ray backend).
 * :mod:`mmfl.flower.local`: ``mmfl flower-local``, a real deployment on this machine, whose
   SuperLink runs through :mod:`mmfl.flower.linkguard` (Control and Runtime APIs for loopback
-  peers of the same user only).
+  peers of the same user only). Its parts: :mod:`~mmfl.flower.processes` (starting and
+  stopping every process), :mod:`~mmfl.flower.launch` (their command lines, commands.sh),
+  :mod:`~mmfl.flower.flwr_cli` (the ``flwr`` command line), :mod:`~mmfl.flower.follow`
+  (reading the run's files while it runs) and :mod:`~mmfl.flower.workdir` (the private
+  ``OUT/flower`` folder).
 
 See docs/flower.md ("The flower engine") for the protocol, the options and how faults are
 handled, and its "Threat model" for what each deployment mode defends against.
