@@ -107,3 +107,19 @@ def test_cpu_and_auto_give_identical_metrics(tmp_path, engine, no_gpu):
     mmfl.run(_cfg(engine=engine, device="auto"), tmp_path / "auto")
     a = (tmp_path / "cpu" / "metrics.csv").read_bytes()
     assert a == (tmp_path / "auto" / "metrics.csv").read_bytes() and a.count(b"\n") == 5
+
+
+def test_bench_device_without_a_gpu_times_the_cpu_side(capsys, no_gpu):
+    """benchmarks/bench_device.py on a machine without a GPU: says so, and runs the CPU side of
+    a case for both engines."""
+    import runpy
+
+    from testkit import ROOT
+
+    bench = runpy.run_path(str(ROOT / "benchmarks" / "bench_device.py"))
+    assert bench["main"](["--rounds", "2", "--clients", "6", "--cases", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "no GPU is available (torch.cuda.is_available() is False): CPU side only" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("mlp digits")]
+    assert [r[4] for r in rows] == ["vectorized", "sequential"]
+    assert all(float(r[5]) > 0 and r[6:] == ["-"] * 5 for r in rows)
