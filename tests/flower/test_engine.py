@@ -140,6 +140,40 @@ def test_shards_hold_each_clients_samples_in_index_order(setup):
     assert (fed.population.n_samples == 0).any(), "some client should lack a task"
 
 
+def test_shard_engine_is_built_by_the_engine_constructor(setup, monkeypatch):
+    """ShardEngine goes through Engine.__init__ (nothing of the base state skipped): its
+    datasets are the shard's samples, its models come from the make_model hook (built on
+    first use), and a client lacking a task has empty data for it."""
+    from mmfl.engines.base import Engine
+
+    _cfg, fed, paths = setup
+    i = int(np.flatnonzero((fed.population.n_samples == 0).any(axis=1))[0])
+    shard = load_shard(paths[i])
+    calls = []
+    original = Engine.__init__
+
+    def init(self, *a, **kw):
+        calls.append(type(self).__name__)
+        original(self, *a, **kw)
+
+    monkeypatch.setattr(Engine, "__init__", init)
+    eng = fc.ShardEngine(shard, seed=3)
+    assert calls == ["ShardEngine"]
+    assert eng.seed == 3 and eng.workers == 1 and eng.num_tasks == len(shard.tasks)
+    for s, t in enumerate(shard.tasks):
+        assert eng.train_x[s].dtype == torch.float32 and eng.train_y[s].dtype == torch.int64
+        np.testing.assert_array_equal(eng.train_x[s].numpy(), t.x)
+        np.testing.assert_array_equal(eng.train_y[s].numpy(), t.y)
+        assert eng.federation.tasks[s].client_indices[i].tolist() == list(range(t.num_samples))
+        assert eng.task_classes(s) == t.num_classes and len(eng.test_y[s]) == 0
+        assert isinstance(eng.models[s], fc._NoModel) and eng.buffers[s].numel() == 0
+    assert 0 in shard.n_samples.tolist()
+    held = int(np.flatnonzero(shard.n_samples > 0)[0])
+    eng.need([held])
+    assert sum(p.numel() for p in eng.models[held].parameters()) == \
+        SequentialEngine(fed, seed=7).num_parameters()[held]
+
+
 def test_missing_shard_is_a_one_line_data_error(tmp_path):
     with pytest.raises(mmfl.DataError, match="client shard not found"):
         load_shard(tmp_path / "client-0.npz")

@@ -90,8 +90,7 @@ class Engine:
     arrive and updates leave as CPU tensors, as on the CPU.
     """
 
-    #: where the data and models live (engines built without :meth:`__init__`, such as the
-    #: Flower ClientApp's, compute on the CPU)
+    #: where the data and models live (set by :meth:`__init__`; the CPU by default)
     device = torch.device("cpu")
 
     def __init__(self, federation, *, seed: int, threads: int | str = 1,
@@ -109,7 +108,7 @@ class Engine:
         self.test_y: list[torch.Tensor] = []
         for s, td in enumerate(federation.tasks):
             ds, cfg = td.dataset, td.spec
-            self.models.append(_build(s, cfg, ds, seed))
+            self.models.append(self.make_model(s, td))
             self.train_x.append(to_tensor(ds.x_train, np.float32))
             target = np.float32 if self.is_regression(s) else np.int64
             self.train_y.append(to_tensor(ds.y_train, target))
@@ -128,6 +127,13 @@ class Engine:
     @property
     def num_tasks(self) -> int:
         return len(self.models)
+
+    def make_model(self, s: int, td) -> torch.nn.Module:
+        """Task s's model, built by :meth:`__init__` from ``td`` (its
+        :class:`~mmfl.tasks.spec.TaskData`) with the seeded initialisation. An engine that
+        builds its models later overrides this (the Flower ClientApp's engine builds a model
+        when a message first needs it)."""
+        return _build(s, td.spec, td.dataset, self.seed)
 
     def is_regression(self, s: int) -> bool:
         """Task s has real-valued targets and trains with ``loss = "mse"``

@@ -34,12 +34,12 @@ import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from mmfl.engines.base import to_tensor
 from mmfl.engines.sequential import SequentialEngine
 from mmfl.errors import DataError
+from mmfl.tasks.datasets import Dataset
 from mmfl.tasks.spec import TaskData
 from mmfl.flower import messages as M
-from mmfl.flower.shards import Shard, file_sha256, load_shard, shard_name
+from mmfl.flower.shards import Shard, TaskShard, file_sha256, load_shard, shard_name
 
 #: torch threads of a ClientApp: one core each (Ray gives each actor num_cpus = 1).
 THREADS = 1
@@ -57,35 +57,40 @@ class _NoModel(torch.nn.Module):
     """Placeholder for a task whose model has not been needed yet (no parameters)."""
 
 
+def _shard_dataset(t: TaskShard) -> Dataset:
+    """Task ``t`` of a shard as a dataset: the client's samples as the training split (their
+    dtypes as the engines' datasets: float32 inputs, int64 labels), an empty test split."""
+    return Dataset(f"{t.spec.name} (client shard)", t.x, t.y,
+                   np.zeros((0, *t.input_shape), np.float32), np.zeros(0, np.int64),
+                   t.num_classes, t.input_shape)
+
+
 class ShardEngine(SequentialEngine):
     """Engine ``sequential`` on one client's shard instead of a whole federation.
 
-    Attributes are those :class:`~mmfl.engines.base.Engine` defines, restricted to client i:
-    ``train_x[s]`` (n_{i,s}, ...) float32 and ``train_y[s]`` (n_{i,s},) int64 hold the shard's
-    samples in index order, ``federation.tasks[s].client_indices[i]`` is ``arange(n_{i,s})``,
-    and ``models[s]`` is built on first use (parameters are overwritten by every message).
+    Built through :class:`~mmfl.engines.base.Engine`'s own constructor on the client's slice
+    of a federation: task s's dataset holds the shard's samples as its training split (in
+    index order; no test split), ``federation.tasks[s].client_indices[i]`` is
+    ``arange(n_{i,s})``, so ``train_x[s]`` (n_{i,s}, ...) float32 and ``train_y[s]``
+    (n_{i,s},) int64 are the client's data. ``models[s]`` is built on first use
+    (:meth:`make_model`, :meth:`need`; parameters are overwritten by every message).
     :meth:`train` and :meth:`probe_losses` are inherited unchanged; ``seed`` is set per message.
     """
 
     def __init__(self, shard: Shard, seed: int = 0, sha256: str = ""):
-        # not Engine.__init__: there is no federation here, only this client's data
         self.shard = shard
         self.sha256 = sha256  # of the shard file: reported at discovery
         self.client = shard.client
-        self.seed = seed
-        tasks = []
-        for t in shard.tasks:
-            positions = {shard.client: np.arange(t.num_samples, dtype=np.int64)}
-            tasks.append(TaskData(t.spec, None, positions))
-        self.federation = _ClientFederation(tuple(tasks))
-        self.models = [_NoModel() for _ in shard.tasks]
-        self.train_x = [to_tensor(t.x, np.float32) for t in shard.tasks]
-        self.train_y = [to_tensor(t.y, np.int64) for t in shard.tasks]
-        self.test_x, self.test_y = [], []
-        # the engine's buffer state (models with buffers, e.g. batch norm): none travel in
-        # the Flower messages, and the server refuses such models for engine flower
-        self.buffers = [torch.zeros(0) for _ in shard.tasks]
-        self.local_buffers: list[dict] = [{} for _ in shard.tasks]
+        tasks = tuple(TaskData(t.spec, _shard_dataset(t),
+                               {shard.client: np.arange(t.num_samples, dtype=np.int64)})
+                      for t in shard.tasks)
+        super().__init__(_ClientFederation(tasks), seed=seed, threads=THREADS)
+
+    def make_model(self, s: int, td) -> torch.nn.Module:
+        """No model yet: :meth:`need` builds it when a message first trains the task. (So a
+        model without buffers, and the engine's buffer state is empty: no buffers travel in
+        the Flower messages, and the server refuses such models for engine flower.)"""
+        return _NoModel()
 
     def configure(self, tasks, conf) -> None:
         """Train ``tasks`` with the settings of the message config ``conf``
@@ -109,12 +114,8 @@ class ShardEngine(SequentialEngine):
                           optimizer_options=values["optimizer_options"])
             if _arch(new) != _arch(old):
                 self.models[s] = _NoModel()
-            fed[s] = TaskData(new, None, fed[s].client_indices)
+            fed[s] = TaskData(new, fed[s].dataset, fed[s].client_indices)
         self.federation = _ClientFederation(tuple(fed))
-
-    def task_classes(self, s: int) -> int:
-        """K_s from the shard (there is no dataset here); sizes the held-class masks."""
-        return int(self.shard.tasks[s].num_classes)
 
     def need(self, tasks, dims: dict[int, int] | None = None) -> None:
         """Build the models of ``tasks`` (task indices) that are not built yet; ``dims``
