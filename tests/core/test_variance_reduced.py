@@ -176,7 +176,11 @@ def test_lvr_freshness_reuses_cached_losses():
     alloc = LVRAllocator({"freshness": 0.3}, POP, 5)
     s0 = RoundState(0, POP, 2.0, AVAILABLE)
     assert np.array_equal(alloc.probe_pairs(s0), s0.eligible)  # nothing known: probe all
-    alloc.losses(RoundState(0, POP, 2.0, AVAILABLE, signals=signals()))
+    measured = RoundState(0, POP, 2.0, AVAILABLE, signals=signals())
+    alloc.losses(measured)  # scoring is pure: still nothing known
+    assert np.array_equal(alloc.probe_pairs(RoundState(1, POP, 2.0, AVAILABLE)), s0.eligible)
+    none = np.zeros(0, np.int64)
+    alloc.observe(none, none, measured)  # the runner keeps the round's losses after it
     frac = np.mean([alloc.probe_pairs(RoundState(t, POP, 2.0, AVAILABLE))[s0.eligible].mean()
                     for t in range(1, 400)])
     assert abs(frac - 0.3) < 0.03

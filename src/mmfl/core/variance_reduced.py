@@ -134,9 +134,13 @@ LVR_OPTIONS = {
 
 
 class _LossScores:
-    """Mixin: cached local losses, refreshed with probability ``freshness`` (section 5, LVR)."""
+    """Mixin: the last known local loss of every pair, refreshed with probability
+    ``freshness`` (section 5, LVR). Scoring is pure: :meth:`losses` merges the round's
+    measurements into a copy; :meth:`observe`, which the runner calls after the round, keeps
+    them (the sampler's checkpointed state)."""
 
     requires = frozenset({Signal.LOCAL_LOSS})
+    observes = True
 
     def _init_cache(self) -> None:
         self.loss = np.full(self.population.n_samples.shape, np.nan)
@@ -154,18 +158,25 @@ class _LossScores:
         fresh = stream(self.seed, LVR_FRESHNESS, state.round).random(self.loss.shape) < r
         return state.eligible & (fresh | unknown)
 
-    def losses(self, state: RoundState) -> np.ndarray:
-        """(N, S) scores from the losses: this round's measurements (``signals.local_loss``)
-        merged into the cache of the last known loss of every pair (the cache is the sampler's
-        checkpointed state and is updated here, once per allocation); divided by n_{i,s} with
-        ``loss_weighting = "authors"``."""
+    def _known(self, state: RoundState) -> np.ndarray:
+        """(N, S) the last known loss of every pair: this round's measurements
+        (``signals.local_loss``, NaN where not probed) over the stored ones (NaN: never)."""
         new = _require(state.signals.local_loss, "local_loss")
-        self.loss = np.where(np.isnan(new), self.loss, new)
-        loss = np.nan_to_num(self.loss, nan=0.0)
+        return np.where(np.isnan(new), self.loss, new)
+
+    def losses(self, state: RoundState) -> np.ndarray:
+        """(N, S) scores from the last known losses (:meth:`_known`), divided by n_{i,s} with
+        ``loss_weighting = "authors"``; changes no state."""
+        loss = np.nan_to_num(self._known(state), nan=0.0)
         if self.opt("loss_weighting") == "authors":
             n = self.population.n_samples
             loss = np.divide(loss, n, out=np.zeros_like(loss), where=n > 0)
         return loss
+
+    def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
+        """Keep the round's measured losses as the pairs' last known ones (after the round)."""
+        if state.signals.local_loss is not None:
+            self.loss = self._known(state)
 
     def state_dict(self):
         return {"loss": self.loss.copy()}
