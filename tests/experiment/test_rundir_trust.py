@@ -75,6 +75,24 @@ def test_user_files_in_out_are_never_overwritten(tmp_path):
     assert (out / "notes.txt").read_text() == "keep me"
 
 
+def test_run_files_are_every_name_a_run_writes(tmp_path):
+    """runlock.RUN_FILES, the names the ownership check protects in a user's folder, is the
+    run directory's list (mmfl.experiment.results), and runs that keep every kind of
+    per-pair state on disk (stale updates, StaleVRE's probe updates, SCAFFOLD's control
+    variates) write nothing else but the marker and the trained models."""
+    from mmfl.experiment import results, runlock
+
+    assert runlock.RUN_FILES is results.RUN_FILES
+    written = set()
+    for sampler, options in (("stalevre", ['sampler.score="probe"']), ("scaffold", [])):
+        out = tmp_path / sampler
+        mmfl.run(_cfg(tmp_path, rounds=2, overrides=[f'sampler.name="{sampler}"',
+                                                     "stale_on_disk=true", *options]), out)
+        written |= {p.name for p in out.iterdir()}
+    assert written - {MARKER, "models"} == set(results.RUN_FILES)
+    assert len(set(results.RUN_FILES)) == len(results.RUN_FILES)
+
+
 def test_leftover_temp_files_are_removed_on_resume(tmp_path):
     cfg = _cfg(tmp_path, rounds=2)
     out = tmp_path / "r"

@@ -16,7 +16,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from mmfl.core.metrics import RoundCost, fairness_stats, round_cost
-from mmfl.experiment.results import RunWriter, write_json
+from mmfl.experiment.results import SUMMARY, RunWriter, write_json
 
 __all__ = ["FINAL_WINDOW", "TARGETS", "Callback", "Recorder", "RoundRecord", "TaskRound",
            "count_cost", "summarize", "time_to_accuracy"]
@@ -228,11 +228,11 @@ class Recorder:
         }])
         self.writer.flush()
         if r.accuracy is not None and r.round < r.rounds:
-            write_json(self.out / "summary.json", self.running_summary())
+            write_json(self.out / SUMMARY, self.running_summary())
 
     def on_end(self, summary: dict[str, Any]) -> None:
         self.writer.sync()
-        write_json(self.out / "summary.json", summary)
+        write_json(self.out / SUMMARY, summary)
 
     def close(self) -> None:
         self.writer.close()

@@ -38,6 +38,14 @@ log = logging.getLogger(__name__)
 
 #: a sweep folder's index of its runs (mmfl.experiment.sweep writes it)
 INDEX = "index.json"
+#: the files of a run directory (the layout above)
+CONFIG = "config.toml"
+FEDERATION = "federation.json"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.safetensors"
+#: folders of the server's per-pair state (stale updates h, StaleVRE's probe updates,
+#: SCAFFOLD's control variates) when it is kept on disk (``stale_on_disk``)
+STALE_FOLDER, PROBE_FOLDER, CONTROLS_FOLDER = "stale", "probe", "controls"
 #: how to recover from a damaged run directory (said by every such error)
 RECOVER = ("start the run afresh in another --out (or delete this folder's checkpoint and "
            "tables to restart it here)")
@@ -54,6 +62,10 @@ ROUNDS_COLUMNS = (
 )
 TIMING_COLUMNS = ("round", "train_seconds", "eval_seconds", "round_seconds")
 TABLES = {"metrics.csv": METRICS_COLUMNS, "rounds.csv": ROUNDS_COLUMNS, "timing.csv": TIMING_COLUMNS}
+#: every name a run writes into its directory, files and folders (what
+#: :func:`mmfl.experiment.runlock.check_ownership` refuses to overwrite in a user's folder)
+RUN_FILES = (CONFIG, FEDERATION, *TABLES, SUMMARY, CHECKPOINT, STALE_FOLDER, PROBE_FOLDER,
+             CONTROLS_FOLDER)
 
 
 def fmt(x: Any) -> str:

@@ -36,13 +36,12 @@ from mmfl.errors import ResultsError
 from mmfl.experiment import checkpoint, tomlio
 from mmfl.experiment.config import ExperimentConfig
 from mmfl.experiment.federation import Federation
-from mmfl.experiment.results import RECOVER
+from mmfl.experiment.results import CHECKPOINT, RECOVER
 from mmfl.experiment.runlock import check_ownership
 
 __all__ = ["CHECKPOINT", "Checkpointer", "RunState", "check_out_dir", "config_fingerprint",
            "federation_info", "writing"]
 
-CHECKPOINT = "checkpoint.safetensors"
 #: a checkpoint written this many seconds after the last fsynced one is fsynced
 DURABLE_SECONDS = 30.0
 #: top-level keys that may change when a run is resumed: ``rounds``, ``threads`` (an

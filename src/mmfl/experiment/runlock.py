@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from mmfl.errors import ResultsError
-from mmfl.experiment.results import INDEX
+from mmfl.experiment.results import INDEX, RUN_FILES
 
 try:  # POSIX; elsewhere runs are not locked (documented)
     import fcntl
@@ -30,9 +30,6 @@ except ImportError:  # pragma: no cover
 __all__ = ["MARKER", "RUN_FILES", "RunLock", "check_ownership", "remove_leftovers"]
 
 MARKER = ".mmfl-run"
-#: what a run writes into its directory (files and folders)
-RUN_FILES = ("config.toml", "federation.json", "metrics.csv", "rounds.csv", "timing.csv",
-             "summary.json", "checkpoint.safetensors", "stale", "probe", "controls")
 FORMAT = "mmfl-run-1"
 
 

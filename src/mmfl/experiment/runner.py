@@ -42,7 +42,7 @@ from mmfl.experiment.environment import Environment
 from mmfl.experiment.federation import Federation, build_federation
 from mmfl.experiment.recording import (Callback, Recorder, RoundRecord, count_cost, summarize,
                                        task_rounds)
-from mmfl.experiment.results import write_json
+from mmfl.experiment.results import CONFIG, FEDERATION, write_json
 from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_out_dir,
                                     config_fingerprint, federation_info, legacy_fingerprints,
                                     writing)
@@ -173,8 +173,8 @@ class Runner:
         self.state = st = RunState(params=self.engine.init_params())
         with writing(self.out):
             remove_leftovers(self.out)
-            (self.out / "config.toml").write_text(tomlio.dumps(cfg.to_dict()), encoding="utf-8")
-            write_json(self.out / "federation.json", federation_info(self.federation))
+            (self.out / CONFIG).write_text(tomlio.dumps(cfg.to_dict()), encoding="utf-8")
+            write_json(self.out / FEDERATION, federation_info(self.federation))
             if resuming:
                 self.recorder.restore = self.checkpointer.load(st)
                 log.info("resuming %s after round %d", self.out, st.round)

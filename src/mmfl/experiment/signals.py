@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mmfl.engines.pair_store import ControlVariates, PairStore
+from mmfl.experiment.results import CONTROLS_FOLDER, PROBE_FOLDER, STALE_FOLDER
 from mmfl.rng import PROBE, stream
 from mmfl.types import Population, RoundState, Signal, Signals
 
@@ -68,10 +69,10 @@ class PairStores:
             return cls(population.holds, num_params, dtype=dtype,
                        path=None if root is None else root / folder)
 
-        self.stale = per_pair(PairStore, needs_stale or Signal.STALE in requires, "stale")
-        self.probe = per_pair(PairStore, Signal.PROBE in requires, "probe")
+        self.stale = per_pair(PairStore, needs_stale or Signal.STALE in requires, STALE_FOLDER)
+        self.probe = per_pair(PairStore, Signal.PROBE in requires, PROBE_FOLDER)
         self.controls = per_pair(ControlVariates, Signal.CONTROL_VARIATES in requires,
-                                 "controls")
+                                 CONTROLS_FOLDER)
 
     def stateful(self) -> list[tuple[str, object]]:
         """(checkpoint prefix, store) of the stores in use."""
