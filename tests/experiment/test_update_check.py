@@ -170,6 +170,25 @@ def test_a_nan_update_is_rejected_like_a_missing_pair(tmp_path, monkeypatch, eng
 
 
 @pytest.mark.parametrize("engine, cls", ENGINES)
+def test_a_rejected_update_of_the_full_computation_counts_as_missing(tmp_path, monkeypatch,
+                                                                    engine, cls):
+    """gvr trains every eligible pair before it allocates (the full computation). An update
+    the check rejects there takes its client out of the round and counts in rounds.csv's
+    ``missing`` like any missing pair, once; its training is still counted as done."""
+    cfg = _cfg(tmp_path, engine, overrides=['sampler.name="gvr"'])
+    hit = _corrupt(monkeypatch, cls, float("nan"))
+    summary = mmfl.run(cfg, tmp_path / "r")
+    assert summary["status"] == "completed" and len(hit) == 1
+    (client, task), name = hit[0], ("digits", "wave")[hit[0][1]]
+    rounds = list(csv.DictReader(open(tmp_path / "r" / "rounds.csv")))
+    assert f"{name} client {client} (non-finite)" in rounds[1]["note"]
+    assert [int(r["missing"]) for r in rounds] == [0, 1, 0, 0]
+    per_task = [r for r in csv.DictReader(open(tmp_path / "r" / "metrics.csv"))
+                if r["round"] == "2"]
+    assert sum(int(r["local_trainings"]) for r in per_task) == int(rounds[1]["local_trainings"])
+
+
+@pytest.mark.parametrize("engine, cls", ENGINES)
 def test_a_huge_update_is_rejected_by_the_ratio_limit(tmp_path, monkeypatch, engine, cls):
     cfg = _cfg(tmp_path, engine, overrides=["server.max_norm_ratio=10"])
     clean = mmfl.run(cfg, tmp_path / "clean")

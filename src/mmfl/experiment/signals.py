@@ -37,7 +37,9 @@ class Measurements:
         probes: local-loss probes asked for.
         probe_pairs: (clients (U,), tasks (U,)) of the loss probes, or None.
         probe_set: TrainOutput of StaleVRE's random probe set, or None.
-        missing: requested measurements that never arrived (offline nodes).
+        missing: requested measurements that never arrived (offline nodes), and updates of
+            the full computation that the server's check rejected (their clients sit the
+            round out like those of missing pairs; counted in rounds.csv's ``missing``).
         full_missing: pairs of the full computation among them.
         notes: human-readable notes for rounds.csv.
     """
@@ -166,6 +168,7 @@ class SignalGatherer:
                                     "computation (clients offline this round)")
             if full.rejected is not None:  # so do the clients of rejected updates
                 state = offline(state, full.clients[full.rejected])
+                got["missing"] += int(full.rejected.sum())
             kept = full.accepted()
             sig["update_norm"] = update_norms(kept, shape, self.lr)
             if Signal.UPDATE_DISTANCE in req:
