@@ -493,13 +493,6 @@ def _cmd_flower_local(args) -> int:
     cfg = _load(args)
     if not args.out.strip():
         raise ConfigError("--out", "must be a folder path", args.out)
-
-    def progress(p) -> None:
-        row = p.row
-        acc = row.get("mean_accuracy") or ""
-        log.info("round %d/%d  slots %s  %s%.1fs", p.done, p.rounds, row.get("slots", "?"),
-                 f"mean accuracy {float(acc):.3f}  " if acc else "", p.seconds)
-
     try:
         with LocalDeployment(cfg, args.out, data_dir=args.data_dir, tls=args.tls, auth=args.auth,
                              round_timeout=args.round_timeout, node_wait=args.node_wait,
@@ -509,7 +502,7 @@ def _cmd_flower_local(args) -> int:
                 print(dep.commands())
                 print(f"prepared: {dep.dir} (nothing started)")
                 return 0
-            summary = dep.run(progress=progress)
+            summary = dep.run(callbacks=[_LogProgress()])  # mmfl run's lines, relayed
     except FlowerRunError as e:
         print(f"mmfl: error: {e}", file=sys.stderr)
         if e.details:

@@ -276,6 +276,55 @@ def test_waiting_for_nodes_has_a_deadline(setup):
         _engine(fed, FakeGrid(nodes), node_wait=0.2)
 
 
+class _SlowGrid(FakeGrid):
+    """Nodes connect one per ``get_node_ids`` call, and a reply is handed out only at the
+    third pull that asks for it (as ClientApps that are still starting), so the engine waits
+    in both phases."""
+
+    def __init__(self, nodes):
+        super().__init__(nodes)
+        self.shown = 0
+        self.pulls: dict[str, int] = {}
+
+    def get_node_ids(self):
+        self.shown = min(self.shown + 1, len(self.nodes))
+        return list(self.nodes)[:self.shown]
+
+    def pull_messages(self, message_ids):
+        for m in message_ids:
+            self.pulls[m] = self.pulls.get(m, 0) + 1
+        return super().pull_messages([m for m in message_ids if self.pulls[m] >= 3])
+
+
+def test_waiting_for_nodes_reports_progress(setup, tmp_path, monkeypatch, caplog):
+    """Before round 1 the engine says what it waits for (nodes connected, then nodes that
+    answered discovery, N of M and the seconds so far), in the log and, for flower-local, as
+    ``nodes`` events in the progress file."""
+    import logging
+
+    from mmfl.flower import follow, server
+
+    _cfg, fed, paths = setup
+    monkeypatch.setattr(server, "PROGRESS_EVERY", 0.0)
+    file = tmp_path / "flower" / follow.PROGRESS
+    with caplog.at_level(logging.INFO, logger="mmfl.flower.server"):
+        eng = _engine(fed, _SlowGrid(_deployed(paths)), round_timeout=0.05, node_wait=10.0,
+                      progress_file=str(file))
+    assert len(eng._node_of) == 6
+    events = follow.RunFollower(tmp_path).events()
+    assert {e["event"] for e in events} == {"nodes"}
+    phases = [e["phase"] for e in events]
+    assert phases[0] == "connect" and "discover" in phases and phases[-1] == "ready"
+    connect = [e["have"] for e in events if e["phase"] == "connect"]
+    assert connect == sorted(connect) and connect[0] < 6 and all(
+        e["want"] == 6 for e in events)
+    seconds = [e["seconds"] for e in events]
+    assert seconds == sorted(seconds)
+    assert events[-1]["have"] == 6 and events[-1]["nodes"] == 6
+    assert "flower: waiting for Flower nodes to connect: 1 of 6 (0 s)" in caplog.text
+    assert "flower: 6 Flower nodes serve 6 of 6 clients" in caplog.text
+
+
 def test_shard_of_another_config_is_refused_and_recorded(setup, tmp_path):
     """Nodes whose shards disagree with the federation are refused (not an exception in the
     middle of discovery): the run cannot start without them, and the log file says why."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,7 +146,13 @@ def test_loopback_three_supernodes(tmp_path, reaper):
     reaper.append(p)
     rc, stdout, stderr = finish(p)
     assert rc == 0, stderr
-    assert "done:" in stdout and "round 2/2" in stderr
+    assert "done:" in stdout
+    # mmfl run's header and round lines (relayed from the ServerApp), what it waited for, and
+    # where the logs are and that they stay
+    assert re.search(r"round 2/2  slots \d+ \(m=\d+\)  [\d.]+s  ETA \d+s  digits=0\.\d{3}",
+                     stderr), stderr
+    assert "budget m=" in stderr and "ServerApp: 3 Flower nodes serve 3 of 3 clients" in stderr
+    assert f"logs in {out / 'flower' / 'logs'} (kept)" in stderr
     dep = check_run_dir(out, 2)
     assert dep["tls"] is False and dep["superlink"].startswith("127.0.0.1:")
     assert len({n["port"] for n in dep["nodes"]}) == 3  # one runtime port per SuperNode

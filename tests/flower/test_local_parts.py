@@ -154,3 +154,102 @@ def test_free_port_avoids_and_port_open():
         port = processes.free_port(avoid={busy})
         assert port != busy and not processes.port_open("127.0.0.1", port)
 
+
+# -- the ServerApp's progress, relayed ----------------------------------------------------------
+def _record(round_=2):
+    import numpy as np
+
+    from mmfl.core.metrics import RoundCost
+    from mmfl.experiment.recording import RoundRecord, TaskRound
+
+    tasks = (TaskRound("digits", 0.5, 1.25, 3, 4, 4, 12, 0.75),
+             TaskRound("wave", None, None, 0, 1, 0, 0, None))
+    return RoundRecord(round_, 6, ("digits", "wave"), np.array([0.5, np.nan]),
+                       np.array([1.25, 2.0]), 4, 0.125, tasks=tasks, available=5, budget=3.0,
+                       expected_slots=2.5, slots_assigned=5, cost=RoundCost(4, 2, 2, 3),
+                       local_steps=np.int64(12), stale_bytes=0, sim_seconds=1.5, sim_time=3.0,
+                       stragglers=1, missing=np.int64(1), note="1 pairs missing (no reply)",
+                       train_seconds=0.1, eval_seconds=0.02)
+
+
+def _same(a, b) -> bool:
+    return json.dumps(follow.record_to_json(a)) == json.dumps(follow.record_to_json(b))
+
+
+def test_round_records_survive_the_progress_file(tmp_path):
+    """What the ServerApp's callback writes is the record flower-local's callbacks get, field
+    for field (arrays, per-task rows, costs, NaN included)."""
+    import numpy as np
+
+    rec = _record()
+    back = follow.record_from_json(json.loads(json.dumps(follow.record_to_json(rec))))
+    assert _same(rec, back) and back.tasks == rec.tasks and back.cost == rec.cost
+    np.testing.assert_array_equal(back.accuracy, rec.accuracy)
+    assert back.loss.dtype == np.float64 and back.task_names == ("digits", "wave")
+    unknown = {**follow.record_to_json(rec), "added_later": 1}
+    assert _same(follow.record_from_json(unknown), rec)
+
+
+class _Seen:
+    def __init__(self):
+        self.calls = []
+
+    def on_start(self, cfg, federation, start_round):
+        self.calls.append(("start", cfg, federation, start_round))
+
+    def on_round(self, record):
+        self.calls.append(("round", record))
+
+    def on_end(self, summary):
+        self.calls.append(("end", summary))
+
+
+def test_relay_hands_the_servers_events_to_the_callbacks(tmp_path, caplog):
+    writer = follow.ProgressWriter(tmp_path / "flower" / follow.PROGRESS)
+    f = follow.RunFollower(tmp_path)
+    seen = _Seen()
+    assert f.relay([seen], "cfg", "fed") == 0  # no file yet
+    writer.write({"event": "nodes", "phase": "discover", "have": 4, "want": 6, "seconds": 12.3})
+    writer.on_start("server's cfg", "server's federation", 2)
+    records = [_record(3), _record(4)]
+    for r in records:
+        writer.on_round(r)
+    with open(tmp_path / "flower" / follow.PROGRESS, "a") as fh:
+        fh.write('{"event": "round", "rec')  # a line being written: left for the next look
+    with caplog.at_level(logging.INFO, logger="mmfl.flower.follow"):
+        assert f.relay([seen], "cfg", "fed") == 4
+    assert "ServerApp: waiting for Flower nodes to answer discovery: 4 of 6 (12 s)" in caplog.text
+    assert seen.calls[0] == ("start", "cfg", "fed", 2)  # flower-local's own config
+    assert [c[0] for c in seen.calls] == ["start", "round", "round"]
+    assert all(_same(c[1], r) for c, r in zip(seen.calls[1:], records))
+    writer.on_end({"status": "completed"})
+    assert f.relay([seen], "cfg", "fed") == 0  # the broken line is never complete
+    assert len(seen.calls) == 3  # on_end is flower-local's own, with the summary
+
+
+@pytest.mark.parametrize("event, line", [
+    ({"phase": "connect", "have": 0, "want": 6, "seconds": 0.04},
+     "waiting for Flower nodes to connect: 0 of 6 (0 s)"),
+    ({"phase": "ready", "have": 5, "want": 6, "seconds": 31.6, "nodes": 7},
+     "7 Flower nodes serve 5 of 6 clients (32 s)"),
+])
+def test_nodes_messages(event, line):
+    assert follow.nodes_message(event) == line
+
+
+def test_the_round_line_is_mmfl_runs(caplog):
+    """flower-local's CLI hands relayed records to mmfl run's own log formatter: a relayed
+    record gives the same line as the record itself."""
+    from mmfl.cli import _LogProgress
+
+    import re
+
+    lines = []
+    for rec in (_record(), follow.record_from_json(follow.record_to_json(_record()))):
+        cb = _LogProgress()
+        cb.start, cb.t0 = 0, time.perf_counter()
+        with caplog.at_level(logging.INFO, logger="mmfl"):
+            caplog.clear()
+            cb.on_round(rec)
+        lines.append(re.sub(r"ETA \d+s", "ETA", caplog.records[-1].getMessage()))
+    assert lines[0] == lines[1] == "round 2/6  slots 4 (m=3)  0.12s  ETA  digits=0.500 wave=nan"

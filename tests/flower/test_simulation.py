@@ -7,6 +7,7 @@ with ``vectorized`` is in tests/engines/test_conformance.py."""
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -136,24 +137,32 @@ def test_a_failing_client_app_leaves_its_pairs_missing(tmp_path):
 
 @pytest.mark.flower
 def test_mmfl_run_command_with_engine_flower(tmp_path):
-    """The CLI contract: exit 0 and the usual run directory."""
+    """The CLI contract (`mmfl run CONFIG --set engine=flower`): exit 0, the usual run
+    directory, no other library's INFO lines, and what the start-up waits for."""
     pytest.importorskip("flwr")
     cfg = tmp_path / "c.toml"
     from mmfl.experiment import tomlio
 
-    cfg.write_text(tomlio.dumps(_config(rounds=2).to_dict()), encoding="utf-8")
+    cfg.write_text(tomlio.dumps(_config(rounds=2, engine="vectorized").to_dict()),
+                   encoding="utf-8")
     out = subprocess.run([sys.executable, "-m", "mmfl.cli", "run", str(cfg), "--out",
-                          str(tmp_path / "run"), "--progress", "none"],
+                          str(tmp_path / "run"), "--set", "engine=flower", "--progress", "none"],
                          capture_output=True, text=True, timeout=300,
                          check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     for name in ("config.toml", "metrics.csv", "rounds.csv", "summary.json"):
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert 'engine = "flower"' in (tmp_path / "run" / "config.toml").read_text()
-    # other libraries' INFO lines stay out of mmfl's output (they appear with --verbose)
-    noise = [line for line in (out.stdout + out.stderr).splitlines()
-             if "alembic" in line.lower() or " INFO ray" in line or "INFO flwr" in line]
+    # other libraries' INFO lines stay out of mmfl's output (they appear with --verbose):
+    # alembic's migrations, Ray's start-up ("...\tINFO worker.py:... -- Started a local Ray
+    # instance"), Flower's ("INFO :      ..."); every INFO line left is in mmfl's format
+    text = out.stdout + out.stderr
+    noise = [line for line in text.splitlines() if "alembic" in line.lower()
+             or "INFO" in line and not re.match(r"\d\d:\d\d:\d\d INFO ", line)]
     assert noise == [], noise[:5]
+    # instead, the wait for Ray and the nodes is said
+    assert "starting Flower's simulation engine (Ray, 2 CPUs) with 6 virtual SuperNodes" in text
+    assert "flower: 6 Flower nodes serve 6 of 6 clients" in text
 
 
 @pytest.mark.flower

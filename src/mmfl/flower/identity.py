@@ -13,12 +13,11 @@ public_key``, which Flower 1.42 shows the ServerApp through ``grid.get_nodes()``
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
-import os
-from pathlib import Path
 
 import numpy as np
+
+from mmfl.flower.workdir import append_record
 
 log = logging.getLogger(__name__)
 
@@ -113,9 +112,6 @@ class RejectionLog:
         rec = {"time": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"), "round": round,
                "node": int(node), "what": what, "client": client, "reason": reason}
         try:
-            Path(self.path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            with os.fdopen(fd, "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            append_record(self.path, rec)
         except OSError as e:
             log.warning("flower: cannot record the rejection in %s (%s)", self.path, e)

@@ -61,11 +61,12 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Self
 
 from mmfl.errors import ConfigError, MmflError, ResultsError
+from mmfl.experiment.recording import Callback
 from mmfl.flower.flwr_cli import (CONNECTION, FLOWER_ENV, FlowerRunError, FlwrCli,
                                   flower_executable, server_traceback, toml_str,
                                   write_connection)
@@ -87,6 +88,8 @@ log = logging.getLogger(__name__)
 #: ``mmfl.flower.server:server_app`` and ``mmfl.flower.client:client_app``).
 APP_DIR = Path(__file__).resolve().parent / "fab"
 
+#: Seconds between two lines saying that the run waits for its ServerApp to report.
+WAITING_EVERY = 5.0
 _LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -199,6 +202,7 @@ class LocalDeployment:
         self.env: dict[str, str] = {}  # of every process and flwr call (set by prepare)
         self.cli = FlwrCli(self.dir, self.logs, self.env)
         self.follower = RunFollower(self.out)
+        self.federation = None  # built by prepare (the shards', and the callbacks' on_start)
         self._tls_files = None
         self._keys: list[tuple[Path, Path]] = []  # (private, public) key file per SuperNode
         self._prepared = False
@@ -245,7 +249,7 @@ class LocalDeployment:
         if self.port is not None and port_open(self.connect_host, self.port):
             raise ConfigError("--port", "is in use on this machine", self.port)
         data_dir = resolve_data_dir(self.cfg, self.data_dir)
-        federation = build_federation(self.cfg, data_dir)
+        federation = self.federation = build_federation(self.cfg, data_dir)
         try:
             self.out.mkdir(parents=True, exist_ok=True)  # the run directory: not ours to restrict
             with private_files():
@@ -362,9 +366,10 @@ class LocalDeployment:
             self.procs.spawn(p)
         self._times["start_s"] = time.perf_counter() - t0
         self._save_state()
-        log.info("Flower SuperLink on %s:%d (%s), %d SuperNodes; logs in %s", self.host,
+        log.info("Flower SuperLink on %s:%d (%s), %d SuperNodes; logs in %s (%s)", self.host,
                  self.port, "TLS + node auth" if self.auth else "TLS" if self.tls else "insecure",
-                 len(self.nodes), self.logs)
+                 len(self.nodes), self.logs, "kept" if self.keep_logs else
+                 "kept if the run fails; --keep-logs keeps them after a completed run")
 
     def _superlink_proc(self) -> Proc:
         argv = superlink_argv(self.host, self.port, self._tls_files, self.auth)
@@ -467,18 +472,30 @@ class LocalDeployment:
         return FlowerRunError(f"{reason}; see {self.superlink.log}")
 
     def wait(self, *, progress: Callable[[RunProgress], None] | None = None,
-             poll: float = 1.0, status_every: float = 10.0,
+             callbacks: Sequence[Callback] = (), poll: float = 1.0, status_every: float = 10.0,
              timeout: float | None = None) -> dict[str, Any]:
         """Follow the run until Flower reports it finished; returns ``summary.json``.
 
-        ``progress`` is called once per newly completed round (from ``rounds.csv``). Raises
-        FlowerRunError (with the ServerApp's log tail in ``details``) when the run ends other
-        than ``finished:completed``, a process dies, or ``timeout`` seconds pass.
+        ``callbacks`` get the ServerApp's callback events as ``mmfl run``'s do (``on_start``,
+        ``on_round`` with each round's record, ``on_end`` with the summary of a completed
+        run; relayed through ``progress.jsonl``, :mod:`mmfl.flower.follow`). ``progress`` is
+        called once per newly completed round (from ``rounds.csv``). Until the ServerApp
+        reports, a line every :data:`WAITING_EVERY` seconds says what the run waits for.
+        Raises FlowerRunError (with the ServerApp's log tail in ``details``) when the run ends
+        other than ``finished:completed``, a process dies, or ``timeout`` seconds pass.
         """
         seen = len(self.rounds_done()) if self.resume else 0
+        heard = False  # an event from the ServerApp so far
+        said = time.monotonic()  # the last "waiting" line
 
         def report() -> int:
+            nonlocal heard, said
             self.follower.report_rejections()
+            heard = self.follower.relay(callbacks, self.cfg, self.federation) > 0 or heard
+            if not heard and time.monotonic() - said >= WAITING_EVERY:
+                said = time.monotonic()
+                log.info("Flower run %s %s: waiting for the ServerApp (%.0f s)", self.run_id,
+                         self.status, time.perf_counter() - self._t_submit)
             rows = self.rounds_done()
             for k in range(seen, len(rows)):
                 if progress is not None:
@@ -510,10 +527,13 @@ class LocalDeployment:
                 f"Flower run {self.run_id} ended {self.status}; ServerApp log in "
                 f"{self.logs / 'serverapp.log'}", server_traceback(text))
         try:
-            return self.follower.summary()
+            summary = self.follower.summary()
         except (OSError, json.JSONDecodeError) as e:
             raise FlowerRunError(f"run {self.run_id} completed but {self.out / 'summary.json'} "
                                  f"cannot be read ({e})", server_traceback(text)) from None
+        for cb in callbacks:
+            cb.on_end(summary)
+        return summary
 
     def wait_round(self, r: int, timeout: float = 300.0) -> None:
         """Block until ``rounds.csv`` holds round ``r`` (for fault injection in tests)."""
@@ -548,14 +568,15 @@ class LocalDeployment:
         return self.status is not None and self.status.startswith("finished")
 
     def run(self, *, progress: Callable[[RunProgress], None] | None = None,
-            timeout: float | None = None) -> dict[str, Any]:
-        """prepare + start + submit + wait; returns the summary. Use inside ``with``."""
+            callbacks: Sequence[Callback] = (), timeout: float | None = None) -> dict[str, Any]:
+        """prepare + start + submit + wait (see :meth:`wait` for ``progress`` and
+        ``callbacks``); returns the summary. Use inside ``with``."""
         if not self._prepared:
             self.prepare()
         if self.superlink is None:
             self.start()
         self.submit()
-        return self.wait(progress=progress, timeout=timeout)
+        return self.wait(progress=progress, callbacks=callbacks, timeout=timeout)
 
     # -- 5. faults ------------------------------------------------------------------------------
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:

@@ -56,6 +56,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,7 @@ from mmfl.engines.base import Engine, TrainOutput, check_corrections
 from mmfl.errors import ConfigError, MmflError
 from mmfl.experiment.config import FLOWER
 from mmfl.flower import messages as M
+from mmfl.flower.follow import PROGRESS, ProgressWriter, nodes_message
 from mmfl.flower.identity import REJECTED, Claims, RejectionLog, node_keys
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,8 @@ def _polls():
 
 #: A node that did not answer discovery is asked again this many rounds later.
 RETRY_AFTER = 3
+#: Seconds between two progress lines while the engine waits for its nodes before round 1.
+PROGRESS_EVERY = 5.0
 
 
 class FlowerError(MmflError):
@@ -109,6 +113,8 @@ class FlowerSettings:
             nodes' claims are checked against; "" = n_{i,s} only.
         rejected_file: where refused nodes and rejected replies are appended (JSON lines,
             created on the first one); "" = the log only.
+        progress_file: where the wait for the nodes is reported besides the log (``nodes``
+            events of :mod:`mmfl.flower.follow`, for ``mmfl flower-local``); "" = the log only.
     """
 
     round_timeout: float = FLOWER["round_timeout"].default
@@ -118,6 +124,7 @@ class FlowerSettings:
     shard_dir: str = ""
     identity_file: str = ""
     rejected_file: str = ""
+    progress_file: str = ""
 
     @classmethod
     def from_config(cls, cfg, **overrides) -> FlowerSettings:
@@ -125,6 +132,28 @@ class FlowerSettings:
         base = {"round_timeout": f.round_timeout, "pack": f.pack, "node_wait": f.node_wait}
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
+
+
+class _NodeWait:
+    """Progress of the wait for the nodes before round 1: a log line (and, with a progress
+    file, a ``nodes`` event) at the first call, then at most every :data:`PROGRESS_EVERY`
+    seconds, and always for ``force``."""
+
+    def __init__(self, file: str):
+        self.file = file
+        self.t0 = time.monotonic()
+        self.last = -math.inf
+
+    def __call__(self, phase: str, have: int, want: int, *, force: bool = False, **extra):
+        now = time.monotonic()
+        if not force and now - self.last < PROGRESS_EVERY:
+            return
+        self.last = now
+        event = {"event": "nodes", "phase": phase, "have": int(have), "want": int(want),
+                 "seconds": round(now - self.t0, 1), **extra}
+        log.info("flower: %s", nodes_message(event))
+        if self.file:
+            ProgressWriter(self.file).write(event)
 
 
 @dataclass
@@ -190,8 +219,10 @@ class FlowerEngine(Engine):
         n_clients = self.federation.population.num_clients
         want = self.settings.nodes or n_clients
         deadline = time.monotonic() + self.settings.node_wait
+        progress = _NodeWait(self.settings.progress_file)
         waits = _polls()
         while len(ids := list(self.grid.get_node_ids())) < want:
+            progress("connect", len(ids), want)
             self._check_stop()
             if time.monotonic() > deadline:
                 raise FlowerError(f"only {len(ids)} of {want} Flower nodes connected after "
@@ -202,7 +233,9 @@ class FlowerEngine(Engine):
         need = min(want, n_clients)
         while True:
             left = max(deadline - time.monotonic(), 0.0)
-            self.discover(timeout=max(left, self._timeout() or 0.0) or None, retry=False)
+            self.discover(timeout=max(left, self._timeout() or 0.0) or None, retry=False,
+                          waiting=lambda answered, known=len(self._node_of):
+                          progress("discover", known + answered, need))
             if len(self._node_of) >= need or time.monotonic() > deadline:
                 break
             self._check_stop()
@@ -214,10 +247,10 @@ class FlowerEngine(Engine):
                           else "") if self._refused else "")
             raise FlowerError(f"only {found} of {need} Flower nodes answered discovery within "
                               f"{self.settings.node_wait:g} s (flower.node_wait){refused}")
-        log.info("flower: %d nodes serve %d of %d clients", len(self._client_of), found,
-                 n_clients)
+        progress("ready", found, n_clients, force=True, nodes=len(self._client_of))
 
-    def discover(self, *, timeout: float | None = None, retry: bool = True) -> None:
+    def discover(self, *, timeout: float | None = None, retry: bool = True,
+                 waiting: Callable[[int], None] | None = None) -> None:
         """Map the node ids not seen before to their clients (``query.discover``); forget
         nodes that left. Each claim is checked (:class:`~mmfl.flower.identity.Claims`; a second
         claim to a
@@ -226,7 +259,7 @@ class FlowerEngine(Engine):
         node. A node that does not answer is asked again :data:`RETRY_AFTER` calls later (so a
         silent node does not cost every round a discovery timeout); ``retry=False`` asks every
         unknown node now. ``timeout``: seconds to wait for the answers (default: the round
-        timeout)."""
+        timeout); ``waiting(n)`` is called with the number of answers so far while waiting."""
         self._calls += 1
         ids = [int(n) for n in self.grid.get_node_ids()]
         current = set(ids)
@@ -241,7 +274,7 @@ class FlowerEngine(Engine):
         msgs = [M.request(M.DISCOVER, nid, self._config(), {}) for nid in new]
         keys = node_keys(self.grid) if self._claims.keyed else {}
         claims = []
-        for msg, rep in self._exchange(msgs, timeout=timeout):
+        for msg, rep in self._exchange(msgs, timeout=timeout, waiting=waiting):
             nid = msg.metadata.dst_node_id
             if rep is None:  # no answer (yet): asked again a few rounds later
                 self._retry[nid] = self._calls + RETRY_AFTER
@@ -287,10 +320,12 @@ class FlowerEngine(Engine):
     def _timeout(self) -> float | None:
         return self.settings.round_timeout or None
 
-    def _exchange(self, msgs: list[Message], *, timeout: float | None = None
+    def _exchange(self, msgs: list[Message], *, timeout: float | None = None,
+                  waiting: Callable[[int], None] | None = None
                   ) -> list[tuple[Message, Message | None]]:
         """Push ``msgs``, collect replies until all are in or ``timeout`` (default: the round
-        timeout) passes.
+        timeout) passes; ``waiting(n)``, if given, is called with the n replies so far before
+        each pause.
         Returns (request, reply) for every request; reply None = no (valid) reply. Error
         replies are logged and count as no reply; they are matched to their request through
         ``reply_to_message_id``."""
@@ -328,6 +363,8 @@ class FlowerEngine(Engine):
                 break
             if pending:
                 self._check_stop()
+                if waiting is not None:
+                    waiting(len(got))
                 time.sleep(next(waits))
         return [(msg, got.get(mid) if mid else None) for msg, mid in zip(msgs, ids)]
 
@@ -515,12 +552,15 @@ def _main(grid: Grid, context: Context) -> None:
     cfg = load_config(str(rc["config-file"]))
     if cfg.engine != "flower":
         cfg = cfg.replace(engine="flower")
+    flower_dir = Path(str(rc["out-dir"])) / "flower"
     settings = FlowerSettings.from_config(
         cfg, round_timeout=_opt(rc, "round-timeout", float), nodes=_opt(rc, "nodes", int),
         node_wait=_opt(rc, "node-wait", float), identity_file=str(rc.get("identity-file", "")),
-        rejected_file=str(Path(str(rc["out-dir"])) / "flower" / REJECTED))
+        rejected_file=str(flower_dir / REJECTED), progress_file=str(flower_dir / PROGRESS))
+    # the log for Flower's run log; the progress file for mmfl flower-local's own output
     run_experiment(grid, cfg, str(rc["out-dir"]), settings=settings,
-                   resume=bool(rc.get("resume", False)), callbacks=[LogProgress()])
+                   resume=bool(rc.get("resume", False)),
+                   callbacks=[LogProgress(), ProgressWriter(settings.progress_file)])
 
 
 def _opt(rc, key: str, kind):

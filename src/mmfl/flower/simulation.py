@@ -136,6 +136,8 @@ def host_run(runner, *, resume: bool = False, client_app=None,
             finally:
                 done.set()
 
+        log.info("flower: starting Flower's simulation engine (Ray, %d CPUs) with %d virtual "
+                 "SuperNodes; their first answers wait for Ray to start", cfg.flower.ray_cpus, n)
         with environment(WORKER_ENV), _quiet(verbose), _stop_on_sigint(stop):
             try:
                 run_simulation(server_app=app, client_app=client_app, num_supernodes=n,

@@ -23,7 +23,7 @@ MANIFEST = ".mmfl-created"
 #: Every name mmfl may create in the folder (see mmfl.flower.local's module docstring).
 OWNED = ("logs", "home", "superlink", "nodes", "shards", "app", "tls", "keys",
          "experiment.toml", "run-config.toml", "identity.json", "commands.sh",
-         "deployment.json", "rejected.jsonl")
+         "deployment.json", "rejected.jsonl", "progress.jsonl")
 #: Names kept after a completed run (plus ``logs`` when asked).
 KEPT = ("deployment.json", "rejected.jsonl")
 #: Kept when the folder is prepared again: the rejections of earlier attempts of the run.
@@ -40,6 +40,23 @@ def private_files():
         yield
     finally:
         os.umask(old)
+
+
+def append_record(path: str | Path, record: dict) -> None:
+    """Append ``record`` as one JSON line to the file ``path`` (created 0600, its folder 0700,
+    when missing). Raises OSError."""
+    path = Path(path)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=plain) + "\n")
+
+
+def plain(x):
+    """A JSON value for a numpy scalar or array (json's ``default``)."""
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
 
 
 def copy_app(src: Path, dst: Path) -> None:
