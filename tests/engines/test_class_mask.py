@@ -180,6 +180,25 @@ def test_vectorized_matches_sequential(federations, mode, fast_path):
         assert float(a.updates[s].abs().max()) > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["none", "zero"])
+def test_cpu_convolutional_models_without_a_batched_path_train_one_client_at_a_time(
+        federations, mode):
+    """authors_cnn has no grouped-conv path: on the CPU the vectorized engine trains it with
+    the sequential engine's loop (vmap's grouped convolutions are slower there), so its
+    updates are the sequential engine's bit for bit; the mlp keeps its batched path."""
+    fed = federations[mode]
+    seq = SequentialEngine(fed, seed=5)
+    vec = VectorizedEngine(fed, seed=5)
+    assert vec._one_by_one == [True, False]
+    assert VectorizedEngine(fed, seed=5, fast_path=False)._one_by_one == [False, False]
+    params = _start(seq)
+    clients, tasks = _pairs(fed)
+    a, b = seq.train(params, clients, tasks, 2), vec.train(params, clients, tasks, 2)
+    assert torch.equal(a.updates[0], b.updates[0])
+    np.testing.assert_array_equal(a.train_loss[tasks == 0], b.train_loss[tasks == 0])
+    assert b.buffers is None
+
+
 @pytest.mark.parametrize("mode", ["zero", "exclude"])
 def test_masking_changes_training_only(federations, mode):
     """The masked updates differ from the unmasked ones; evaluation and the probe losses do

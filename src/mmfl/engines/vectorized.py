@@ -32,7 +32,14 @@ Three implementations of a step:
   hand-written backward and a fused SGD step. Client chunks keep the activations within
   :data:`ACTIVATION_BUDGET` floats and, for speed, a chunk's working set within
   :data:`CNN_CACHE_BUDGET` floats.
-* Generic path for any other model (``lstm``, ``authors_cnn``, user models) and every
+* One client at a time, the sequential engine's loop (:func:`~mmfl.engines.sequential.train_pairs`,
+  so the same results bit for bit), for models with buffers (batch norm) and, on the CPU, for
+  convolutional models the grouped-conv path does not cover (``authors_cnn``, ``cnn`` with
+  class masking or another optimizer than plain SGD, user CNNs): torch.func.vmap batches
+  their convolutions as grouped convolutions, which measured 2.3x slower than the loop for
+  ``authors_cnn`` on the authors' federation (benchmarks/README.md).
+* Generic path for any other model (``lstm``, user models without convolutions, and every model
+  when ``fast_path=False``) and every
   regression task (``loss = "mse"``, whose vmapped loss is sum_j c_j l_j of the per-sample
   squared errors of :func:`~mmfl.tasks.losses.squared_errors`):
   ``torch.func.vmap`` over ``grad_and_value`` of a ``functional_call`` of the task's module,
@@ -269,6 +276,11 @@ def _linear_stack(model: nn.Module) -> list[nn.Linear] | None:
     return layers
 
 
+def _has_conv(model: nn.Module) -> bool:
+    """Whether ``model`` has a convolution layer (any dimension)."""
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+
+
 @register("engine", "vectorized")
 class VectorizedEngine(Engine):
     """Trains all active clients of a task together; same results as ``sequential``.
@@ -292,12 +304,22 @@ class VectorizedEngine(Engine):
         self._grad_fns: dict[int, object] = {}
         self._conv_rows: dict[int, int] = {}
         self._scratch_bufs: dict[str, torch.Tensor] = {}
+        #: tasks trained one client at a time by the sequential engine's loop (so with its
+        #: results bit for bit): models with buffers, and on the CPU convolutional models
+        #: without the grouped-conv path, whose convolutions torch.func.vmap batches more
+        #: slowly than one client at a time there (benchmarks/README.md, authors_cnn)
+        self._one_by_one = [self.has_buffers(s) or (
+            fast_path and self.device.type == "cpu" and _has_conv(m) and not (
+                self._cnn[s] is not None and is_plain_sgd(td.spec.optimizer, options_of(td.spec))))
+            for s, (m, td) in enumerate(zip(self.models, federation.tasks))]
         for s, (layers, cnn) in enumerate(zip(self._layers, self._cnn)):
-            if self.has_buffers(s):
-                log.info("task %s: its model has buffers (e.g. batch norm), which the batched "
-                         "paths do not carry per client: the vectorized engine trains it one "
-                         "client at a time (the sequential engine's loop)",
-                         federation.tasks[s].spec.name)
+            if self._one_by_one[s]:
+                log.info("task %s: %s: the vectorized engine trains it one client at a time "
+                         "(the sequential engine's loop)", federation.tasks[s].spec.name,
+                         "its model has buffers (e.g. batch norm), which the batched paths do "
+                         "not carry per client" if self.has_buffers(s) else "its model's "
+                         "convolutions have no batched path here, and vmap's is slower than "
+                         "one client at a time on a CPU")
                 continue
             log.debug("task %d: %s path", s,
                       "batched-matmul" if layers else "grouped-conv" if cnn else "vmap")
@@ -319,10 +341,12 @@ class VectorizedEngine(Engine):
         buffers: dict[int, torch.Tensor] = {}
         for s in np.unique(tasks).tolist():
             sel = np.flatnonzero(tasks == s)
-            if self.has_buffers(s):  # one client at a time (said once at start-up)
+            if self._one_by_one[s]:  # one client at a time (said once at start-up)
                 sub = train_pairs(self, params, clients[sel], tasks[sel], round,
                                   None if corrections is None else {s: corrections[s]})
-                updates[s], buffers[s] = sub.updates[s], sub.buffers[s]
+                updates[s] = sub.updates[s]
+                if sub.buffers is not None:
+                    buffers[s] = sub.buffers[s]
                 losses[sel], steps[sel] = sub.train_loss, sub.steps
                 continue
             td = self.federation.tasks[s]
