@@ -198,3 +198,14 @@ def test_resume_with_preferences_equals_uninterrupted(tmp_path):
     b = json.loads((tmp_path / "part" / "summary.json").read_text())
     assert a["cost"] == b["cost"] and a["preferences"] == b["preferences"]
     assert a["cost"]["declined"] > 0 and a["preferences"]["refused_pairs"] > 0
+
+
+def test_describe_names_the_preferences():
+    from mmfl.experiment.describe import describe_federation
+    from mmfl.experiment.federation import build_federation
+
+    cfg = _cfg({"preferences": {"1": 0.5, "0.5": 0.3, "0": 0.2}}, {"preference_aware": True})
+    text = describe_federation(cfg, build_federation(cfg))
+    line = next(x for x in text.splitlines() if x.startswith("preferences: "))
+    assert "refused" in line and "soft" in line and "preference-aware" in line
+    assert "preferences" not in describe_federation(_cfg(), build_federation(_cfg()))

@@ -6,6 +6,7 @@ import numpy as np
 
 from mmfl.experiment.config import ExperimentConfig
 from mmfl.experiment.federation import Federation
+from mmfl.experiment.preferences import Preferences
 
 
 def _stats(x: np.ndarray) -> str:
@@ -37,6 +38,11 @@ def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
         "tasks per client: "
         + ", ".join(f"{k}: {c}" for k, c in zip(*np.unique(pop.holds.sum(1), return_counts=True))),
     ]
+    prefs = Preferences.from_config(cfg, pop).summary()  # clients.preferences
+    if prefs["refused_pairs"] or prefs["soft_pairs"]:
+        lines.append(f"preferences: {prefs['refused_pairs']} held pairs refused (never assigned), "
+                     f"{prefs['soft_pairs']} soft (decline with probability 1 - w); sampler "
+                     f"{'preference-aware' if prefs['aware'] else 'unaware'}")
     for s, td in enumerate(fed.tasks):
         t, ds = cfg.tasks[s], td.dataset
         n = pop.n_samples[:, s]

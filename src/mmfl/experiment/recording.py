@@ -63,7 +63,8 @@ class RoundRecord:
         slots: slots aggregated; seconds: wall-clock seconds of the round.
         tasks: (S,) :class:`TaskRound`.
         available: clients online; budget: m; expected_slots: sum of inclusion probabilities
-            of the aggregated slots; slots_assigned: slots drawn (before drops).
+            of the aggregated slots; slots_assigned: slots drawn (before drops), less those
+            declined by their clients (``cost.declined``, docs/algorithms.md section 3.3).
         cost: the round's :class:`~mmfl.core.metrics.RoundCost`; local_steps: SGD steps of
             every training of the round; stale_bytes: server memory of per-pair state.
         sim_seconds, sim_time: simulated duration of the round and of the run so far.
