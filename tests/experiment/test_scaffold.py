@@ -132,7 +132,7 @@ def test_run_matches_plain_scaffold(tmp_path, engine):
     cfg = _cfg(rounds, engine, top={"server": {"lr": 0.8}}, active_rate=1.0, processors=1,
                tasks_per_client=1)
     mmfl.run(cfg, tmp_path / "r")
-    arrays, _ = checkpoint.load(tmp_path / "r" / runner.CHECKPOINT)
+    arrays, _ = checkpoint.load_with_rows(tmp_path / "r" / runner.CHECKPOINT)
     w, c, c_i, pop = _reference(cfg, rounds)
     for s in range(2):
         np.testing.assert_allclose(arrays[f"param.{s}"], w[s].numpy(), rtol=0, atol=2e-5)
@@ -153,7 +153,7 @@ def test_costs_memory_and_invariant_in_a_sampled_run(tmp_path):
     summary = mmfl.run(cfg, tmp_path / "r")
     res = mmfl.read_results(tmp_path / "r")
     pop = build_federation(cfg).population
-    arrays, _ = checkpoint.load(tmp_path / "r" / runner.CHECKPOINT)
+    arrays, _ = checkpoint.load_with_rows(tmp_path / "r" / runner.CHECKPOINT)
     dims = [arrays[f"param.{s}"].size for s in range(2)]
     want_bytes = 4 * sum(int(pop.holds[:, s].sum()) * d + d for s, d in enumerate(dims))
     for row in res.rounds:
@@ -181,8 +181,8 @@ def test_resume_is_byte_identical(tmp_path, variant):
     mmfl.run(full, tmp_path / "part", resume=True)
     for f in ("metrics.csv", "rounds.csv"):
         assert (tmp_path / "part" / f).read_bytes() == (tmp_path / "full" / f).read_bytes(), f
-    a, _ = checkpoint.load(tmp_path / "full" / runner.CHECKPOINT)
-    b, _ = checkpoint.load(tmp_path / "part" / runner.CHECKPOINT)
+    a, _ = checkpoint.load_with_rows(tmp_path / "full" / runner.CHECKPOINT)
+    b, _ = checkpoint.load_with_rows(tmp_path / "part" / runner.CHECKPOINT)
     assert sorted(a) == sorted(b) and any(k.startswith("controls.c.") for k in a)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -6,6 +6,9 @@ Memory is O(sum_s holders_s * D_s): one row per client that holds task s, never 
 Rows can be kept in float32 (exact), float16 (half the memory; h is an approximation anyway
 and stale-update aggregation is unbiased for any h), and in memory or in a memory-mapped file on
 disk (``path``), so that a large federation's stale updates need not fit in RAM.
+
+A store remembers which rows changed since its last checkpoint (``dirty``): checkpoints write
+only those rows (:class:`mmfl.experiment.checkpoint.RowLog`), not the whole store.
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class PairStore:
                     Path(path) / f"stale-{s}.npy", mode="w+", dtype=self.dtype, shape=shape))
         self.stored = np.zeros(self.holds.shape, dtype=bool)   # (N, S) h ever written
         self.norm_sq = np.zeros(self.holds.shape)               # (N, S) ||h||^2 as stored
+        #: per task s, (rows_s,) bool: rows written since the last checkpoint
+        self.dirty = [np.zeros(len(r), dtype=bool) for r in self.rows]
 
     @property
     def nbytes(self) -> int:
@@ -68,6 +73,7 @@ class PairStore:
         r = self._rows(s, clients)
         values = updates.detach().numpy().astype(self.dtype)
         self.rows[s][r] = values
+        self.dirty[s][r] = True
         self.stored[clients, s] = True
         self.norm_sq[clients, s] = np.square(values.astype(np.float64)).sum(axis=1)
 
@@ -76,18 +82,31 @@ class PairStore:
         h = self.get(s, clients).double()
         return (h * updates.double()).sum(dim=1).numpy()
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays for a checkpoint."""
-        out = {f"h.{s}": np.asarray(r) for s, r in enumerate(self.rows)}
+    @property
+    def pair_store(self) -> "PairStore":
+        """The rows a checkpoint writes incrementally (this store)."""
+        return self
+
+    def state_dict(self, *, rows: bool = True) -> dict[str, np.ndarray]:
+        """Arrays for a checkpoint: ``stored``, ``norm_sq`` and, with ``rows``, every row
+        (``h.<s>``, (rows_s, D_s)); without, the rows travel in a
+        :class:`~mmfl.experiment.checkpoint.RowLog`."""
+        out = {f"h.{s}": np.asarray(r) for s, r in enumerate(self.rows)} if rows else {}
         out["stored"] = self.stored
         out["norm_sq"] = self.norm_sq
         return out
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        for s, r in enumerate(self.rows):
-            r[...] = state[f"h.{s}"]
+        """Restore ``stored`` and ``norm_sq``, and the rows where ``state`` has them
+        (``h.<s>``, as checkpoints before the row log wrote them); the rows count as
+        changed, so that the next checkpoint writes them (dirty = stored)."""
         self.stored[...] = state["stored"]
         self.norm_sq[...] = state["norm_sq"]
+        if any(f"h.{s}" in state for s in range(len(self.rows))):
+            for s, r in enumerate(self.rows):
+                r[...] = state[f"h.{s}"]
+                self.dirty[s][...] = False
+                self.dirty[s][self.row[self.stored[:, s], s]] = True
 
 
 class ControlVariates:
@@ -149,9 +168,15 @@ class ControlVariates:
             self.server[s] = server_control_step(
                 self.server[s], delta, data_weight[clients, s]).astype(np.float32)
 
-    def state_dict(self) -> dict[str, np.ndarray]:
-        """Arrays for a checkpoint: the client store's (``h.<s>`` ...) and ``c.<s>``."""
-        out = self.clients.state_dict()
+    @property
+    def pair_store(self) -> PairStore:
+        """The rows a checkpoint writes incrementally (the client controls c_{i,s})."""
+        return self.clients
+
+    def state_dict(self, *, rows: bool = True) -> dict[str, np.ndarray]:
+        """Arrays for a checkpoint: the client store's (``h.<s>`` with ``rows`` ...) and
+        ``c.<s>``."""
+        out = self.clients.state_dict(rows=rows)
         out.update({f"c.{s}": c for s, c in enumerate(self.server)})
         return out
 

@@ -12,6 +12,8 @@ Layout (the first three are contracts, see DESIGN.md):
 - ``federation.json``: the population (processors, samples per client and task, budget).
 - ``timing.csv``: wall-clock seconds per round (the only non-deterministic file).
 - ``checkpoint.safetensors``: the latest resumable state (see :mod:`mmfl.experiment.checkpoint`).
+- ``checkpoint-rows/``: the checkpoint's rows of the per-pair stores (stale updates, control
+  variates), one file per checkpoint with the rows changed since the previous one.
 
 Rows are appended and handed to the OS each round, so a killed run loses at most the round in
 progress; see :class:`RunWriter` for what survives a system crash.
@@ -43,6 +45,8 @@ CONFIG = "config.toml"
 FEDERATION = "federation.json"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.safetensors"
+#: the checkpoint's row files of the per-pair stores (:class:`mmfl.experiment.checkpoint.RowLog`)
+CHECKPOINT_ROWS = "checkpoint-rows"
 #: folders of the server's per-pair state (stale updates h, StaleVRE's probe updates,
 #: SCAFFOLD's control variates) when it is kept on disk (``stale_on_disk``)
 STALE_FOLDER, PROBE_FOLDER, CONTROLS_FOLDER = "stale", "probe", "controls"
@@ -64,8 +68,8 @@ TIMING_COLUMNS = ("round", "train_seconds", "eval_seconds", "round_seconds")
 TABLES = {"metrics.csv": METRICS_COLUMNS, "rounds.csv": ROUNDS_COLUMNS, "timing.csv": TIMING_COLUMNS}
 #: every name a run writes into its directory, files and folders (what
 #: :func:`mmfl.experiment.runlock.check_ownership` refuses to overwrite in a user's folder)
-RUN_FILES = (CONFIG, FEDERATION, *TABLES, SUMMARY, CHECKPOINT, STALE_FOLDER, PROBE_FOLDER,
-             CONTROLS_FOLDER)
+RUN_FILES = (CONFIG, FEDERATION, *TABLES, SUMMARY, CHECKPOINT, CHECKPOINT_ROWS, STALE_FOLDER,
+             PROBE_FOLDER, CONTROLS_FOLDER)
 
 
 def fmt(x: Any) -> str:

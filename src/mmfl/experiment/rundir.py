@@ -15,7 +15,10 @@ the tables exactly as they were at the checkpoint and continues bit-exactly from
   and the run must restart). The tables are fsynced once per 64 KB of rows.
 
 Durability therefore costs one atomic write per checkpoint (``checkpoint_every``) and an fsync
-every :data:`DURABLE_SECONDS`, not five fsyncs per round.
+every :data:`DURABLE_SECONDS`, not five fsyncs per round. Runs that keep per-pair stores (stale
+updates, SCAFFOLD) add one row file per checkpoint with the rows changed since the previous one,
+fsynced before the checkpoint that refers to it (:class:`~mmfl.experiment.checkpoint.RowLog`),
+so the guarantees above hold for the stores too.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ import contextlib
 import hashlib
 import math
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -36,7 +38,7 @@ from mmfl.errors import ResultsError
 from mmfl.experiment import checkpoint, tomlio
 from mmfl.experiment.config import ExperimentConfig
 from mmfl.experiment.federation import Federation
-from mmfl.experiment.results import CHECKPOINT, RECOVER
+from mmfl.experiment.results import CHECKPOINT, CHECKPOINT_ROWS, RECOVER
 from mmfl.experiment.runlock import check_ownership
 
 __all__ = ["CHECKPOINT", "Checkpointer", "RunState", "check_out_dir", "config_fingerprint",
@@ -114,12 +116,6 @@ def legacy_fingerprints(cfg: ExperimentConfig, data_dir: Path | None, out: Path)
     return [config_fingerprint(cfg, data_dir, threads=old)]
 
 
-def _crc(a: np.ndarray) -> int:
-    """CRC-32 of an array's bytes: detects damage to a checkpoint's tensors."""
-    return zlib.crc32(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
-
-
-
 def check_out_dir(cfg: ExperimentConfig, out: Path, *, resume: bool) -> bool:
     """Check the run directory before anything is written; True when a checkpoint will be
     resumed. Raises ResultsError for a run that exists without ``resume``, a different config,
@@ -191,7 +187,13 @@ def federation_info(fed: Federation) -> dict[str, Any]:
 class Checkpointer:
     """Saves and restores a run: :class:`RunState` and the ``state_dict`` of every
     ``(prefix, object)`` in ``stateful`` (allocator, aggregator, per-pair stores), under the
-    config fingerprint."""
+    config fingerprint.
+
+    The rows of the per-pair stores (objects with a ``pair_store``) are written incrementally
+    by a :class:`~mmfl.experiment.checkpoint.RowLog` into ``checkpoint-rows/``: a checkpoint
+    costs the rows changed since the previous one (plus, amortised, as much again for
+    compaction), not the whole store; its manifest travels in ``checkpoint.safetensors``.
+    Checkpoints of older versions (rows inside ``checkpoint.safetensors``) still resume."""
 
     def __init__(self, out: Path, fingerprint: str, stateful: list[tuple[str, Any]],
                  accepted: tuple[str, ...] = ()):
@@ -201,6 +203,8 @@ class Checkpointer:
         self.accepted = (fingerprint, *accepted)
         self.stateful = stateful
         self._synced = -math.inf  # perf_counter of the last fsynced checkpoint
+        self.row_log = checkpoint.RowLog(out / CHECKPOINT_ROWS, {
+            prefix: obj.pair_store for prefix, obj in stateful if hasattr(obj, "pair_store")})
 
     def save(self, st: RunState, tables: dict[str, Any] | None = None, *,
              final: bool = False) -> None:
@@ -208,8 +212,14 @@ class Checkpointer:
         It is fsynced when ``final`` or :data:`DURABLE_SECONDS` after the last fsync."""
         arrays = {f"param.{s}": p.numpy() for s, p in enumerate(st.params)}
         for prefix, obj in self.stateful:
-            for k, v in obj.state_dict().items():
+            incremental = prefix in self.row_log.stores  # its rows: the row log's file
+            state = obj.state_dict(rows=False) if incremental else obj.state_dict()
+            for k, v in state.items():
                 arrays[f"{prefix}.{k}"] = np.asarray(v)
+        manifest = None
+        if self.row_log.stores:
+            row_arrays, manifest = self.row_log.write()
+            arrays.update(row_arrays)
         for name in ("task_losses", "task_accuracies"):
             v = getattr(st, name)
             if v is not None:
@@ -221,12 +231,15 @@ class Checkpointer:
             arrays["runner.history_time"] = np.array(st.history_time, np.float64)
         meta = {"round": st.round, "sim_time": st.sim_time, "cost": st.cost.as_dict(),
                 "local_steps": st.local_steps, "fingerprint": self.fingerprint,
-                "crc32": {k: _crc(v) for k, v in arrays.items()}}
+                "crc32": {k: checkpoint.crc32(v) for k, v in arrays.items()}}
         if tables is not None:
             meta["tables"] = tables
+        if manifest is not None:
+            meta["rows"] = manifest
         now = time.perf_counter()
         durable = final or now - self._synced >= DURABLE_SECONDS
         checkpoint.save(self.path, arrays, meta, durable=durable)
+        self.row_log.committed()
         if durable:
             self._synced = now
 
@@ -238,7 +251,7 @@ class Checkpointer:
             raise ResultsError(f"{self.path.parent}: the checkpoint was written by another config "
                                "or data folder; resume with the run's own config and --data-dir")
         for k, crc in meta.get("crc32", {}).items():  # absent in older checkpoints
-            if k not in arrays or _crc(arrays[k]) != crc:
+            if k not in arrays or checkpoint.crc32(arrays[k]) != crc:
                 raise ResultsError(f"{self.path}: tensor {k} is damaged (checksum mismatch); "
                                    f"{RECOVER}")
         try:
@@ -259,6 +272,8 @@ class Checkpointer:
         for prefix, obj in self.stateful:
             obj.load_state_dict({k[len(prefix) + 1:]: v for k, v in arrays.items()
                                  if k.startswith(prefix + ".")})
+        self.row_log.restore(arrays, meta.get("rows"))  # ResultsError naming a damaged row file
+        self.row_log.remove_unreferenced()  # row files of checkpoints after this one (a crash)
         st.task_losses = arrays.get("runner.task_losses")
         st.task_accuracies = arrays.get("runner.task_accuracies")
         st.cost = RoundCost(**meta["cost"])
