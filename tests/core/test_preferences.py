@@ -170,7 +170,8 @@ def _estimates(allocator, reps, seed):
     unaware (slot probability p) and the aware (p w) estimator of the same allocations (each
     with its own declines)."""
     rng = np.random.default_rng(seed)
-    state = RoundState(0, POP, 2.5, np.ones(4, bool))
+    losses = np.random.default_rng(7).uniform(0.5, 2.0, size=(4, 3))  # LVR's scores
+    state = RoundState(0, POP, 2.5, np.ones(4, bool), signals=Signals(local_loss=losses))
     out = np.zeros((2, reps, POP.num_tasks, DIM))
     for r in range(reps):
         a = allocator.allocate(state, rng)
@@ -185,8 +186,9 @@ def _full_update():
     return np.einsum("is,isk->sk", POP.data_weight, G)
 
 
-@pytest.mark.parametrize("allocator", [RandomAllocator({}, POP, 0), FullAllocator({}, POP, 0)],
-                         ids=["random", "full"])
+@pytest.mark.parametrize("allocator", [RandomAllocator({}, POP, 0), FullAllocator({}, POP, 0),
+                                       registry.get("sampler", "lvr").obj({}, POP, 0)],
+                         ids=["random", "full", "lvr"])
 def test_aware_is_unbiased_and_unaware_has_the_computed_bias(allocator):
     unaware, aware = _estimates(allocator, 20_000, seed=11)
     assert_mean_within(aware, _full_update())
