@@ -123,3 +123,29 @@ def test_bench_device_without_a_gpu_times_the_cpu_side(capsys, no_gpu):
     rows = [line.split() for line in out.splitlines() if line.startswith("mlp digits")]
     assert [r[4] for r in rows] == ["vectorized", "sequential"]
     assert all(float(r[5]) > 0 and r[6:] == ["-"] * 5 for r in rows)
+
+
+def test_a_non_cpu_device_receives_the_data_and_models_at_start(monkeypatch):
+    """The move itself, with PyTorch's "meta" device standing in for a GPU: every dataset tensor
+    and model parameter is there after the constructor; the server's buffer vectors stay on the
+    CPU (they travel with the checkpoints)."""
+    import mmfl.engines.base as base
+
+    monkeypatch.setattr(base, "resolve_device", lambda name: torch.device("meta"))
+    eng = SequentialEngine(build_federation(_cfg()), seed=1, device="cuda")
+    meta = torch.device("meta")
+    assert all(t.device == meta for t in (*eng.train_x, *eng.train_y, *eng.test_x, *eng.test_y))
+    assert all(p.device == meta for m in eng.models for p in m.parameters())
+    assert all(b.device.type == "cpu" for b in eng.buffers)
+
+
+def test_the_index_batches_of_a_pair_cross_in_one_transfer():
+    from mmfl.engines.sequential import _on_device
+
+    batches = [np.array([3, 1, 2]), np.array([0]), np.array([5, 4])]
+    cpu = _on_device(batches, torch.device("cpu"))
+    assert [b.tolist() for b in cpu] == [[3, 1, 2], [0], [5, 4]]
+    moved = _on_device(batches, torch.device("meta"))  # one concatenated copy, split there
+    assert [tuple(b.shape) for b in moved] == [(3,), (1,), (2,)]
+    assert all(b.device.type == "meta" for b in moved)
+    assert _on_device([], torch.device("meta")) == []

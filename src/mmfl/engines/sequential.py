@@ -67,11 +67,11 @@ def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor 
     options = options_of(cfg)
     opt = (None if is_plain_sgd(cfg.optimizer, options)  # fresh each round and pair
            else torch_optimizer(cfg.optimizer, options, model.parameters(), cfg.lr))
-    for batch in local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
-                               engine.seed, round, i, s):
+    batches = list(local_batches(td.client_indices[i], cfg.local_epochs, cfg.batch_size,
+                                 engine.seed, round, i, s))
+    for batch, b in zip(batches, _on_device(batches, dev)):
         if buffered and len(batch) < 2:  # batch norm cannot train on one sample
             continue
-        b = torch.from_numpy(batch).to(dev)
         model.zero_grad(set_to_none=True)
         out = model(x[b])
         if held is not None:  # class masking (mmfl.tasks.masking), training only
@@ -93,6 +93,15 @@ def train_pair(engine: Engine, s: int, i: int, w: torch.Tensor, r: torch.Tensor 
         steps += 1
     g = (w.to(dev) - parameters_to_vector(model.parameters()).detach()).cpu()
     return g, float(total) / max(steps, 1), steps, buffers_to_vector(model) if buffered else None
+
+
+def _on_device(batches: list[np.ndarray], dev: torch.device) -> list[torch.Tensor]:
+    """The index batches as tensors on ``dev``: off the CPU in one transfer per pair (a copy
+    per step would wait for the previous step's kernels every time)."""
+    if dev.type == "cpu" or not batches:
+        return [torch.from_numpy(b) for b in batches]
+    flat = torch.from_numpy(np.concatenate(batches)).to(dev)
+    return list(torch.split(flat, [len(b) for b in batches]))
 
 
 def train_pairs(engine: Engine, params, clients: np.ndarray, tasks: np.ndarray, round: int,
