@@ -147,9 +147,11 @@ def willingness_bias(willingness: np.ndarray, data_weight: np.ndarray,
 
     Args:
         willingness: (N, S) w_{i,s}.
-        data_weight: (N, S) d_{i,s} of the (restricted) population, 0 for available-and-held
-            pairs excluded by the caller.
+        data_weight: (N, S) d'_{i,s} of the restricted population (:func:`restrict_population`).
         updates: (N, S, D) G_{i,s}.
+
+    Returns:
+        (S, D) float.
     """
     return -np.einsum("is,isk->sk", (1.0 - np.asarray(willingness, np.float64)) *
                       np.asarray(data_weight, np.float64), np.asarray(updates, np.float64))
