@@ -14,7 +14,11 @@ Every number in the printed table is measured in this run, on this machine:
 * ``vec/central``: throughput ratio (target >= 50%).
 * cases: the ``cnn`` runs the engine's grouped-convolution path (``cnn digits iid``, and the
   papers' CNN with FC 512 on 28x28 ``fashion_mnist``); ``(vmap path)`` is the same digits case
-  with ``fast_path=False`` (the generic ``torch.func`` path), for comparison in the same run.
+  with ``fast_path=False`` (the generic ``torch.func`` path), for comparison in the same run;
+  ``bn-cnn adam`` is the batch-norm CNN returning logits of ``examples/own_model.py`` trained
+  with Adam (a model with buffers: the vectorized engine trains it one client at a time). The
+  centralized loop trains the engine's own module (logits through the cross-entropy) with the
+  task's optimizer (``torch.optim``).
 * ``>1e-5``: clients whose vectorized update differs from the sequential one by more than 1e-5
   (a ReLU pre-activation within float32 rounding of 0 flips now and then at this scale; the
   sequential engine run with 2 threads instead of 1 differs from itself in the same way).
@@ -23,8 +27,11 @@ Every number in the printed table is measured in this run, on this machine:
 from __future__ import annotations
 
 import argparse
+import copy
+import runpy
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +40,9 @@ import torch.nn.functional as F
 from mmfl import registry
 from mmfl.experiment.config import config_from_dict
 from mmfl.experiment.federation import build_federation
-from mmfl.tasks.models import build_model
+from mmfl.tasks.optimizers import options_of, torch_optimizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CASES = [
     # (label, dataset, dataset options, model, model options, partition, batch, epochs[, extra])
@@ -53,6 +62,9 @@ CASES = [
     # the papers' CNN (FC 512) on 28x28 images; 4,000 training images (40 per client)
     ("cnn fashion_mnist iid", "fashion_mnist", {}, "cnn", {}, {"kind": "iid"}, 8, 1,
      {"task": {"train_samples": 4000}}),
+    # examples/own_model.py's SmallCNN (conv-BN-ReLU-pool-linear, logits) with Adam
+    ("bn-cnn adam digits iid", "digits", {}, "small_cnn", {"width": 8}, {"kind": "iid"}, 8, 1,
+     {"task": {"optimizer": "adam", "lr": 0.01}}),
 ]
 
 
@@ -81,12 +93,14 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
-def central_throughput(fed, step_batch: int, steps: int, repeat: int, seed: int) -> float:
-    """samples/s of a standard PyTorch loop on one model with batch ``step_batch``."""
+def central_throughput(fed, module: torch.nn.Module, step_batch: int, steps: int, repeat: int,
+                       seed: int) -> float:
+    """samples/s of a standard PyTorch loop with batch ``step_batch`` on a copy of ``module``
+    (an engine's model: log-probabilities out) and the task's local optimizer."""
     td = fed.tasks[0]
     ds, cfg = td.dataset, td.spec
-    model = build_model(cfg.model, dict(cfg.model_options), ds.input_shape, ds.num_classes, seed)
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    model = copy.deepcopy(module).train()
+    opt = torch_optimizer(cfg.optimizer, options_of(cfg), model.parameters(), cfg.lr)
     x = torch.from_numpy(np.ascontiguousarray(ds.x_train, np.float32))
     y = torch.from_numpy(np.ascontiguousarray(ds.y_train, np.int64))
     rng = np.random.default_rng(seed)
@@ -112,6 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="", help="comma-separated case numbers (default: all)")
     args = ap.parse_args(argv)
     chosen = [int(c) for c in args.cases.split(",") if c] or range(len(CASES))
+    runpy.run_path(str(ROOT / "examples" / "own_model.py"))  # registers small_cnn
     seq_cls = registry.get("engine", "sequential").obj
     vec_cls = registry.get("engine", "vectorized").obj
     header = (f"{'case':<27} {'K':>4} {'B':>3} {'E':>2} {'steps':>6} {'seq ms':>9} {'vec ms':>8} "
@@ -144,8 +159,8 @@ def main(argv=None) -> int:
         samples = int(n[clients].sum()) * fed.tasks[0].spec.local_epochs
         batch = fed.tasks[0].spec.batch_size
         step_batch = len(clients) * batch
-        central = central_throughput(fed, step_batch, max(1, samples // step_batch),
-                                     args.repeat, args.seed)
+        central = central_throughput(fed, seq.models[0], step_batch,
+                                     max(1, samples // step_batch), args.repeat, args.seed)
         vec_tp = samples / t_vec
         print(f"{case[0]:<27} {len(clients):>4} {batch:>3} {case[7]:>2} {int(out.steps.max()):>6} "
               f"{1e3 * t_seq:>9.1f} {1e3 * t_vec:>8.2f} {t_seq / t_vec:>5.1f}x {vec_tp:>14,.0f} "
