@@ -119,12 +119,8 @@ class Runner:
                                4.0 * np.array(self.engine.num_parameters()))
         self.server_optimizer = build_server_optimizer(cfg.server_optimizer,
                                                        self.engine.num_parameters())
-        buffered = [s for s in range(pop.num_tasks)
+        buffered = [s for s in range(pop.num_tasks)  # their buffers join the checkpoint
                     if getattr(self.engine, "has_buffers", lambda s: False)(s)]
-        if buffered and cfg.engine == "flower":
-            raise ConfigError(f"tasks[{buffered[0]}].model", "models with buffers (batch norm) "
-                              "run on the local engines only so far, not on engine flower",
-                              cfg.tasks[buffered[0]].model)
         regression = [s for s, td in enumerate(fed.tasks)
                       if td.dataset.regression]
         if regression and cfg.engine == "flower":

@@ -36,6 +36,7 @@ from flwr.clientapp import ClientApp
 
 from mmfl.engines.sequential import SequentialEngine
 from mmfl.errors import DataError
+from mmfl.tasks.buffers import float_buffers
 from mmfl.tasks.datasets import Dataset
 from mmfl.tasks.spec import TaskData
 from mmfl.flower import messages as M
@@ -87,9 +88,8 @@ class ShardEngine(SequentialEngine):
         super().__init__(_ClientFederation(tasks), seed=seed, threads=THREADS)
 
     def make_model(self, s: int, td) -> torch.nn.Module:
-        """No model yet: :meth:`need` builds it when a message first trains the task. (So a
-        model without buffers, and the engine's buffer state is empty: no buffers travel in
-        the Flower messages, and the server refuses such models for engine flower.)"""
+        """No model yet: :meth:`need` builds it when a message first trains the task (so the
+        buffer state starts empty; :meth:`take_buffers` sets it from each message)."""
         return _NoModel()
 
     def configure(self, tasks, conf) -> None:
@@ -138,6 +138,22 @@ class ShardEngine(SequentialEngine):
                     raise DataError(f"task {self.shard.tasks[s].spec.name}: the server's model has "
                                     f"{dims[s]} parameters, this client's {d} (shard of another "
                                     "config?)")
+
+
+    def take_buffers(self, tasks, content) -> None:
+        """The buffers of ``tasks`` (task indices, models built) from a message's ``b.<s>``
+        (:mod:`mmfl.flower.messages`, :mod:`mmfl.tasks.buffers`): local training or a probe
+        starts from them. The engine keeps none between messages (the server holds b_s and,
+        for ``buffers = "local"``, every client's b_{i,s}); a model whose buffers do not match
+        the message is a DataError."""
+        for s in tasks:
+            b = M.record_vector(content[f"b.{s}"]) if f"b.{s}" in content else torch.zeros(0)
+            want = sum(x.numel() for x in float_buffers(self.models[s]))
+            if b.numel() != want:
+                raise DataError(f"task {self.shard.tasks[s].spec.name}: the server sent "
+                                f"{b.numel()} buffer values, this client's model has {want}")
+            self.buffers[s] = b
+            self.local_buffers[s] = {}
 
 
 def _arch(spec) -> tuple:
@@ -213,7 +229,8 @@ def discover(msg: Message, context: Context) -> Message:
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training of the requested tasks (``sequential`` semantics) with the message's
-    settings; reply the updates as computed (finite or not)."""
+    settings and buffers; reply the updates as computed (finite or not) and, for models with
+    buffers, the buffers training ended with."""
     eng = engine_for(msg, context)
     tasks = _tasks_of(msg, eng)
     conf = msg.content["config"]
@@ -230,11 +247,14 @@ def train(msg: Message, context: Context) -> Message:
     if corrections is not None and set(corrections) != set(tasks):
         raise DataError(f"client {eng.client}: corrections for some tasks only")
     eng.need(tasks, dims)
+    eng.take_buffers(tasks, msg.content)
     eng.seed = int(conf["seed"])
     clients = np.full(len(tasks), eng.client, dtype=np.int64)
     out = eng.train(params, clients, np.asarray(tasks, np.int64), int(conf["round"]),
                     corrections)
     vectors = {f"g.{s}": out.updates[s][0] for s in tasks}
+    for s, b in (out.buffers or {}).items():  # the buffers local training ended with
+        vectors[f"b.{s}"] = b[0]
     return M.reply(msg, {"client": eng.client, "tasks": tasks,
                          "train-loss": [float(x) for x in out.train_loss],
                          "steps": [int(x) for x in out.steps]}, vectors)
@@ -252,6 +272,7 @@ def probe(msg: Message, context: Context) -> Message:
         params[s] = M.record_vector(msg.content[f"w.{s}"])
         dims[s] = params[s].numel()
     eng.need(tasks, dims)
+    eng.take_buffers(tasks, msg.content)
     clients = np.full(len(tasks), eng.client, dtype=np.int64)
     loss = eng.probe_losses(params, clients, np.asarray(tasks, np.int64))
     return M.reply(msg, {"client": eng.client, "tasks": tasks,

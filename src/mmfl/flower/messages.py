@@ -19,14 +19,19 @@ travel as one-array :class:`flwr.app.ArrayRecord` s of float32 numpy arrays.
     ``optimizer``, ``optimizer-options`` (JSON); lists in the order of ``tasks``: the ClientApp
     trains with these, never with its shard's metadata), and
     ``shard-dir`` in simulation; ``w.<s>`` ArrayRecord: w_s, the (D_s,) global parameters;
-    with SCAFFOLD also ``r.<s>``: the (D_s,) correction c_s - c_{i,s}.
+    with SCAFFOLD also ``r.<s>``: the (D_s,) correction c_s - c_{i,s}; for a model with
+    buffers (batch norm, :mod:`mmfl.tasks.buffers`) also ``b.<s>``: the (Db_s,) buffers local
+    training starts from (the server's b_s, or with ``buffers = "local"`` client i's own
+    b_{i,s} once it has one: the server keeps them, as the local engines do).
     reply: ``g.<s>`` ArrayRecord: the (D_s,) update G = w_s - w_{i,s} per task, as computed
     (a non-finite update is returned as it is; the runner's central check rejects it);
+    for a model with buffers ``b.<s>``: the (Db_s,) buffers local training ended with;
     ``metrics`` MetricRecord ``client``, ``tasks``, ``train-loss`` and ``steps`` (lists in the
     order of ``tasks``).
 
 ``query.probe`` (LVR loss probes)
-    content: as ``train`` without ``round``/``seed``/``r.<s>``.
+    content: as ``train`` without ``round``/``seed``/``r.<s>``; ``b.<s>`` is the server's b_s
+    (probes run the global model in eval mode, as evaluation does).
     reply: ``metrics`` ``client``, ``tasks``, ``loss`` (mean training loss f_{i,s}(w_s) of the
     global model on the client's samples).
 

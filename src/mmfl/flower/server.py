@@ -184,11 +184,6 @@ class FlowerEngine(Engine):
             raise ConfigError("engine", "engine flower runs inside a Flower ServerApp (use "
                               "mmfl run / mmfl.run, which start Flower's simulation)", "flower")
         super().__init__(federation, seed=seed, threads=threads)
-        for s, b in enumerate(getattr(self, "buffers", ())):
-            if b.numel():  # the messages carry parameters only, not b_s or a node's buffers
-                raise ConfigError(f"tasks[{s}].model", "engine flower does not support "
-                                  "models with buffers (e.g. batch norm) yet",
-                                  federation.tasks[s].spec.model)
         self.grid = grid
         self.settings = settings or FlowerSettings()
         self._stop = stop
@@ -389,6 +384,10 @@ class FlowerEngine(Engine):
             i = key[0]
             ts = [int(tasks[k]) for k in ks]
             vectors = {f"w.{s}": params[s] for s in ts}
+            for s in ts:  # buffers (mmfl.tasks.buffers): the server keeps b_s and every b_{i,s}
+                if self.has_buffers(s):
+                    vectors[f"b.{s}"] = (self.start_buffers(s, i) if kind == M.TRAIN
+                                         else self.buffers[s])
             if corrections is not None:
                 vectors.update({f"r.{int(tasks[k])}": corrections[int(tasks[k])][rows[k]]
                                 for k in ks})
@@ -412,7 +411,7 @@ class FlowerEngine(Engine):
                                     pack=self.settings.pack, corrections=corrections,
                                     group=str(round))
         self._round = int(round)
-        result: dict[tuple[int, int], tuple[torch.Tensor, float, int]] = {}
+        result: dict[tuple[int, int], tuple[torch.Tensor, float, int, torch.Tensor | None]] = {}
         for (msg, rep), info in zip(self._exchange(msgs), sent):
             if rep is None:
                 continue
@@ -427,21 +426,24 @@ class FlowerEngine(Engine):
             log.warning("flower: round %d: %d of %d pairs missing", round + 1,
                         int((~keep).sum()), len(keep))
         kc, kt = clients[keep], tasks[keep]
-        updates = {}
+        updates, buffers = {}, {}
         for s in np.unique(kt).tolist():
             updates[s] = torch.stack([result[(i, s)][0] for i in kc[kt == s].tolist()])
+            if self.has_buffers(s):
+                buffers[s] = torch.stack([result[(i, s)][3] for i in kc[kt == s].tolist()])
         return TrainOutput(
             clients=kc, tasks=kt, updates=updates,
             train_loss=np.array([result[p][1] for p in zip(kc.tolist(), kt.tolist())],
                                 dtype=np.float64),
             steps=np.array([result[p][2] for p in zip(kc.tolist(), kt.tolist())],
                            dtype=np.int64),
+            buffers=buffers or None,
         )
 
     def _read_train_reply(self, msg: Message, rep: Message, info: _Sent):
-        """({(client, task): (update, loss, steps)}, "") from a train reply, or ({}, why)
-        when the reply does not match its request. Values are passed on as they are (finite
-        or not: the runner checks updates centrally)."""
+        """({(client, task): (update, loss, steps, final buffers or None)}, "") from a train
+        reply, or ({}, why) when the reply does not match its request. Values are passed on as
+        they are (finite or not: the runner checks updates centrally)."""
         try:
             src = int(rep.metadata.src_node_id)
             if src not in (0, int(msg.metadata.dst_node_id)):
@@ -459,7 +461,13 @@ class FlowerEngine(Engine):
                 if g.numel() != self._dims[s]:
                     return {}, (f"{g.numel()} parameters for task {self._names[s]}, expected "
                                 f"{self._dims[s]}")
-                got[(info.client, s)] = (g, float(loss[j]), int(steps[j]))
+                b = None
+                if self.has_buffers(s):
+                    b = M.record_vector(rep.content[f"b.{s}"])
+                    if b.numel() != self.buffers[s].numel():
+                        return {}, (f"{b.numel()} buffer values for task {self._names[s]}, "
+                                    f"expected {self.buffers[s].numel()}")
+                got[(info.client, s)] = (g, float(loss[j]), int(steps[j]), b)
             return got, ""
         except (KeyError, TypeError, ValueError) as e:
             return {}, f"malformed reply ({type(e).__name__}: {e})"

@@ -19,6 +19,12 @@
 
 ``run_simulation`` gives an empty run config, so the settings travel in the ServerApp's closure
 and the shard folder in every message (``shard-dir``).
+
+Models of one's own (``mmfl.register("model", ...)`` in the calling process) reach the Ray
+workers with the ClientApp (:class:`UserModels`): pickled with Ray's cloudpickle, so a model
+defined in the running script (``__main__``) travels by value and one defined in a module by
+reference (a module that the workers cannot import is loaded from its file, as for a sweep's
+workers, :func:`mmfl.experiment.sweep.restore_registrations`).
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import tempfile
 import threading
 from typing import Any
+
+from flwr.clientapp import ClientApp
 
 from mmfl.experiment.federation import build_federation
 from mmfl.flower.identity import REJECTED
@@ -67,6 +76,52 @@ STOP_WAIT = 60.0
 WORKER_ENV = {**ONE_THREAD,
               "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
               "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+class UserModels(ClientApp):
+    """``app`` that first registers the models of one's own that the run's tasks use, in the
+    Ray worker that runs it (once per process; :func:`model_registrations`)."""
+
+    def __init__(self, app: ClientApp, items: list):
+        super().__init__()
+        self.app, self.items = app, items
+
+    def __call__(self, message, context):
+        from mmfl.errors import ConfigError
+        from mmfl.experiment.sweep import restore_registrations
+
+        key = tuple(name for _, name, *_ in self.items)
+        if key not in _RESTORED:
+            _RESTORED[key] = "; ".join(restore_registrations(self.items).values())
+        if _RESTORED[key]:
+            raise ConfigError("engine", f"a Flower ClientApp cannot build {_RESTORED[key]}",
+                              "flower", show_got=False)
+        return self.app(message=message, context=context)
+
+
+#: the registrations a worker process restored (model names -> failures, "" = none)
+_RESTORED: dict[tuple, str] = {}
+
+
+def model_registrations(cfg) -> list:
+    """The models of one's own (registered outside mmfl) that ``cfg``'s tasks use, as the
+    items of :func:`mmfl.experiment.sweep.restore_registrations`: (kind, name, module, its
+    file, the pickled (Entry, class OPTIONS)), pickled with Ray's cloudpickle (by value for
+    ``__main__``)."""
+    from ray import cloudpickle
+
+    from mmfl import registry
+
+    out = []
+    for name in dict.fromkeys(t.model for t in cfg.tasks):
+        entry = registry.get("model", name)
+        if entry.builtin:
+            continue
+        module = getattr(entry.obj, "__module__", None) or ""
+        file = getattr(sys.modules.get(module), "__file__", None)
+        options = entry.obj.__dict__.get("OPTIONS") if isinstance(entry.obj, type) else None
+        out.append(("model", name, module, file, cloudpickle.dumps((entry, options))))
+    return out
 
 
 @contextlib.contextmanager
@@ -108,6 +163,8 @@ def host_run(runner, *, resume: bool = False, client_app=None,
 
     if client_app is None:
         from mmfl.flower.client import client_app
+    if items := model_registrations(runner.cfg):
+        client_app = UserModels(client_app, items)
     if verbose is None:
         verbose = logging.getLogger("mmfl").isEnabledFor(logging.DEBUG)
     cfg = runner.cfg
