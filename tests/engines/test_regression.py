@@ -246,3 +246,15 @@ def test_whole_runs_on_both_engines_report_the_same_metrics(tmp_path):
     assert len(rows["sequential"]) == 3
     assert np.allclose(rows["sequential"], rows["vectorized"], rtol=0, atol=1e-6)
     assert rows["sequential"][-1][0] > rows["sequential"][0][0]  # R^2 improves
+
+
+def test_engine_flower_refuses_a_regression_dataset_under_loss_auto(tmp_path):
+    """loss = "auto" passes the config check with engine flower; the run's start-up names
+    tasks[0].loss once the dataset turns out to be a regression one."""
+    from mmfl.experiment.runner import Runner
+
+    cfg = _cfg(loss="auto").replace(engine="flower")
+    runner = Runner(cfg, tmp_path / "r", engine_factory=lambda fed: SequentialEngine(fed, seed=0))
+    with pytest.raises(mmfl.ConfigError, match=r"^tasks\[0\]\.loss: regression .*not on engine "
+                                               r"flower"):
+        runner._build()
