@@ -62,7 +62,7 @@ def test_load_data_returns_what_the_engine_evaluated(run):
 
 def test_a_kept_checkpoint_round_and_errors(run):
     out, _ = run
-    with pytest.raises(ResultsError, match="round 1 is not kept"):
+    with pytest.raises(ResultsError, match="digits after round 1 are not kept"):
         mmfl.load_model(out, "digits", round=1)
     assert isinstance(mmfl.load_model(out, "digits", round=3), torch.nn.Module)
     with pytest.raises(ResultsError, match="no such model file .*tasks with one: digits, wave"):

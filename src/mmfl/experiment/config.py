@@ -127,10 +127,12 @@ class ServerOptimizerConfig:
 @dataclass(frozen=True)
 class LoggingConfig:
     """``[logging]``: where a run also reports its rounds (``tensorboard``: a folder for
-    TensorBoard event files, "" = none). Not part of what a run computes: may change on
-    ``--resume``."""
+    TensorBoard event files, "" = none) and which intermediate weights it keeps
+    (``keep_models``: every k rounds, 0 = the final weights only; :mod:`mmfl.experiment.trained`).
+    Not part of what a run computes: may change on ``--resume``."""
 
     tensorboard: str
+    keep_models: int
 
 
 @dataclass(frozen=True)
@@ -424,6 +426,9 @@ LOGGING = {
     "tensorboard": Option(str, "", "", "Folder for TensorBoard event files of the run's rounds "
                           "(accuracy, loss, costs, simulated time); \"\" = none. Needs the "
                           "tensorboard package (the logging extra)."),
+    "keep_models": Option(int, 0, ">= 0", "Also keep each task's weights after every k-th round "
+                          "as models/<task>.round<R>.safetensors (mmfl.load_model(run, task, "
+                          "round=R) loads them); 0 = the final weights only."),
 }
 FLOWER = {
     "round_timeout": Option(float, 600.0, ">= 0", "Seconds the server waits for a round's "

@@ -52,7 +52,7 @@ from mmfl.experiment.profile import build_profile
 from mmfl.experiment.replay import read_replay_file
 from mmfl.experiment.runlock import RunLock, remove_leftovers
 from mmfl.experiment.server_optimizer import build_server_optimizer
-from mmfl.experiment.trained import write_models
+from mmfl.experiment.trained import drop_kept_after, write_models
 from mmfl.experiment.update_check import UpdateCheck, check_losses, check_models
 from mmfl.rng import ALLOCATE, stream
 from mmfl.types import Assignment, RoundState
@@ -173,6 +173,7 @@ class Runner:
             write_json(self.out / FEDERATION, federation_info(self.federation))
             if resuming:
                 self.recorder.restore = self.checkpointer.load(st)
+                drop_kept_after(self.out, st.round)  # redone rounds write theirs again
                 log.info("resuming %s after round %d", self.out, st.round)
             self.recorder.on_start(cfg, self.federation, st.round)
         for cb in self.callbacks:
@@ -236,6 +237,9 @@ class Runner:
                               (acc, loss),
                               (t_start, t_train, t_eval))
         self.recorder.on_round(record)
+        keep = cfg.logging.keep_models  # weights after every k-th round (.trained)
+        if keep and st.round % keep == 0 and hasattr(self.engine, "models"):
+            write_models(self.out, self.federation, self.engine, st.params, st.round, kept=True)
         if st.round % cfg.checkpoint_every == 0 or st.round == cfg.rounds:
             self.checkpointer.save(st, tables=self.recorder.writer.snapshot(),
                                    final=st.round == cfg.rounds)

@@ -11,7 +11,11 @@ standard parameter names (the user's own module, without mmfl's log-softmax wrap
 
 Its metadata names the model, its options, input shape, classes, loss and round, which is what
 :func:`load_model` builds the module from (the model must be registered in the session, as it
-was for the run). :func:`load_data` rebuilds a task's test (or train) split exactly as the
+was for the run). With ``[logging] keep_models = k`` the run also keeps the weights after every
+k-th round R (R = k, 2k, ...) as ``models/<task>.round<R>.safetensors``, the same format;
+``load_model(run, task, round=R)`` loads that file, the final one or the checkpoint's weights
+when one of them is of round R. A resumed run first deletes the kept files of rounds after its
+checkpoint (it writes them again, identical, as it redoes those rounds). :func:`load_data` rebuilds a task's test (or train) split exactly as the
 engines evaluated on it, input scaling included.
 """
 
@@ -25,10 +29,13 @@ import numpy as np
 import torch
 from torch.nn.utils import vector_to_parameters
 
+from mmfl.tasks.buffers import vector_to_buffers
+
 from mmfl.errors import ResultsError
 from mmfl.experiment import tomlio
 
-__all__ = ["FOLDER", "load_data", "load_model", "write_models"]
+__all__ = ["FOLDER", "drop_kept_after", "kept_rounds", "load_data", "load_model",
+           "write_models"]
 
 FOLDER = "models"
 FORMAT = "mmfl-model-1"
@@ -41,12 +48,38 @@ def _plain_module(model: torch.nn.Module) -> torch.nn.Module:
     return model.inner if isinstance(model, LogSoftmaxOutput) else model
 
 
-def write_models(out: Path, federation, engine, params, round_: int) -> None:
-    """Write ``models/<task>.safetensors`` of every task from the engine's modules, ``params``
-    (S,) the flat global weights after ``round_`` rounds and the server's buffers."""
+def kept_name(task: str, round_: int) -> str:
+    """File name (in :data:`FOLDER`) of ``task``'s weights kept after round ``round_``."""
+    return f"{task}.round{int(round_)}.safetensors"
+
+
+def kept_rounds(run_dir: str | Path, task: str) -> list[int]:
+    """The rounds R whose ``models/<task>.round<R>.safetensors`` the run kept, sorted."""
+    folder, head = Path(run_dir) / FOLDER, f"{task}.round"
+    if not folder.is_dir():
+        return []
+    rounds = (p.name[len(head):-len(".safetensors")] for p in folder.glob("*.safetensors")
+              if p.name.startswith(head))
+    return sorted(int(r) for r in rounds if r.isdigit())
+
+
+def drop_kept_after(out: Path, round_: int) -> None:
+    """Delete every task's kept weights of rounds after ``round_`` (a resumed run redoes
+    those rounds, so no file outlives the checkpoint it resumes from)."""
+    folder = out / FOLDER
+    for p in folder.glob("*.round*.safetensors") if folder.is_dir() else ():
+        r = p.name.removesuffix(".safetensors").rpartition(".round")[2]
+        if r.isdigit() and int(r) > round_:
+            p.unlink()
+
+
+def write_models(out: Path, federation, engine, params, round_: int, *,
+                 kept: bool = False) -> None:
+    """Write ``models/<task>.safetensors`` (or, ``kept``, ``models/<task>.round<R>.
+    safetensors`` with R = ``round_``) of every task from the engine's modules, ``params`` (S,)
+    the flat global weights after ``round_`` rounds and the server's buffers."""
     from safetensors.torch import save_file
 
-    from mmfl.tasks.buffers import vector_to_buffers
     from mmfl.tasks.losses import LogSoftmaxOutput
 
     folder = out / FOLDER
@@ -65,17 +98,20 @@ def write_models(out: Path, federation, engine, params, round_: int) -> None:
                 "loss": ("mse" if getattr(engine, "is_regression", lambda s: False)(s)
                          else "cross_entropy"
                          if isinstance(model, LogSoftmaxOutput) else "nll")}
-        tmp = folder / f"{spec.name}.safetensors.tmp"
+        name = kept_name(spec.name, round_) if kept else f"{spec.name}.safetensors"
+        tmp = folder / f"{name}.tmp"
         save_file(state, str(tmp), metadata=meta)
-        tmp.replace(folder / f"{spec.name}.safetensors")
+        tmp.replace(folder / name)
 
 
 def load_model(run_dir: str | Path, task: str, *, round: int | None = None) -> torch.nn.Module:
     """Task ``task``'s trained model of the run in ``run_dir``, in eval mode: the final one, or
-    with ``round`` the one of the run's checkpoint when it is at that round. The module is the
-    registered model as written (a logits model returns logits, mmfl's own models
-    log-probabilities); its ``argmax`` over :func:`load_data`'s inputs gives the accuracy the
-    run reported."""
+    with ``round`` = R the weights after round R, where the run kept them: its
+    ``models/<task>.round<R>.safetensors`` (``[logging] keep_models``), the final file or the
+    checkpoint when either is of round R; otherwise a ResultsError listing the rounds there
+    are. The module is the registered model as written (a logits model returns logits, mmfl's
+    own models log-probabilities); its ``argmax`` over :func:`load_data`'s inputs gives the
+    accuracy the run reported for that round."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -94,24 +130,38 @@ def load_model(run_dir: str | Path, task: str, *, round: int | None = None) -> t
         raise ResultsError(f"{path}: not an mmfl model file")
     model = build_model(meta["model"], json.loads(meta["model_options"]),
                         tuple(json.loads(meta["input_shape"])), int(meta["num_classes"]), 0)
+    kept = run_dir / FOLDER / kept_name(task, round) if round is not None else path
     if round is None or round == int(meta["round"]):
         model.load_state_dict(load_file(str(path)))
+    elif kept.is_file():
+        model.load_state_dict(load_file(str(kept)))
     else:
-        _load_checkpoint_round(model, run_dir, task, round)
+        _load_checkpoint_round(model, run_dir, task, round, int(meta["round"]))
     return model.eval()
 
 
-def _load_checkpoint_round(model: torch.nn.Module, run_dir: Path, task: str, round_: int):
+def _load_checkpoint_round(model: torch.nn.Module, run_dir: Path, task: str, round_: int,
+                           final: int):
+    """The checkpoint's weights and buffers of ``task`` into ``model`` when the checkpoint is
+    of round ``round_``; else a ResultsError listing the rounds kept (``final``: the final
+    file's round)."""
     from mmfl.experiment import checkpoint
     from mmfl.experiment.rundir import CHECKPOINT
+    from mmfl.tasks.buffers import float_buffers
 
     names = list(tomlio.load(run_dir / "config.toml").get("tasks", []))
     s = next((k for k, t in enumerate(names) if t.get("name") == task), None)
-    arrays, meta = checkpoint.load(run_dir / CHECKPOINT)
-    if s is None or int(meta.get("round", -1)) != round_:
-        raise ResultsError(f"{run_dir}: round {round_} is not kept (the final model and the "
-                           f"checkpoint of round {meta.get('round')} are)")
+    arrays, meta = checkpoint.load(run_dir / CHECKPOINT) if (run_dir / CHECKPOINT).is_file() \
+        else ({}, {})
+    at = int(meta.get("round", -1))
+    if s is None or at != round_:
+        there = sorted({*kept_rounds(run_dir, task), final, *([at] if at >= 0 else [])})
+        raise ResultsError(f"{run_dir}: the weights of {task} after round {round_} are not "
+                           f"kept (rounds kept: {', '.join(map(str, there))}; keep more with "
+                           "[logging] keep_models)")
     vector_to_parameters(torch.from_numpy(np.array(arrays[f"param.{s}"])), model.parameters())
+    if f"engine.buffers.{s}" in arrays and float_buffers(model):
+        vector_to_buffers(torch.from_numpy(np.array(arrays[f"engine.buffers.{s}"])), model)
 
 
 def load_data(run_dir: str | Path, task: str, split: str = "test", *,
