@@ -240,6 +240,7 @@ class LocalDeployment:
         from mmfl.experiment.config import resolve_data_dir
         from mmfl.experiment.federation import build_federation
         from mmfl.experiment.rundir import check_out_dir
+        from mmfl.flower.shards import shard_federation
 
         t0 = time.perf_counter()
         check_out_dir(self.cfg, self.out, resume=self.resume)
@@ -252,8 +253,8 @@ class LocalDeployment:
         federation = self.federation = build_federation(self.cfg, data_dir)
         try:
             self.out.mkdir(parents=True, exist_ok=True)  # the run directory: not ours to restrict
-            with private_files():
-                self._write_files(federation)
+            with private_files():  # shards without refused pairs' data (clients.preferences)
+                self._write_files(shard_federation(self.cfg, federation))
         except OSError as e:
             raise ResultsError(f"{e.filename or self.dir}: cannot write the deployment's files "
                                f"({e.strerror or e})") from None

@@ -88,12 +88,24 @@ def shard_name(client: int) -> str:
     return f"client-{int(client)}.npz"
 
 
+def shard_federation(cfg, federation):
+    """The federation whose shards the nodes hold: ``federation`` without the data of the
+    pairs its clients refuse (``clients.preferences`` with willingness 0; the population the
+    server checks the nodes' claims against has n_{i,s} = 0 there,
+    :meth:`mmfl.experiment.preferences.Preferences.restrict`); ``federation`` itself without
+    refusals. The runner still takes ``federation`` (it draws the preferences from it)."""
+    from mmfl.experiment.preferences import Preferences
+
+    return Preferences.from_config(cfg, federation.population).restrict(federation)
+
+
 def write_shards(federation, folder: str | Path) -> list[Path]:
     """Write one shard per client of ``federation`` (a
     :class:`~mmfl.experiment.federation.Federation`) into ``folder`` (created if missing);
     returns the N absolute paths, path i being client i's (``folder/client-<i>.npz``).
 
-    Every shard lists all S tasks; a task the client does not hold has n = 0 samples.
+    Every shard lists all S tasks; a task the client does not hold, or holds with n_{i,s} = 0
+    in the population (a refused pair, :func:`shard_federation`), has n = 0 samples.
     """
     folder = Path(folder).resolve()
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -115,7 +127,7 @@ def write_shards(federation, folder: str | Path) -> list[Path]:
         arrays: dict[str, np.ndarray] = {}
         tasks = []
         for s, td in enumerate(federation.tasks):
-            idx = td.client_indices[i]
+            idx = td.client_indices[i] if pop.n_samples[i, s] else td.client_indices[i][:0]
             arrays[f"x{s}"] = np.ascontiguousarray(td.dataset.x_train[idx])
             arrays[f"y{s}"] = np.ascontiguousarray(td.dataset.y_train[idx], dtype=np.int64)
             tasks.append({**specs[s], "n": len(idx)})

@@ -4,7 +4,8 @@
 "flower"``:
 
 1. build the federation and write one shard per client into a temporary folder
-   (:func:`mmfl.flower.shards.write_shards`; removed at the end) with their fingerprints
+   (:func:`mmfl.flower.shards.write_shards`, without the data of refused pairs:
+   :func:`~mmfl.flower.shards.shard_federation`; removed at the end) with their fingerprints
    (:func:`~mmfl.flower.shards.write_identity`): the ClientApps, which run in Ray worker
    processes, read their client's data from there, like a SuperNode in deployment reads its
    ``data-file``, and the server checks their claims as in deployment;
@@ -42,7 +43,7 @@ from flwr.clientapp import ClientApp
 from mmfl.experiment.federation import build_federation
 from mmfl.flower.identity import REJECTED
 from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
-from mmfl.flower.shards import write_identity, write_shards
+from mmfl.flower.shards import shard_federation, write_identity, write_shards
 from mmfl.supervisor import ONE_THREAD, environment
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
     federation = build_federation(cfg, runner.data_dir)
     with tempfile.TemporaryDirectory(prefix="mmfl-shards-") as shard_dir:
         identity = f"{shard_dir}/identity.json"
-        write_identity(write_shards(federation, shard_dir), identity)
+        write_identity(write_shards(shard_federation(cfg, federation), shard_dir), identity)
         settings = FlowerSettings.from_config(
             cfg, nodes=n, shard_dir=shard_dir, identity_file=identity,
             rejected_file=str(runner.out / "flower" / REJECTED))
