@@ -16,7 +16,8 @@ Every number in the printed table is measured in this run, on this machine:
   papers' CNN with FC 512 on 28x28 ``fashion_mnist``); ``(vmap path)`` is the same digits case
   with ``fast_path=False`` (the generic ``torch.func`` path), for comparison in the same run;
   ``bn-cnn adam`` is the batch-norm CNN returning logits of ``examples/own_model.py`` trained
-  with Adam (a model with buffers: the vectorized engine trains it one client at a time). The
+  with Adam (which, like its convolutions on the CPU, keeps it on the vectorized engine's
+  one-client-at-a-time loop). The
   centralized loop trains the engine's own module (logits through the cross-entropy) with the
   task's optimizer (``torch.optim``).
 * ``>1e-5``: clients whose vectorized update differs from the sequential one by more than 1e-5

@@ -49,6 +49,13 @@ Three implementations of a step:
   activations stay within :data:`GENERIC_CONV_BUDGET` floats (vmapped convolutions with
   per-client weights run as grouped convolutions, which slow down once they leave the cache).
 
+Batch norm (models with buffers, :mod:`mmfl.tasks.buffers`) on the generic path: clients of equal
+data size train together (:func:`equal_size_groups`), so at every step their batches have one
+length; the padding columns are cut (no padding row enters a batch's mean and variance), a
+one-sample step is skipped as the sequential loop skips it, and each client's buffers are one
+more vmapped argument of ``functional_call``, which batch norm updates in place. Only plain SGD
+(with momentum or weight decay) takes this path (:func:`_batches_buffers`).
+
 Class masking (``tasks[].class_mask`` other than ``"none"``, :mod:`mmfl.tasks.masking`): the
 loss of every client is the nll of :func:`~mmfl.tasks.masking.training_log_probs` of its output
 with its own held classes, a (K_classes,) bool row passed to the vmapped loss as one more
@@ -276,6 +283,36 @@ def _linear_stack(model: nn.Module) -> list[nn.Linear] | None:
     return layers
 
 
+def _batches_buffers(model: nn.Module, spec) -> bool:
+    """Whether the generic path trains ``model``'s clients together carrying their own buffers:
+    every buffer is a running statistic of a batch-norm-style layer (``_NormBase``) with a
+    ``momentum`` (the exponential average, which a vmapped step updates per client exactly as
+    the sequential loop does), and the local optimizer is ``sgd``. Other buffers (a cumulative
+    average, a user's own) and ``adam`` / ``adamw`` keep the one-at-a-time loop: a bias
+    followed by batch norm has a gradient that is zero up to float rounding, which an adaptive
+    optimizer turns into steps of the full learning rate with the rounding's sign, so batched
+    arithmetic would leave the sequential oracle by whole steps."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    owned = {id(b) for m in norms for b in m.buffers(recurse=False)}
+    return (spec.optimizer == "sgd" and all(m.momentum is not None for m in norms)
+            and all(id(b) in owned for b in model.buffers()))
+
+
+def equal_size_groups(pairs: np.ndarray, sizes: np.ndarray, batch_size: int, chunk: int,
+                      max_rows: int = 0) -> list[np.ndarray]:
+    """:func:`client_groups` for models with batch statistics (batch norm): only clients of
+    equal data size n_i train together, so every step's batches have one length and no
+    padding row enters a batch's mean and variance; each size's clients are cut into chunks of
+    at most ``chunk`` clients and (``max_rows`` > 0) ``max_rows`` batch rows."""
+    groups: list[np.ndarray] = []
+    for n in np.unique(sizes)[::-1].tolist():
+        same = pairs[sizes == n]
+        rows = max(min(n, batch_size), 1)
+        cap = chunk if max_rows <= 0 else min(chunk, max(1, max_rows // rows))
+        groups += [same[a:a + cap] for a in range(0, len(same), cap)]
+    return groups
+
+
 def _has_conv(model: nn.Module) -> bool:
     """Whether ``model`` has a convolution layer (any dimension)."""
     return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
@@ -305,10 +342,11 @@ class VectorizedEngine(Engine):
         self._conv_rows: dict[int, int] = {}
         self._scratch_bufs: dict[str, torch.Tensor] = {}
         #: tasks trained one client at a time by the sequential engine's loop (so with its
-        #: results bit for bit): models with buffers, and on the CPU convolutional models
+        #: results bit for bit): models with buffers that the generic path does not carry
+        #: (:func:`_batches_buffers`), and on the CPU convolutional models
         #: without the grouped-conv path, whose convolutions torch.func.vmap batches more
         #: slowly than one client at a time there (benchmarks/README.md, authors_cnn)
-        self._one_by_one = [self.has_buffers(s) or (
+        self._one_by_one = [(self.has_buffers(s) and not _batches_buffers(m, td.spec)) or (
             fast_path and self.device.type == "cpu" and _has_conv(m) and not (
                 self._cnn[s] is not None and is_plain_sgd(td.spec.optimizer, options_of(td.spec))))
             for s, (m, td) in enumerate(zip(self.models, federation.tasks))]
@@ -316,8 +354,10 @@ class VectorizedEngine(Engine):
             if self._one_by_one[s]:
                 log.info("task %s: %s: the vectorized engine trains it one client at a time "
                          "(the sequential engine's loop)", federation.tasks[s].spec.name,
-                         "its model has buffers (e.g. batch norm), which the batched paths do "
-                         "not carry per client" if self.has_buffers(s) else "its model's "
+                         "its model has buffers other than batch norm's running statistics, or "
+                         "trains them with an adaptive optimizer (adam, adamw)"
+                         if self.has_buffers(s) and not _batches_buffers(
+                             self.models[s], federation.tasks[s].spec) else "its model's "
                          "convolutions have no batched path here, and vmap's is slower than "
                          "one client at a time on a CPU")
                 continue
@@ -368,15 +408,22 @@ class VectorizedEngine(Engine):
             G = torch.empty((len(sel), D), dtype=w.dtype, device=self.device)
             pos_in_task = np.empty(len(clients), dtype=np.int64)
             pos_in_task[sel] = np.arange(len(sel))
-            for part in client_groups(sel, sizes, cfg.batch_size, chunk, max_rows):
+            buffered = self.has_buffers(s)  # batch norm: each client carries its own buffers
+            if buffered:
+                B_out = torch.empty((len(sel), self.buffers[s].numel()))
+            grouping = equal_size_groups if buffered else client_groups
+            for part in grouping(sel, sizes, cfg.batch_size, chunk, max_rows):
                 # the caller's order within the group: clients with equal step counts then keep
                 # it in plan.order, and a group whose rows of G are consecutive gets its updates
                 # written straight into them (the clients train independently, so their order
                 # changes no result)
                 part = np.sort(part)
                 plan = batch_plan([td.client_indices[i] for i in clients[part]], clients[part],
-                                  s, cfg.local_epochs, cfg.batch_size, self.seed, round
-                                  ).to(self.device)
+                                  s, cfg.local_epochs, cfg.batch_size, self.seed, round)
+                # the batch length of each step, equal for all clients of an equal-size group
+                # (batch norm: padding rows are cut, one-sample batches skipped)
+                lengths = (plan.weight[:, 0] > 0).sum(1).tolist() if buffered else None
+                plan = plan.to(self.device)
                 rows = part[plan.order]
                 dest = pos_in_task[rows]
                 corr = (None if corrections is None
@@ -392,12 +439,19 @@ class VectorizedEngine(Engine):
                             else self.held_classes(s)[torch.from_numpy(clients[rows])
                                                       .to(self.device)])
                     opt = None if plain else LocalOptimizer(cfg.optimizer, options, cfg.lr)
-                    loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U, held, opt)
+                    bufs = self._client_buffers(s, clients[rows]) if buffered else None
+                    loss_sum = self._train_generic(s, w, plan, cfg.lr, corr, U, held, opt,
+                                                   bufs, lengths)
+                    if buffered:
+                        B_out[torch.from_numpy(dest)] = self._buffer_rows(s, bufs).cpu()
                 if not direct:
                     G.index_copy_(0, torch.from_numpy(dest).to(self.device), U)
-                steps[rows] = plan.steps
-                losses[rows] = loss_sum / np.maximum(plan.steps, 1)
+                taken = plan.steps - (sum(n < 2 for n in lengths) if buffered else 0)
+                steps[rows] = taken
+                losses[rows] = loss_sum / np.maximum(taken, 1)
             updates[s] = G.cpu()  # the uploads: once per task and round
+            if buffered:
+                buffers[s] = B_out
         return TrainOutput(clients=clients, tasks=tasks, updates=updates, train_loss=losses,
                            steps=steps, buffers=buffers or None)
 
@@ -515,27 +569,31 @@ class VectorizedEngine(Engine):
         """vmap over clients of (grad, value) of the weighted nll of the task's module (for a
         regression task the weighted squared errors, sum_j c_j l_j).
 
-        Arguments per client: parameters, x (Bm, ...), y (Bm,), weights c (Bm,), and for a
-        masked task (``class_mask`` other than ``"none"``) its held classes (K_classes,) bool.
+        Arguments per client: parameters, for a model with buffers its buffers (every one,
+        updated in place by the forward pass in train mode), x (Bm, ...), y (Bm,), weights c
+        (Bm,), and for a masked task (``class_mask`` other than ``"none"``) its held classes
+        (K_classes,) bool.
         """
         if s not in self._grad_fns:
             from torch.func import functional_call, grad_and_value, vmap
 
             model = self.models[s]
             mode = self.class_mask(s)
+            regression = self.is_regression(s)
 
-            if self.is_regression(s):  # c-weighted squared errors (mmfl.tasks.losses)
-                def loss(p, x, y, c):
-                    return (squared_errors(functional_call(model, p, (x,)), y) * c).sum()
-            elif mode == "none":
-                def loss(p, x, y, c):
-                    logp = functional_call(model, p, (x,))
-                    return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
+            def objective(out, y, c, m=None):
+                if regression:  # c-weighted squared errors (mmfl.tasks.losses)
+                    return (squared_errors(out, y) * c).sum()
+                logp = out if m is None else training_log_probs(model, out, m.unsqueeze(0),
+                                                                mode)
+                return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
+
+            if self.has_buffers(s):  # the client's buffers b, which batch norm updates in place
+                def loss(p, b, x, y, c, *m):
+                    return objective(functional_call(model, (p, b), (x,)), y, c, *m)
             else:
-                def loss(p, x, y, c, m):
-                    logp = training_log_probs(model, functional_call(model, p, (x,)),
-                                              m.unsqueeze(0), mode)
-                    return -(logp.gather(1, y.unsqueeze(1)).squeeze(1) * c).sum()
+                def loss(p, x, y, c, *m):
+                    return objective(functional_call(model, p, (x,)), y, c, *m)
 
             self._grad_fns[s] = vmap(grad_and_value(loss))
         return self._grad_fns[s]
@@ -543,11 +601,18 @@ class VectorizedEngine(Engine):
     def _train_generic(self, s: int, w: torch.Tensor, plan: BatchPlan, lr: float,
                        corr: torch.Tensor | None, out: torch.Tensor,
                        held: torch.Tensor | None = None,
-                       opt: LocalOptimizer | None = None) -> np.ndarray:
+                       opt: LocalOptimizer | None = None,
+                       bufs: dict[str, torch.Tensor] | None = None,
+                       lengths: list[int] | None = None) -> np.ndarray:
         """vmap(grad(functional_call)) SGD for any model; same arguments and returns as
         :meth:`_train_linear`, plus ``held``: for a masked task the clients' (K, K_classes)
-        bool held classes in ``plan.order`` (None for ``class_mask = "none"``), and ``opt``:
-        a fresh local optimizer other than plain SGD (:mod:`mmfl.tasks.optimizers`)."""
+        bool held classes in ``plan.order`` (None for ``class_mask = "none"``), ``opt``:
+        a fresh local optimizer other than plain SGD (:mod:`mmfl.tasks.optimizers`), ``bufs``:
+        for a model with buffers the clients' stacked buffers (:meth:`_client_buffers`,
+        updated in place), with ``lengths``: the (T,) batch lengths of its steps, the same for
+        every client (:func:`equal_size_groups`): each step's padding columns are cut, so that
+        batch statistics see real samples only, and a one-sample step is skipped, as the
+        sequential loop does."""
         model = self.models[s]
         K = len(plan.order)
         P: dict[str, torch.Tensor] = {}
@@ -564,12 +629,17 @@ class VectorizedEngine(Engine):
         shape = tuple(X.shape[1:])
         loss_acc = torch.zeros(K, dtype=torch.float64, device=w.device)
         for t, k in enumerate(plan.active):
-            ib = plan.idx[t, :k]
+            cut = plan.idx.shape[2] if lengths is None else lengths[t]
+            if cut < 2 and lengths is not None:  # batch norm cannot train on one sample
+                continue
+            ib = plan.idx[t, :k, :cut]
             flat = ib.reshape(-1)
             xb = X.index_select(0, flat).view(k, ib.shape[1], *shape)
             yb = Y.index_select(0, flat).view(k, ib.shape[1], *Y.shape[1:])
-            args = (xb, yb, plan.weight[t, :k]) if held is None else (
-                xb, yb, plan.weight[t, :k], held[:k])
+            c = plan.weight[t, :k, :cut]
+            args = (xb, yb, c) if held is None else (xb, yb, c, held[:k])
+            if bufs is not None:
+                args = ({n: v[:k] for n, v in bufs.items()}, *args)
             g, value = fn({n: v[:k] for n, v in P.items()}, *args)
             if opt is not None:
                 opt.tick()
@@ -586,6 +656,31 @@ class VectorizedEngine(Engine):
         with torch.no_grad():
             write_updates(out, w, P.values())
         return loss_acc.cpu().numpy()
+
+    def _client_buffers(self, s: int, client_ids: np.ndarray) -> dict[str, torch.Tensor]:
+        """Per buffer name of task s's model, a (K, *shape) stack of the clients' starting
+        buffers (:meth:`~mmfl.engines.base.Engine.start_buffers`: b_s, or with
+        ``buffers = "local"`` the client's own) on the device; integer buffers (batch norm's
+        ``num_batches_tracked``) as the module holds them (they are not carried)."""
+        K = len(client_ids)
+        start = torch.stack([self.start_buffers(s, i) for i in client_ids.tolist()]) \
+            .to(self.device) if K else torch.zeros((0, self.buffers[s].numel()))
+        out, off = {}, 0
+        for name, b in self.models[s].named_buffers():
+            if b.is_floating_point():
+                out[name] = start[:, off:off + b.numel()].reshape(K, *b.shape).to(b.dtype,
+                                                                                 copy=True)
+                off += b.numel()
+            else:
+                out[name] = b.detach().unsqueeze(0).repeat(K, *([1] * b.dim()))
+        return out
+
+    def _buffer_rows(self, s: int, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(K, Db_s) float32: the clients' floating-point buffers of ``bufs`` as rows in the
+        flat order of :func:`~mmfl.tasks.buffers.buffers_to_vector`."""
+        floats = [bufs[n].reshape(len(bufs[n]), -1).float()
+                  for n, b in self.models[s].named_buffers() if b.is_floating_point()]
+        return torch.cat(floats, 1)
 
     # -- the LVR probe -----------------------------------------------------------------------
     @torch.no_grad()

@@ -15,8 +15,11 @@ Integer buffers (batch norm's ``num_batches_tracked``) keep their initial values
 
 Evaluation and loss probes run the global model in eval mode with the server's b_s. Local
 training of a model with buffers skips a minibatch of a single sample (batch norm cannot
-normalise one), as PyTorch's ``drop_last`` would; the vectorized engine trains such a task one
-client at a time with the sequential engine's loop (it says so once at start-up).
+normalise one), as PyTorch's ``drop_last`` would. The vectorized engine trains clients of
+equal data size together on its generic path, each carrying its own buffers (each batch's
+statistics come from that client's samples only); a model with other buffers, or trained with
+adam / adamw, trains one client at a time with the sequential engine's loop (it says so once
+at start-up).
 """
 
 from __future__ import annotations
