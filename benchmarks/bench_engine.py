@@ -17,7 +17,9 @@ Every number in the printed table is measured in this run, on this machine:
   with ``fast_path=False`` (the generic ``torch.func`` path), for comparison in the same run;
   ``bn-cnn adam`` is the batch-norm CNN returning logits of ``examples/own_model.py`` trained
   with Adam (which, like its convolutions on the CPU, keeps it on the vectorized engine's
-  one-client-at-a-time loop). The
+  one-client-at-a-time loop); ``bn-mlp`` an MLP with batch norm and plain SGD, which the
+  generic path trains batched (clients of equal data size together, each with its own
+  running statistics). The
   centralized loop trains the engine's own module (logits through the cross-entropy) with the
   task's optimizer (``torch.optim``).
 * ``>1e-5``: clients whose vectorized update differs from the sequential one by more than 1e-5
@@ -66,7 +68,18 @@ CASES = [
     # examples/own_model.py's SmallCNN (conv-BN-ReLU-pool-linear, logits) with Adam
     ("bn-cnn adam digits iid", "digits", {}, "small_cnn", {"width": 8}, {"kind": "iid"}, 8, 1,
      {"task": {"optimizer": "adam", "lr": 0.01}}),
+    # an MLP with batch norm and plain SGD: the generic path's batched batch norm
+    ("bn-mlp synthetic iid", "synthetic", {"num_groups": 100, "mean_samples": 200},
+     "bn_mlp_bench", {}, {"kind": "iid"}, 16, 2),
 ]
+
+
+def bn_mlp(options, input_shape, num_classes):
+    """Linear(64) - BatchNorm1d - ReLU - Linear: logits (the bn-mlp case)."""
+    from torch import nn
+
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 64),
+                         nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, num_classes))
 
 
 def federation_for(case, clients: int, seed: int):
@@ -128,6 +141,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     chosen = [int(c) for c in args.cases.split(",") if c] or range(len(CASES))
     runpy.run_path(str(ROOT / "examples" / "own_model.py"))  # registers small_cnn
+    registry.register("model", "bn_mlp_bench")(bn_mlp)
     seq_cls = registry.get("engine", "sequential").obj
     vec_cls = registry.get("engine", "vectorized").obj
     header = (f"{'case':<27} {'K':>4} {'B':>3} {'E':>2} {'steps':>6} {'seq ms':>9} {'vec ms':>8} "
