@@ -172,6 +172,9 @@ class FlowerEngine(Engine):
     :class:`TrainOutput` with the pairs that answered (see the module docstring on faults);
     :meth:`probe_losses` asks the nodes too (``query.probe``) and gives NaN for a pair whose
     node did not answer (the runner then treats that client as offline for the round).
+    Models with buffers: the base engine's b_s and b_{i,s} stay here, on the server; each
+    message carries the buffers its pair starts from and the reply those it ended with
+    (:mod:`mmfl.flower.messages`), so :meth:`absorb_buffers` works as for the local engines.
 
     ``stop``: when this event is set (the simulation host was interrupted), waiting for nodes
     or replies raises KeyboardInterrupt, so the runner records the run as interrupted and the
