@@ -4,7 +4,8 @@ Run: ``.venv/bin/python benchmarks/bench_device.py [--rounds 4] [--clients 40] [
 
 For each case (one per vectorized-engine path: the batched-matmul ``mlp``, the grouped-conv
 ``cnn``, the ``torch.func`` generic path with a regression model, and the batch-norm CNN with
-Adam of ``examples/own_model.py``, which trains one client at a time) and each engine
+Adam of ``examples/own_model.py``, which trains one client at a time, and an MLP with batch
+norm and plain SGD, whose batch norm the generic path batches) and each engine
 (``vectorized``, ``sequential``), the experiment runs ``--rounds`` rounds on the CPU and, when
 torch sees a GPU, on ``--device``:
 
@@ -47,6 +48,9 @@ CASES = [
                                     "optimizer": "adam", "batch_size": 16, "local_epochs": 2}),
     ("BN CNN + Adam digits", {"dataset": "digits", "model": "small_cnn", "lr": 0.01,
                               "optimizer": "adam", "batch_size": 16}),
+    ("BN MLP + SGD digits (batched BN)", {"dataset": "digits", "model": "bn_mlp_bench",
+                                          "lr": 0.05, "batch_size": 16, "local_epochs": 2,
+                                          "partition": {"kind": "iid"}}),
 ]
 
 
@@ -74,13 +78,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     for example in ("own_model.py", "regression.py"):  # registers small_cnn, diabetes, ...
         runpy.run_path(str(ROOT / "examples" / example))
+    bn_mlp = runpy.run_path(str(ROOT / "benchmarks" / "bench_engine.py"))["bn_mlp"]
+    mmfl.register("model", "bn_mlp_bench")(bn_mlp)
     gpu = torch.cuda.is_available()
     chosen = [int(c) for c in args.cases.split(",") if c] or range(len(CASES))
     print(f"torch {torch.__version__}; " + (
         f"device {args.device}: {torch.cuda.get_device_name(torch.device(args.device))}" if gpu
         else "no GPU is available (torch.cuda.is_available() is False): CPU side only"))
     print(f"{args.rounds} rounds, {args.clients} clients, half of them active per round")
-    head = (f"{'case':<29} {'engine':<11} {'cpu s/round':>11} {'dev s/round':>11} "
+    head = (f"{'case':<33} {'engine':<11} {'cpu s/round':>11} {'dev s/round':>11} "
             f"{'speed-up':>8} {'max |d acc|':>11} {'max |d loss|':>12} {'rerun':>8}")
     print(head)
     print("-" * len(head))
@@ -100,7 +106,7 @@ def main(argv=None) -> int:
                     d = np.abs(dev - cpu).max(axis=0)
                     cols = [f"{t_dev:.4f}", f"{t_cpu / t_dev:.2f}x", f"{d[0]:.2e}",
                             f"{d[1]:.2e}", f"{np.abs(again - dev).max():.1e}"]
-                print(f"{label:<29} {engine:<11} {t_cpu:>11.4f} {cols[0]:>11} {cols[1]:>8} "
+                print(f"{label:<33} {engine:<11} {t_cpu:>11.4f} {cols[0]:>11} {cols[1]:>8} "
                       f"{cols[2]:>11} {cols[3]:>12} {cols[4]:>8}")
                 sys.stdout.flush()
     return 0
