@@ -15,15 +15,7 @@ from mmfl.engines.vectorized import VectorizedEngine, equal_size_groups
 from mmfl.experiment.config import config_from_dict
 from mmfl.experiment.federation import build_federation
 
-
-class BNMLP(nn.Module):
-    def __init__(self, d, k):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(d, 12), nn.BatchNorm1d(12), nn.ReLU(),
-                                  nn.Linear(12, k))
-
-    def forward(self, x):
-        return self.body(x)
+from test_buffers import BNNet  # Linear - BatchNorm1d - ReLU - Linear, logits
 
 
 class BNConv(nn.Module):
@@ -38,7 +30,7 @@ class BNConv(nn.Module):
 
 @pytest.fixture(scope="module", autouse=True)
 def registered():
-    mmfl.register("model", "bn_mlp_vec_test")(lambda o, s, k: BNMLP(int(np.prod(s)), k))
+    mmfl.register("model", "bn_mlp_vec_test")(lambda o, s, k: BNNet(int(np.prod(s)), k))
     mmfl.register("model", "bn_conv_vec_test")(lambda o, s, k: BNConv(s[0], s[1], k))
 
 
