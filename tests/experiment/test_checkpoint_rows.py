@@ -101,19 +101,26 @@ def test_row_log_restores_every_checkpoint_exactly_within_its_space(tmp_path_fac
                                                                     dtype):
     """Any sequence of puts and checkpoints: each checkpoint restores the store bit-exactly,
     the folder holds exactly the files the manifest names, at most ROWS_SPACE times the bytes
-    of the stored rows."""
+    of the stored rows, and compaction rewrote at most the changed rows' bytes plus the
+    store's."""
     folder = tmp_path_factory.mktemp("rows")
     store = _store(dtype)
     log = RowLog(folder, {"stale": store})
+    row_bytes = [d * store.dtype().itemsize for d in store.dims]
+    changed = written = most = 0
     for t, puts in enumerate(rounds):
         for k, (s, rows) in enumerate(puts):
             holders = np.flatnonzero(store.holds[:, s])
             _put(store, s, holders[[r for r in rows if r < len(holders)]], seed=100 * t + k)
+        changed += sum(int(d.sum()) * b for d, b in zip(store.dirty, row_bytes))
+        before = set(log.files)
         arrays, manifest = _checkpoint(log)
+        written += sum(log.files[f]["bytes"] for f in set(log.files) - before)
         assert set(_files(folder)) == {log.path(int(f)).name for f in manifest["files"]}
-        stored_bytes = sum(store.stored[:, s].sum() * store.dims[s] * store.dtype().itemsize
-                           for s in (0, 1))
+        stored_bytes = sum(int(store.stored[:, s].sum()) * row_bytes[s] for s in (0, 1))
+        most = max(most, stored_bytes)
         assert sum(f["bytes"] for f in manifest["files"].values()) <= ROWS_SPACE * stored_bytes
+        assert written - changed <= changed + most
         fresh = _restored(arrays, manifest, folder, dtype)
         for s in (0, 1):
             assert np.array_equal(fresh.rows[s], store.rows[s])

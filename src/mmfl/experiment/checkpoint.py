@@ -120,8 +120,8 @@ class RowLog:
     A file stays while it holds a row's latest version; when the files hold more than
     :data:`ROWS_SPACE` times the bytes of the rows they keep, the rows of the oldest files are
     written again into the new file and those files go. A checkpoint thus writes the changed
-    rows (and, amortised, at most as many again by compaction), and the folder holds at most
-    about twice the stored rows.
+    rows, plus the still-current rows of the files compacted away (amortised a fraction of the
+    changed rows in the tests), and the folder holds at most twice the stored rows.
 
     Crash guarantee: a row file is complete and fsynced before the checkpoint that refers to
     it replaces the previous one, and files are deleted only after the checkpoint that stopped

@@ -191,8 +191,8 @@ class Checkpointer:
 
     The rows of the per-pair stores (objects with a ``pair_store``) are written incrementally
     by a :class:`~mmfl.experiment.checkpoint.RowLog` into ``checkpoint-rows/``: a checkpoint
-    costs the rows changed since the previous one (plus, amortised, as much again for
-    compaction), not the whole store; its manifest travels in ``checkpoint.safetensors``.
+    costs the rows changed since the previous one (plus the still-current rows of compacted
+    files), not the whole store; its manifest travels in ``checkpoint.safetensors``.
     Checkpoints of older versions (rows inside ``checkpoint.safetensors``) still resume."""
 
     def __init__(self, out: Path, fingerprint: str, stateful: list[tuple[str, Any]],

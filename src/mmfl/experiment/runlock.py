@@ -10,7 +10,9 @@ holds on it while it writes.
   naming the folder and the holder's pid. The kernel drops the lock when the holder dies
   (even by kill -9), so a crashed run never leaves a stale lock behind.
 * **Leftovers.** Temporary files of an interrupted write (``<file>.tmp``) are removed when
-  a run starts or resumes.
+  a run starts or resumes; row files in ``checkpoint-rows/`` that no checkpoint refers to (a
+  crash between writing one and the checkpoint naming it) by the checkpointer, on resume and
+  after each checkpoint (:class:`mmfl.experiment.checkpoint.RowLog`).
 """
 
 from __future__ import annotations
