@@ -9,6 +9,7 @@ defaults are documented in ``configs/example.toml``.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -78,6 +79,8 @@ class ClientsConfig:
     federation_file: str
     preferences: float | tuple[tuple[float, float], ...]
     preference_file: str
+    costs: float | tuple[float, float]
+    payment_budget: float
 
 
 @dataclass(frozen=True)
@@ -220,7 +223,7 @@ class ExperimentConfig:
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("", "device"), ("clients", "processor_levels"),
     ("clients", "federation_file"), ("clients", "preferences"), ("clients", "preference_file"),
-    ("sampler", "preference_aware"),
+    ("clients", "costs"), ("clients", "payment_budget"), ("sampler", "preference_aware"),
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"),
     ("tasks", "init_weights"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
@@ -368,6 +371,14 @@ CLIENTS = {
     "preference_file": Option(str, "", "", "CSV client,task,willingness (task by name or "
                               "index) whose rows replace the willingness of the pairs they "
                               "list. Empty = none."),
+    "costs": Option(
+        "table", 0.0, "", "Private cost c >= 0 of each client for training each task once: a "
+        "number for every pair, or [lo, hi] drawn uniformly per pair. 0 = free clients, no "
+        "auction. Otherwise every round's drawn clients bid the cost of their drawn tasks in "
+        "mmfl's own budget-feasible truthful reverse auction (not the paper's; "
+        "docs/incentives.md); clients not recruited lose their slots (rounds.csv declined)."),
+    "payment_budget": Option(float, 0.0, ">= 0", "With clients.costs: B, the payment budget "
+                             "per round of the auction (> 0 then)."),
 }
 SAMPLER_FIXED = {
     "name": Option(str, "random", "", "Sampler (registry kind 'sampler')."),
@@ -615,6 +626,34 @@ def _levels(key: str, value: Any) -> tuple[float, float, float]:
     return tuple(float(p) for p in value)
 
 
+def _costs(key: str, value: Any, budget: float) -> float | tuple[float, float]:
+    """``clients.costs``: a cost >= 0, or [lo, hi] with 0 <= lo <= hi, hi > 0, as (lo, hi);
+    a positive cost needs ``clients.payment_budget`` > 0 (and a budget needs costs)."""
+    rule = "must be a number >= 0 or a range [lo, hi] with 0 <= lo <= hi"
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) \
+            and x >= 0
+
+    if isinstance(value, (list, tuple)):
+        if len(value) != 2 or not all(map(number, value)) or value[0] > value[1]:
+            raise ConfigError(key, rule, value)
+        out: float | tuple[float, float] = (float(value[0]), float(value[1]))
+        if out[1] == 0:
+            out = 0.0
+    elif number(value):
+        out = float(value)
+    else:
+        raise ConfigError(key, rule, value)
+    if out != 0 and not budget > 0:
+        raise ConfigError("clients.payment_budget", "must be > 0 when clients.costs is set "
+                          "(the auction's budget per round)", budget)
+    if out == 0 and budget > 0:
+        raise ConfigError("clients.payment_budget", "needs clients.costs (the clients' costs "
+                          "the auction pays for)", budget)
+    return out
+
+
 def _preferences(key: str, value: Any) -> float | tuple[tuple[float, float], ...]:
     """``clients.preferences``: a willingness in [0, 1], or a table {w = probability} (w in
     [0, 1], probabilities summing to 1) as ((w, probability), ...) ascending in w. TOML reads an
@@ -771,6 +810,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> ExperimentConfig:
         cl["processors"] = _distribution("clients.processors", cl["processors"], lo=1, hi=1024)
     cl["processor_levels"] = _levels("clients.processor_levels", cl["processor_levels"])
     cl["preferences"] = _preferences("clients.preferences", cl["preferences"])
+    cl["costs"] = _costs("clients.costs", cl["costs"], cl["payment_budget"])
 
     traw = raw.get("tasks")
     if not isinstance(traw, list) or not traw:

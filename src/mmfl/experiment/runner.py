@@ -7,7 +7,9 @@ Per round t (0-based; files count completed rounds, t + 1):
    latest task losses; the signals the sampler requires (:mod:`.signals`);
 2. ``allocator.allocate(state, rng=stream(seed, "allocate", t))`` -> Assignment; the assigned
    pairs with a soft preference may decline (:mod:`.preferences`: dropped before training,
-   counted in rounds.csv's ``declined``);
+   counted in rounds.csv's ``declined``); with ``clients.costs`` the drawn clients bid in the
+   round's auction and those not recruited lose their slots too (:mod:`.incentives`, counted
+   in ``declined``);
 3. ``engine.train`` on the unique active (client, task) pairs -> updates G (for SCAFFOLD,
    with the control-variate corrections c_s - c_{i,s}); pairs the engine returns no update for
    (a distributed engine whose node did not answer, see :mod:`mmfl.flower`) are *missing*:
@@ -47,6 +49,7 @@ from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_ou
                                     config_fingerprint, federation_info, legacy_fingerprints,
                                     writing)
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
+from mmfl.experiment.incentives import Incentives
 from mmfl.experiment.preferences import Preferences
 from mmfl.experiment.profile import build_profile
 from mmfl.experiment.replay import read_replay_file
@@ -94,6 +97,8 @@ class Runner:
         self.preferences = Preferences.from_config(cfg, fed.population)
         self.federation = fed = self.preferences.restrict(fed)
         pop = fed.population
+        # clients.costs: the drawn clients' auction (mmfl's own mechanism, docs/incentives.md)
+        self.incentives = Incentives.from_config(cfg, pop)
         entry = registry.get("sampler", cfg.sampler.name, key="sampler.name")
         self.allocator = entry.obj(dict(cfg.sampler.options), pop, cfg.seed)
         self.replay = (read_replay_file(cfg.sampler.replay_file, pop)
@@ -213,6 +218,8 @@ class Runner:
         state, measured = self.signals.gather(t, st.params, state)
         # -- allocate -----------------------------------------------------------------------
         asked, declined = self.preferences.decline(t, self._allocate(t, state), pop)
+        asked, unrecruited = self.incentives.recruit(t, asked)
+        declined += unrecruited  # rounds.csv declined: declines and clients not recruited
         # -- train (stragglers past the deadline and missing pairs are dropped) --------------
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)
@@ -327,6 +334,8 @@ class Runner:
                             status=status, seconds=seconds)
         if self.preferences.willingness is not None:  # clients.preferences in use
             summary["preferences"] = self.preferences.summary()
+        if self.incentives.costs is not None:  # clients.costs in use
+            summary["incentives"] = self.incentives.summary()
         return summary
 
 

@@ -1,0 +1,120 @@
+"""Paid recruitment in a run (clients.costs, clients.payment_budget; mmfl's own auction,
+docs/algorithms.md section 3.4, docs/incentives.md): only recruited clients train, payments stay
+within the budget, clients not recruited are counted, the default changes nothing, and bad values
+are one-line errors naming the key."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+
+from mmfl.core.incentives import auction
+from mmfl.engines.sequential import SequentialEngine
+from mmfl.errors import ConfigError
+from mmfl.experiment.config import config_from_dict
+from mmfl.experiment.incentives import Incentives
+from mmfl.experiment.runner import Runner
+from mmfl.types import Assignment
+
+RAW = {
+    "name": "paid", "seed": 3, "rounds": 4, "engine": "sequential",
+    "clients": {"count": 10, "active_rate": 0.5, "processors": {"1": 0.5, "2": 0.5}},
+    "sampler": {"name": "random"},
+    "tasks": [
+        {"name": "digits", "dataset": "digits", "model": "logreg", "lr": 0.1, "batch_size": 32},
+        {"name": "wave", "dataset": "mnist1d", "model": "logreg", "lr": 0.1, "batch_size": 32,
+         "dataset_options": {"num_samples": 300}},
+    ],
+}
+
+
+class RecordingEngine(SequentialEngine):
+    """The sequential engine recording every (round, client, task) it trains."""
+
+    def __init__(self, federation, **kw):
+        super().__init__(federation, **kw)
+        self.asked: list[tuple[int, int, int]] = []
+
+    def train(self, params, clients, tasks, round, corrections=None):
+        self.asked += [(round, int(i), int(s)) for i, s in zip(clients, tasks)]
+        return super().train(params, clients, tasks, round, corrections)
+
+
+def _cfg(**clients):
+    return config_from_dict({**RAW, "clients": {**RAW["clients"], **clients}})
+
+
+def _run(tmp_path, name, cfg):
+    engines = []
+
+    def factory(fed):
+        engines.append(RecordingEngine(fed, seed=cfg.seed))
+        return engines[0]
+
+    out = tmp_path / name
+    summary = Runner(cfg, out, engine_factory=factory).run()
+    with open(out / "rounds.csv", newline="") as f:
+        rounds = list(csv.DictReader(f))
+    return summary, rounds, engines[0], out
+
+
+def test_recruit_keeps_the_auction_winners_and_counts_the_rest():
+    """Three drawn clients, costs c_{i,s} = 1 + i; client 2 drawn for two tasks bids 6.
+    Bids (1, 2, 6), B = 4: k* = 2 (2 <= 4/2, 6 > 4/3): clients 0 and 1 recruited."""
+    costs = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    inc = Incentives(costs, 4.0, seed=0)
+    asked = Assignment(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 2]), np.array([0, 1, 0, 1]),
+                       np.full(4, 0.5), np.ones(4), np.zeros((4, 2)))
+    kept, gone = inc.recruit(0, asked)
+    assert gone == 2 and kept.client.tolist() == [0, 1] and "not recruited" in kept.note
+    # client 0 (others 2, 6): k = 1: min(4, 2) = 2; k = 2: min(2, 6) = 2; k = 3: 6 > 4/3
+    # client 1 (others 1, 6): k = 1: min(4, 1) = 1; k = 2: min(2, 6) = 2: both paid 2
+    won, pay = auction(np.array([1.0, 2.0, 6.0]), 4.0)
+    assert won.tolist() == [True, True, False] and pay.tolist() == [2.0, 2.0, 0.0]
+    s = inc.summary()
+    assert (s["bidders"], s["recruited"], s["unrecruited_slots"]) == (3, 2, 2)
+    assert (s["paid"], s["recruited_cost"]) == (4.0, 3.0)
+
+
+def test_a_run_trains_only_recruited_clients_within_budget(tmp_path):
+    summary, rounds, engine, _ = _run(tmp_path, "paid",
+                                      _cfg(costs=[0.5, 1.5], payment_budget=2.0))
+    inc = summary["incentives"]
+    declined = [int(r["declined"]) for r in rounds]
+    assert inc["unrecruited_slots"] == sum(declined) > 0  # B = 2 cannot pay every drawn client
+    assert summary["cost"]["declined"] == sum(declined)
+    assert 0 < inc["recruited"] < inc["bidders"]
+    assert inc["recruited_cost"] <= inc["paid"] <= 2.0 * inc["rounds"] + 1e-9
+    for t, r in enumerate(rounds):
+        trained = {(i, s) for (rt, i, s) in engine.asked if rt == t}
+        assert int(r["local_trainings"]) == len(trained)
+        assert ("not recruited" in r["note"]) == (int(r["declined"]) > 0)
+    # each round at most floor(B / min cost) = 4 clients can be recruited
+    clients_per_round = [len({i for (rt, i, _) in engine.asked if rt == t}) for t in range(4)]
+    assert max(clients_per_round) <= 4
+
+
+def test_default_is_the_run_without_incentives(tmp_path):
+    """costs = 0 (the default): no auction, no incentives entry, metrics unchanged."""
+    s0, r0, _, out0 = _run(tmp_path, "plain", _cfg())
+    s1, r1, _, out1 = _run(tmp_path, "zero", _cfg(costs=0, payment_budget=0))
+    assert "incentives" not in s0 and "incentives" not in s1
+    assert (out0 / "metrics.csv").read_bytes() == (out1 / "metrics.csv").read_bytes()
+    assert "costs" not in (out0 / "config.toml").read_text()
+
+
+@pytest.mark.parametrize("clients, key", [
+    ({"costs": -1, "payment_budget": 1}, "clients.costs"),
+    ({"costs": [2, 1], "payment_budget": 1}, "clients.costs"),
+    ({"costs": [0, 1, 2], "payment_budget": 1}, "clients.costs"),
+    ({"costs": "high", "payment_budget": 1}, "clients.costs"),
+    ({"costs": 1}, "clients.payment_budget"),
+    ({"payment_budget": 3}, "clients.payment_budget"),
+    ({"costs": 1, "payment_budget": -1}, "clients.payment_budget"),
+])
+def test_bad_values_name_the_key(clients, key):
+    with pytest.raises(ConfigError) as e:
+        _cfg(**clients)
+    assert e.value.key == key and "\n" not in str(e.value)
