@@ -34,7 +34,7 @@ FORMAT = "mmfl-checkpoint-1"
 ROWS_FORMAT = "mmfl-checkpoint-rows-1"
 #: the row files of a checkpoint hold at most this many times the bytes of the rows they keep
 #: (older files whose rows were mostly rewritten since are compacted away, oldest first)
-ROWS_SPACE = 2.0
+ROWS_SPACE = 1.5
 
 
 def crc32(a: np.ndarray) -> int:
@@ -121,7 +121,8 @@ class RowLog:
     :data:`ROWS_SPACE` times the bytes of the rows they keep, the rows of the oldest files are
     written again into the new file and those files go. A checkpoint thus writes the changed
     rows, plus the still-current rows of the files compacted away (amortised a fraction of the
-    changed rows in the tests), and the folder holds at most twice the stored rows.
+    changed rows in the tests), and the folder holds at most 1.5 times the stored rows (with
+    ``stale_on_disk`` next to the memory-mapped store itself).
 
     Crash guarantee: a row file is complete and fsynced before the checkpoint that refers to
     it replaces the previous one, and files are deleted only after the checkpoint that stopped
