@@ -16,7 +16,7 @@ from mmfl.errors import ConfigError
 from mmfl.experiment.config import config_from_dict
 from mmfl.experiment.incentives import Incentives
 from mmfl.experiment.runner import Runner
-from mmfl.types import Assignment
+from mmfl.types import Assignment, Population
 
 RAW = {
     "name": "paid", "seed": 3, "rounds": 4, "engine": "sequential",
@@ -60,14 +60,17 @@ def _run(tmp_path, name, cfg):
     return summary, rounds, engines[0], out
 
 
+POP3 = Population(np.ones((3, 2), int), np.array([1, 1, 2]), ("a", "b"))
+ASKED = Assignment(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 2]), np.array([0, 1, 0, 1]),
+                   np.full(4, 0.5), np.array([1, 1, 0.5, 0.5]), np.full((4, 2), 0.25))
+
+
 def test_recruit_keeps_the_auction_winners_and_counts_the_rest():
     """Three drawn clients, costs c_{i,s} = 1 + i; client 2 drawn for two tasks bids 6.
     Bids (1, 2, 6), B = 4: k* = 2 (2 <= 4/2, 6 > 4/3): clients 0 and 1 recruited."""
     costs = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
     inc = Incentives(costs, 4.0, seed=0)
-    asked = Assignment(np.array([0, 1, 2, 3]), np.array([0, 1, 2, 2]), np.array([0, 1, 0, 1]),
-                       np.full(4, 0.5), np.ones(4), np.zeros((4, 2)))
-    kept, gone = inc.recruit(0, asked)
+    kept, gone = inc.recruit(0, ASKED, POP3)
     assert gone == 2 and kept.client.tolist() == [0, 1] and "not recruited" in kept.note
     # client 0 (others 2, 6): k = 1: min(4, 2) = 2; k = 2: min(2, 6) = 2; k = 3: 6 > 4/3
     # client 1 (others 1, 6): k = 1: min(4, 1) = 1; k = 2: min(2, 6) = 2: both paid 2
@@ -76,6 +79,18 @@ def test_recruit_keeps_the_auction_winners_and_counts_the_rest():
     s = inc.summary()
     assert (s["bidders"], s["recruited"], s["unrecruited_slots"]) == (3, 2, 2)
     assert (s["paid"], s["recruited_cost"]) == (4.0, 3.0)
+
+
+def test_recruitment_aware_scales_the_kept_probabilities():
+    """k* = 2 of n = 3 drawn clients: aware slots report p * 2/3; unaware keep p."""
+    costs = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+    plain, _ = Incentives(costs, 4.0, seed=0).recruit(0, ASKED, POP3)
+    aware, _ = Incentives(costs, 4.0, seed=0, aware=True).recruit(0, ASKED, POP3)
+    np.testing.assert_allclose(plain.probability, [0.5, 0.5])
+    np.testing.assert_allclose(aware.probability, [0.5 * 2 / 3, 0.5 * 2 / 3])
+    np.testing.assert_allclose(aware.probabilities, np.full((4, 2), 0.25 * 2 / 3))
+    everyone, gone = Incentives(costs, 100.0, seed=0, aware=True).recruit(0, ASKED, POP3)
+    assert gone == 0 and everyone is ASKED  # all recruited: nothing to scale
 
 
 def test_a_run_trains_only_recruited_clients_within_budget(tmp_path):
@@ -94,6 +109,16 @@ def test_a_run_trains_only_recruited_clients_within_budget(tmp_path):
     # each round at most floor(B / min cost) = 4 clients can be recruited
     clients_per_round = [len({i for (rt, i, _) in engine.asked if rt == t}) for t in range(4)]
     assert max(clients_per_round) <= 4
+
+
+def test_recruitment_aware_run_differs_only_in_weights(tmp_path):
+    """The same recruits train (same streams); only the aggregation weights change."""
+    _, r0, e0, _ = _run(tmp_path, "plain", _cfg(costs=1.0, payment_budget=2.5))
+    _, r1, e1, _ = _run(tmp_path, "aware", _cfg(costs=1.0, payment_budget=2.5,
+                                                  recruitment_aware=True))
+    assert [r["declined"] for r in r0] == [r["declined"] for r in r1]
+    assert [x for x in e0.asked if x[0] == 0] == [x for x in e1.asked if x[0] == 0]
+    assert r0[0]["expected_slots"] != r1[0]["expected_slots"]
 
 
 def test_default_is_the_run_without_incentives(tmp_path):

@@ -81,6 +81,7 @@ class ClientsConfig:
     preference_file: str
     costs: float | tuple[float, float]
     payment_budget: float
+    recruitment_aware: bool
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,8 @@ class ExperimentConfig:
 _NEW_KEYS = (
     ("", "variant"), ("", "eval_last"), ("", "device"), ("clients", "processor_levels"),
     ("clients", "federation_file"), ("clients", "preferences"), ("clients", "preference_file"),
-    ("clients", "costs"), ("clients", "payment_budget"), ("sampler", "preference_aware"),
+    ("clients", "costs"), ("clients", "payment_budget"),
+    ("clients", "recruitment_aware"), ("sampler", "preference_aware"),
     ("tasks", "class_mask"), ("tasks", "test_subset"), ("tasks", "loss"), ("tasks", "optimizer"), ("tasks", "buffers"),
     ("tasks", "init_weights"), ("tasks.dataset_options", "normalize"),
     ("sampler", "d_index"), ("sampler", "init"), ("sampler", "score"), ("sampler", "budget"),
@@ -379,6 +381,11 @@ CLIENTS = {
         "docs/incentives.md); clients not recruited lose their slots (rounds.csv declined)."),
     "payment_budget": Option(float, 0.0, ">= 0", "With clients.costs: B, the payment budget "
                              "per round of the auction (> 0 then)."),
+    "recruitment_aware": Option(bool, False, "", "With clients.costs: the recruited slots "
+                                "report p * k*/n (n drawn clients, k* recruited), so the "
+                                "unbiased aggregate keeps its length instead of shrinking by "
+                                "the recruited fraction; exactly unbiased when every pair has "
+                                "the same cost and B_i = 1 (docs/algorithms.md section 3.4)."),
 }
 SAMPLER_FIXED = {
     "name": Option(str, "random", "", "Sampler (registry kind 'sampler')."),

@@ -11,6 +11,9 @@ Config (every default in :mod:`mmfl.experiment.config`):
   ``(seed, "costs")``; default 0 (free clients: no auction, the run is exactly the run without
   incentives).
 - ``[clients] payment_budget``: B, what the server may pay per round (> 0 when costs are set).
+- ``[clients] recruitment_aware``: the recruited slots report the probability p k*/n
+  (:func:`mmfl.core.preferences.effective_assignment` with w = k*/n for every pair), so the
+  1/p-weighted aggregate does not shrink by the recruited fraction.
 
 Every round, after the sampler's draw (and the declines of ``clients.preferences``), each
 drawn client bids the cost of the models it was drawn for; the auction recruits the k* cheapest
@@ -24,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmfl.core.incentives import auction, draw_costs
+from mmfl.core.preferences import effective_assignment
 from mmfl.experiment.config import ExperimentConfig
 from mmfl.rng import AUCTION, COSTS, stream
 from mmfl.types import Assignment, Population
@@ -39,11 +43,14 @@ class Incentives:
             nothing).
         budget: B per round.
         seed: the run's root seed (the auction's tie-break stream derives from it).
+        aware: ``clients.recruitment_aware``: recruited slots report p k*/n.
     """
 
-    def __init__(self, costs: np.ndarray | None, budget: float, seed: int):
+    def __init__(self, costs: np.ndarray | None, budget: float, seed: int,
+                 aware: bool = False):
         self.costs = costs
         self.budget = float(budget)
+        self.aware = bool(aware)
         self.seed = int(seed)
         self.rounds = self.bidders = self.recruited = self.unrecruited_slots = 0
         self.paid = self.winners_cost = 0.0
@@ -57,11 +64,12 @@ class Incentives:
             return cls(None, 0.0, cfg.seed)
         shape = (population.num_clients, population.num_tasks)
         return cls(draw_costs(c.costs, shape, stream(cfg.seed, COSTS)), c.payment_budget,
-                   cfg.seed)
+                   cfg.seed, c.recruitment_aware)
 
-    def recruit(self, t: int, asked: Assignment) -> tuple[Assignment, int]:
-        """Round t's assignment without the clients the auction did not recruit, and their
-        slots' count.
+    def recruit(self, t: int, asked: Assignment, population: Population
+                ) -> tuple[Assignment, int]:
+        """Round t's assignment without the clients the auction did not recruit (with
+        ``aware``, the kept slots' probabilities times k*/n), and the lost slots' count.
 
         Client i's bid is b_i = sum_{s in T_i} c_{i,s} over the models T_i of its drawn pairs
         (one bidder per client, bidders in client order); priorities for ties come from the
@@ -84,8 +92,12 @@ class Incentives:
             return asked, 0
         slots = int(np.isin(asked.client, bidders[~won]).sum())
         self.unrecruited_slots += slots
-        return asked.without_pairs(clients[lost], tasks[lost],
-                                   note=f"{slots} slot(s) not recruited (auction)"), slots
+        kept = asked.without_pairs(clients[lost], tasks[lost],
+                                   note=f"{slots} slot(s) not recruited (auction)")
+        if self.aware and won.any():
+            rate = np.full(self.costs.shape, won.sum() / bidders.size)
+            kept = effective_assignment(kept, rate, population)
+        return kept, slots
 
     def summary(self) -> dict[str, float | int]:
         """summary.json's ``incentives``: the budget B, and over the rounds this process ran

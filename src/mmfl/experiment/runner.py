@@ -218,7 +218,7 @@ class Runner:
         state, measured = self.signals.gather(t, st.params, state)
         # -- allocate -----------------------------------------------------------------------
         asked, declined = self.preferences.decline(t, self._allocate(t, state), pop)
-        asked, unrecruited = self.incentives.recruit(t, asked)
+        asked, unrecruited = self.incentives.recruit(t, asked, pop)
         declined += unrecruited  # rounds.csv declined: declines and clients not recruited
         # -- train (stragglers past the deadline and missing pairs are dropped) --------------
         trained, lost = self._train(t, st, asked, measured)
