@@ -141,46 +141,54 @@ def test_control_variates_checkpoint_their_client_rows_in_the_log(tmp_path):
     assert other.server[0].tolist() == [2.0] * 4
 
 
-def _changed_row_bytes(out, tasks_dims):
-    """Bytes of the stale rows the run's rounds wrote: one row per trained pair (metrics.csv's
-    local_trainings per round and task), each D_s float32."""
-    r = mmfl.read_results(out)
-    return sum(int(x["local_trainings"]) * tasks_dims[x["task"]] * 4 for x in r.metrics)
-
-
 @pytest.mark.parametrize("sampler", ["stalevr", "fedvarp"])
 def test_checkpoints_every_round_write_bytes_of_the_changed_rows(tmp_path, sampler):
-    """Checkpointed every round, a stale-update run writes about the rows its rounds changed
-    (compaction adds at most as much again), not the whole store every round, and
+    """Checkpointed every round, a stale-update run writes per round one file with the rows
+    that round changed (and, in a round that compacts, the still-current rows of the files it
+    deletes): its size is their bytes plus a small header, not the whole store; and
     checkpoint.safetensors holds no rows."""
-    cfg = _cfg(tmp_path, 8, sampler)
     out = tmp_path / "r"
-    written: dict[str, int] = {}
+    seen: list[tuple[int, set, dict]] = []  # per round: files deleted, rows changed, new file
 
-    class Sizes:
+    class Rows:
         def on_start(self, *a):
-            pass
+            self.before, self.files = None, set()
 
         def on_end(self, *a):
             pass
 
         def on_round(self, record):
-            for name, size in _files(out / CHECKPOINT_ROWS).items():
-                written.setdefault(name, size)
-            sizes.append((out / CHECKPOINT).stat().st_size)
+            store = runner.stores.stale
+            now = [np.array(r) for r in store.rows]
+            changed = {(s, int(i)) for s, r in enumerate(now) for i in np.flatnonzero(
+                (r != (0 if self.before is None else self.before[s])).any(axis=1))}
+            files = set(_files(out / CHECKPOINT_ROWS))
+            new = {}
+            for name in files - self.files:
+                with safe_open(str(out / CHECKPOINT_ROWS / name), framework="numpy") as f:
+                    new = {k: f.get_tensor(k) for k in f.keys() if ".rows." in k}
+                new["bytes"] = (out / CHECKPOINT_ROWS / name).stat().st_size
+            seen.append((len(self.files - files), changed, new))
+            self.before, self.files = now, files
+            assert (out / CHECKPOINT).stat().st_size < store.nbytes / 4  # no rows in it
 
-    sizes: list[int] = []
-    runner = Runner(cfg, out, callbacks=[Sizes()])
+    runner = Runner(_cfg(tmp_path, 8, sampler), out, callbacks=[Rows()])
     runner.run()
     store = runner.stores.stale
-    dims = dict(zip(runner.federation.population.task_names, store.dims))
-    store_bytes = store.nbytes
-    changed = _changed_row_bytes(out, dims)
-    assert len(written) >= 6  # rounds that changed rows wrote a file each
-    assert max(sizes) < store_bytes / 4  # the checkpoint file: parameters, state, manifest
-    rows_written = sum(written.values()) - HEADER * len(written)
-    assert rows_written <= 2 * changed  # the rows of the rounds (+ compaction)
-    assert sum(written.values()) < 8 * store_bytes / 2  # not the store every round
+    row_bytes = [d * 4 for d in store.dims]
+    assert sum(bool(c) for _, c, _ in seen) >= 6
+    for deleted, changed, new in seen:
+        assert bool(new) == bool(changed)
+        if not new:
+            continue
+        in_file = {(s, int(i)) for s in range(len(row_bytes))
+                   for i in new.get(f"stale.rows.{s}", [])}
+        assert changed <= in_file
+        if not deleted:  # no compaction: exactly the changed rows
+            assert in_file == changed
+        payload = sum(row_bytes[s] + 8 for s, _ in in_file)
+        assert payload <= new["bytes"] <= payload + HEADER
+    assert any(not deleted for deleted, _, new in seen if new)
     with safe_open(str(out / CHECKPOINT), framework="numpy") as f:
         assert not [k for k in f.keys() if k.startswith("stale.h.")]
 
