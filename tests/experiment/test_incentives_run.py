@@ -5,59 +5,19 @@ are one-line errors naming the key."""
 
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 
+from test_preferences_run import RAW, _run  # the recording engine and run helper
 from mmfl.core.incentives import auction
-from mmfl.engines.sequential import SequentialEngine
 from mmfl.errors import ConfigError
 from mmfl.experiment.config import config_from_dict
 from mmfl.experiment.incentives import Incentives
-from mmfl.experiment.runner import Runner
 from mmfl.types import Assignment, Population
-
-RAW = {
-    "name": "paid", "seed": 3, "rounds": 4, "engine": "sequential",
-    "clients": {"count": 10, "active_rate": 0.5, "processors": {"1": 0.5, "2": 0.5}},
-    "sampler": {"name": "random"},
-    "tasks": [
-        {"name": "digits", "dataset": "digits", "model": "logreg", "lr": 0.1, "batch_size": 32},
-        {"name": "wave", "dataset": "mnist1d", "model": "logreg", "lr": 0.1, "batch_size": 32,
-         "dataset_options": {"num_samples": 300}},
-    ],
-}
-
-
-class RecordingEngine(SequentialEngine):
-    """The sequential engine recording every (round, client, task) it trains."""
-
-    def __init__(self, federation, **kw):
-        super().__init__(federation, **kw)
-        self.asked: list[tuple[int, int, int]] = []
-
-    def train(self, params, clients, tasks, round, corrections=None):
-        self.asked += [(round, int(i), int(s)) for i, s in zip(clients, tasks)]
-        return super().train(params, clients, tasks, round, corrections)
 
 
 def _cfg(**clients):
     return config_from_dict({**RAW, "clients": {**RAW["clients"], **clients}})
-
-
-def _run(tmp_path, name, cfg):
-    engines = []
-
-    def factory(fed):
-        engines.append(RecordingEngine(fed, seed=cfg.seed))
-        return engines[0]
-
-    out = tmp_path / name
-    summary = Runner(cfg, out, engine_factory=factory).run()
-    with open(out / "rounds.csv", newline="") as f:
-        rounds = list(csv.DictReader(f))
-    return summary, rounds, engines[0], out
 
 
 POP3 = Population(np.ones((3, 2), int), np.array([1, 1, 2]), ("a", "b"))
