@@ -121,8 +121,8 @@ class RowLog:
     :data:`ROWS_SPACE` times the bytes of the rows they keep, the rows of the oldest files are
     written again into the new file and those files go. A checkpoint thus writes the changed
     rows, plus the still-current rows of the files compacted away (amortised a fraction of the
-    changed rows in the tests), and the folder holds at most 1.5 times the stored rows (with
-    ``stale_on_disk`` next to the memory-mapped store itself).
+    changed rows in the tests), and the folder holds at most :data:`ROWS_SPACE` times the
+    stored rows (with ``stale_on_disk``, next to the memory-mapped store itself).
 
     Crash guarantee: a row file is complete and fsynced before the checkpoint that refers to
     it replaces the previous one, and files are deleted only after the checkpoint that stopped
