@@ -103,3 +103,14 @@ def test_bad_values_name_the_key(clients, key):
     with pytest.raises(ConfigError) as e:
         _cfg(**clients)
     assert e.value.key == key and "\n" not in str(e.value)
+
+
+def test_describe_names_the_incentives():
+    from mmfl.experiment.describe import describe_federation
+    from mmfl.experiment.federation import build_federation
+
+    cfg = _cfg(costs=[0.5, 1.5], payment_budget=2.5, recruitment_aware=True)
+    text = describe_federation(cfg, build_federation(cfg))
+    assert ("incentives: costs per pair uniform [0.5, 1.5), payment budget B = 2.5 per round "
+            "(mmfl's own auction, not the paper's); recruitment-aware") in text
+    assert "incentives" not in describe_federation(_cfg(), build_federation(_cfg()))

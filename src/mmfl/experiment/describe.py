@@ -43,6 +43,13 @@ def describe_federation(cfg: ExperimentConfig, fed: Federation) -> str:
         lines.append(f"preferences: {prefs['refused_pairs']} held pairs refused (never assigned), "
                      f"{prefs['soft_pairs']} soft (decline with probability 1 - w); sampler "
                      f"{'preference-aware' if prefs['aware'] else 'unaware'}")
+    costs = cfg.clients.costs  # clients.costs: mmfl's own auction (docs/incentives.md)
+    if costs != 0:
+        c = f"uniform [{costs[0]:g}, {costs[1]:g})" if isinstance(costs, tuple) else f"{costs:g}"
+        lines.append(f"incentives: costs per pair {c}, payment budget B = "
+                     f"{cfg.clients.payment_budget:g} per round (mmfl's own auction, not the "
+                     f"paper's); recruitment-"
+                     f"{'aware' if cfg.clients.recruitment_aware else 'unaware'}")
     for s, td in enumerate(fed.tasks):
         t, ds = cfg.tasks[s], td.dataset
         n = pop.n_samples[:, s]
