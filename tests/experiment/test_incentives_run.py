@@ -61,6 +61,8 @@ def test_a_run_trains_only_recruited_clients_within_budget(tmp_path):
     assert inc["unrecruited_slots"] == sum(declined) > 0  # B = 2 cannot pay every drawn client
     assert summary["cost"]["declined"] == sum(declined)
     assert 0 < inc["recruited"] < inc["bidders"]
+    # random uploads no scalars of its own: every scalar upload is a bid, one per drawn client
+    assert summary["cost"]["scalar_uploads"] == inc["bidders"]
     assert inc["recruited_cost"] <= inc["paid"] <= 2.0 * inc["rounds"] + 1e-9
     for t, r in enumerate(rounds):
         trained = {(i, s) for (rt, i, s) in engine.asked if rt == t}

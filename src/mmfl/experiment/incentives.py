@@ -20,6 +20,7 @@ drawn client bids the cost of the models it was drawn for; the auction recruits 
 (ties by a random priority from the stream ``(seed, "auction", t)``) and pays each its critical
 value. A client not recruited loses all its slots before training, like a decline: they are
 counted in rounds.csv's ``declined`` and in summary.json ``incentives.unrecruited_slots``.
+Every bid is one scalar upload (rounds.csv ``scalar_uploads``).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class Incentives:
         self.aware = bool(aware)
         self.seed = int(seed)
         self.rounds = self.bidders = self.recruited = self.unrecruited_slots = 0
+        self.last_bidders = 0  # bids of the latest round (scalar uploads, rounds.csv)
         self.paid = self.winners_cost = 0.0
 
     @classmethod
@@ -83,7 +85,8 @@ class Incentives:
         priority = stream(self.seed, AUCTION, t).permutation(bidders.size)
         won, pay = auction(bids[bidders], self.budget, priority)
         self.rounds += 1
-        self.bidders += int(bidders.size)
+        self.last_bidders = int(bidders.size)
+        self.bidders += self.last_bidders
         self.recruited += int(won.sum())
         self.paid += float(pay.sum())
         self.winners_cost += float(bids[bidders][won].sum())

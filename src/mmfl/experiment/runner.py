@@ -220,6 +220,7 @@ class Runner:
         asked, declined = self.preferences.decline(t, self._allocate(t, state), pop)
         asked, unrecruited = self.incentives.recruit(t, asked, pop)
         declined += unrecruited  # rounds.csv declined: declines and clients not recruited
+        bids = self.incentives.last_bidders  # one scalar upload per bid
         # -- train (stragglers past the deadline and missing pairs are dropped) --------------
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)
@@ -240,7 +241,7 @@ class Runner:
         t_eval = time.perf_counter()
         # -- record -------------------------------------------------------------------------
         record = self._record(t, st, state, asked, assignment, trained, out, measured,
-                              (sim_seconds, int(late.sum()), int(lost.sum()), declined),
+                              (sim_seconds, int(late.sum()), int(lost.sum()), declined, bids),
                               (acc, loss),
                               (t_start, t_train, t_eval))
         self.recorder.on_round(record)
@@ -305,11 +306,12 @@ class Runner:
                 times) -> RoundRecord:
         """The round's :class:`RoundRecord`; adds its cost and steps to ``st``, which then
         counts the round as completed."""
-        sim_seconds, late, lost, declined = drops
+        sim_seconds, late, lost, declined, bids = drops
         acc, loss = evaluation
-        cost = dataclasses.replace(count_cost(asked, measured, late=late, lost=lost,
-                                              control_variates=self.stores.controls is not None),
-                                   declined=declined)
+        cost = count_cost(asked, measured, late=late, lost=lost,
+                          control_variates=self.stores.controls is not None)
+        cost = dataclasses.replace(cost, declined=declined,
+                                   scalar_uploads=cost.scalar_uploads + bids)
         rejected = 0 if trained.rejected is None else int(trained.rejected.sum())
         every = measured.full if measured.full is not None else trained  # every training
         probe = measured.probe_set
