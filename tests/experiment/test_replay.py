@@ -13,7 +13,7 @@ from mmfl.core.drawing import draw
 from mmfl.errors import DataError
 from mmfl.experiment.config import load_config
 from mmfl.experiment.replay import read_replay_file
-from mmfl.experiment.runner import Runner
+from mmfl.experiment.allocation import RoundDraw
 from mmfl.types import Population
 
 #: 3 clients with 1, 2 and 1 processors (P = 4), 2 models; client 0 holds only model 0
@@ -91,16 +91,16 @@ def test_replaying_the_samplers_own_draw_changes_nothing(tmp_path, monkeypatch, 
     """Record a run's draws, replay them: metrics.csv byte-identical (so the replay path keeps
     the sampler's probabilities, shares and random streams)."""
     drawn: dict[str, list] = {}
-    original = Runner._allocate
+    original = RoundDraw.__call__
 
     def recording(self, t, state):
-        a = original(self, t, state)
+        a, declined, bids = original(self, t, state)
         drawn[str(t + 1)] = np.stack([a.client, a.task], axis=1).tolist()
-        return a
+        return a, declined, bids
 
-    monkeypatch.setattr(Runner, "_allocate", recording)
+    monkeypatch.setattr(RoundDraw, "__call__", recording)
     mmfl.run(_config(tmp_path, sampler), tmp_path / "drawn")
-    monkeypatch.setattr(Runner, "_allocate", original)
+    monkeypatch.setattr(RoundDraw, "__call__", original)
     path = _write(tmp_path, drawn)
     mmfl.run(_config(tmp_path, sampler, [f'sampler.replay_file="{path}"']), tmp_path / "replayed")
     before = (tmp_path / "drawn" / "metrics.csv").read_bytes()

@@ -18,8 +18,9 @@ from mmfl.rng import MEMBERSHIP, PARTITION, PROCESSORS, SUBSAMPLE, stream
 from mmfl.tasks.spec import Federation, TaskData, TrainingSpec
 from mmfl.types import Population
 
-__all__ = ["Federation", "TaskData", "authors_processors", "build_federation", "draw_capacity",
-           "draw_distribution", "load_dataset", "membership", "task_dataset", "training_spec"]
+__all__ = ["Federation", "TaskData", "authors_processors", "build_federation",
+           "check_engine_support", "draw_capacity", "draw_distribution", "load_dataset",
+           "membership", "task_dataset", "training_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -215,3 +216,14 @@ def build_federation(cfg: ExperimentConfig, data_dir: Path | None = None) -> Fed
                  int((n_samples[:, s] > 0).sum()), int(n_samples[:, s].sum()))
     population = Population(n_samples, capacity, tuple(t.name for t in cfg.tasks))
     return Federation(population, budget, tuple(tasks))
+
+
+def check_engine_support(cfg: ExperimentConfig, federation: Federation) -> None:
+    """ConfigError naming the task when the run's engine cannot train one of its tasks:
+    regression (real-valued targets, loss mse) runs on the local engines only so far."""
+    regression = [s for s, td in enumerate(federation.tasks) if td.dataset.regression]
+    if regression and cfg.engine == "flower":
+        s = regression[0]
+        raise ConfigError(f"tasks[{s}].loss", "regression (real-valued targets, loss mse) runs "
+                          "on the local engines only so far, not on engine flower",
+                          cfg.tasks[s].loss)

@@ -1,28 +1,17 @@
 """The round loop: who is available -> signals -> allocate -> train -> aggregate and apply ->
-evaluate -> record (docs/algorithms.md section 1). One loop drives every engine.
+evaluate -> record (docs/algorithms.md section 1). One loop drives every engine; per round t
+(0-based; files count completed rounds, t + 1):
 
-Per round t (0-based; files count completed rounds, t + 1):
-
-1. ``RoundState`` from the population, budget m, availability (:mod:`.environment`) and the
-   latest task losses; the signals the sampler requires (:mod:`.signals`);
-2. ``allocator.allocate(state, rng=stream(seed, "allocate", t))`` -> Assignment; the assigned
-   pairs with a soft preference may decline (:mod:`.preferences`: dropped before training,
-   counted in rounds.csv's ``declined``); with ``clients.costs`` the drawn clients bid in the
-   round's auction and those not recruited lose their slots too (:mod:`.incentives`, counted
-   in ``declined``);
-3. ``engine.train`` on the unique active (client, task) pairs -> updates G (for SCAFFOLD,
-   with the control-variate corrections c_s - c_{i,s}); pairs the engine returns no update for
-   (a distributed engine whose node did not answer, see :mod:`mmfl.flower`) are *missing*:
-   dropped from the assignment like stragglers past the deadline and counted in rounds.csv;
-   every update passes the server's check (:mod:`.update_check`): rejected ones (non-finite,
-   or over a norm limit) are dropped the same way, named in the round's note;
-4. ``aggregator.plan`` -> coefficients; ``engine.apply`` -> new global models (or the
-   aggregate through a server optimizer, :mod:`.server_optimizer`), which must be finite;
-   stale updates h and SCAFFOLD's control variates are updated from the round's G;
-5. evaluation every ``eval_every`` rounds, in each of the last ``eval_last`` rounds and in the
-   last round; a :class:`~.recording.RoundRecord` to the recorder (the run directory's tables)
-   and the callbacks; a checkpoint every ``checkpoint_every`` rounds and the last
-   (:mod:`.rundir`).
+1. ``RoundState`` (population, budget m, availability: :mod:`.environment`) and the signals
+   the sampler requires (:mod:`.signals`);
+2. the round's slots (:mod:`.allocation`: the sampler's draw or a replayed one, less declines);
+3. ``engine.train`` on the unique active (client, task) pairs -> updates G; missing pairs,
+   stragglers and updates the server's check rejects (:mod:`.update_check`) are dropped
+   (:func:`.allocation.received`) and counted in rounds.csv;
+4. ``aggregator.plan`` -> coefficients -> new global models (:mod:`.server_optimizer`), which
+   must be finite; stale updates and control variates are updated from the round's G;
+5. evaluation (``eval_every``, ``eval_last``, the last round); a RoundRecord to the recorder
+   and the callbacks (:mod:`.recording`); checkpoints (:mod:`.rundir`).
 """
 
 from __future__ import annotations
@@ -37,11 +26,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mmfl import registry
-from mmfl.errors import ConfigError, MmflError, NumericalError
+from mmfl.errors import MmflError
 from mmfl.experiment import tomlio
+from mmfl.experiment.allocation import RoundDraw, build_sampler, received
 from mmfl.experiment.config import ExperimentConfig, resolve_data_dir
 from mmfl.experiment.environment import Environment
-from mmfl.experiment.federation import Federation, build_federation
+from mmfl.experiment.federation import Federation, build_federation, check_engine_support
 from mmfl.experiment.recording import (Callback, Recorder, RoundRecord, count_cost, summarize,
                                        task_rounds)
 from mmfl.experiment.results import CONFIG, FEDERATION, write_json
@@ -49,15 +39,12 @@ from mmfl.experiment.rundir import (CHECKPOINT, Checkpointer, RunState, check_ou
                                     config_fingerprint, federation_info, legacy_fingerprints,
                                     writing)
 from mmfl.experiment.signals import Measurements, PairStores, SignalGatherer, answered
-from mmfl.experiment.incentives import Incentives
 from mmfl.experiment.preferences import Preferences
 from mmfl.experiment.profile import build_profile
-from mmfl.experiment.replay import read_replay_file
 from mmfl.experiment.runlock import RunLock, remove_leftovers
 from mmfl.experiment.server_optimizer import build_server_optimizer
 from mmfl.experiment.trained import drop_kept_after, write_models
 from mmfl.experiment.update_check import UpdateCheck, check_losses, check_models
-from mmfl.rng import ALLOCATE, stream
 from mmfl.types import Assignment, RoundState
 
 __all__ = ["CHECKPOINT", "Callback", "RoundRecord", "Runner", "check_out_dir", "run"]
@@ -97,20 +84,8 @@ class Runner:
         self.preferences = Preferences.from_config(cfg, fed.population)
         self.federation = fed = self.preferences.restrict(fed)
         pop = fed.population
-        # clients.costs: the drawn clients' auction (mmfl's own mechanism, docs/incentives.md)
-        self.incentives = Incentives.from_config(cfg, pop)
-        entry = registry.get("sampler", cfg.sampler.name, key="sampler.name")
-        self.allocator = entry.obj(dict(cfg.sampler.options), pop, cfg.seed)
-        self.replay = (read_replay_file(cfg.sampler.replay_file, pop)
-                       if cfg.sampler.replay_file else None)
-        agg_name = cfg.sampler.aggregator
-        if agg_name == "default":
-            agg_name = self.allocator.default_aggregator
-        agg = registry.get("aggregator", agg_name, key="sampler.aggregator")
-        self.aggregator_name = agg_name
-        shared = {k: v for k, v in cfg.sampler.options.items() if k in agg.options}  # e.g. beta, b0
-        self.aggregator = agg.obj(
-            registry.resolve_options("sampler", shared, agg.options, cfg.variant), pop)
+        self.allocator, self.aggregator, self.aggregator_name = build_sampler(cfg, pop)
+        self.draw = RoundDraw.from_config(cfg, self.allocator, pop, self.preferences)
         if self.engine_factory is not None:
             self.engine = self.engine_factory(fed)
         else:
@@ -126,13 +101,7 @@ class Runner:
                                                        self.engine.num_parameters())
         buffered = [s for s in range(pop.num_tasks)  # their buffers join the checkpoint
                     if getattr(self.engine, "has_buffers", lambda s: False)(s)]
-        regression = [s for s, td in enumerate(fed.tasks)
-                      if td.dataset.regression]
-        if regression and cfg.engine == "flower":
-            s = regression[0]
-            raise ConfigError(f"tasks[{s}].loss", "regression (real-valued targets, loss mse) "
-                              "runs on the local engines only so far, not on engine flower",
-                              cfg.tasks[s].loss)
+        check_engine_support(cfg, fed)
         self.check = UpdateCheck(cfg.update_check, pop.task_names)
         self.stores = PairStores(pop, self.engine.num_parameters(),
                                  needs_stale=self.aggregator.uses_stale,
@@ -217,16 +186,13 @@ class Runner:
         # -- signals ------------------------------------------------------------------------
         state, measured = self.signals.gather(t, st.params, state)
         # -- allocate -----------------------------------------------------------------------
-        asked, declined = self.preferences.decline(t, self._allocate(t, state), pop)
-        asked, unrecruited = self.incentives.recruit(t, asked, pop)
-        declined += unrecruited  # rounds.csv declined: declines and clients not recruited
-        bids = self.incentives.last_bidders  # one scalar upload per bid
+        asked, declined, bids = self.draw(t, state)
         # -- train (stragglers past the deadline and missing pairs are dropped) --------------
         trained, lost = self._train(t, st, asked, measured)
         sim_seconds, late = self.env.clock(trained, measured)
         st.sim_time += sim_seconds
-        checked = self._checked(t)
-        assignment, out = _received(asked, trained, lost, late, (
+        checked = self.check.take_round(t)
+        assignment, out = received(asked, trained, lost, late, (
             *measured.notes, *checked.notes(pop.task_names)))
         # -- aggregate and apply ------------------------------------------------------------
         state = self.signals.after_training(state, out, measured)
@@ -253,24 +219,6 @@ class Runner:
                                    final=st.round == cfg.rounds)
         for cb in self.callbacks:
             cb.on_round(record)
-
-    def _allocate(self, t: int, state: RoundState) -> Assignment:
-        """The sampler's assignment of round t, or the slots ``sampler.replay_file`` lists for
-        it (with the sampler's probabilities; :mod:`.replay`)."""
-        asked = self.allocator.allocate(state, stream(self.cfg.seed, ALLOCATE, t))
-        return asked if self.replay is None else self.replay(t, asked, self.federation.population)
-
-    def _checked(self, t: int):
-        """The round's update-check results (:mod:`.update_check`); stops the run (exit 1)
-        when every update of a model was non-finite: its training diverged."""
-        checked = self.check.take()
-        diverged = checked.diverged()
-        if diverged:
-            name = self.federation.population.task_names[diverged[0]]
-            raise NumericalError(f"round {t + 1}: every update of {name} was non-finite "
-                                 f"(tasks.lr of {name} too large?); the run stopped, results up "
-                                 "to the last round are kept")
-        return checked
 
     def _aggregate(self, st: RunState, state: RoundState, assignment: Assignment, out) -> None:
         """Plan the aggregation (docs/algorithms.md sections 3 and 6), let the aggregator and
@@ -336,35 +284,9 @@ class Runner:
                             status=status, seconds=seconds)
         if self.preferences.willingness is not None:  # clients.preferences in use
             summary["preferences"] = self.preferences.summary()
-        if self.incentives.costs is not None:  # clients.costs in use
-            summary["incentives"] = self.incentives.summary()
+        if self.draw.incentives.costs is not None:  # clients.costs in use
+            summary["incentives"] = self.draw.incentives.summary()
         return summary
-
-
-def _received(asked: Assignment, trained, lost: np.ndarray, late: np.ndarray,
-              notes: tuple[str, ...]):
-    """The assignment and TrainOutput that aggregation sees: ``asked`` without the pairs that
-    never answered (``lost``, (U,) over ``asked.pairs()``: biased unless failures are
-    independent of the updates), without the stragglers (``late``, (K,) over ``trained``) and
-    the updates the server's check rejected (``trained.rejected``), with the round's notes."""
-    clients, tasks = asked.pairs()
-    assignment = asked
-    notes = list(notes)
-    if lost.any():
-        notes.append(f"{int(lost.sum())} pairs missing (no reply)")
-        assignment = assignment.without_pairs(clients[lost], tasks[lost])
-    if notes:
-        assignment = dataclasses.replace(
-            assignment, note="; ".join(x for x in (assignment.note, *notes) if x))
-    if late.any():  # stragglers past the deadline: their updates are lost
-        assignment = assignment.without_pairs(trained.clients[late], trained.tasks[late],
-                                              note=f"{int(late.sum())} stragglers dropped")
-        trained = trained.subset(~late)
-    if trained.rejected is not None and trained.rejected.any():  # named in ``notes``
-        bad = trained.rejected
-        assignment = assignment.without_pairs(trained.clients[bad], trained.tasks[bad])
-        trained = trained.accepted()
-    return assignment, trained
 
 
 def run(cfg: ExperimentConfig, out: str | Path, *, resume: bool = False,

@@ -148,6 +148,18 @@ class UpdateCheck:
         self._seen = np.zeros(len(self.names), np.int64)
         return r
 
+    def take_round(self, round_: int) -> Rejections:
+        """:meth:`take` for round ``round_ + 1``; stops the run (exit 1) when every update of a
+        model was non-finite: its training diverged."""
+        checked = self.take()
+        diverged = checked.diverged()
+        if diverged:
+            name = self.names[diverged[0]]
+            raise NumericalError(f"round {round_ + 1}: every update of {name} was non-finite "
+                                 f"(tasks.lr of {name} too large?); the run stopped, results up "
+                                 "to the last round are kept")
+        return checked
+
 
 def check_models(params, names, round_: int) -> None:
     """Stop the run (exit 1) when a global model holds NaN or inf after round ``round_ + 1``'s
@@ -157,7 +169,6 @@ def check_models(params, names, round_: int) -> None:
             raise NumericalError(f"round {round_ + 1}: the global model of {name} is non-finite "
                                  "after aggregation (server.lr or the updates too large?); the "
                                  "run stopped, results up to the last round are kept")
-
 
 
 def check_losses(loss: np.ndarray, names, round_: int) -> None:
