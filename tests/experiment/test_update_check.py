@@ -148,16 +148,23 @@ def _corrupt(monkeypatch, cls, value, round_=1, nth=0):
 ENGINES = [("sequential", SequentialEngine), ("vectorized", VectorizedEngine)]
 
 
-@pytest.mark.parametrize("engine, cls", ENGINES)
-def test_a_nan_update_is_rejected_like_a_missing_pair(tmp_path, monkeypatch, engine, cls):
-    cfg = _cfg(tmp_path, engine)
-    clean = mmfl.run(cfg, tmp_path / "clean")
+def _run_with_one_nan_update(tmp_path, monkeypatch, cls, cfg):
+    """Run ``cfg`` into tmp_path / "r" with one update turned NaN in round 2: (summary,
+    rounds.csv rows), after checking the run completed and the note names the update."""
     hit = _corrupt(monkeypatch, cls, float("nan"))
     summary = mmfl.run(cfg, tmp_path / "r")
     assert summary["status"] == "completed" and len(hit) == 1
     (client, task), name = hit[0], ("digits", "wave")[hit[0][1]]
     rounds = list(csv.DictReader(open(tmp_path / "r" / "rounds.csv")))
     assert f"{name} client {client} (non-finite)" in rounds[1]["note"]
+    return summary, rounds
+
+
+@pytest.mark.parametrize("engine, cls", ENGINES)
+def test_a_nan_update_is_rejected_like_a_missing_pair(tmp_path, monkeypatch, engine, cls):
+    cfg = _cfg(tmp_path, engine)
+    clean = mmfl.run(cfg, tmp_path / "clean")
+    summary, rounds = _run_with_one_nan_update(tmp_path, monkeypatch, cls, cfg)
     assert int(rounds[1]["missing"]) == 1 and int(rounds[0]["missing"]) == 0
     # trained and uploaded, counted the same in both tables
     per_task = [r for r in csv.DictReader(open(tmp_path / "r" / "metrics.csv"))
@@ -176,12 +183,7 @@ def test_a_rejected_update_of_the_full_computation_counts_as_missing(tmp_path, m
     the check rejects there takes its client out of the round and counts in rounds.csv's
     ``missing`` like any missing pair, once; its training is still counted as done."""
     cfg = _cfg(tmp_path, engine, overrides=['sampler.name="gvr"'])
-    hit = _corrupt(monkeypatch, cls, float("nan"))
-    summary = mmfl.run(cfg, tmp_path / "r")
-    assert summary["status"] == "completed" and len(hit) == 1
-    (client, task), name = hit[0], ("digits", "wave")[hit[0][1]]
-    rounds = list(csv.DictReader(open(tmp_path / "r" / "rounds.csv")))
-    assert f"{name} client {client} (non-finite)" in rounds[1]["note"]
+    summary, rounds = _run_with_one_nan_update(tmp_path, monkeypatch, cls, cfg)
     assert [int(r["missing"]) for r in rounds] == [0, 1, 0, 0]
     per_task = [r for r in csv.DictReader(open(tmp_path / "r" / "metrics.csv"))
                 if r["round"] == "2"]
