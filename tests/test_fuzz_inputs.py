@@ -99,7 +99,7 @@ FLOAT_KEYS = [
     "flower.round_timeout", "flower.node_wait", "tasks[0].dataset_options.test_fraction",
     "tasks[1].dataset_options.test_fraction", "tasks[0].partition.class_ratio",
     "tasks[0].partition.skew_clients", "tasks[0].partition.skew_data",
-    "tasks[1].partition.alpha",
+    "tasks[1].partition.alpha", "clients.payment_budget",
 ]
 FLOAT_KEYS += [f"server.{k}" for k, o in C.SERVER.items() if o.type is float and k != "lr"]
 #: every int key of the tiny config; a value of 10**30 overflows int64
