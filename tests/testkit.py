@@ -96,6 +96,24 @@ def default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+# -- engine conformance --------------------------------------------------------------------------
+
+#: metrics.csv columns two runs with the same assignments must share exactly
+ASSIGNMENT_COLUMNS = ("round", "task", "clients", "slots", "local_trainings", "local_steps")
+
+
+def assert_metrics_match(rows_a, rows_b, tol: float) -> None:
+    """metrics.csv rows of two runs (csv.DictReader rows, same order): the assignment columns
+    equal, accuracy / loss / train_loss blank in the same rows and within ``tol`` elsewhere."""
+    for x, y in zip(rows_a, rows_b):
+        for col in ASSIGNMENT_COLUMNS:
+            assert x[col] == y[col], (col, x, y)
+        for col in ("accuracy", "loss", "train_loss"):
+            assert (x[col] == "") == (y[col] == ""), (col, x, y)
+            if x[col]:
+                assert abs(float(x[col]) - float(y[col])) <= tol, (col, x, y)
+
+
 # -- Monte-Carlo checks --------------------------------------------------------------------------
 
 def assert_mean_within(samples, target, *, k: float = 4.0) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 import torch
 
+from testkit import assert_metrics_match
+
 import mmfl
 from mmfl import registry
 from mmfl.engines.base import Engine
@@ -215,14 +217,7 @@ def test_runs_match_sequential(tmp_path, engine):
     mmfl.run(cfg_other, tmp_path / engine)
     rs, ro = _metrics(tmp_path / "seq"), _metrics(tmp_path / engine)
     assert len(rs) == len(ro) == BASE["rounds"] * len(BASE["tasks"])
-    for x, y in zip(rs, ro):
-        for col in ("round", "task", "clients", "slots", "local_trainings", "local_steps"):
-            assert x[col] == y[col], (col, x, y)
-        for col in ("accuracy", "loss", "train_loss"):
-            if x[col] == "" or y[col] == "":
-                assert x[col] == y[col]
-                continue
-            assert abs(float(x[col]) - float(y[col])) <= METRIC_TOL, (col, x, y)
+    assert_metrics_match(rs, ro, METRIC_TOL)
     # the final global parameters (from the runs' checkpoints)
     ps, _ = checkpoint.load(tmp_path / "seq" / runner.CHECKPOINT)
     po, _ = checkpoint.load(tmp_path / engine / runner.CHECKPOINT)
@@ -476,13 +471,7 @@ def test_flower_run_matches_vectorized(tmp_path):
     assert summary["engine"] == "flower" and summary["status"] == "completed"
     rv, rf = _metrics(tmp_path / "vec"), _metrics(tmp_path / "flower")
     assert len(rv) == len(rf) == BASE["rounds"] * len(BASE["tasks"])
-    for x, y in zip(rv, rf):
-        for col in ("round", "task", "clients", "slots", "local_trainings", "local_steps"):
-            assert x[col] == y[col], (col, x, y)
-        for col in ("accuracy", "loss", "train_loss"):
-            assert (x[col] == "") == (y[col] == "")
-            if x[col]:
-                assert abs(float(x[col]) - float(y[col])) <= METRIC_TOL, (col, x, y)
+    assert_metrics_match(rv, rf, METRIC_TOL)
     for x, y in zip(_rows(tmp_path / "vec" / "rounds.csv"),
                     _rows(tmp_path / "flower" / "rounds.csv")):
         for col in ("available", "budget", "expected_slots", "slots", "local_trainings",

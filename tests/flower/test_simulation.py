@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import pytest
 
+from testkit import assert_metrics_match
+
 import mmfl
 from mmfl.experiment import checkpoint, runner
 from mmfl.experiment.config import config_from_dict
@@ -47,13 +49,7 @@ def _close(a, b, tol=1e-4):
     """metrics.csv of two runs: same assignment columns, metrics within tol."""
     ra, rb = _rows(a / "metrics.csv"), _rows(b / "metrics.csv")
     assert len(ra) == len(rb) > 0
-    for x, y in zip(ra, rb):
-        for col in ("round", "task", "clients", "slots", "local_trainings", "local_steps"):
-            assert x[col] == y[col], (col, x, y)
-        for col in ("accuracy", "loss", "train_loss"):
-            assert (x[col] == "") == (y[col] == "")
-            if x[col]:
-                assert abs(float(x[col]) - float(y[col])) <= tol, (col, x, y)
+    assert_metrics_match(ra, rb, tol)
     pa, _ = checkpoint.load(a / runner.CHECKPOINT)
     pb, _ = checkpoint.load(b / runner.CHECKPOINT)
     for k in pa:
