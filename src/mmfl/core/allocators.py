@@ -56,6 +56,9 @@ class Allocator(Component):
     requires: frozenset[Signal] = frozenset()
     #: when True the runner calls :meth:`observe` after every aggregation
     observes: bool = False
+    #: when True :meth:`observe` needs ``update_norm`` of the aggregated pairs also in rounds
+    #: without a full computation (the runner then computes it from the round's updates)
+    observes_update_norm: bool = False
     #: when True the runner hands the clients' class sets to :meth:`set_held_classes` once,
     #: before round 0 (label grouping; the core never sees the data itself)
     needs_held_classes: bool = False
@@ -87,7 +90,8 @@ class Allocator(Component):
     def observe(self, clients: np.ndarray, tasks: np.ndarray, state: RoundState) -> None:
         """Called by the runner after aggregation with the round's aggregated pairs ((U,)
         clients and tasks) and the state whose signals hold, for those pairs, ``update_norm``
-        (||G|| / eta_s) and, with a stale store, ``stale_dot`` / ``stale_norm_sq`` of the h
+        (||G|| / eta_s; in rounds without a full computation only with
+        :attr:`observes_update_norm`) and, with a stale store, ``stale_dot`` / ``stale_norm_sq`` of the h
         stored before this round; no-op by default."""
         return None
 

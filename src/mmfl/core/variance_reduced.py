@@ -259,7 +259,7 @@ class StaleVREAllocator(OptimalAllocator):
         super().__init__(options, population, seed)
         self._score = np.full(population.n_samples.shape, np.nan)
         self._last_slots = -1
-        self.observes = self.opt("score") == "last"
+        self.observes = self.observes_update_norm = self.opt("score") == "last"
         self.requires = frozenset({Signal.STALE, Signal.PROBE} if self.opt("score") == "probe"
                                   else {Signal.STALE})
 

@@ -204,8 +204,9 @@ class SignalGatherer:
 
     def observed(self, state: RoundState, out) -> RoundState:
         """``state`` with ``signals.update_norm`` (||G|| / eta_s) of the trained pairs of
-        ``out`` added where the round had no full computation (for ``Allocator.observe``)."""
-        if state.signals.update_norm is not None:
+        ``out`` added where the round had no full computation and the sampler's ``observe``
+        needs it (``Allocator.observes_update_norm``); otherwise ``state`` itself."""
+        if state.signals.update_norm is not None or not self.allocator.observes_update_norm:
             return state
         norm = update_norms(out, state.population.n_samples.shape, self.lr)
         return dataclasses.replace(state, signals=dataclasses.replace(state.signals,
