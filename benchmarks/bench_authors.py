@@ -18,7 +18,8 @@ Both sides run the same methods for the same rounds in this process's run, one a
 The FLOP limit: F = forward FLOPs of one sample of the model (mmfl's analytic count; the
 authors' model is the same network). One round's work is 3 F per trained sample-epoch (forward
 + backward), F per probed or evaluated sample. The machine's limit for it is measured here on
-one plain PyTorch loop of the same model with ``--threads`` threads: SGD steps on batches of 500
+one plain PyTorch loop of the same model with as many torch threads as the run's ``threads``
+resolves to (``--threads 1,auto`` prints one table per setting): SGD steps on batches of 500
 (training rate) and forward passes on batches of 500 (inference rate); the limit seconds of a
 round are train_flops / training rate + inference_flops / inference rate, and a side's fraction
 is limit seconds / its seconds per round. Round 1 is left out of the means (start-up work).
@@ -46,6 +47,7 @@ from mmfl.engines.vectorized import VectorizedEngine
 from mmfl.experiment.config import load_config
 from mmfl.registry import register
 from mmfl.tasks.models import build_model
+from mmfl.threads import resolve_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the authors' full-participation baseline runs on its own federation (--venn_list 1 0 0
@@ -102,7 +104,7 @@ def machine_rates(model_name: str, threads: int, repeat: int = 5) -> tuple[float
     return float(count_flops(model, x[:1])), 500 / best_t, rate_i
 
 
-def mmfl_side(method: str, rounds: int, threads: int, out: Path) -> tuple[float, float, float]:
+def mmfl_side(method: str, rounds: int, threads: str, out: Path) -> tuple[float, float, float]:
     """(seconds per round, trained sample-epochs per round, inferred samples per round)."""
     cfg = load_config(ROOT / "configs" / "paper1_authors.toml",
                       [f"sampler.name={method}", f"rounds={rounds}", f"threads={threads}",
@@ -127,29 +129,21 @@ def read_seconds(folder: Path) -> float:
     return float(secs[1:].mean() if len(secs) > 1 else secs.mean())
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default="random,lvr,gvr,full")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--authors-cmd", default="", help="shell template, see the module doc")
-    ap.add_argument("--authors-runs", type=Path, default=None,
-                    help="folder of earlier runs of the authors' code (not the same run)")
-    args = ap.parse_args(argv)
-    f, train_rate, infer_rate = machine_rates("authors_cnn", args.threads)
-    print(f"authors_cnn: {f / 1e6:.1f} MFLOP forward per sample; one plain loop with "
-          f"{args.threads} thread(s): {train_rate:,.0f} training samples/s "
+def table(args: argparse.Namespace, threads: str) -> None:
+    """Print the table of one thread setting (``threads`` = an int or "auto"; the limit is
+    measured with as many torch threads as the setting resolves to on this machine)."""
+    n = resolve_threads(threads if threads == "auto" else int(threads))
+    f, train_rate, infer_rate = machine_rates("authors_cnn", n)
+    print(f"threads = {threads}: authors_cnn {f / 1e6:.1f} MFLOP forward per sample; one plain "
+          f"loop with {n} torch thread(s): {train_rate:,.0f} training samples/s "
           f"({3 * f * train_rate / 1e9:.1f} GFLOP/s), {infer_rate:,.0f} inference samples/s "
           f"({f * infer_rate / 1e9:.1f} GFLOP/s)\n")
-    if args.authors_runs is not None and not args.authors_cmd:
-        print(f"authors' seconds per round read from earlier runs in {args.authors_runs} "
-              "(not measured in this run)\n")
     print("| method | limit s/round | mmfl s/round | mmfl % of limit | authors s/round "
           "| authors % of limit | authors / mmfl |")
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for m in args.methods.split(","):
-            secs, train, infer = mmfl_side(m, args.rounds, args.threads, Path(tmp) / f"mmfl-{m}")
+            secs, train, infer = mmfl_side(m, args.rounds, threads, Path(tmp) / f"mmfl-{m}")
             limit = train / train_rate + infer / infer_rate
             row = [m, f"{limit:.2f}", f"{secs:.2f}", f"{100 * limit / secs:.0f}%"]
             a = None
@@ -162,6 +156,24 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 row += ["-", "-", "-"]
             print("| " + " | ".join(row) + " |", flush=True)
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default="random,lvr,gvr,full")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", default="1",
+                    help="comma-separated thread settings, each an int or auto (one table each)")
+    ap.add_argument("--authors-cmd", default="", help="shell template, see the module doc")
+    ap.add_argument("--authors-runs", type=Path, default=None,
+                    help="folder of earlier runs of the authors' code (not the same run)")
+    args = ap.parse_args(argv)
+    if args.authors_runs is not None and not args.authors_cmd:
+        print(f"authors' seconds per round read from earlier runs in {args.authors_runs} "
+              "(not measured in this run)\n")
+    for threads in args.threads.split(","):
+        table(args, threads.strip())
     return 0
 
 

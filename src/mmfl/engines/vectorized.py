@@ -690,28 +690,38 @@ class VectorizedEngine(Engine):
 
         All samples of one task's listed clients go through the (shared) global model in
         batches of ``EVAL_BATCH``; per-client means are segment sums. A client without data for
-        the task gets 0.
+        the task gets 0. The tasks are probed by :attr:`workers` threads at once, like
+        :meth:`evaluate` (each task's numbers do not depend on it).
         """
         clients = np.asarray(clients, dtype=np.int64)
         tasks = np.asarray(tasks, dtype=np.int64)
         out = np.zeros(len(clients))
-        for s in np.unique(tasks).tolist():
-            sel = np.flatnonzero(tasks == s)
-            parts = [self.federation.tasks[s].client_indices[i] for i in clients[sel]]
-            lens = np.array([len(p) for p in parts], dtype=np.int64)
-            if lens.sum() == 0:
-                continue
-            flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)
-                                    ).to(self.device)
-            nll = torch.empty(len(flat), dtype=torch.float64, device=self.device)
-            regression = self.is_regression(s)
-            with self.global_model(s, params[s]) as model:
-                for a in range(0, len(flat), EVAL_BATCH):
-                    b = flat[a:a + EVAL_BATCH]
-                    nll[a:a + len(b)] = task_loss(model(self.train_x[s][b]), self.train_y[s][b],
-                                                  regression, "none").double()
-            seg = torch.from_numpy(np.repeat(np.arange(len(sel)), lens)).to(self.device)
-            sums = torch.zeros(len(sel), dtype=torch.float64,
-                               device=self.device).index_add_(0, seg, nll)
-            out[sel] = sums.cpu().numpy() / np.maximum(lens, 1)
+        for sel, means in self._map_tasks(
+                lambda s: self._probe_task(s, params[s], clients, np.flatnonzero(tasks == s)),
+                np.unique(tasks).tolist()):
+            out[sel] = means
         return out
+
+    @torch.no_grad()
+    def _probe_task(self, s: int, flat_params: torch.Tensor, clients: np.ndarray,
+                    sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sel, (len(sel),) mean losses) of task s's global model on the local train sets of
+        the pairs ``sel`` (positions in ``clients``) of :meth:`probe_losses`."""
+        torch.set_num_threads(1)  # a worker thread's own setting
+        parts = [self.federation.tasks[s].client_indices[i] for i in clients[sel]]
+        lens = np.array([len(p) for p in parts], dtype=np.int64)
+        if lens.sum() == 0:
+            return sel, np.zeros(len(sel))
+        flat = torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False)
+                                ).to(self.device)
+        nll = torch.empty(len(flat), dtype=torch.float64, device=self.device)
+        regression = self.is_regression(s)
+        with self.global_model(s, flat_params) as model:
+            for a in range(0, len(flat), EVAL_BATCH):
+                b = flat[a:a + EVAL_BATCH]
+                nll[a:a + len(b)] = task_loss(model(self.train_x[s][b]), self.train_y[s][b],
+                                              regression, "none").double()
+        seg = torch.from_numpy(np.repeat(np.arange(len(sel)), lens)).to(self.device)
+        sums = torch.zeros(len(sel), dtype=torch.float64,
+                           device=self.device).index_add_(0, seg, nll)
+        return sel, sums.cpu().numpy() / np.maximum(lens, 1)

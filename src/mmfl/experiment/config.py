@@ -292,7 +292,10 @@ TOP = {
                      "\"cuda\", \"cuda:N\" or \"auto\" (a GPU when torch sees one, else the "
                      "CPU). Data and models move there once; bit-exact on cpu, deterministic "
                      "kernels on cuda (mmfl.engines.device)."),
-    "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds."),
+    "checkpoint_every": Option(int, 1, ">= 1", "Write a resumable checkpoint every k rounds "
+                               "(and after the last): one atomic file write, plus the rows of "
+                               "per-pair stores changed since the previous checkpoint; kill -9 "
+                               "loses at most the rounds since it (mmfl.experiment.rundir)."),
     "data_dir": Option(str, "", "", "Dataset folder ('' = --data-dir, $MMFL_DATA, then defaults)."),
     "stale_dtype": Option(str, "float32", "one of float32|float16",
                           "Storage of the last update per (client, task) for stale-update methods."),

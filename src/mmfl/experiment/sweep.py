@@ -65,7 +65,7 @@ from mmfl.experiment.recording import Callback, RoundRecord
 from mmfl.experiment.results import INDEX, write_json
 from mmfl.experiment.rundir import check_out_dir
 from mmfl.experiment.runner import run
-from mmfl.supervisor import ONE_THREAD, sigint_ignored
+from mmfl.supervisor import ONE_THREAD, sigint_ignored, supervised
 from mmfl.threads import AUTO_THREADS_ENV
 
 log = logging.getLogger(__name__)
@@ -760,9 +760,11 @@ def _run_pool(plan: SweepPlan, pending: list[SweepRun], jobs: int, data_dir: str
                           error=res.get("error"), start_round=res.get("start_round", 0),
                           seconds=res.get("seconds", 0.0))
 
-    with ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
-                             initializer=_init_worker,
-                             initargs=(q, stop, registrations)) as pool:
+    # the queue and event above start multiprocessing's resource tracker outside the block,
+    # which outlives it; the workers start inside and die with this process (even by kill -9)
+    with supervised(), ProcessPoolExecutor(max_workers=min(jobs, len(pending)), mp_context=ctx,
+                                           initializer=_init_worker,
+                                           initargs=(q, stop, registrations)) as pool:
         futures: dict[Future, SweepRun] = {}
         handled: set[Future] = set()
         try:

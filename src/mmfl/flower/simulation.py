@@ -17,6 +17,8 @@
    (``run_simulation`` itself would only log it). When the caller is interrupted (Ctrl-C
    reaches ``run_simulation`` in the calling thread), the engine is told to stop: the runner
    records the run as interrupted (resumable with ``--resume``) and the ServerApp's thread ends.
+   Ray's processes run inside :func:`mmfl.supervisor.supervised`: none of them outlives this
+   process, even when it is killed with SIGKILL.
 
 ``run_simulation`` gives an empty run config, so the settings travel in the ServerApp's closure
 and the shard folder in every message (``shard-dir``).
@@ -44,7 +46,7 @@ from mmfl.experiment.federation import build_federation
 from mmfl.flower.identity import REJECTED
 from mmfl.flower.server import FlowerError, FlowerSettings, engine_factory
 from mmfl.flower.shards import shard_federation, write_identity, write_shards
-from mmfl.supervisor import ONE_THREAD, environment
+from mmfl.supervisor import ONE_THREAD, environment, supervised
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +198,7 @@ def host_run(runner, *, resume: bool = False, client_app=None,
 
         log.info("flower: starting Flower's simulation engine (Ray, %d CPUs) with %d virtual "
                  "SuperNodes; their first answers wait for Ray to start", cfg.flower.ray_cpus, n)
-        with environment(WORKER_ENV), _quiet(verbose), _stop_on_sigint(stop):
+        with supervised(), environment(WORKER_ENV), _quiet(verbose), _stop_on_sigint(stop):
             try:
                 run_simulation(server_app=app, client_app=client_app, num_supernodes=n,
                                backend_name="ray",
