@@ -77,7 +77,8 @@ class AllocationReplay:
             i, s = int(client[zero[0]]), int(task[zero[0]])
             raise DataError(f"{self.path}: round {t + 1} replays client {i} on "
                             f"{population.task_names[s]}, which the sampler gives probability "
-                            "0 (its aggregation coefficient would be infinite)")
+                            "0 (the client is unavailable, does not hold the task or refuses "
+                            "it; its aggregation coefficient would be infinite)")
         note = f"replayed {len(slots)} slots from {self.path.name}"
         return Assignment(processor=processor, client=client, task=task,
                           probability=probability, share=share, probabilities=p,
