@@ -225,6 +225,16 @@ def test_group_labels_use_the_keys_that_differ():
     assert [g.label for g in groups] == ["clients.active_rate=0.1", "clients.active_rate=0.2"]
     groups, _ = group_runs([fake(1, name="gvr"), fake(2, name="gvr")])
     assert len(groups) == 1 and groups[0].label == "gvr"
+    # options of one sampler label only the groups of that sampler that they tell apart
+    groups, keys = group_runs([fake(1, name="random", draw="fixed"),
+                               fake(1, name="group_pipeline", within="uniform", groups=2),
+                               fake(1, name="group_pipeline", within="optimal", groups=2),
+                               fake(1, name="fedfair", alpha=3.0, draw="fixed")])
+    assert [g.label for g in groups] == ["sampler.name=random",
+                                         "sampler.name=group_pipeline, sampler.within=uniform",
+                                         "sampler.name=group_pipeline, sampler.within=optimal",
+                                         "sampler.name=fedfair"]
+    assert keys == ["sampler.name", "sampler.within"]
 
 
 def test_errors_missing_runs_and_matplotlib(sweep, tmp_path, monkeypatch):

@@ -13,9 +13,10 @@ Runs:
 Groups:
     Runs are grouped by their resolved config minus ``seed`` (and minus the keys that do not
     change results: ``data_dir``, ``threads``, ``checkpoint_every``, ``stale_on_disk``). A group
-    is labelled by the config keys whose values differ between groups (keys that only some groups
-    have, such as options of one sampler, are used only when needed to tell groups apart); a
-    single differing string key gives the bare value, e.g. ``gvr`` for ``sampler.name``.
+    is labelled by the config keys whose values differ between groups and that every group has;
+    groups those leave alike add the keys that differ among just them (two ``group_pipeline``
+    groups add ``sampler.within``, not the options of other samplers). Where every label is one
+    string key, the bare value is shown, e.g. ``gvr`` for ``sampler.name``.
     Statistics over a group's seeds are mean and population std (ddof = 0); plot bands span the
     min..max over seeds.
 
@@ -240,27 +241,47 @@ def group_runs(runs: Sequence[RunResults]) -> tuple[list[Group], list[str]]:
     out = list(groups.values())
     for g in out:
         g.runs.sort(key=lambda r: (int(r.config.get("seed", 0)), str(r.path)))
-    keys = _label_keys([g.config for g in out])
-    for g in out:
-        g.label = _label(g.config, keys) if keys else str(g.config.get("sampler.name", "runs"))
-    return out, keys
+    per_group = _label_keys([g.config for g in out])
+    bare = all(len(k) == 1 and k == per_group[0] and isinstance(g.config.get(k[0]), str)
+               for g, k in zip(out, per_group))
+    for g, k in zip(out, per_group):
+        if not k:
+            g.label = str(g.config.get("sampler.name", "runs"))
+        else:
+            g.label = g.config[k[0]] if bare else _label(g.config, k)
+    return out, list(dict.fromkeys(k for ks in per_group for k in ks))
 
 
-def _label_keys(configs: list[dict[str, Any]]) -> list[str]:
-    if len(configs) < 2:
-        return []
+def _differing(configs: list[dict[str, Any]]) -> list[str]:
+    """The keys (in order of first appearance) whose values, or presence, differ."""
     order = list(dict.fromkeys(k for c in configs for k in c))
-    differ = [k for k in order
-              if len({json.dumps(c.get(k, "\0missing"), sort_keys=True, default=str)
-                      for c in configs}) > 1]
+    return [k for k in order
+            if len({json.dumps(c.get(k, "\0missing"), sort_keys=True, default=str)
+                    for c in configs}) > 1]
+
+
+def _label_keys(configs: list[dict[str, Any]]) -> list[list[str]]:
+    """Per config, the keys its label shows: the differing keys that every config has (e.g.
+    ``sampler.name``) and, for configs that those leave alike, the keys that differ among just
+    those configs (e.g. ``sampler.within`` between two ``group_pipeline`` groups), not the
+    options of other samplers."""
+    if len(configs) < 2:
+        return [[] for _ in configs]
+    differ = _differing(configs)
     everywhere = [k for k in differ if all(k in c for c in configs)]
-    labels = [_label(c, everywhere) for c in configs]
-    return everywhere if everywhere and len(set(labels)) == len(labels) else differ
+    clusters: dict[str, list[int]] = {}
+    for i, c in enumerate(configs):
+        clusters.setdefault(json.dumps([c[k] for k in everywhere], default=str), []).append(i)
+    out = [list(everywhere) for _ in configs]
+    for members in clusters.values():
+        if len(members) > 1:
+            extra = [k for k in _differing([configs[i] for i in members]) if k not in everywhere]
+            for i in members:
+                out[i] += [k for k in extra if k in configs[i]]
+    return out
 
 
 def _label(config: dict[str, Any], keys: list[str]) -> str:
-    if len(keys) == 1 and isinstance(config.get(keys[0]), str):
-        return config[keys[0]]
     return ", ".join(f"{k}={_show(config[k])}" for k in keys if k in config)
 
 
