@@ -355,3 +355,18 @@ def test_clients_axis_is_not_squashed_by_a_full_first_round(tmp_path):
         {"title": "digits", "series": [spiky, flat], "clip_first": True}],
         ["stalevre", "random"], ylabel="clients")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_legend_columns_fit_the_figure_width():
+    """Long group labels get fewer legend columns, so the legend is not cut at the edges."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from mmfl.experiment.plots import LEGEND_CHAR_IN, LEGEND_HANDLE_IN, _legend_columns
+
+    long = ["sampler.name=group_pipeline, sampler.within=uniform"] * 6
+    fig = Figure(figsize=(9.1, 3.6))
+    cols = _legend_columns(fig, long)
+    assert cols == 2 and cols * (len(long[0]) * LEGEND_CHAR_IN + LEGEND_HANDLE_IN) <= 9.1
+    assert _legend_columns(fig, ["gvr", "lvr", "random", "full", "fedfair"]) == 4
+    assert _legend_columns(Figure(figsize=(2.0, 2.0)), long) == 1

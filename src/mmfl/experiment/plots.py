@@ -51,12 +51,23 @@ def _grid(fig, panels: int, ncols: int = 3):
     return axes[:panels]
 
 
+#: inches per character of a legend entry at fontsize "small", and per entry for its handle
+LEGEND_CHAR_IN, LEGEND_HANDLE_IN = 0.075, 0.5
+
+
+def _legend_columns(fig, names: Sequence[str]) -> int:
+    """Columns (at most 4) of a legend that fits the figure's width with its longest name."""
+    longest = max((len(str(n)) for n in names), default=1)
+    fit = int(fig.get_figwidth() // (longest * LEGEND_CHAR_IN + LEGEND_HANDLE_IN))
+    return max(1, min(len(names), 4, fit))
+
+
 def _legend(fig, axes, labels: Sequence[str]) -> None:
     for ax in axes:
         handles, names = ax.get_legend_handles_labels()
         if handles:
             fig.legend(handles, names, loc="outside lower center",
-                       ncols=min(len(names), 4), fontsize="small")
+                       ncols=_legend_columns(fig, names), fontsize="small")
             return
 
 
