@@ -75,23 +75,24 @@ def sigint_ignored():
 def processes_with_env(name: str, value: str) -> list[int]:
     """PIDs of live processes (zombies ignored) whose environment holds ``name=value``, found
     by scanning ``/proc`` (processes of other users are skipped). Empty without ``/proc``."""
+    table = _proc_table()
+    return [pid for pid in _marked(name, value, table) if table[pid][2] not in ("Z", "X")]
+
+
+def _marked(name: str, value: str, table: dict[int, tuple[int, str, str]]) -> list[int]:
+    """The PIDs of ``table`` (this process left out) whose ``/proc`` environment holds
+    ``name=value``; unreadable ones (other users', exited) are skipped."""
     needle = f"{name}={value}".encode()
-    pids: list[int] = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return pids
-    for d in proc.iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
+    out = []
+    for pid in table:
+        if pid == os.getpid():
             continue
         try:
-            if needle not in (d / "environ").read_bytes().split(b"\0"):
-                continue
-            state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+            if needle in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+                out.append(pid)
+        except OSError:
             continue
-        if state not in ("Z", "X"):
-            pids.append(int(d.name))
-    return pids
+    return out
 
 
 def descendants(pid: int) -> list[int]:
@@ -213,9 +214,8 @@ class _Tracked:
 
     def scan(self) -> list[int]:
         """Update the tracked set from ``/proc``; return the tracked pids alive now."""
-        table = _proc_table()
-        marked = set(processes_with_env(self.name, self.value))
-        for pid in _subtrees(marked, table):
+        table = _proc_table()  # one pass over /proc serves the marker and the parent links
+        for pid in _subtrees(set(_marked(self.name, self.value, table)), table):
             if pid in table and pid != os.getpid():
                 self.known.setdefault(pid, table[pid][1])
         self.known = {pid: t for pid, t in self.known.items()
